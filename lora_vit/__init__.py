@@ -1,0 +1,35 @@
+"""LoRA for PyTorch models, sharpest on Vision Transformers.
+
+Adapt a model with :func:`inject_lora`, train it, save only the adapters with
+:func:`save_lora`, load them onto a fresh base model with :func:`load_lora`, or fold them
+into the weights with :func:`merge_lora`.
+"""
+
+from ._version import __version__
+from .errors import LoRAError
+from .inject import LoRASummary, inject_lora, lora_summary
+from .io import load_lora, read_lora_metadata, save_lora
+from .layer import LoRALinear, LoRASlice
+from .merge import merge_lora
+from .state import LoadResult, load_lora_state_dict, lora_state_dict
+from .targets import LOGICAL_TARGETS, PRESETS, resolve_targets
+
+__all__ = [
+    "LOGICAL_TARGETS",
+    "PRESETS",
+    "LoRAError",
+    "LoRALinear",
+    "LoRASlice",
+    "LoRASummary",
+    "LoadResult",
+    "__version__",
+    "inject_lora",
+    "load_lora",
+    "load_lora_state_dict",
+    "lora_state_dict",
+    "lora_summary",
+    "merge_lora",
+    "read_lora_metadata",
+    "resolve_targets",
+    "save_lora",
+]

@@ -1,0 +1,230 @@
+"""`inject_lora`: put adapters into a model in place, freeze the rest, and report what changed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import LoRAError
+from .layer import LoRALinear, check_dropout, check_init
+from .targets import TargetMatch, resolve_modules, resolve_targets
+
+__all__ = ["LoRASummary", "adapted_layers", "inject_lora", "lora_summary", "trainable_modules"]
+
+logger = logging.getLogger("lora_vit")
+
+# Recorded on the model itself so that state I/O knows which whole modules belong with the
+# adapters; it is a plain attribute, so it never appears in the model's state_dict.
+_TRAINABLE_ATTR = "_lora_vit_trainable"
+
+
+def adapted_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every ``LoRALinear`` in ``model`` by dotted name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_modules(model: nn.Module) -> tuple[str, ...]:
+    """Names of the whole modules that ``inject_lora(..., trainable=...)`` left trainable."""
+    return tuple(getattr(model, _TRAINABLE_ATTR, ()))
+
+
+def forget_injection(model: nn.Module) -> None:
+    """Drop the record of trainable modules (after merging, the model is a plain model)."""
+    if hasattr(model, _TRAINABLE_ATTR):
+        delattr(model, _TRAINABLE_ATTR)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def apply_adapters(model: nn.Module, layers: Mapping[str, LoRALinear], trainable: Iterable[str]) -> None:
+    """Swap ``layers`` into ``model``, then freeze all but adapters and ``trainable`` modules.
+
+    Callers build and validate everything first, so this step cannot fail half-way.
+    """
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+    recorded = list(trainable_modules(model))
+    recorded += [t for t in trainable if t not in recorded]
+    setattr(model, _TRAINABLE_ATTR, tuple(recorded))
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in adapted_layers(model).values():
+        for param in layer.adapter_parameters():
+            param.requires_grad_(True)
+    for name in recorded:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+
+
+def _per_target(value: object, target: str, what: str) -> object:
+    if isinstance(value, Mapping):
+        if target not in value:
+            raise LoRAError(f"{what} is a mapping without an entry for target {target!r}: {dict(value)}")
+        return value[target]
+    return value
+
+
+def _build_layer(
+    base: nn.Module,
+    matches: list[TargetMatch],
+    r: int | Mapping[str, int],
+    alpha: float | Mapping[str, float],
+    dropout: float,
+    init: str,
+    use_rslora: bool,
+) -> LoRALinear:
+    assert isinstance(base, nn.Linear)
+    if matches[0].slice is None:
+        target = matches[0].target
+        return LoRALinear(
+            base,
+            _per_target(r, target, "r"),  # type: ignore[arg-type]
+            _per_target(alpha, target, "alpha"),  # type: ignore[arg-type]
+            dropout,
+            init=init,
+            use_rslora=use_rslora,
+        )
+    slices = {m.slice: m.bounds for m in matches}
+    return LoRALinear(
+        base,
+        {m.slice: _per_target(r, m.target, "r") for m in matches},  # type: ignore[misc]
+        {m.slice: _per_target(alpha, m.target, "alpha") for m in matches},  # type: ignore[misc]
+        dropout,
+        slices=slices,  # type: ignore[arg-type]
+        init=init,
+        use_rslora=use_rslora,
+    )
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: str | Iterable[str] = ("q", "k", "v"),
+    r: int | Mapping[str, int] = 4,
+    alpha: float | Mapping[str, float] = 32,
+    dropout: float = 0.1,
+    *,
+    trainable: str | Iterable[str] = (),
+    init: str = "normal",
+    use_rslora: bool = False,
+) -> nn.Module:
+    """Replace the targeted Linear layers of ``model`` by :class:`LoRALinear`, in place.
+
+    Every parameter of the model is frozen except the new adapters and the parameters of
+    the modules named in ``trainable`` (for example a classification head). Nothing is
+    changed if any argument or target is invalid. Call :func:`lora_summary` to see what was
+    adapted and how many parameters train.
+
+    Args:
+        model: The model to adapt.
+        targets: What to adapt: logical names ``q k v o fc1 fc2`` (``query key value`` are
+            accepted as aliases), presets ``qkv attn mlp all-linear``, full module names,
+            dotted suffixes (``attention.query``) or glob patterns (``blocks.1*.attn.qkv``).
+            On a fused ``qkv`` projection, ``q``/``k``/``v`` adapt only their third of the rows.
+        r: Rank, or a mapping target string -> rank.
+        alpha: Scaling numerator (``scaling = alpha / r``), or a mapping target -> alpha.
+        dropout: Dropout probability on the input of the LoRA branch, in ``[0, 1)``.
+        trainable: Names (literal, suffix or glob) of modules to train fully, e.g. ``"head"``.
+        init: ``"normal"`` (A ~ N(0, 0.02^2), the default) or ``"kaiming"``.
+        use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+
+    Returns:
+        ``model`` itself, adapted.
+
+    Raises:
+        LoRAError: For a target or trainable name that matches nothing (listing the model's
+            Linear layers), a layer that already has an adapter, an invalid ``r``,
+            ``alpha``, ``dropout`` or ``init``, or a module both adapted and in ``trainable``.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = inject_lora(model, targets=["0"], r=2, alpha=4, trainable=["2"])
+        >>> lora_summary(model).trainable_params
+        50
+    """
+    dropout = check_dropout(dropout)
+    init = check_init(init)
+    trainable_names = resolve_modules(model, trainable) if trainable else []
+    matches = resolve_targets(model, targets, exclude=trainable_names)
+    grouped: dict[str, list[TargetMatch]] = {}
+    for match in matches:
+        grouped.setdefault(match.module, []).append(match)
+    for name in grouped:
+        owner = next((t for t in trainable_names if name == t or name.startswith(t + ".")), None)
+        if owner is not None:
+            raise LoRAError(f"{name!r} is both a LoRA target and inside trainable module {owner!r}")
+    layers = {
+        name: _build_layer(model.get_submodule(name), group, r, alpha, dropout, init, use_rslora)
+        for name, group in grouped.items()
+    }
+    apply_adapters(model, layers, trainable_names)
+    logger.info("%s", lora_summary(model))
+    return model
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """What :func:`inject_lora` did, printable as a small report.
+
+    Attributes:
+        adapted: ``(module name, description)`` per adapted layer, e.g.
+            ``("blocks.0.attn.qkv", "q[0:384] r=8, v[768:1152] r=8")``.
+        trainable_modules: Whole modules left trainable.
+        adapter_params: Parameters in all adapters.
+        trainable_params: Parameters with ``requires_grad`` in the model.
+        total_params: All parameters in the model (shared ones counted once).
+    """
+
+    adapted: tuple[tuple[str, str], ...]
+    trainable_modules: tuple[str, ...]
+    adapter_params: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"LoRA adapters on {len(self.adapted)} layers:"]
+        lines += [f"  {name}: {what}" for name, what in self.adapted]
+        if self.trainable_modules:
+            lines.append(f"fully trainable modules: {', '.join(self.trainable_modules)}")
+        lines.append(
+            f"trainable params: {self.trainable_params:,} of {self.total_params:,}"
+            f" ({100 * self.trainable_fraction:.3f}%), adapters {self.adapter_params:,}"
+        )
+        return "\n".join(lines)
+
+
+def _describe(layer: LoRALinear) -> str:
+    if layer.covers_all_rows:
+        s = layer.slices[0]
+        return f"r={s.r}, alpha={s.alpha:g}"
+    return ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r}, alpha={s.alpha:g}" for s in layer.slices)
+
+
+def lora_summary(model: nn.Module) -> LoRASummary:
+    """Count what is adapted and what trains in ``model`` right now.
+
+    Example:
+        >>> model = inject_lora(nn.Sequential(nn.Linear(8, 8)), targets=["0"], r=2)
+        >>> print(lora_summary(model))  # doctest: +NORMALIZE_WHITESPACE
+        LoRA adapters on 1 layers:
+          0: r=2, alpha=32
+        trainable params: 32 of 104 (30.769%), adapters 32
+    """
+    layers = adapted_layers(model)
+    params = list(model.parameters())
+    return LoRASummary(
+        adapted=tuple((name, _describe(layer)) for name, layer in layers.items()),
+        trainable_modules=trainable_modules(model),
+        adapter_params=sum(p.numel() for layer in layers.values() for p in layer.adapter_parameters()),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_params=sum(p.numel() for p in params),
+    )

@@ -1,0 +1,232 @@
+"""Adapter files: one self-describing ``.safetensors`` file, written atomically, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from ._version import __version__
+from .errors import LoRAError
+from .inject import adapted_layers, apply_adapters, trainable_modules
+from .layer import LoRALinear
+from .state import check_tensors, copy_tensors, lora_state_dict
+
+__all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora"]
+
+FORMAT = "lora_vit"
+_FORMAT_VERSION = "1"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save the adapters (and trainable modules) of ``model`` to one ``.safetensors`` file.
+
+    The file's metadata records the format, the library version, each adapted layer's base
+    shape, slices, ranks, alphas and dropout, and the trainable module names, so
+    :func:`load_lora` can rebuild the adapters on a fresh base model. The write is atomic:
+    an interrupted save leaves any previous file at ``path`` intact.
+
+    Args:
+        model: A model adapted by :func:`inject_lora`.
+        path: Destination file; missing parent folders are created.
+        metadata: Optional JSON-serialisable mapping with string keys (e.g. a training
+            config), returned by :func:`read_lora_metadata`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        LoRAError: If the model has no adapters or ``metadata`` is not JSON-serialisable.
+    """
+    state = lora_state_dict(model)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise LoRAError(f"metadata must be a mapping with string keys, got {metadata!r}")
+    try:
+        user = json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise LoRAError(f"metadata must be JSON-serialisable: {err}") from None
+    header = {
+        "format": FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "lora_vit_version": __version__,
+        "layers": json.dumps({name: layer.config() for name, layer in adapted_layers(model).items()}),
+        "trainable": json.dumps(list(trainable_modules(model))),
+        "user": user,
+    }
+    # Clones: safetensors refuses tensors that share storage (tied weights).
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    path = Path(path)
+    _write_atomically(path, safetensors_bytes(tensors, metadata=header))
+    return path
+
+
+def _read(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter file at {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise LoRAError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    if header.get("format") != FORMAT:
+        raise LoRAError(
+            f"{str(path)!r} is not a lora-vit adapter file: its metadata has format"
+            f" {header.get('format')!r}, expected {FORMAT!r}"
+        )
+    return header, tensors
+
+
+def _json_field(header: Mapping[str, str], key: str, kind: type, path: object) -> Any:
+    try:
+        value = json.loads(header[key])
+    except (KeyError, TypeError, ValueError):
+        raise LoRAError(f"{str(path)!r}: metadata field {key!r} is missing or not valid JSON") from None
+    if not isinstance(value, kind):
+        raise LoRAError(f"{str(path)!r}: metadata field {key!r} should be a {kind.__name__}")
+    return value
+
+
+def _layer_config(name: str, config: object, path: object) -> dict[str, Any]:
+    """Check the structure of one layer's recorded config (values are checked by LoRALinear)."""
+    fields = {"in_features": int, "out_features": int, "dropout": (int, float), "use_rslora": bool, "slices": list}
+    slice_fields = {"name": str, "start": int, "stop": int, "r": int, "alpha": (int, float)}
+    ok = isinstance(config, dict) and all(isinstance(config.get(k), t) for k, t in fields.items())
+    ok = ok and bool(config["slices"]) and all(  # type: ignore[index]
+        isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in slice_fields.items())
+        for s in config["slices"]  # type: ignore[index]
+    )
+    if not ok:
+        raise LoRAError(f"{str(path)!r}: the recorded config of layer {name!r} is malformed: {config!r}")
+    return config  # type: ignore[return-value]
+
+
+def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``metadata`` mapping that :func:`save_lora` stored in an adapter file.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        LoRAError: If the file is not a readable lora-vit adapter file.
+    """
+    header, _ = _read(path)
+    return _json_field(header, "user", dict, path)
+
+
+def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a layer config that change outputs (dropout only matters in training)."""
+    return {k: v for k, v in config.items() if k != "dropout"}
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load an adapter file into ``model``, first injecting the adapters it describes if needed.
+
+    On a fresh base model the adapters are created from the file's metadata (no need to
+    repeat ``inject_lora``'s arguments). On an already injected model, its adapters must
+    have the file's layout. Everything is validated before the model is touched, so a
+    failed load leaves it unchanged.
+
+    Args:
+        model: The base model (or one already injected with the same layout).
+        path: A file written by :func:`save_lora`.
+
+    Returns:
+        ``model``, adapted and loaded.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        LoRAError: If the file is not a lora-vit adapter, is corrupt, describes layers the
+            model lacks or has with other shapes, or holds missing, unexpected, mis-shaped
+            or non-finite tensors (the message names the layer or tensor).
+    """
+    header, tensors = _read(path)
+    layer_configs = _json_field(header, "layers", dict, path)
+    trainable = _json_field(header, "trainable", list, path)
+    if not all(isinstance(t, str) for t in trainable):
+        raise LoRAError(f"{str(path)!r}: metadata field 'trainable' should list module names")
+    configs = {name: _layer_config(name, cfg, path) for name, cfg in layer_configs.items()}
+
+    existing = adapted_layers(model)
+    planned: dict[str, LoRALinear] = {}
+    if existing:
+        if {n: _comparable(layer.config()) for n, layer in existing.items()} != {
+            n: _comparable(c) for n, c in configs.items()
+        }:
+            only_model = sorted(set(existing) - set(configs))
+            only_file = sorted(set(configs) - set(existing))
+            raise LoRAError(
+                f"the model already has adapters with another layout than {str(path)!r}"
+                f" (only in the model: {only_model}; only in the file: {only_file}; or ranks,"
+                " slices or alphas differ). Load it into a fresh base model instead."
+            )
+        layers: Mapping[str, LoRALinear] = existing
+    else:
+        for name, config in configs.items():
+            try:
+                base = model.get_submodule(name)
+            except AttributeError:
+                raise LoRAError(f"{str(path)!r} adapts layer {name!r}, which this model does not have") from None
+            if not isinstance(base, nn.Linear):
+                raise LoRAError(f"{str(path)!r} adapts {name!r}, which is a {type(base).__name__}, not nn.Linear")
+            try:
+                planned[name] = LoRALinear.from_config(base, config)
+            except LoRAError as err:
+                raise LoRAError(f"{str(path)!r}, layer {name!r}: {err}") from None
+        layers = planned
+    for name in trainable:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise LoRAError(f"{str(path)!r} trains module {name!r}, which this model does not have") from None
+
+    expected: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        for param_name, param in layer.named_parameters(recurse=False):
+            if param_name.startswith("lora_"):
+                expected[f"{name}.{param_name}"] = param.detach()
+    for name in sorted(set(trainable) | set(trainable_modules(model))):
+        for key, value in model.get_submodule(name).state_dict().items():
+            expected[f"{name}.{key}"] = value
+    try:
+        check_tensors(expected, tensors, strict=True)
+    except LoRAError as err:
+        raise LoRAError(f"{str(path)!r}: {err}") from None
+
+    apply_adapters(model, planned, trainable)
+    copy_tensors(lora_state_dict(model), tensors)
+    return model
+

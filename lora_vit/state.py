@@ -1,0 +1,124 @@
+"""The adapter state: what `inject_lora` left trainable, as a flat tensor dict, and loading it back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LoRAError
+from .inject import adapted_layers, trainable_modules
+
+__all__ = ["LoadResult", "check_tensors", "lora_state_dict", "load_lora_state_dict"]
+
+
+class LoadResult(NamedTuple):
+    """Keys that :func:`load_lora_state_dict` did not find or did not expect (``strict=False``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Every adapter tensor, plus the state of modules ``inject_lora`` made fully trainable.
+
+    Keys are the model's own dotted names (``blocks.0.attn.qkv.lora_A_q``, ``head.weight``),
+    values are detached tensors sharing storage with the model, as in ``state_dict()``.
+
+    Raises:
+        LoRAError: If the model has no adapters and no trainable modules.
+
+    Example:
+        >>> from lora_vit import inject_lora
+        >>> model = inject_lora(nn.Sequential(nn.Linear(4, 4)), targets=["0"], r=2)
+        >>> sorted(lora_state_dict(model))
+        ['0.lora_A', '0.lora_B']
+    """
+    state: dict[str, Tensor] = {}
+    for name, layer in adapted_layers(model).items():
+        for param_name, param in layer.named_parameters(recurse=False):
+            if param_name.startswith("lora_"):
+                state[f"{name}.{param_name}"] = param.detach()
+    for name in trainable_modules(model):
+        for key, value in model.get_submodule(name).state_dict().items():
+            state[f"{name}.{key}"] = value
+    if not state:
+        raise LoRAError(
+            f"{type(model).__name__} has no LoRA adapters; call inject_lora first, or load_lora"
+            " with an adapter file"
+        )
+    return state
+
+
+def check_tensors(expected: Mapping[str, Tensor], given: Mapping[str, object], strict: bool) -> LoadResult:
+    """Validate ``given`` against ``expected`` without changing anything.
+
+    Raises:
+        LoRAError: Naming the first tensor that is not a tensor, has another shape, a
+            non-float dtype where a float is expected, or NaN/Inf values; and, with
+            ``strict``, the missing and unexpected keys.
+    """
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected}")
+        raise LoRAError(f"adapter state does not match the model: {'; '.join(parts)}")
+    for key, target in expected.items():
+        if key not in given:
+            continue
+        value = given[key]
+        if not isinstance(value, Tensor):
+            raise LoRAError(f"{key!r} must be a tensor, got {type(value).__name__}")
+        if value.shape != target.shape:
+            raise LoRAError(
+                f"{key!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
+            )
+        if target.is_floating_point():
+            if not value.is_floating_point():
+                raise LoRAError(f"{key!r} has dtype {value.dtype}, the model expects a float ({target.dtype})")
+            if not bool(torch.isfinite(value).all()):
+                raise LoRAError(f"{key!r} contains NaN or Inf values")
+        elif value.dtype != target.dtype:
+            raise LoRAError(f"{key!r} has dtype {value.dtype}, the model expects {target.dtype}")
+    return LoadResult(missing, unexpected)
+
+
+def copy_tensors(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for key, target in expected.items():
+            if key in given:
+                target.copy_(given[key])
+
+
+def load_lora_state_dict(
+    model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True
+) -> LoadResult:
+    """Copy adapter (and trainable-module) tensors into an injected model.
+
+    Everything is checked before anything is copied, so a failed load leaves the model as
+    it was. Values are cast to each parameter's dtype and device.
+
+    Args:
+        model: A model adapted by :func:`inject_lora` (or :func:`load_lora`).
+        state_dict: As returned by :func:`lora_state_dict`.
+        strict: Require exactly the keys of ``lora_state_dict(model)``.
+
+    Returns:
+        The missing and unexpected keys (both empty when ``strict``).
+
+    Raises:
+        LoRAError: If the model has no adapters, or a tensor is missing, unexpected
+            (``strict``), mis-shaped, of a non-float dtype, or not finite; the message names it.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise LoRAError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    expected = lora_state_dict(model)
+    result = check_tensors(expected, state_dict, strict)
+    copy_tensors(expected, state_dict)
+    return result
