@@ -260,22 +260,27 @@ class LoRALinear(nn.Module):
         hidden = F.linear(self.lora_dropout(x), self.stacked_a())
         return result + F.linear(hidden, self.scaled_b())
 
-    def merged_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` whose weight is ``W + scaling * B @ A``.
+    def merged_weight(self) -> Tensor:
+        """``W + scaling * B @ A``, summed in float32 and rounded once to the base dtype."""
+        with torch.no_grad():
+            return (self.weight.to(torch.float32) + self.delta_weight()).to(self.weight.dtype)
 
-        The sum is formed in float32 and rounded once to the base dtype. The bias Parameter
-        is shared with this layer, and the weight keeps the base weight's ``requires_grad``.
+    def merged_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding :meth:`merged_weight`.
+
+        The bias Parameter is shared with this layer, and the weight keeps the base
+        weight's ``requires_grad``.
 
         Raises:
-            LoRAError: If the merged weight has a NaN or Inf entry.
+            LoRAError: If the merged weight has a NaN or Inf entry (including an overflow
+                when rounding to a low-precision base dtype).
         """
-        with torch.no_grad():
-            merged = self.weight.to(torch.float32) + self.delta_weight()
-            if not bool(torch.isfinite(merged).all()):
-                raise LoRAError("merging would put NaN or Inf into the weight")
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-            linear.weight = nn.Parameter(merged.to(self.weight.dtype), requires_grad=self.weight.requires_grad)
-            linear.bias = self.bias
+        merged = self.merged_weight()
+        if not bool(torch.isfinite(merged).all()):
+            raise LoRAError("merging would put NaN or Inf into the weight")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(merged, requires_grad=self.weight.requires_grad)
+        linear.bias = self.bias
         return linear
 
     def config(self) -> dict[str, Any]:

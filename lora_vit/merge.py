@@ -41,12 +41,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not layers:
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to merge")
     # Check every layer first, so a bad one leaves the whole model untouched.
-    with torch.no_grad():
-        bad = [
-            name or type(layer).__name__
-            for name, layer in layers.items()
-            if not bool(torch.isfinite(layer.weight.float() + layer.delta_weight()).all())
-        ]
+    bad = [
+        name or type(layer).__name__
+        for name, layer in layers.items()
+        if not bool(torch.isfinite(layer.merged_weight()).all())
+    ]
     if bad:
         raise LoRAError(f"merging would put NaN or Inf into {bad}; the model was left unmerged")
     if isinstance(model, LoRALinear):

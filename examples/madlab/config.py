@@ -1,0 +1,238 @@
+"""Training configuration: the seed's parameter names, its defaults, and a strict ``--override`` parser."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+__all__ = ["EVAL_KEYS", "Config", "ConfigError", "apply_overrides", "parse_override"]
+
+FREEZE_STRATEGIES = ("none", "backbone_only", "freeze_except_lastN", "gradual_unfreeze")
+SELECTION_METRICS = ("dev_loss", "dev_eer")
+THRESHOLD_RULES = ("dev_eer", "dev_apcer5", "dev_apcer10")
+
+# Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
+EVAL_KEYS = frozenset({"batch_size", "num_workers", "data", "output_dir"})
+
+
+class ConfigError(ValueError):
+    """A configuration value or override that cannot be used; the message names valid choices."""
+
+
+@dataclass
+class Config:
+    """Every setting of a run; the names follow the seed (``SSL_MAE``) where it had one.
+
+    Attributes mirror the seed guide: LoRA (``use_lora``, ``lora_r``, ``lora_alpha``,
+    ``lora_dropout``, ``lora_target_modules``), optimisation (``learning_rate``,
+    ``num_epochs``, ``batch_size``, ``weight_decay``, ``lr_scheduler``, early stopping),
+    freezing (``freeze_strategy``, ``freeze_lastN``, ``warmup_epochs``, ``mid_epochs``) and
+    data/model options particular to this example.
+    """
+
+    # LoRA (seed guide defaults: r=4, alpha=32, dropout 0.1 on query/key/value).
+    use_lora: bool = True
+    lora_r: int = 4
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    # What trains besides the adapters. With LoRA only backbone_only is meaningful (see model.py).
+    freeze_strategy: str = "backbone_only"
+    freeze_lastN: int = 2
+    warmup_epochs: int = 2
+    mid_epochs: int = 5
+    # Optimisation. 5e-4 is the seed's LoRA learning rate; full fine-tuning wants less (compare).
+    learning_rate: float = 5e-4
+    num_epochs: int = 30
+    batch_size: int = 32
+    weight_decay: float = 0.05
+    lr_scheduler: str = "cosine"
+    eta_min: float = 0.0
+    use_early_stopping: bool = True
+    patience: int = 8
+    min_delta: float = 0.001
+    selection_metric: str = "dev_loss"
+    # [bona fide, morph] loss weights; None = inverse class frequency of the training split.
+    class_weights: list[float] | None = None
+    dropout_p: float = 0.1
+    use_cls_aug: bool = True
+    seed: int = 42
+    num_workers: int = 0
+    # Data: None = the embedded lfw_subset smoke test; else a folder root or a CSV manifest.
+    data: str | None = None
+    train_val_pct: float = 0.6
+    dev_pct: float = 0.2
+    morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
+    morphs_per_face: int = 2
+    image_size: int | None = None
+    # Model.
+    backbone: str | None = None
+    pretrain_epochs: int = 150
+    pretrain_lr: float = 1.5e-3
+    mae_mask_ratio: float = 0.75
+    threshold_rule: str = "dev_eer"
+    output_dir: str = "output"
+
+    def validate(self) -> Config:
+        """Check ranges and choices; return ``self``.
+
+        Raises:
+            ConfigError: Naming the bad key, its value and what is allowed.
+        """
+        choices = {
+            "freeze_strategy": FREEZE_STRATEGIES,
+            "selection_metric": SELECTION_METRICS,
+            "threshold_rule": THRESHOLD_RULES,
+            "lr_scheduler": ("cosine", "none"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
+        positive = ["lora_r", "num_epochs", "batch_size", "morphs_per_face", "pretrain_epochs"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ("lora_dropout", "dropout_p", "mae_mask_ratio"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        if not (0 < self.train_val_pct < 1 and 0 < self.dev_pct < 1 and self.train_val_pct + self.dev_pct < 1):
+            raise ConfigError(
+                f"train_val_pct={self.train_val_pct} and dev_pct={self.dev_pct} must be in (0, 1)"
+                " and leave a test share (sum < 1)"
+            )
+        if self.learning_rate <= 0 or self.pretrain_lr <= 0:
+            raise ConfigError("learning_rate and pretrain_lr must be positive")
+        if self.class_weights is not None and (
+            len(self.class_weights) != 2 or min(self.class_weights) <= 0
+        ):
+            raise ConfigError(f"class_weights must be two positive numbers [bona_fide, morph], got {self.class_weights}")
+        if not self.lora_target_modules:
+            raise ConfigError("lora_target_modules must name at least one module, e.g. query,key,value")
+        unknown = [m for m in self.morph_methods if m not in ("blend", "splice")]
+        if unknown or not self.morph_methods:
+            raise ConfigError(f"morph_methods {self.morph_methods} must be a non-empty subset of ['blend', 'splice']")
+        if self.use_lora and self.freeze_strategy != "backbone_only":
+            raise ConfigError(
+                f"use_lora=True trains the adapters and the head with the backbone frozen, so"
+                f" freeze_strategy must be 'backbone_only', got {self.freeze_strategy!r}; use"
+                " use_lora=False for the strategies none/freeze_except_lastN/gradual_unfreeze"
+            )
+        return self
+
+    @property
+    def strategy(self) -> str:
+        """A short name for what trains: ``lora``, ``full_ft``, ``linear_probe`` or the freeze strategy."""
+        if self.use_lora:
+            return "lora"
+        return {"none": "full_ft", "backbone_only": "linear_probe"}.get(self.freeze_strategy, self.freeze_strategy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Rebuild a config saved by :meth:`to_dict` (e.g. from an adapter file's metadata).
+
+        Raises:
+            ConfigError: If a key is unknown (a file from another version) or a value is invalid.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**values).validate()
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+_NONE = {"none", "null", ""}
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(Config)
+
+
+def _convert(key: str, raw: str, hint: Any) -> Any:
+    """Convert ``raw`` to the type annotated for ``key`` (not the type of its current value,
+    so that ``None`` defaults and lists parse properly)."""
+    text = raw.strip()
+    args = getattr(hint, "__args__", ())
+    optional = type(None) in args
+    if optional:
+        if text.lower() in _NONE:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = getattr(hint, "__origin__", None)
+    if origin is list:
+        (item,) = hint.__args__
+        if text.startswith("["):  # JSON list, e.g. ["query","value"]
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{key}={raw!r} is not a valid JSON list: {err}") from None
+            if not isinstance(values, list):
+                raise ConfigError(f"{key}={raw!r} must be a list")
+        else:
+            values = [v.strip() for v in text.split(",") if v.strip()]
+        return [_convert(key, str(v), item) for v in values]
+    if hint is bool:
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{key}={raw!r} is not a boolean; use one of true/false/1/0/yes/no")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} is not an integer") from None
+    if hint is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}={raw!r} must be finite")
+        return value
+    return text
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` into the key and a value typed by the key's declared type.
+
+    Booleans accept true/false/1/0/yes/no; lists take comma-separated values (or a JSON
+    list); ``None`` (or ``null``) sets an optional key back to its ``None`` default.
+
+    Raises:
+        ConfigError: If the item has no ``=``, the key is unknown (the message lists the
+            valid keys) or the value does not convert.
+
+    Example:
+        >>> parse_override("lora_target_modules=query,value")
+        ('lora_target_modules', ['query', 'value'])
+        >>> parse_override("use_lora=no")
+        ('use_lora', False)
+    """
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    types = _field_types()
+    if key not in types:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(types))}")
+    return key, _convert(key, raw, types[key])
+
+
+def apply_overrides(config: Config, items: list[str] | None) -> Config:
+    """Return a copy of ``config`` with every ``key=value`` in ``items`` applied, validated."""
+    values = config.to_dict()
+    for item in items or []:
+        key, value = parse_override(item)
+        values[key] = value
+    return Config(**values).validate()
