@@ -124,8 +124,10 @@ def _json_field(header: Mapping[str, str], key: str, kind: type, path: object) -
 
 def _layer_config(name: str, config: object, path: object) -> dict[str, Any]:
     """Check the structure of one layer's recorded config (values are checked by LoRALinear)."""
-    fields = {"in_features": int, "out_features": int, "dropout": (int, float), "use_rslora": bool, "slices": list}
-    slice_fields = {"name": str, "start": int, "stop": int, "r": int, "alpha": (int, float)}
+    fields: dict[str, Any] = {
+        "in_features": int, "out_features": int, "dropout": (int, float), "use_rslora": bool, "slices": list
+    }
+    slice_fields: dict[str, Any] = {"name": str, "start": int, "stop": int, "r": int, "alpha": (int, float)}
     ok = isinstance(config, dict) and all(isinstance(config.get(k), t) for k, t in fields.items())
     ok = ok and bool(config["slices"]) and all(  # type: ignore[index]
         isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in slice_fields.items())

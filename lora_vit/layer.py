@@ -203,10 +203,11 @@ class LoRALinear(nn.Module):
 
         self.weight = base.weight
         self.bias = base.bias
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        device, dtype = base.weight.device, base.weight.dtype
         for s in self.slices:
-            self.register_parameter(s.a_name, nn.Parameter(torch.empty(s.r, self.in_features, **factory)))
-            self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, **factory)))
+            a = torch.empty(s.r, self.in_features, device=device, dtype=dtype)
+            self.register_parameter(s.a_name, nn.Parameter(a))
+            self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, device=device, dtype=dtype)))
         # Identity when dropout is 0 keeps the forward free of a runtime branch.
         self.lora_dropout: nn.Module = nn.Dropout(self.dropout) if self.dropout > 0 else nn.Identity()
         self.reset_parameters()

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .errors import LoRAError
 from .inject import adapted_layers, trainable_modules
 
-__all__ = ["LoadResult", "check_tensors", "lora_state_dict", "load_lora_state_dict"]
+__all__ = ["LoadResult", "check_tensors", "load_lora_state_dict", "lora_state_dict"]
 
 
 class LoadResult(NamedTuple):

@@ -71,13 +71,17 @@ def _ends_with(parts: list[str], ending: tuple[str, ...]) -> bool:
     return tuple(parts[-len(ending):]) == ending
 
 
-def _logical_match(role: str, name: str, module: nn.Module) -> tuple[str | None, tuple[int, int] | None] | None:
+_Match = tuple[str | None, tuple[int, int] | None]
+
+
+def _logical_match(role: str, name: str, module: nn.Linear | LoRALinear) -> _Match | None:
+    """``(slice, bounds)`` if ``name`` plays ``role``, ``(None, None)`` for a whole layer."""
     parts = name.split(".")
     if role in _SEPARATE:
         if parts[-1] in _SEPARATE[role]:
             return None, None
         if parts[-1] in _FUSED_QKV:
-            out = module.out_features
+            out = int(module.out_features)
             if out % 3:
                 raise LoRAError(
                     f"{name!r} looks like a fused q/k/v projection but its {out} output rows do"
@@ -115,7 +119,7 @@ def _expand(targets: Iterable[str]) -> list[tuple[str, str]]:
     """(user target, atomic target) pairs, presets and aliases expanded."""
     if isinstance(targets, str):
         targets = [targets]
-    expanded = []
+    expanded: list[tuple[str, str]] = []
     for target in targets:
         if not isinstance(target, str) or not target:
             raise LoRAError(f"targets must be non-empty strings, got {target!r}")
@@ -126,8 +130,8 @@ def _expand(targets: Iterable[str]) -> list[tuple[str, str]]:
     return expanded
 
 
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    found: dict[str, nn.Module] = {}
+def _candidates(model: nn.Module) -> dict[str, nn.Linear | LoRALinear]:
+    found: dict[str, nn.Linear | LoRALinear] = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, LoRALinear)) and name:
             found[name] = module
@@ -165,7 +169,7 @@ def resolve_targets(
             if atom == "all-linear":
                 if any(name == e or name.startswith(e + ".") for e in excluded):
                     continue
-                found: tuple[str | None, tuple[int, int] | None] | None = (None, None)
+                found: _Match | None = (None, None)
             elif atom in LOGICAL_TARGETS:
                 found = _logical_match(atom, name, module)
             else:

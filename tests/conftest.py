@@ -4,9 +4,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import settings
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True, print_blob=True)

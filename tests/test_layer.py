@@ -67,7 +67,8 @@ def test_forward_matches_dense_formula(case):
     y = layer(x)
     assert y.shape == (*case["lead"], case["out_features"])
     assert y.dtype == case["dtype"]
-    torch.testing.assert_close(y.double(), dense_reference(layer, case, x), rtol=TOL[case["dtype"]], atol=TOL[case["dtype"]])
+    tol = TOL[case["dtype"]]
+    torch.testing.assert_close(y.double(), dense_reference(layer, case, x), rtol=tol, atol=tol)
     # delta_weight() is the same update as a matrix.
     expected_delta = dense_reference(layer, case, torch.eye(case["in_features"], dtype=case["dtype"])).T
     if layer.bias is not None:

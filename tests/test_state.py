@@ -24,7 +24,7 @@ from lora_vit import (
 
 def randomise(model):
     with torch.no_grad():
-        for name, tensor in lora_state_dict(model).items():
+        for tensor in lora_state_dict(model).values():
             if tensor.is_floating_point():
                 tensor.normal_(0, 0.1)
 
@@ -174,7 +174,7 @@ def test_load_into_a_model_of_the_wrong_shape_names_the_layer(tmp_path, trained)
         load_lora(wrong, path)
     assert_unchanged(wrong, before)
     assert not any(isinstance(m, LoRALinear) for m in wrong.modules())
-    with pytest.raises(LoRAError, match="adapts layer 'blocks.0.attn.qkv', which this model does not have"):
+    with pytest.raises(LoRAError, match=r"adapts layer 'blocks.0.attn.qkv', which this model does not have"):
         load_lora(PlainNet(), path)
 
 
