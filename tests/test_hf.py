@@ -59,3 +59,34 @@ def test_vit_mae_adapters_train_and_round_trip(tmp_path):
     fresh = load_lora(copy.deepcopy(base), path).eval()
     assert torch.equal(fresh(x, noise=noise).last_hidden_state, model(x, noise=noise).last_hidden_state)
     assert not torch.equal(base(x, noise=noise).last_hidden_state, model(x, noise=noise).last_hidden_state)
+
+
+ROLES = ("q", "k", "v", "o", "fc1", "fc2")
+SCHEMES = {
+    # transformers 4.x
+    "encoder.layer.{}.attention.attention.query": "q",
+    "encoder.layer.{}.attention.attention.key": "k",
+    "encoder.layer.{}.attention.attention.value": "v",
+    "encoder.layer.{}.attention.output.dense": "o",
+    "encoder.layer.{}.intermediate.dense": "fc1",
+    "encoder.layer.{}.output.dense": "fc2",
+    # transformers 5.x
+    "layers.{}.attention.q_proj": "q",
+    "layers.{}.attention.k_proj": "k",
+    "layers.{}.attention.v_proj": "v",
+    "layers.{}.attention.o_proj": "o",
+    "layers.{}.mlp.fc1": "fc1",
+    "layers.{}.mlp.fc2": "fc2",
+}
+
+
+@pytest.mark.parametrize("config_cls", ["ViTConfig", "ViTMAEConfig"])
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_finds_its_layer_in_the_installed_transformers_scheme(config_cls, role):
+    model_cls = getattr(transformers, config_cls.replace("Config", "Model"))
+    model = model_cls(tiny(getattr(transformers, config_cls)))
+    inject_lora(model, [role], r=2)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    expected = [t.format(i) for i in range(2) for t, r in SCHEMES.items() if r == role]
+    assert adapted == [n for n in expected if n in dict(model.named_modules())]
+    assert len(adapted) == 2, f"transformers {transformers.__version__}: {adapted}"
