@@ -122,7 +122,8 @@ def inject_lora(
 
     Args:
         model: The model to adapt.
-        targets: What to adapt: logical names ``q k v o fc1 fc2`` (``query key value`` are
+        targets: What to adapt (may be empty when ``trainable`` is given: a head-only
+            run with no adapters): logical names ``q k v o fc1 fc2`` (``query key value`` are
             accepted as aliases), presets ``qkv attn mlp all-linear``, full module names,
             dotted suffixes (``attention.query``) or glob patterns (``blocks.1*.attn.qkv``).
             On a fused ``qkv`` projection, ``q``/``k``/``v`` adapt only their third of the rows.
@@ -150,7 +151,13 @@ def inject_lora(
     dropout = check_dropout(dropout)
     init = check_init(init)
     trainable_names = resolve_modules(model, trainable) if trainable else []
-    matches = resolve_targets(model, targets, exclude=trainable_names)
+    target_list = [targets] if isinstance(targets, str) else list(targets)
+    if not target_list and not trainable_names:
+        raise LoRAError(
+            "targets is empty and nothing is trainable; name targets such as ('q', 'k', 'v'),"
+            " or pass only trainable=[...] to train whole modules without adapters (a linear probe)"
+        )
+    matches = resolve_targets(model, target_list, exclude=trainable_names) if target_list else []
     grouped: dict[str, list[TargetMatch]] = {}
     for match in matches:
         grouped.setdefault(match.module, []).append(match)

@@ -25,11 +25,20 @@ FORMAT = "lora_vit"
 _FORMAT_VERSION = "1"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_current_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -298,3 +298,30 @@ def test_tied_trainable_weights_save(tmp_path):
     model.mixer["left"].weight = model.mixer["right"].weight  # shared storage
     path = save_lora(model, tmp_path / "tied.safetensors")
     assert path.stat().st_size > 0
+
+
+def test_saved_file_gets_ordinary_permissions(tmp_path, trained):
+    _, model = trained
+    old = os.umask(0o022)
+    try:
+        path = save_lora(model, tmp_path / "a.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        save_lora(model, path)  # overwriting keeps the existing file's mode
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_head_only_run_saves_and_loads_without_adapters(tmp_path):
+    base = PlainNet().eval()
+    model = inject_lora(copy.deepcopy(base), targets=(), trainable=["readout"]).eval()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"readout.weight", "readout.bias"}
+    with torch.no_grad():
+        model.readout.weight.add_(1.0)
+    path = save_lora(model, tmp_path / "probe.safetensors")
+    fresh = load_lora(copy.deepcopy(base), path).eval()
+    x = torch.randn(2, 12)
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(LoRAError, match="targets is empty and nothing is trainable"):
+        inject_lora(PlainNet(), targets=())

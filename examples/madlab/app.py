@@ -1,0 +1,338 @@
+"""The subcommands: ``pretrain``, ``train``, ``test`` and ``compare``, as plain functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_vit import __version__ as lora_vit_version
+
+from .backbone import (
+    DEFAULT_IMAGE_SIZE,
+    BackboneError,
+    backbone_fingerprint,
+    cache_root,
+    default_backbone_dir,
+    load_backbone,
+    pretrain_mae,
+)
+from .checkpoint import CheckpointError, load_weights, read_metadata, save_model
+from .config import EVAL_KEYS, Config, ConfigError, parse_override
+from .data import ImageDataset, Sample, load_samples
+from .evaluation import choose_threshold, format_table, iso_report, write_json, write_scores_csv
+from .model import MorphDetector, count_trainable
+from .plots import save_plots
+from .training import predict, train
+
+__all__ = ["Env", "run_compare", "run_pretrain", "run_test", "run_train"]
+
+MODEL_FILE = "morph_detector.safetensors"
+SMOKE_TEST_BANNER = (
+    "NOTE: this run uses the embedded skimage lfw_subset faces (25x25 grayscale) with morphs made"
+    " in-process. It is a smoke test of the pipeline, NOT a MAD benchmark; its numbers say nothing"
+    " about real morphing attacks. Use --data ROOT for real data."
+)
+
+
+@dataclass
+class Env:
+    """Where things go and how chatty to be."""
+
+    cache_dir: Path
+    progress: bool = True
+    say: Callable[[str], None] = print
+
+
+def _seed(config: Config) -> None:
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    torch.set_num_threads(max(1, config.num_threads))
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard requirement of the example
+        pass
+
+
+def _split(samples: list[Sample], split: str) -> list[Sample]:
+    return [s for s in samples if s.split == split]
+
+
+def _data(config: Config, env: Env) -> list[Sample]:
+    samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
+                                   (config.train_val_pct, config.dev_pct))
+    for line in report.lines(samples):
+        env.say(line)
+    return samples
+
+
+def _pretrain_settings(config: Config) -> dict[str, Any]:
+    return {"image_size": config.image_size or DEFAULT_IMAGE_SIZE, "mask_ratio": config.mae_mask_ratio,
+            "epochs": config.pretrain_epochs, "lr": config.pretrain_lr, "batch_size": 32}
+
+
+def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretrain: bool = True) -> Path:
+    """The backbone folder: ``config.backbone``, or the cached default MAE, pretrained if missing.
+
+    The default is keyed by a hash of the bona fide *training* images and the pretraining
+    settings, so a different dataset or seed never reuses another run's backbone.
+    """
+    if config.backbone:
+        return Path(config.backbone).expanduser().resolve()
+    settings = _pretrain_settings(config)
+    bona_fide = [s for s in _split(samples, "train") if s.label == 0]
+    dataset = ImageDataset(bona_fide, settings["image_size"])
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    target = default_backbone_dir(images, {**settings, "seed": config.seed}, cache_root(env.cache_dir))
+    if (target / "config.json").is_file():
+        env.say(f"using the cached MAE-pretrained backbone {target}")
+        return target
+    if not allow_pretrain:
+        raise BackboneError(f"no pretrained backbone at {target}; run the 'pretrain' subcommand first")
+    env.say(f"no cached backbone for these training images: MAE-pretraining the small ViT on the {len(images)}"
+            f" bona fide training images ({settings['epochs']} epochs); it will be cached at {target}")
+    start = time.perf_counter()
+    pretrain_mae(images, settings, target, config.seed, env.progress)
+    losses = json.loads((target / "pretrain.json").read_text())["losses"]
+    env.say(f"pretraining done in {time.perf_counter() - start:.1f} s;"
+            f" masked-patch MSE {losses[0]:.4f} -> {losses[-1]:.4f}")
+    return target
+
+
+def run_pretrain(config: Config, env: Env) -> Path:
+    """Pretrain (or find in the cache) the default backbone for this data and seed."""
+    _seed(config)
+    _quiet_transformers()
+    if config.backbone:
+        raise ConfigError("pretrain builds the default small ViT; it makes no sense with --backbone")
+    return ensure_backbone(config, _data(config, env), env)
+
+
+def _build(backbone_dir: Path, config: Config) -> MorphDetector:
+    _seed(config)
+    return MorphDetector(load_backbone(backbone_dir), config.dropout_p)
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux: the peak resident memory of this whole process so far.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_train(config: Config, env: Env) -> dict[str, Any]:
+    """Pretrain if needed, fine-tune, fix the threshold on dev, save the model file.
+
+    Returns:
+        A summary: model path, strategy, trainable parameters, file size, training time,
+        memory figures and the dev results.
+    """
+    _quiet_transformers()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _seed(config)
+    samples = _data(config, env)
+    backbone_dir = ensure_backbone(config, samples, env)
+    model = _build(backbone_dir, config)
+    fingerprint = backbone_fingerprint(model.backbone)
+    size = model.image_size
+    train_set = ImageDataset(_split(samples, "train"), size, augment=config.use_cls_aug)
+    dev_set = ImageDataset(_split(samples, "dev"), size)
+    result = train(model, train_set, dev_set, config, out / "train_log.csv", env.progress, env.say)
+    dev_labels = np.array([s.label for s in dev_set.samples])
+    dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False)
+    threshold = choose_threshold(dev_scores, dev_labels, config.threshold_rule)
+    env.say(f"best epoch {result.best_epoch} (by {config.selection_metric}) restored: dev loss"
+            f" {result.best_dev_loss:.4f}, dev D-EER {100 * result.best_dev_eer:.1f}%;"
+            f" threshold {threshold['value']:.4f} ({config.threshold_rule})")
+    trainable = count_trainable(model) if config.freeze_strategy != "gradual_unfreeze" else sum(
+        p.numel() for p in model.parameters())
+    metadata = {
+        "format": "madlab-morph-detector",
+        "config": config.to_dict(),
+        "strategy": config.strategy,
+        "backbone": {"path": str(backbone_dir), "fingerprint": fingerprint, "image_size": size,
+                     "default": not config.backbone},
+        "threshold": threshold,
+        "training": {"best_epoch": result.best_epoch, "best_dev_loss": result.best_dev_loss,
+                     "best_dev_eer": result.best_dev_eer, "epochs_run": len(result.history),
+                     "stopped_early": result.stopped_early, "seconds": result.seconds},
+        "lora_vit_version": lora_vit_version,
+    }
+    model_path = save_model(model, out / MODEL_FILE, metadata, config.use_lora,
+                            head_only=config.strategy == "linear_probe")
+    # Optimiser state is two fp32 moments per trainable parameter, gradients one more.
+    summary = {
+        "strategy": config.strategy,
+        "model_path": str(model_path),
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "checkpoint_bytes": model_path.stat().st_size,
+        "train_seconds": result.seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "train_state_mb": trainable * 4 * 3 / 2**20,
+        "best_epoch": result.best_epoch,
+        "best_dev_loss": result.best_dev_loss,
+        "best_dev_eer": result.best_dev_eer,
+        "threshold": threshold["value"],
+    }
+    write_json(out / "train_summary.json", summary)
+    env.say(f"saved {model_path} ({summary['checkpoint_bytes'] / 1024:.1f} KiB)")
+    return summary
+
+
+def _check_test_overrides(stored: Config, overrides: list[str]) -> Config:
+    """Apply evaluation-only overrides; any other override must equal the file's value.
+
+    Raises:
+        ConfigError: For an override that contradicts the file (the seed's
+            ``--override lora_r=8`` on an r=4 file), naming both values.
+    """
+    values = stored.to_dict()
+    for item in overrides:
+        key, value = parse_override(item)
+        if key in EVAL_KEYS:
+            values[key] = value
+        elif values[key] != value and not (isinstance(value, float) and values[key] == value):
+            raise ConfigError(
+                f"--override {item} does not match the model file, which was trained with {key}={values[key]!r}."
+                f" The model is rebuilt from the file, so only {sorted(EVAL_KEYS)} can change at test time"
+            )
+    return Config(**values).validate()
+
+
+def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env, output_dir: str | None = None,
+             backbone: str | None = None) -> dict[str, Any]:
+    """Rebuild the detector from ``model_path`` alone, score the test split, write the report."""
+    _quiet_transformers()
+    model_path = Path(model_path)
+    meta = read_metadata(model_path)
+    if "config" not in meta or "backbone" not in meta or "threshold" not in meta:
+        raise CheckpointError(
+            f"{model_path} has no training config in its metadata; it was not written by this example")
+    config = _check_test_overrides(Config.from_dict(meta["config"]), overrides)
+    out = Path(output_dir or config.output_dir)
+    backbone_dir = Path(backbone).expanduser() if backbone else Path(meta["backbone"]["path"])
+    if not (backbone_dir / "config.json").is_file():
+        hint = ("run `morph_detection.py pretrain` with the training run's data, seed and --cache_dir to recreate it"
+                if meta["backbone"].get("default") else "pass --backbone with the checkpoint folder it was trained on")
+        raise BackboneError(f"the backbone this model was trained on is not at {backbone_dir}; {hint}")
+    model = _build(backbone_dir, config)
+    if backbone_fingerprint(model.backbone) != meta["backbone"]["fingerprint"]:
+        raise BackboneError(f"the backbone at {backbone_dir} differs from the one {model_path} was trained on"
+                            " (weights fingerprint mismatch)")
+    load_weights(model, model_path, config.use_lora)
+    samples = _data(config, env)
+    test = _split(samples, "test")
+    dataset = ImageDataset(test, model.image_size)
+    scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress)
+    labels = np.array([s.label for s in test])
+    methods = [s.method for s in test]
+    report = iso_report(scores, labels, methods, meta["threshold"])
+    report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
+    report["smoke_test"] = config.data is None
+    out.mkdir(parents=True, exist_ok=True)
+    write_scores_csv(out / "scores.csv", [s.path for s in test], labels, methods, scores)
+    write_json(out / "metrics.json", report)
+    save_plots(out, scores, labels, methods, meta["threshold"]["value"])
+    env.say(format_table(report))
+    env.say(f"wrote {out / 'scores.csv'}, {out / 'metrics.json'}, roc.png, det.png, score_histogram.png")
+    return report
+
+
+COMPARE_STRATEGIES = {
+    "lora": ["use_lora=true", "freeze_strategy=backbone_only"],
+    "full_ft": ["use_lora=false", "freeze_strategy=none", "learning_rate=1e-4"],
+    "linear_probe": ["use_lora=false", "freeze_strategy=backbone_only", "learning_rate=2e-3"],
+}
+
+
+def run_compare(config: Config, overrides: list[str], env: Env, entry: Path) -> list[dict[str, Any]]:
+    """Train and test each strategy on the same data, each in its own process (so peak memory is its own).
+
+    The learning rates are the usual per-strategy choices (LoRA 5e-4 as the seed guide says,
+    full fine-tuning 1e-4, linear probe 2e-3); the user's ``--override`` values come after
+    them and win.
+    """
+    _quiet_transformers()
+    run_pretrain(config, env)  # once, so no strategy's time includes pretraining
+    out = Path(config.output_dir) / "compare"
+    rows = []
+    for name, preset in COMPARE_STRATEGIES.items():
+        sub = out / name
+        quiet = [] if env.progress else ["--no_progress"]
+        # The parent resolved the cache (flag, $LORA_VIT_CACHE or default); children must use the same one.
+        train_cmd = [sys.executable, str(entry), "train", "--cache_dir", str(cache_root(env.cache_dir)),
+                     "--output_dir", str(sub), *quiet]
+        for item in [*preset, *overrides]:
+            train_cmd += ["--override", item]
+        if config.data:
+            train_cmd += ["--data", config.data]
+        if config.backbone:
+            train_cmd += ["--backbone", config.backbone]
+        test_cmd = [sys.executable, str(entry), "test", "--model_path", str(sub / MODEL_FILE), "--output_dir", str(sub),
+                    *quiet]
+        env.say(f"--- compare: {name}")
+        for step, cmd in (("train", train_cmd), ("test", test_cmd)):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"compare: {name} {step} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        summary = json.loads((sub / "train_summary.json").read_text())
+        metrics = json.loads((sub / "metrics.json").read_text())
+        rows.append({
+            "strategy": name,
+            "trainable_params": summary["trainable_params"],
+            "checkpoint_kib": summary["checkpoint_bytes"] / 1024,
+            "train_seconds": summary["train_seconds"],
+            "peak_rss_mb": summary["peak_rss_mb"],
+            "train_state_mb": summary["train_state_mb"],
+            "best_epoch": summary["best_epoch"],
+            "d_eer": metrics["overall"]["d_eer"],
+            "auc": metrics["overall"]["auc"],
+            "worst_d_eer": metrics["worst_case"]["d_eer"]["value"],
+        })
+    write_json(out / "compare.json", rows)
+    _write_compare_csv(out / "compare.csv", rows)
+    env.say(format_compare(rows))
+    env.say(f"wrote {out / 'compare.json'} and {out / 'compare.csv'}")
+    return rows
+
+
+def _write_compare_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(buffer.getvalue())
+    tmp.replace(path)
+
+
+def format_compare(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'strategy':<14}{'trainable':>11}{'ckpt KiB':>10}{'train s':>9}{'peak RSS MB':>13}"
+            f"{'opt+grad MB':>12}{'D-EER':>8}{'AUC':>7}{'worst D-EER':>13}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['strategy']:<14}{r['trainable_params']:>11,}{r['checkpoint_kib']:>10.1f}{r['train_seconds']:>9.1f}"
+                     f"{r['peak_rss_mb']:>13.0f}{r['train_state_mb']:>12.2f}{100 * r['d_eer']:>7.1f}%{r['auc']:>7.3f}"
+                     f"{100 * r['worst_d_eer']:>12.1f}%")
+    lines.append("peak RSS is the whole process (interpreter, torch, data); opt+grad MB is the fp32 gradient"
+                 " and AdamW state of the trainable parameters")
+    return "\n".join(lines)

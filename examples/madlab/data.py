@@ -1,0 +1,433 @@
+"""Samples and splits: the embedded ``lfw_subset`` smoke test, folder trees and CSV manifests.
+
+Every source yields :class:`Sample` rows with a split (train/dev/test). Splits are decided
+before any pairing (embedded) and by identity where identities are known, so no face is
+shared across splits by construction; where identities are unknown the report says so.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .morphs import morph
+
+__all__ = [
+    "DataError",
+    "DataReport",
+    "ImageDataset",
+    "Sample",
+    "embedded_samples",
+    "load_samples",
+    "read_csv_manifest",
+    "scan_folder",
+]
+
+SPLITS = ("train", "dev", "test")
+BONA_FIDE_DIRS = ("bona_fide", "bonafide", "raw")
+MORPH_DIRS = ("morph", "attack")
+SPLIT_DIRS = {"train": "train", "dev": "dev", "val": "dev", "validation": "dev", "test": "test"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABEL_NAMES = {
+    "0": 0, "bona_fide": 0, "bonafide": 0, "bona fide": 0, "raw": 0, "bf": 0,
+    "1": 1, "morph": 1, "attack": 1,
+}
+# Modes that convert to RGB without inventing colour information we do not have.
+_CONVERTIBLE = {"L", "LA", "P", "RGBA", "I;16"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message names the path and what is expected."""
+
+
+@dataclass
+class Sample:
+    """One image. ``label`` 0 = bona fide, 1 = morph; ``method`` is the PAIS for morphs."""
+
+    path: str
+    label: int
+    method: str
+    split: str = ""
+    identity: tuple[str, ...] = ()
+    image: np.ndarray | None = field(default=None, repr=False)  # HxWx3 float in [0,1], in memory
+
+
+@dataclass
+class DataReport:
+    """What was loaded, converted and skipped, for the terminal and for metrics.json."""
+
+    source: str
+    notes: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: list[str] = field(default_factory=list)
+    converted: Counter = field(default_factory=Counter)
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_examples) < 5:
+            self.skipped_examples.append(f"{path}: {reason}")
+
+    def to_dict(self, samples: list[Sample]) -> dict:
+        counts: dict[str, dict[str, int]] = {}
+        for s in samples:
+            key = "bona_fide" if s.label == 0 else f"morph/{s.method}"
+            counts.setdefault(s.split, Counter())[key] += 1
+        return {
+            "source": self.source,
+            "counts": {k: dict(v) for k, v in counts.items()},
+            "skipped": dict(self.skipped),
+            "skipped_examples": self.skipped_examples,
+            "converted_to_rgb": dict(self.converted),
+            "notes": self.notes,
+        }
+
+    def lines(self, samples: list[Sample]) -> list[str]:
+        info = self.to_dict(samples)
+        out = [f"data: {self.source}"]
+        for split in SPLITS:
+            if split in info["counts"]:
+                out.append(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["counts"][split].items())))
+        if self.skipped:
+            out.append(f"  skipped {sum(self.skipped.values())} files: {dict(self.skipped)}")
+            out += [f"    e.g. {e}" for e in self.skipped_examples]
+        if self.converted:
+            out.append(f"  converted to RGB: {dict(self.converted)}")
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+# --------------------------------------------------------------------------- embedded
+
+
+def embedded_samples(
+    seed: int, methods: list[str], morphs_per_face: int, fractions: tuple[float, float]
+) -> list[Sample]:
+    """Bona fides and morphs from the 100 faces of ``skimage.data.lfw_subset()``, offline.
+
+    The face images are split into disjoint train/dev/test pools first; morphs are made
+    only from pairs of different faces inside one pool. Each method gets
+    ``morphs_per_face * pool_size / len(methods)`` morphs, so a pool has
+    ``morphs_per_face`` morphs per bona fide in total. Deterministic under ``seed``.
+    """
+    from skimage.data import lfw_subset
+
+    faces = lfw_subset()[:100].astype(np.float64)  # the first 100 are faces, the rest are not
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(faces))
+    n_train = round(fractions[0] * len(faces))
+    n_dev = round(fractions[1] * len(faces))
+    pools = {"train": order[:n_train], "dev": order[n_train:n_train + n_dev], "test": order[n_train + n_dev:]}
+    samples = []
+    for split, pool in pools.items():
+        for i in pool:
+            rgb = np.repeat(faces[i][..., None], 3, axis=2)
+            samples.append(Sample(f"lfw_subset/{split}/bona_fide/{i:03d}", 0, "bona_fide", split, (str(i),), rgb))
+        per_method = max(1, round(morphs_per_face * len(pool) / len(methods)))
+        all_pairs = [(a, b) for a in pool for b in pool if a != b]
+        for method in methods:
+            picks = rng.choice(len(all_pairs), size=min(per_method, len(all_pairs)), replace=False)
+            for p in picks:
+                a, b = all_pairs[p]
+                img = morph(method, faces[a], faces[b])
+                rgb = np.repeat(img[..., None], 3, axis=2)
+                name = f"lfw_subset/{split}/morph/{method}/{a:03d}_{b:03d}"
+                samples.append(Sample(name, 1, method, split, (str(a), str(b)), rgb))
+    return samples
+
+
+# --------------------------------------------------------------------------- images on disk
+
+
+def check_image(path: Path, report: DataReport) -> bool:
+    """Open and fully decode ``path``; count and skip it if it is unreadable or not convertible to RGB."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes the pixels, so truncated files fail here and not mid-training
+            mode = img.mode
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        report.skip(str(path), f"unreadable or corrupt image ({type(err).__name__})")
+        return False
+    if mode != "RGB":
+        if mode not in _CONVERTIBLE:
+            report.skip(str(path), f"image mode {mode} is not RGB or convertible (L, LA, P, RGBA)")
+            return False
+        report.converted[mode] += 1
+    return True
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _class_dirs(folder: Path) -> dict[int, Path]:
+    found: dict[int, Path] = {}
+    for child in sorted(folder.iterdir()):
+        if not child.is_dir():
+            continue
+        name = child.name.lower()
+        label = 0 if name in BONA_FIDE_DIRS else 1 if name in MORPH_DIRS else None
+        if label is None:
+            continue
+        if label in found:
+            raise DataError(f"{folder} has two folders for the same class: {found[label].name} and {child.name}")
+        found[label] = child
+    return found
+
+
+def _scan_class_tree(folder: Path, split: str, report: DataReport) -> list[Sample]:
+    classes = _class_dirs(folder)
+    samples = []
+    for label, class_dir in sorted(classes.items()):
+        for path in _images_under(class_dir):
+            if not check_image(path, report):
+                continue
+            rel = path.relative_to(class_dir).parts
+            # The first folder under morph/ names the morphing method (PAIS).
+            method = "bona_fide" if label == 0 else (rel[0] if len(rel) > 1 else class_dir.name.lower())
+            samples.append(Sample(str(path), label, method, split))
+    return samples
+
+
+def scan_folder(root: str | Path, report: DataReport) -> list[Sample]:
+    """Read ``ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]...`` recursively.
+
+    Split folders are ``train``, ``dev`` (or ``val``/``validation``) and ``test``. Without
+    them the returned samples have an empty split, to be assigned by :func:`assign_splits`.
+
+    Raises:
+        DataError: If ``root`` is missing, has neither class folders nor split folders, or
+            mixes both.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {str(root)!r} does not exist or is not a folder")
+    splits = {
+        SPLIT_DIRS[c.name.lower()]: c for c in sorted(root.iterdir()) if c.is_dir() and c.name.lower() in SPLIT_DIRS
+    }
+    classes = _class_dirs(root)
+    layout = "ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]*.{jpg,jpeg,png}"
+    if splits and classes:
+        raise DataError(f"{root} has both split folders {sorted(splits)} and class folders; use one layout: {layout}")
+    if not splits and not classes:
+        found = sorted(c.name for c in root.iterdir())[:10]
+        raise DataError(f"{root} has no class or split folders (found {found}); expected {layout}")
+    if not splits:
+        return _scan_class_tree(root, "", report)
+    if "train" not in splits or "test" not in splits:
+        raise DataError(f"{root} has split folders {sorted(splits)}; train and test are required (dev optional)")
+    samples = []
+    for split, folder in splits.items():
+        if not _class_dirs(folder):
+            raise DataError(f"split folder {folder} has no bona_fide/bonafide/raw or morph/attack folder")
+        samples += _scan_class_tree(folder, split, report)
+    return samples
+
+
+def read_csv_manifest(path: str | Path, report: DataReport) -> list[Sample]:
+    """Read a manifest with header ``path,label[,method,identity,split]``.
+
+    Relative paths are relative to the CSV's folder. ``label`` is 0/1 or
+    bona_fide/bonafide/raw/morph/attack. ``identity`` may list a morph's contributors
+    joined by ``+``. ``split`` is train/dev/val/test or empty.
+
+    Raises:
+        DataError: For a missing file or column, or an unknown label or split (naming the row).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"CSV manifest {str(path)!r} does not exist")
+    samples = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise DataError(
+                f"{path} must have a header with at least path,label (optional method,identity,split); got {columns}")
+        reader.fieldnames = columns
+        for row_no, row in enumerate(reader, start=2):
+            raw_label = (row.get("label") or "").strip().lower()
+            if raw_label not in LABEL_NAMES:
+                raise DataError(f"{path} line {row_no}: label {row.get('label')!r} is not one of {sorted(LABEL_NAMES)}")
+            label = LABEL_NAMES[raw_label]
+            split_raw = (row.get("split") or "").strip().lower()
+            if split_raw and split_raw not in SPLIT_DIRS:
+                raise DataError(f"{path} line {row_no}: split {split_raw!r} is not one of {sorted(SPLIT_DIRS)}")
+            image_path = Path((row.get("path") or "").strip())
+            if not str(image_path) or str(image_path) == ".":
+                raise DataError(f"{path} line {row_no}: empty path")
+            if not image_path.is_absolute():
+                image_path = path.parent / image_path
+            if not image_path.is_file():
+                report.skip(str(image_path), "file listed in the manifest does not exist")
+                continue
+            if not check_image(image_path, report):
+                continue
+            method = (row.get("method") or "").strip() or ("bona_fide" if label == 0 else "morph")
+            identity = tuple(i for i in (row.get("identity") or "").strip().split("+") if i)
+            samples.append(Sample(str(image_path), label, "bona_fide" if label == 0 else method,
+                                  SPLIT_DIRS.get(split_raw, ""), identity))
+    if not samples:
+        raise DataError(f"{path} lists no readable images")
+    return samples
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def _split_counts(n: int, fractions: tuple[float, float]) -> tuple[int, int]:
+    n_train = max(1, round(fractions[0] * n))
+    n_dev = max(1, round(fractions[1] * n))
+    return n_train, n_dev
+
+
+def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: int, report: DataReport) -> list[Sample]:
+    """Give every sample without a split one, by identity when all samples have identities.
+
+    With identities, each identity goes to one split and a morph is kept only if all its
+    contributors are in the same split (others are skipped and counted): no identity leaks.
+    Without identities the split is by image, stratified by class and method, and a note
+    says that identity leakage is possible.
+    """
+    rng = np.random.default_rng(seed)
+    if all(s.split for s in samples):
+        if not any(s.split == "dev" for s in samples):
+            report.notes.append("no dev split given: 25% of train, by image, became dev")
+            train = [s for s in samples if s.split == "train"]
+            for s in train:
+                if rng.random() < 0.25:
+                    s.split = "dev"
+        return samples
+    if any(s.split for s in samples):
+        raise DataError("some samples have a split and some do not; give a split for all or none")
+    if all(s.identity for s in samples):
+        ids = sorted({i for s in samples for i in s.identity})
+        order = rng.permutation(len(ids))
+        n_train, n_dev = _split_counts(len(ids), fractions)
+        where = {}
+        for rank, k in enumerate(order):
+            where[ids[k]] = "train" if rank < n_train else "dev" if rank < n_train + n_dev else "test"
+        kept = []
+        for s in samples:
+            homes = {where[i] for i in s.identity}
+            if len(homes) > 1:
+                report.skip(s.path, "morph contributors fall into different splits")
+                continue
+            s.split = homes.pop()
+            kept.append(s)
+        report.notes.append(f"split by identity ({len(ids)} identities), no identity shared across splits")
+        return kept
+    groups: dict[tuple[int, str], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.label, s.method), []).append(s)
+    for group in groups.values():
+        order = rng.permutation(len(group))
+        n_train, n_dev = _split_counts(len(group), fractions)
+        for rank, k in enumerate(order):
+            group[k].split = "train" if rank < n_train else "dev" if rank < n_train + n_dev else "test"
+    report.notes.append(
+        "no identities given: split by image (stratified by class and method); the same person"
+        " may appear in several splits, so results can be optimistic. Give a CSV with an"
+        " identity column, or split folders, to avoid this"
+    )
+    return samples
+
+
+def check_splits(samples: list[Sample]) -> None:
+    """Refuse to go on when a split lacks either class.
+
+    Raises:
+        DataError: Naming the split and its counts.
+    """
+    for split in SPLITS:
+        n_bf = sum(1 for s in samples if s.split == split and s.label == 0)
+        n_m = sum(1 for s in samples if s.split == split and s.label == 1)
+        if n_bf == 0 or n_m == 0:
+            raise DataError(
+                f"the {split} split has {n_bf} bona fide and {n_m} morph images; every split"
+                " needs both classes"
+            )
+
+
+def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
+                 fractions: tuple[float, float]) -> tuple[list[Sample], DataReport]:
+    """All samples of a run with their splits, from the embedded set, a folder or a CSV."""
+    if data is None:
+        report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
+        report.notes.append(
+            "image pools split 60/20/20 before pairing, but lfw_subset has no identity labels and"
+            " repeats some people, so residual identity leakage is possible"
+        )
+        samples = embedded_samples(seed, methods, morphs_per_face, fractions)
+    else:
+        path = Path(data)
+        report = DataReport(str(path))
+        is_csv = path.suffix.lower() == ".csv"
+        samples = read_csv_manifest(path, report) if is_csv else scan_folder(path, report)
+        if not samples:
+            raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}")
+        samples = assign_splits(samples, fractions, seed, report)
+    check_splits(samples)
+    return samples, report
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _load_pixels(sample: Sample) -> np.ndarray:
+    if sample.image is not None:
+        return sample.image
+    try:
+        with Image.open(sample.path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    except (OSError, ValueError) as err:
+        raise DataError(f"could not read {sample.path!r} (it was readable when scanned): {err}") from None
+
+
+class ImageDataset(Dataset):
+    """Samples as normalised ``3 x size x size`` tensors (mean = std = 0.5), label and index.
+
+    Args:
+        samples: The rows to serve.
+        size: Square side the images are resized to (bilinear).
+        augment: Random horizontal flips and small shifts, for training only. They act
+            identically on both classes, so they cannot create or hide morph cues.
+        cache: Keep decoded images in memory (right for small sets).
+    """
+
+    def __init__(self, samples: list[Sample], size: int, augment: bool = False, cache: bool = True) -> None:
+        self.samples = samples
+        self.size = size
+        self.augment = augment
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _tensor(self, index: int) -> torch.Tensor:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        pixels = torch.from_numpy(np.ascontiguousarray(_load_pixels(self.samples[index]))).float()
+        x = pixels.permute(2, 0, 1).unsqueeze(0)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        x = ((x.squeeze(0).clamp(0, 1) - 0.5) / 0.5).contiguous()
+        if self._cache is not None:
+            self._cache[index] = x
+        return x
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = self._tensor(index)
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            shift = max(1, self.size // 16)
+            dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
+        return x, torch.tensor(float(self.samples[index].label)), index
