@@ -1,0 +1,147 @@
+"""Inference benchmark: unmerged and merged LoRA against the base model, eager and compiled.
+
+Variants (HF ``ViTForImageClassification`` from a config, ``eval()``, ``torch.inference_mode``):
+
+- ``base``: the plain model.
+- ``lora_unmerged``: ``lora_vit.inject_lora`` r=8 on q, k, v (B randomised so the adapter
+  is not a no-op), adapters kept separate.
+- ``lora_merged``: the same after ``lora_vit.merge_lora`` (plain ``nn.Linear`` layers again).
+- ``peft_unmerged`` / ``peft_merged``: the same through PEFT (``merge_and_unload``); skipped
+  if PEFT is not installed.
+
+With ``--compile`` each is also timed under ``torch.compile(fullgraph=True)`` (``+c`` rows,
+ratios to the compiled base).
+
+    python benchmarks/bench_infer.py                      # ViT-S/16 and ViT-B/16, CPU, eager
+    python benchmarks/bench_infer.py --compile --reps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import common
+import torch
+from torch import nn
+
+import lora_vit
+
+VARIANTS = ["base", "lora_unmerged", "lora_merged", "peft_unmerged", "peft_merged"]
+
+
+def _randomise_b(model: nn.Module) -> None:
+    """Give every LoRA B a non-zero value so unmerged and merged models do real work."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+
+
+def make_model(variant: str, model_name: str, image_size: int) -> nn.Module:
+    model = common.build_vit(model_name, image_size)
+    if variant.startswith("lora"):
+        lora_vit.inject_lora(model, ("q", "k", "v"), r=common.RANK, alpha=common.ALPHA, dropout=0.1)
+        _randomise_b(model)
+        if variant == "lora_merged":
+            model = lora_vit.merge_lora(model)
+    elif variant.startswith("peft"):
+        import peft
+
+        config = peft.LoraConfig(
+            r=common.RANK, lora_alpha=common.ALPHA, lora_dropout=0.1, target_modules=list(common.QKV)
+        )
+        model = peft.get_peft_model(model, config)
+        _randomise_b(model)
+        if variant == "peft_merged":
+            model = model.merge_and_unload()
+    elif variant != "base":
+        raise ValueError(f"unknown variant {variant!r}")
+    return model.eval().requires_grad_(False)
+
+
+def make_call(variant: str, args: argparse.Namespace, compiled: bool) -> Callable[[], None]:
+    model = make_model(variant, args.model, args.image_size).to(args.device)
+    run: Callable = torch.compile(model, fullgraph=True) if compiled else model
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(args.device)
+
+    def call() -> None:
+        with torch.inference_mode(), common.autocast(args.device, args.dtype):
+            run(pixel_values=pixels)
+
+    return call
+
+
+def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
+    calls = {}
+    for key in keys:
+        calls[key] = make_call(key.removesuffix("+c"), args, key.endswith("+c"))
+        for _ in range(2):  # warm-up; compiles the +c rows
+            calls[key]()
+        print(f"  {args.model} {key}: ready", file=sys.stderr)
+    timing = common.interleaved_medians(calls, args.reps, args.device)
+    rows = [{"model": args.model, "variant": k, **timing[k]} for k in keys]
+    by_key = {r["variant"]: r for r in rows}
+    for row in rows:
+        suffix = "+c" if row["variant"].endswith("+c") else ""
+        row["images_per_s"] = args.batch / row["median_s"]
+        row["x_base"] = row["median_s"] / by_key["base" + suffix]["median_s"]
+        if row["variant"].startswith("lora"):
+            peft_row = by_key.get(row["variant"].replace("lora", "peft"))
+            if peft_row:
+                row["x_peft"] = row["median_s"] / peft_row["median_s"]
+    return rows
+
+
+COLUMNS = [
+    ("model", "model", "s"),
+    ("variant", "variant", "s"),
+    ("median_s", "median s", ".4f"),
+    ("images_per_s", "img/s", ".1f"),
+    ("x_base", "x base", ".3f"),
+    ("x_peft", "x PEFT", ".3f"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vit_s16", "vit_b16"], choices=sorted(common.MODELS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds (median of these)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile(fullgraph=True) rows")
+    parser.add_argument("--note", default="", help="free text stored with the results")
+    args = parser.parse_args()
+
+    keys = list(VARIANTS)
+    skipped = []
+    if not common.peft_available():
+        skipped = [k for k in keys if k.startswith("peft")]
+        keys = [k for k in keys if k not in skipped]
+        print("PEFT is not installed (pip install 'lora-vit[bench]'): PEFT rows skipped", file=sys.stderr)
+    if args.compile:
+        keys += [f"{k}+c" for k in keys]
+    env = common.environment(args.device)
+    rows = []
+    for model_name in args.models:
+        args.model = model_name
+        rows += run_model(args, keys)
+    table = common.Table(COLUMNS, rows)
+    print(table.text())
+    title = (f"Inference, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device},"
+             f" median of {args.reps} interleaved rounds")
+    path = common.write_results(
+        "infer",
+        {"environment": env, "args": vars(args), "skipped": skipped,
+         "note": args.note, "rows": rows},
+        {title: table},
+    )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
