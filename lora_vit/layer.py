@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAError
+from .functional import keep_probability, lora_linear
 
 __all__ = ["INITS", "LoRALinear", "LoRASlice"]
 
@@ -82,6 +82,8 @@ def check_dropout(dropout: object) -> float:
         raise LoRAError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if not 0.0 <= dropout < 1.0:
         raise LoRAError(f"dropout must be in [0, 1), got {dropout!r}")
+    if keep_probability(dropout) == 0.0:
+        raise LoRAError(f"dropout={dropout!r} would drop every element (resolution 2**-16); use at most 0.9999")
     return float(dropout)
 
 
@@ -158,7 +160,9 @@ class LoRALinear(nn.Module):
         base: The ``nn.Linear`` to adapt. Its parameters are reused, not copied.
         r: Rank, or a mapping slice name -> rank.
         alpha: Scaling numerator, or a mapping slice name -> alpha.
-        dropout: Probability of zeroing an input element of the LoRA branch while training.
+        dropout: Probability of zeroing an input element of the LoRA branch while training
+            (an independent mask per call, regenerated in backward rather than stored; see
+            :mod:`lora_vit.functional` for the exact semantics).
         slices: Optional mapping name -> ``(start, stop)`` output rows to adapt.
         init: How ``A`` starts: ``"normal"`` (std 0.02) or ``"kaiming"`` (uniform).
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
@@ -208,8 +212,6 @@ class LoRALinear(nn.Module):
             a = torch.empty(s.r, self.in_features, device=device, dtype=dtype)
             self.register_parameter(s.a_name, nn.Parameter(a))
             self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, device=device, dtype=dtype)))
-        # Identity when dropout is 0 keeps the forward free of a runtime branch.
-        self.lora_dropout: nn.Module = nn.Dropout(self.dropout) if self.dropout > 0 else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -257,9 +259,10 @@ class LoRALinear(nn.Module):
         return self.scaled_b(torch.float32) @ self.stacked_a().to(torch.float32)
 
     def forward(self, x: Tensor) -> Tensor:
-        result = F.linear(x, self.weight, self.bias)
-        hidden = F.linear(self.lora_dropout(x), self.stacked_a())
-        return result + F.linear(hidden, self.scaled_b())
+        # One autograd node (see functional.py): no dropped copy of x is kept for backward.
+        return lora_linear(
+            x, self.weight, self.bias, self.stacked_a(), self.scaled_b(), self.dropout if self.training else 0.0
+        )
 
     def merged_weight(self) -> Tensor:
         """``W + scaling * B @ A``, summed in float32 and rounded once to the base dtype."""

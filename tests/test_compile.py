@@ -102,3 +102,17 @@ def test_inductor_training_and_inference_match_eager():
     compiled_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_switching_between_train_and_eval_compiles_each_mode_once():
+    model = adapted(TimmStyleViT, dropout=0.1)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for _ in range(3):
+        model.train()
+        output(compiled(torch.randn(2, 3, 32, 32))).sum().backward()
+        model.eval()
+        with torch.no_grad():
+            compiled(torch.randn(2, 3, 32, 32))
+    # One graph for training (dropout on), one for inference; alternating reuses both.
+    assert counter.frame_count == 2 and dict(counters["graph_break"]) == {}

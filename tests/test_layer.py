@@ -158,11 +158,6 @@ def test_extra_repr_shows_rank_alpha_dropout_and_slices():
     assert "q[0:2] r=1" in fused and "v[4:6] r=1" in fused
 
 
-def test_zero_dropout_uses_identity_and_positive_uses_dropout():
-    assert isinstance(LoRALinear(nn.Linear(4, 4), r=1, dropout=0.0).lora_dropout, nn.Identity)
-    assert isinstance(LoRALinear(nn.Linear(4, 4), r=1, dropout=0.2).lora_dropout, nn.Dropout)
-
-
 def test_dropout_acts_on_the_lora_branch_only_in_training():
     layer = LoRALinear(nn.Linear(64, 64), r=8, dropout=0.5)
     with torch.no_grad():

@@ -1,0 +1,143 @@
+"""The LoRA linear map as one autograd node, with a dropout mask that is never stored.
+
+``lora_linear(x, W, b, A, Bs, p) = x @ W.T + b + (dropout_p(x) @ A.T) @ Bs.T``
+
+Why a custom autograd Function: with ``nn.Dropout`` in front of the adapter, autograd keeps,
+per adapted layer, a dropped copy of the input (for ``dA``) and the mask (for ``dx``): about
+three extra activations per q/k/v triple, the bulk of a LoRA step's memory overhead. Here the
+node saves only ``x`` (q, k and v receive the same tensor, so it is stored once per block),
+the small ``(N, r)`` hidden and a 0-dim seed; the mask is regenerated from the seed in
+backward. ``dx`` is one ``addmm`` on top of the LoRA term.
+
+Dropout semantics: each call draws an independent Bernoulli keep-mask over the elements of
+``x`` (independent per layer, per step); kept elements are scaled by ``1 / keep_prob``. The
+mask is cut from 16-bit random lanes, so ``p`` is rounded to a multiple of ``2**-16``
+(0.1 -> 0.100006) and the scaling uses the exact keep probability. Eager mode draws from
+torch's generator seeded by the global RNG (reproducible under ``torch.manual_seed``);
+under ``torch.compile`` a counter-based hash of (seed, element index) is used, which inductor
+fuses into neighbouring kernels. The two modes give different (equally distributed) masks.
+Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["keep_probability", "lora_linear"]
+
+_LANE_BITS = 16
+_LANES = 1 << _LANE_BITS
+_SEED_LIMIT = 1 << 62
+
+
+def keep_probability(p: float) -> float:
+    """The exact probability that an element is kept when dropout ``p`` is requested."""
+    return 1.0 - round(p * _LANES) / _LANES
+
+
+def _hashed_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device) -> Tensor:
+    # A few rounds of xor-shift-multiply over (seed + index): cheap, branch-free, and
+    # expressible in elementwise ops that dynamo can trace (it cannot trace Generators).
+    h = (torch.arange(numel, device=device, dtype=torch.int64) + seed) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x1B873593) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h & (_LANES - 1)) >= drop
+
+
+def _generated_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device) -> Tensor:
+    # One 64-bit draw yields four 16-bit lanes: several times cheaper than bernoulli_ on CPU.
+    generator = torch.Generator(device).manual_seed(int(seed))
+    words = torch.randint(
+        -(1 << 63), (1 << 63) - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
+    )
+    return words.view(torch.int16)[:numel] >= drop - (1 << (_LANE_BITS - 1))
+
+
+def _keep_mask(shape: torch.Size, p: float, seed: Tensor, device: torch.device, regenerate: bool) -> Tensor:
+    """The keep-mask drawn from ``seed``: the same seed gives the same mask."""
+    drop = round(p * _LANES)
+    if torch.compiler.is_compiling():
+        if regenerate:
+            # Spelled differently from the forward's, so that common-subexpression
+            # elimination cannot fold the two masks into one saved tensor.
+            seed = seed.neg().neg()
+        return _hashed_keep_mask(shape.numel(), drop, seed, device).view(shape)
+    return _generated_keep_mask(shape.numel(), drop, seed, device).view(shape)
+
+
+def _new_seed(device: torch.device) -> Tensor:
+    # Eager: a CPU scalar, read on the host without a device sync. Compiled: on the data's
+    # device, so the graph moves nothing between devices.
+    where = device if torch.compiler.is_compiling() else torch.device("cpu")
+    return torch.randint(_SEED_LIMIT, (), dtype=torch.int64, device=where)
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor, p: float
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = F.linear(x2, weight, bias)
+        dtype = out.dtype  # the autocast dtype when autocast is on
+        scale = 1.0
+        if p > 0:
+            seed = _new_seed(x.device)
+            keep = _keep_mask(x2.shape, p, seed, x.device, regenerate=False)
+            scale = 1.0 / keep_probability(p)
+            hidden = F.linear(torch.where(keep, x2, 0.0).to(dtype), (a * scale).to(dtype))
+        else:
+            seed = torch.zeros((), dtype=torch.int64)
+            hidden = F.linear(x2.to(dtype), a.to(dtype))
+        out.addmm_(hidden, scaled_b.to(dtype).t())
+        ctx.save_for_backward(x2, weight, a, scaled_b, hidden, seed)
+        ctx.p, ctx.scale = p, scale
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, a, scaled_b, hidden, seed = ctx.saved_tensors
+        dtype = grad.dtype
+        g2 = grad.reshape(-1, grad.shape[-1])
+        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, regenerate=True) if ctx.p > 0 else None
+        grad_hidden = (g2 @ scaled_b.to(dtype)) * ctx.scale
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            lora = grad_hidden @ a.to(dtype)
+            if keep is not None:
+                lora = torch.where(keep, lora, 0.0)
+            grad_x = torch.addmm(lora, g2, weight.to(dtype)).view(*grad.shape[:-1], x2.shape[-1]).to(x2.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g2.t() @ x2.to(dtype)).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[3]:
+            dropped = torch.where(keep, x2, 0.0) if keep is not None else x2
+            grad_a = (grad_hidden.t() @ dropped.to(dtype)).to(a.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g2.t() @ hidden).to(scaled_b.dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor, p: float) -> Tensor:
+    """``x @ weight.T + bias + (dropout_p(x) @ a.T) @ scaled_b.T``, saving no dropped copy of ``x``.
+
+    Args:
+        x: Input ``(*, in_features)``.
+        weight: Base weight ``(out_features, in_features)``.
+        bias: Base bias ``(out_features,)`` or ``None``.
+        a: Stacked down-projections ``(R, in_features)``.
+        scaled_b: Up-projections times their scalings ``(out_features, R)``.
+        p: Dropout probability on the LoRA branch's input; 0 in eval mode.
+
+    Returns:
+        ``(*, out_features)``, in the dtype ``F.linear`` gives (the autocast dtype under autocast).
+    """
+    return _LoRALinear.apply(x, weight, bias, a, scaled_b, p)
