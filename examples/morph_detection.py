@@ -26,12 +26,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
-from madlab.app import MODEL_FILE, SMOKE_TEST_BANNER, Env, run_compare, run_pretrain, run_test, run_train
+from madlab.app import (
+    MODEL_FILE,
+    SMOKE_TEST_BANNER,
+    Env,
+    holds_smoke_run,
+    run_compare,
+    run_pretrain,
+    run_test,
+    run_train,
+)
 from madlab.backbone import BackboneError
 from madlab.checkpoint import CheckpointError
 from madlab.config import Config, ConfigError, apply_overrides
 from madlab.data import DataError
 from madlab.metrics import MetricsError
+from madlab.resume import STATE_FILE
+from madlab.training import TrainingInterrupted
 
 from lora_vit import LoRAError
 
@@ -62,7 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "fine-tune and save the model file; pretrains the default backbone if needed"),
         ("compare", "LoRA vs full fine-tuning vs linear probe: params, size, time, memory, D-EER, AUC"),
     ]:
-        _common(sub.add_parser(name, help=text, description=text), training=True)
+        command = sub.add_parser(name, help=text, description=text)
+        _common(command, training=True)
+        if name != "pretrain":
+            command.add_argument("--overwrite", action="store_true",
+                                 help="replace a previous run in the output folder (otherwise that is an error)")
+        if name == "train":
+            command.add_argument("--resume", action="store_true", help=(
+                "continue the interrupted run in --output_dir from its per-epoch checkpoint"
+                f" ({STATE_FILE}); ends as an uninterrupted run would"))
     test = sub.add_parser("test", help="evaluate a saved model on the test split",
                           description="rebuild the model from --model_path alone and evaluate it on the test split")
     test.add_argument("--model_path", required=True, help="the .safetensors file written by train")
@@ -101,11 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "pretrain":
             print(f"backbone ready: {run_pretrain(config, env)}")
         elif args.command == "train":
-            summary = run_train(config, env)
+            overwrite = args.overwrite or (default_run and holds_smoke_run(Path(config.output_dir)))
+            if overwrite and default_run:
+                print(f"replacing the previous smoke-test run in {config.output_dir}/", flush=True)
+            summary = run_train(config, env, resume=args.resume, overwrite=overwrite)
             if default_run:
                 run_test(summary["model_path"], [], env, config.output_dir)
         elif args.command == "compare":
-            run_compare(config, args.override, env, Path(__file__).resolve())
+            run_compare(config, args.override, env, Path(__file__).resolve(), overwrite=args.overwrite)
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 3
     except (ConfigError, DataError, BackboneError, CheckpointError, MetricsError, LoRAError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -10,9 +10,18 @@ from torch import nn
 
 from .errors import LoRAError
 from .layer import LoRALinear, check_dropout, check_init
+from .readers import route_weight_readers
 from .targets import TargetMatch, resolve_modules, resolve_targets
 
-__all__ = ["LoRASummary", "adapted_layers", "inject_lora", "lora_summary", "trainable_modules"]
+__all__ = [
+    "LoRASummary",
+    "adapted_layers",
+    "find_module",
+    "inject_lora",
+    "lora_summary",
+    "trainable_modules",
+    "unwrap_model",
+]
 
 logger = logging.getLogger("lora_vit")
 
@@ -20,26 +29,102 @@ logger = logging.getLogger("lora_vit")
 # adapters; it is a plain attribute, so it never appears in the model's state_dict.
 _TRAINABLE_ATTR = "_lora_vit_trainable"
 
+# Name segments that wrappers nested inside a model insert (FSDP auto-wrap, torch.compile of a
+# submodule, activation checkpointing). ``module`` (DDP) is not one: users name modules so, and
+# DDP only ever wraps the whole model, which unwrap_model removes.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+_WRAPPER_TYPES = frozenset(
+    {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "OptimizedModule", "CheckpointWrapper"}
+)
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    # By class name, so that importing lora_vit never imports torch.distributed (absent on some builds).
+    return type(module).__name__ in _WRAPPER_TYPES
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP, DataParallel, FSDP or ``torch.compile`` wrappers (itself if none).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> unwrap_model(nn.DataParallel(net)) is net
+        True
+    """
+    while _is_wrapper(model):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_fsdp_wrapped_module", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the segments that nested wrappers insert (``blocks.0._fsdp_wrapped_module.attn``)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules by their unwrapped dotted names; where a wrapper and its content share a name, the content."""
+    found: dict[str, nn.Module] = {}
+    for name, module in unwrap_model(model).named_modules():
+        if not _is_wrapper(module):
+            found[clean_name(name)] = module
+    return found
+
 
 def adapted_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every ``LoRALinear`` in ``model`` by dotted name, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """Every ``LoRALinear`` in ``model`` by dotted name, in model order (names as if unwrapped)."""
+    return {name: m for name, m in _named_modules(model).items() if isinstance(m, LoRALinear)}
 
 
 def trainable_modules(model: nn.Module) -> tuple[str, ...]:
     """Names of the whole modules that ``inject_lora(..., trainable=...)`` left trainable."""
-    return tuple(getattr(model, _TRAINABLE_ATTR, ()))
+    return tuple(getattr(unwrap_model(model), _TRAINABLE_ATTR, ()))
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)`` that also sees through DDP/FSDP/compile wrappers.
+
+    Raises:
+        AttributeError: If no module has that (unwrapped) name.
+    """
+    inner = unwrap_model(model)
+    try:
+        return inner.get_submodule(name)
+    except AttributeError:
+        found = _named_modules(model).get(name)
+        if found is None:
+            raise
+        return found
 
 
 def forget_injection(model: nn.Module) -> None:
     """Drop the record of trainable modules (after merging, the model is a plain model)."""
-    if hasattr(model, _TRAINABLE_ATTR):
-        delattr(model, _TRAINABLE_ATTR)
+    inner = unwrap_model(model)
+    if hasattr(inner, _TRAINABLE_ATTR):
+        delattr(inner, _TRAINABLE_ATTR)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+    setattr(find_module(model, parent_name), child, new)
+
+
+def check_not_wrapped(model: nn.Module, action: str) -> None:
+    """Refuse to add modules under a DDP/FSDP wrapper, which would never see their parameters.
+
+    Raises:
+        LoRAError: If ``model`` is such a wrapper.
+    """
+    if type(model).__name__ in {"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"}:
+        raise LoRAError(
+            f"cannot {action} a {type(model).__name__}-wrapped model: the wrapper has already registered"
+            " its parameters, so new adapters would not be synchronised. Inject (or load_lora) into the"
+            " plain model first, then wrap it (see docs/distributed.md)"
+        )
 
 
 def apply_adapters(model: nn.Module, layers: Mapping[str, LoRALinear], trainable: Iterable[str]) -> None:
@@ -49,16 +134,18 @@ def apply_adapters(model: nn.Module, layers: Mapping[str, LoRALinear], trainable
     """
     for name, layer in layers.items():
         replace_module(model, name, layer)
+    # Parents that read a layer's weight instead of calling it (timm EVA/BEiT qkv) must call it.
+    route_weight_readers({name: find_module(model, name.rpartition(".")[0]) for name in layers})
     recorded = list(trainable_modules(model))
     recorded += [t for t in trainable if t not in recorded]
-    setattr(model, _TRAINABLE_ATTR, tuple(recorded))
+    setattr(unwrap_model(model), _TRAINABLE_ATTR, tuple(recorded))
     for param in model.parameters():
         param.requires_grad_(False)
     for layer in adapted_layers(model).values():
         for param in layer.adapter_parameters():
             param.requires_grad_(True)
     for name in recorded:
-        for param in model.get_submodule(name).parameters():
+        for param in find_module(model, name).parameters():
             param.requires_grad_(True)
 
 
@@ -148,6 +235,7 @@ def inject_lora(
         >>> lora_summary(model).trainable_params
         50
     """
+    check_not_wrapped(model, "inject_lora into")
     dropout = check_dropout(dropout)
     init = check_init(init)
     trainable_names = resolve_modules(model, trainable) if trainable else []
@@ -227,7 +315,7 @@ def lora_summary(model: nn.Module) -> LoRASummary:
         trainable params: 32 of 104 (30.769%), adapters 32
     """
     layers = adapted_layers(model)
-    params = list(model.parameters())
+    params = list(unwrap_model(model).parameters())
     return LoRASummary(
         adapted=tuple((name, _describe(layer)) for name, layer in layers.items()),
         trainable_modules=trainable_modules(model),

@@ -13,9 +13,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from . import fingerprint
 from ._version import __version__
 from .errors import LoRAError
-from .inject import adapted_layers, apply_adapters, trainable_modules
+from .inject import adapted_layers, apply_adapters, check_not_wrapped, find_module, trainable_modules, unwrap_model
 from .layer import LoRALinear
 from .state import check_tensors, copy_tensors, lora_state_dict
 
@@ -63,9 +64,15 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[
     """Save the adapters (and trainable modules) of ``model`` to one ``.safetensors`` file.
 
     The file's metadata records the format, the library version, each adapted layer's base
-    shape, slices, ranks, alphas and dropout, and the trainable module names, so
-    :func:`load_lora` can rebuild the adapters on a fresh base model. The write is atomic:
-    an interrupted save leaves any previous file at ``path`` intact.
+    shape, slices, ranks, alphas and dropout, the trainable module names, and a fingerprint
+    of each adapted layer's base weight (a few sampled values, see
+    :mod:`lora_vit.fingerprint`), so :func:`load_lora` can rebuild the adapters on a fresh
+    base model and refuse a different one. The write is atomic: an interrupted save leaves
+    any previous file at ``path`` intact.
+
+    A model wrapped in DDP or ``torch.compile`` saves exactly what the plain model would
+    (no ``module.`` prefixes). Under DDP call it on one rank only; under FSDP, on rank 0
+    inside ``FSDP.summon_full_params(model)`` (see ``docs/distributed.md``).
 
     Args:
         model: A model adapted by :func:`inject_lora`.
@@ -80,6 +87,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[
         LoRAError: If the model has no adapters or ``metadata`` is not JSON-serialisable.
     """
     state = lora_state_dict(model)
+    layers = adapted_layers(model)
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
@@ -92,8 +100,11 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[
         "format": FORMAT,
         "format_version": _FORMAT_VERSION,
         "lora_vit_version": __version__,
-        "layers": json.dumps({name: layer.config() for name, layer in adapted_layers(model).items()}),
+        "layers": json.dumps({name: layer.config() for name, layer in layers.items()}),
         "trainable": json.dumps(list(trainable_modules(model))),
+        "base_fingerprint": json.dumps(
+            {"method": fingerprint.METHOD, "layers": fingerprint.layer_fingerprints(layers)}
+        ),
         "user": user,
     }
     # Clones: safetensors refuses tensors that share storage (tied weights).
@@ -163,7 +174,64 @@ def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "dropout"}
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+def _recorded_fingerprints(header: Mapping[str, str], configs: Mapping[str, Any], path: object) -> dict[str, list]:
+    """The file's base fingerprints by layer; empty for files written before they existed."""
+    if "base_fingerprint" not in header:
+        return {}
+    record = _json_field(header, "base_fingerprint", dict, path)
+    if record.get("method") != fingerprint.METHOD:
+        raise LoRAError(
+            f"{str(path)!r}: base fingerprint method {record.get('method')!r} is unknown to this version of"
+            f" lora-vit (expected {fingerprint.METHOD!r}); pass check_base=False to load without checking"
+        )
+    layers = record.get("layers")
+    ok = isinstance(layers, dict) and all(
+        name in configs
+        and isinstance(values, list)
+        and len(values) == fingerprint.SAMPLES
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        for name, values in layers.items()
+    )
+    if not ok:
+        raise LoRAError(f"{str(path)!r}: metadata field 'base_fingerprint' is malformed: {record!r}"[:500])
+    return layers  # type: ignore[return-value]
+
+
+def _check_base(recorded: Mapping[str, list], layers: Mapping[str, LoRALinear], path: object) -> None:
+    """Refuse base weights other than those the adapters were trained on.
+
+    Raises:
+        LoRAError: Naming the first layers that differ and how much, and how to override.
+    """
+    current = fingerprint.layer_fingerprints(layers)
+    differ = {}
+    for name, values in recorded.items():
+        if name in current:
+            gap = fingerprint.mismatch([float(v) for v in values], current[name])
+            if gap is not None:
+                differ[name] = gap
+    if differ:
+        shown = ", ".join(f"{name!r} (max relative difference {gap:.3g})" for name, gap in list(differ.items())[:3])
+        raise LoRAError(
+            f"{str(path)!r} was trained on other base weights than this model's: the base weight of"
+            f" {len(differ)} of {len(recorded)} adapted layers differs from the recorded fingerprint, e.g. {shown}."
+            " Load it onto the checkpoint it was trained on; if you are sure, pass check_base=False"
+        )
+
+
+def _check_trainable_overlap(trainable: list[str], configs: Mapping[str, Any], path: object) -> None:
+    # A trainable module that contains an adapted layer would store that layer twice, with
+    # keys from before injection; inject_lora never writes such a file.
+    for name in trainable:
+        inside = [layer for layer in configs if name == "" or layer == name or layer.startswith(name + ".")]
+        if inside:
+            raise LoRAError(
+                f"{str(path)!r}: trainable module {name!r} contains adapted layers {inside[:3]};"
+                " a module cannot be both adapted and fully trainable"
+            )
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True) -> nn.Module:
     """Load an adapter file into ``model``, first injecting the adapters it describes if needed.
 
     On a fresh base model the adapters are created from the file's metadata (no need to
@@ -171,9 +239,19 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     have the file's layout. Everything is validated before the model is touched, so a
     failed load leaves it unchanged.
 
+    The file's base fingerprint (sampled values of each adapted layer's base weight, see
+    :mod:`lora_vit.fingerprint`) must match the model's weights up to one bfloat16
+    rounding, so an adapter is never silently evaluated on another backbone. This is an
+    error rather than a warning because such a model runs and produces plausible but
+    meaningless outputs. Files written before fingerprints existed load without the check.
+
     Args:
-        model: The base model (or one already injected with the same layout).
+        model: The base model (or one already injected with the same layout). A DDP or
+            ``torch.compile`` wrapper is accepted when the model already has the adapters;
+            injecting must happen before wrapping.
         path: A file written by :func:`save_lora`.
+        check_base: Compare the base fingerprint (default). ``False`` loads onto any base
+            weights of the right shapes, e.g. to study an adapter's transfer on purpose.
 
     Returns:
         ``model``, adapted and loaded.
@@ -181,8 +259,9 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         LoRAError: If the file is not a lora-vit adapter, is corrupt, describes layers the
-            model lacks or has with other shapes, or holds missing, unexpected, mis-shaped
-            or non-finite tensors (the message names the layer or tensor).
+            model lacks or has with other shapes, holds missing, unexpected, mis-shaped
+            or non-finite tensors (the message names the layer or tensor), or was trained on
+            other base weights (``check_base``).
     """
     header, tensors = _read(path)
     layer_configs = _json_field(header, "layers", dict, path)
@@ -190,6 +269,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     if not all(isinstance(t, str) for t in trainable):
         raise LoRAError(f"{str(path)!r}: metadata field 'trainable' should list module names")
     configs = {name: _layer_config(name, cfg, path) for name, cfg in layer_configs.items()}
+    _check_trainable_overlap(trainable, configs, path)
+    recorded = _recorded_fingerprints(header, configs, path)
 
     existing = adapted_layers(model)
     planned: dict[str, LoRALinear] = {}
@@ -206,9 +287,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             )
         layers: Mapping[str, LoRALinear] = existing
     else:
+        if configs or set(trainable) - set(trainable_modules(model)):
+            check_not_wrapped(model, "load_lora (which injects adapters) into")
         for name, config in configs.items():
             try:
-                base = model.get_submodule(name)
+                base = find_module(model, name)
             except AttributeError:
                 raise LoRAError(f"{str(path)!r} adapts layer {name!r}, which this model does not have") from None
             if not isinstance(base, nn.Linear):
@@ -220,9 +303,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         layers = planned
     for name in trainable:
         try:
-            model.get_submodule(name)
+            find_module(model, name)
         except AttributeError:
             raise LoRAError(f"{str(path)!r} trains module {name!r}, which this model does not have") from None
+    if check_base:
+        _check_base(recorded, layers, path)
 
     expected: dict[str, Tensor] = {}
     for name, layer in layers.items():
@@ -230,14 +315,13 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             if param_name.startswith("lora_"):
                 expected[f"{name}.{param_name}"] = param.detach()
     for name in sorted(set(trainable) | set(trainable_modules(model))):
-        for key, value in model.get_submodule(name).state_dict().items():
+        for key, value in find_module(model, name).state_dict().items():
             expected[f"{name}.{key}"] = value
     try:
         check_tensors(expected, tensors, strict=True)
     except LoRAError as err:
         raise LoRAError(f"{str(path)!r}: {err}") from None
 
-    apply_adapters(model, planned, trainable)
+    apply_adapters(unwrap_model(model), planned, trainable)
     copy_tensors(lora_state_dict(model), tensors)
     return model
-

@@ -21,7 +21,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     and explicit (``eval()`` never merges); keep the adapter file to go back.
 
     Args:
-        model: A model adapted by :func:`inject_lora`, or a single :class:`LoRALinear`.
+        model: A model adapted by :func:`inject_lora`, or a single :class:`LoRALinear`. A
+            DDP or ``torch.compile`` wrapper is seen through (merge after training, for
+            inference: the wrapper's registered parameter list is not updated).
 
     Returns:
         ``model`` with its adapters merged, or the new ``nn.Linear`` when ``model`` is a

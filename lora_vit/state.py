@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoRAError
-from .inject import adapted_layers, trainable_modules
+from .inject import adapted_layers, find_module, trainable_modules
 
 __all__ = ["LoadResult", "check_tensors", "load_lora_state_dict", "lora_state_dict"]
 
@@ -25,7 +25,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Every adapter tensor, plus the state of modules ``inject_lora`` made fully trainable.
 
     Keys are the model's own dotted names (``blocks.0.attn.qkv.lora_A_q``, ``head.weight``),
-    values are detached tensors sharing storage with the model, as in ``state_dict()``.
+    values are detached tensors sharing storage with the model, as in ``state_dict()``. A model
+    wrapped in DDP, DataParallel, FSDP or ``torch.compile`` gives the same keys as the plain
+    model (no ``module.`` prefix); under FSDP call it inside ``FSDP.summon_full_params``.
 
     Raises:
         LoRAError: If the model has no adapters and no trainable modules.
@@ -38,11 +40,19 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """
     state: dict[str, Tensor] = {}
     for name, layer in adapted_layers(model).items():
-        for param_name, param in layer.named_parameters(recurse=False):
-            if param_name.startswith("lora_"):
+        for s in layer.slices:
+            for param_name, shape in ((s.a_name, (s.r, layer.in_features)), (s.b_name, (s.rows, s.r))):
+                param = getattr(layer, param_name)
+                if tuple(param.shape) != shape:
+                    # FSDP with use_orig_params=True leaves each rank a flat shard outside
+                    # forward; saving that would write a file no model can load.
+                    raise LoRAError(
+                        f"{name}.{param_name} has shape {tuple(param.shape)} instead of {shape}: the model"
+                        " looks sharded (FSDP). Call this inside FSDP.summon_full_params(model)"
+                    )
                 state[f"{name}.{param_name}"] = param.detach()
     for name in trainable_modules(model):
-        for key, value in model.get_submodule(name).state_dict().items():
+        for key, value in find_module(model, name).state_dict().items():
             state[f"{name}.{key}"] = value
     if not state:
         raise LoRAError(
@@ -72,21 +82,33 @@ def check_tensors(expected: Mapping[str, Tensor], given: Mapping[str, object], s
     for key, target in expected.items():
         if key not in given:
             continue
-        value = given[key]
-        if not isinstance(value, Tensor):
-            raise LoRAError(f"{key!r} must be a tensor, got {type(value).__name__}")
-        if value.shape != target.shape:
-            raise LoRAError(
-                f"{key!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}"
-            )
-        if target.is_floating_point():
-            if not value.is_floating_point():
-                raise LoRAError(f"{key!r} has dtype {value.dtype}, the model expects a float ({target.dtype})")
-            if not bool(torch.isfinite(value).all()):
-                raise LoRAError(f"{key!r} contains NaN or Inf values")
-        elif value.dtype != target.dtype:
-            raise LoRAError(f"{key!r} has dtype {value.dtype}, the model expects {target.dtype}")
+        _check_one(key, target, given[key])
     return LoadResult(missing, unexpected)
+
+
+def _check_one(key: str, target: Tensor, value: object) -> None:
+    if not isinstance(value, Tensor):
+        raise LoRAError(f"{key!r} must be a tensor, got {type(value).__name__}")
+    if value.is_meta or value.layout != torch.strided:
+        raise LoRAError(f"{key!r} must be a dense tensor with data, got layout {value.layout} on {value.device}")
+    if value.shape != target.shape:
+        raise LoRAError(f"{key!r} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+    if not target.is_floating_point():
+        if value.dtype != target.dtype:
+            raise LoRAError(f"{key!r} has dtype {value.dtype}, the model expects {target.dtype}")
+        return
+    if not value.is_floating_point():
+        raise LoRAError(f"{key!r} has dtype {value.dtype}, the model expects a float ({target.dtype})")
+    # Checked after casting to the parameter's dtype: a float64 1e39 is finite, but it would be
+    # copied in as inf; and float8 values have no isfinite kernel of their own.
+    with torch.no_grad():
+        cast = value.detach().to(dtype=target.dtype)
+        if cast.dtype.itemsize < 2:
+            cast = cast.to(torch.float32)
+        if not bool(torch.isfinite(cast).all()):
+            raise LoRAError(
+                f"{key!r} contains NaN or Inf values (in the model's dtype {target.dtype}); refusing to load them"
+            )
 
 
 def copy_tensors(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:

@@ -33,9 +33,10 @@ from .data import ImageDataset, Sample, load_samples
 from .evaluation import choose_threshold, format_table, iso_report, write_json, write_scores_csv
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
+from .resume import STATE_FILE
 from .training import predict, train
 
-__all__ = ["Env", "run_compare", "run_pretrain", "run_test", "run_train"]
+__all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
 
 MODEL_FILE = "morph_detector.safetensors"
 SMOKE_TEST_BANNER = (
@@ -134,7 +135,39 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_train(config: Config, env: Env) -> dict[str, Any]:
+RUN_FILES = (MODEL_FILE, STATE_FILE, "train_log.csv", "train_summary.json")
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds another run, unless told what to do with it.
+
+    Raises:
+        CheckpointError: If ``out`` holds run files and neither ``resume`` nor ``overwrite``
+            is set, or ``resume`` is set without a checkpoint there.
+    """
+    if resume and overwrite:
+        raise CheckpointError("--resume continues the run in the output folder, --overwrite discards it; pick one")
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise CheckpointError(f"--resume: no training checkpoint {out / STATE_FILE} to continue from")
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise CheckpointError(
+            f"the output folder {str(out)!r} already holds a run ({', '.join(found)}); pass --resume to continue"
+            " it, --overwrite to replace it, or choose another --output_dir")
+
+
+def holds_smoke_run(out: Path) -> bool:
+    """Whether ``out`` holds only a finished default smoke-test run (embedded data), which the
+    no-argument run may replace; a real run, or an unfinished one, is never replaced silently."""
+    try:
+        return read_metadata(out / MODEL_FILE)["config"]["data"] is None
+    except (CheckpointError, KeyError, TypeError):
+        return False
+
+
+def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Pretrain if needed, fine-tune, fix the threshold on dev, save the model file.
 
     Returns:
@@ -143,6 +176,7 @@ def run_train(config: Config, env: Env) -> dict[str, Any]:
     """
     _quiet_transformers()
     out = Path(config.output_dir)
+    check_output_dir(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     _seed(config)
     samples = _data(config, env)
@@ -152,7 +186,8 @@ def run_train(config: Config, env: Env) -> dict[str, Any]:
     size = model.image_size
     train_set = ImageDataset(_split(samples, "train"), size, augment=config.use_cls_aug)
     dev_set = ImageDataset(_split(samples, "dev"), size)
-    result = train(model, train_set, dev_set, config, out / "train_log.csv", env.progress, env.say)
+    result = train(model, train_set, dev_set, config, out / "train_log.csv", env.progress, env.say,
+                   state_path=out / STATE_FILE, resume=resume)
     dev_labels = np.array([s.label for s in dev_set.samples])
     dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False)
     threshold = choose_threshold(dev_scores, dev_labels, config.threshold_rule)
@@ -261,7 +296,8 @@ COMPARE_STRATEGIES = {
 }
 
 
-def run_compare(config: Config, overrides: list[str], env: Env, entry: Path) -> list[dict[str, Any]]:
+def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
+                overwrite: bool = False) -> list[dict[str, Any]]:
     """Train and test each strategy on the same data, each in its own process (so peak memory is its own).
 
     The learning rates are the usual per-strategy choices (LoRA 5e-4 as the seed guide says,
@@ -275,6 +311,10 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path) -> 
     for name, preset in COMPARE_STRATEGIES.items():
         sub = out / name
         quiet = [] if env.progress else ["--no_progress"]
+        if overwrite:
+            quiet.append("--overwrite")
+        else:
+            check_output_dir(sub, resume=False, overwrite=False)
         # The parent resolved the cache (flag, $LORA_VIT_CACHE or default); children must use the same one.
         train_cmd = [sys.executable, str(entry), "train", "--cache_dir", str(cache_root(env.cache_dir)),
                      "--output_dir", str(sub), *quiet]

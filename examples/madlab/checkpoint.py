@@ -19,7 +19,7 @@ from torch import nn
 
 from lora_vit import LoRAError, load_lora, read_lora_metadata, save_lora
 
-__all__ = ["CheckpointError", "load_weights", "read_metadata", "save_model"]
+__all__ = ["CheckpointError", "load_weights", "read_metadata", "save_model", "write_atomically"]
 
 _KEY = "madlab"  # metadata key of non-LoRA files
 
@@ -28,13 +28,16 @@ class CheckpointError(ValueError):
     """A model file that cannot be used; the message names the file."""
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # a power cut after the rename must not leave an empty file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -54,7 +57,7 @@ def save_model(model: nn.Module, path: Path, metadata: dict[str, Any], use_lora:
     prefix = "head." if head_only else ""
     state = {prefix + k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     meta = {_KEY: json.dumps(metadata), "head_only": json.dumps(head_only)}
-    _write_atomically(path, safetensors_bytes(state, metadata=meta))
+    write_atomically(path, safetensors_bytes(state, metadata=meta))
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +15,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checkpoint import CheckpointError
 from .config import Config
 from .data import ImageDataset
 from .metrics import MetricsError, d_eer
 from .model import apply_strategy, count_trainable
+from .resume import TrainState, read_state, restore_rng, write_state
 
-__all__ = ["TrainResult", "class_weights", "predict", "train"]
+__all__ = ["STOP_AFTER_ENV", "TrainResult", "TrainingInterrupted", "class_weights", "predict", "train"]
+
+# Stop (as if interrupted) once this many epochs are done and checkpointed: how the resume
+# test and users rehearse an interruption without killing a process at a random moment.
+STOP_AFTER_ENV = "MADLAB_STOP_AFTER_EPOCH"
+
+
+class TrainingInterrupted(RuntimeError):  # noqa: N818 - it is not an error, it is a pause
+    """Training stopped after a checkpointed epoch; ``train --resume`` continues it."""
 
 LOG_COLUMNS = ["epoch", "train_loss", "dev_loss", "dev_eer", "learning_rate", "trainable_params", "seconds", "best"]
 
@@ -77,13 +88,37 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def _resume_key(config: Config, train_set: ImageDataset) -> dict:
+    """What must be equal for a checkpoint to continue this run (not where outputs go)."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "num_workers", "num_threads")}
+    return {"config": settings, "train_paths": [s.path for s in train_set.samples]}
+
+
+def _stop_after() -> int | None:
+    raw = os.environ.get(STOP_AFTER_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{STOP_AFTER_ENV}={raw!r} must be a positive number of epochs")
+    return int(raw)
+
+
 def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, config: Config, log_path: Path,
-          progress: bool = True, say=print) -> TrainResult:
+          progress: bool = True, say=print, state_path: Path | None = None, resume: bool = False) -> TrainResult:
     """Fine-tune ``model`` in place; on return it holds the weights of the best dev epoch.
 
     The best epoch is chosen by ``config.selection_metric`` on the dev split (never the test
     split); its weights are deep-copied when it happens and copied back at the end, also
     after early stopping.
+
+    With ``state_path``, everything needed to continue (trainable weights, optimiser,
+    scheduler, RNG states, history, best-so-far, early-stopping counter) is written there
+    atomically after every epoch; ``resume`` continues from it and ends exactly where an
+    uninterrupted run with the same seed would.
+
+    Raises:
+        TrainingInterrupted: After the epoch named by ``$MADLAB_STOP_AFTER_EPOCH``.
+        CheckpointError: If ``resume`` finds no checkpoint, or one from other settings or data.
     """
     params, on_epoch = apply_strategy(model, config)
     say(_describe_training(model, config))
@@ -105,7 +140,20 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
     since_best = 0
     start = time.perf_counter()
     stopped = False
-    bar = tqdm(range(config.num_epochs), desc=f"training ({config.strategy})", disable=not progress, leave=False)
+    first_epoch = 0
+    run_key = _resume_key(config, train_set)
+    names = [name for name, p in model.named_parameters() if id(p) in held]
+    stop_after = _stop_after()
+    if resume:
+        assert state_path is not None
+        first_epoch, history, best, best_state, since_best = _restore(
+            state_path, model, names, optimiser, scheduler, generator, run_key, on_epoch)
+        say(f"resuming after epoch {first_epoch} of {config.num_epochs} from {state_path}")
+        _write_log(log_path, history)
+    epochs = range(first_epoch, config.num_epochs)
+    if first_epoch and config.use_early_stopping and since_best >= config.patience:
+        epochs, stopped = range(0), True  # the checkpointed run had already stopped early
+    bar = tqdm(epochs, desc=f"training ({config.strategy})", disable=not progress, leave=False)
     for epoch in bar:
         message = on_epoch(epoch)
         if message:
@@ -145,11 +193,22 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
             since_best += 1
         history.append(row)
         _write_log(log_path, history)
+        if state_path is not None:
+            named = dict(model.named_parameters())
+            write_state(state_path, TrainState(
+                epoch=epoch + 1, history=history, best=best, since_best=since_best, run=run_key,
+                params={n: named[n] for n in names}, best_state=best_state,
+                optimizer=optimiser.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
+            ), generator)
         bar.set_postfix(train=f"{row['train_loss']:.3f}", dev=f"{dev_loss:.3f}", eer=f"{dev_eer:.3f}")
         if config.use_early_stopping and since_best >= config.patience:
             say(f"early stopping after epoch {epoch + 1}: no dev improvement for {config.patience} epochs")
             stopped = True
             break
+        if stop_after is not None and epoch + 1 == stop_after and epoch + 1 < config.num_epochs:
+            raise TrainingInterrupted(
+                f"stopped after epoch {epoch + 1} as {STOP_AFTER_ENV} asked; the checkpoint {state_path} holds it,"
+                " continue with train --resume")
     assert best is not None
     with torch.no_grad():
         named = dict(model.named_parameters())
@@ -160,6 +219,33 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
     _write_log(log_path, history)
     return TrainResult(best["epoch"], best["dev_loss"], best["dev_eer"], history,
                        time.perf_counter() - start, stopped)
+
+
+def _restore(state_path: Path, model: nn.Module, names: list[str], optimiser: torch.optim.Optimizer,
+             scheduler, generator: torch.Generator, run_key: dict, on_epoch) -> tuple:
+    """Load a checkpoint into the live objects; returns (epochs done, history, best, best_state, since_best)."""
+    state, rng = read_state(state_path)
+    if state["run"] != run_key:
+        differ = sorted(k for k in run_key["config"] if state["run"]["config"].get(k) != run_key["config"][k])
+        what = f"settings {differ}" if differ else "training images"
+        raise CheckpointError(f"the checkpoint {state_path} belongs to a run with other {what}; it cannot be resumed"
+                              " with these (use --overwrite to start afresh)")
+    if sorted(state["params"]) != sorted(names):
+        raise CheckpointError(f"the checkpoint {state_path} holds other parameters than this model trains")
+    for epoch in range(state["epoch"]):
+        on_epoch(epoch)  # replay gradual unfreezing so the same parameters train
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            named[name].copy_(state["params"][name])
+    optimiser.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    restore_rng(rng, state["numpy_rng"], generator)
+    best_state = {k: v.clone() for k, v in state["best_state"].items()}
+    if state["best"] is not None:
+        state["best"]["key"] = tuple(state["best"]["key"])
+    return state["epoch"], state["history"], state["best"], best_state, state["since_best"]
 
 
 def _describe_training(model: nn.Module, config: Config) -> str:
