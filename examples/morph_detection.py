@@ -16,6 +16,7 @@ Examples:
   python examples/morph_detection.py train --data /data/FRLL --override lora_r=8
   python examples/morph_detection.py test --model_path output/morph_detector.safetensors
   python examples/morph_detection.py compare --override num_epochs=10
+  torchrun --nproc_per_node=4 examples/morph_detection.py train --data /data/FRLL   # DDP
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
+import torch
 from madlab.app import (
     MODEL_FILE,
     SMOKE_TEST_BANNER,
@@ -40,6 +42,7 @@ from madlab.backbone import BackboneError
 from madlab.checkpoint import CheckpointError
 from madlab.config import Config, ConfigError, apply_overrides
 from madlab.data import DataError
+from madlab.distributed import Dist, setup, teardown
 from madlab.metrics import MetricsError
 from madlab.resume import STATE_FILE
 from madlab.training import TrainingInterrupted
@@ -107,8 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     default_run = not argv
     if args.command is None:
         parser.error("choose a subcommand: pretrain, train, test or compare (or no arguments for the default run)")
+    made = not torch.distributed.is_initialized()
+    ranks = setup()  # torchrun (WORLD_SIZE > 1): join the process group; one process: nothing
+    made = made and ranks.active
     env = Env(cache_dir=Path(args.cache_dir) if getattr(args, "cache_dir", None) else None,
-              progress=not args.no_progress)
+              progress=not args.no_progress and ranks.main)
+    if not ranks.main:
+        env.say = _silent  # rank 0 alone prints; errors still come from every rank
+    try:
+        return _run(args, env, default_run, ranks)
+    finally:
+        teardown(made)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> int:
+    tag = f"[rank {ranks.rank}] " if ranks.active else ""
     try:
         if args.command == "test":
             extra = [f"data={args.data}"] if args.data else []
@@ -116,23 +136,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = _config(args)
         if config.data is None:
-            print(SMOKE_TEST_BANNER, flush=True)
+            env.say(SMOKE_TEST_BANNER)
+        if args.command == "compare" and ranks.active:
+            raise ConfigError("compare starts one process per strategy itself; run it without torchrun")
         if args.command == "pretrain":
-            print(f"backbone ready: {run_pretrain(config, env)}")
+            env.say(f"backbone ready: {run_pretrain(config, env)}")
         elif args.command == "train":
             overwrite = args.overwrite or (default_run and holds_smoke_run(Path(config.output_dir)))
             if overwrite and default_run:
-                print(f"replacing the previous smoke-test run in {config.output_dir}/", flush=True)
+                env.say(f"replacing the previous smoke-test run in {config.output_dir}/")
             summary = run_train(config, env, resume=args.resume, overwrite=overwrite)
             if default_run:
                 run_test(summary["model_path"], [], env, config.output_dir)
         elif args.command == "compare":
             run_compare(config, args.override, env, Path(__file__).resolve(), overwrite=args.overwrite)
     except TrainingInterrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
+        print(f"{tag}interrupted: {err}", file=sys.stderr)
         return 3
     except (ConfigError, DataError, BackboneError, CheckpointError, MetricsError, LoRAError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{tag}error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,8 +11,10 @@ from .inject import LoRASummary, inject_lora, lora_summary
 from .io import load_lora, read_lora_metadata, save_lora
 from .layer import LoRALinear, LoRASlice
 from .merge import merge_lora
+from .peft_compat import load_peft_adapter, save_peft_adapter
 from .state import LoadResult, load_lora_state_dict, lora_state_dict
 from .targets import LOGICAL_TARGETS, PRESETS, resolve_targets
+from .verify import verify_lora
 
 __all__ = [
     "LOGICAL_TARGETS",
@@ -26,10 +28,13 @@ __all__ = [
     "inject_lora",
     "load_lora",
     "load_lora_state_dict",
+    "load_peft_adapter",
     "lora_state_dict",
     "lora_summary",
     "merge_lora",
     "read_lora_metadata",
     "resolve_targets",
     "save_lora",
+    "save_peft_adapter",
+    "verify_lora",
 ]

@@ -82,15 +82,14 @@ def _new_seed(device: torch.device) -> Tensor:
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor, p: float
+        ctx: Any, x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor, p: float
     ) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
         out = F.linear(x2, weight, bias)
         dtype = out.dtype  # the autocast dtype when autocast is on
         scale = 1.0
         if p > 0:
-            seed = _new_seed(x.device)
-            keep = _keep_mask(x2.shape, p, seed, x.device, regenerate=False)
+            seed = _new_seed(x2.device)
+            keep = _keep_mask(x2.shape, p, seed, x2.device, regenerate=False)
             scale = 1.0 / keep_probability(p)
             # Multiplying by the bool mask is ~2x faster than torch.where on CPU.
             hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
@@ -100,13 +99,15 @@ class _LoRALinear(torch.autograd.Function):
         out.addmm_(hidden, scaled_b.to(dtype).t())
         ctx.save_for_backward(x2, weight, a, scaled_b, hidden, seed)
         ctx.p, ctx.scale = p, scale
-        return out.view(*x.shape[:-1], out.shape[-1])
+        # 2-D in, 2-D out, reshaped by the caller: a view made here would forbid callers'
+        # in-place ops on the result (timm's EVA does ``qkv += bias``).
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x2, weight, a, scaled_b, hidden, seed = ctx.saved_tensors
         dtype = grad.dtype
-        g2 = grad.reshape(-1, grad.shape[-1])
+        g2 = grad
         keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, regenerate=True) if ctx.p > 0 else None
         grad_hidden = (g2 @ scaled_b.to(dtype)) * ctx.scale
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
@@ -114,7 +115,7 @@ class _LoRALinear(torch.autograd.Function):
             lora = grad_hidden @ a.to(dtype)
             if keep is not None:
                 lora.mul_(keep)
-            grad_x = torch.addmm(lora, g2, weight.to(dtype)).view(*grad.shape[:-1], x2.shape[-1]).to(x2.dtype)
+            grad_x = torch.addmm(lora, g2, weight.to(dtype)).to(x2.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ x2.to(dtype)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
@@ -141,4 +142,5 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scale
     Returns:
         ``(*, out_features)``, in the dtype ``F.linear`` gives (the autocast dtype under autocast).
     """
-    return _LoRALinear.apply(x, weight, bias, a, scaled_b, p)
+    out = _LoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, scaled_b, p)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -215,3 +215,13 @@ def test_base_must_be_a_linear():
 
 def test_lora_error_is_a_value_error():
     assert issubclass(LoRAError, ValueError)
+
+
+def test_output_can_be_modified_in_place_in_training():
+    """timm's EVA adds its q/v bias in place to the qkv output: that must stay legal."""
+    layer = LoRALinear(nn.Linear(8, 6), r=2, dropout=0.1).train()
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    y = layer(x)
+    y += 1.0
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape and layer.lora_B.grad is not None

@@ -30,6 +30,7 @@ from .backbone import (
 from .checkpoint import CheckpointError, load_weights, read_metadata, save_model
 from .config import EVAL_KEYS, Config, ConfigError, parse_override
 from .data import ImageDataset, Sample, load_samples
+from .distributed import barrier, current
 from .evaluation import choose_threshold, format_table, iso_report, write_json, write_scores_csv
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
@@ -92,10 +93,22 @@ def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretr
     """The backbone folder: ``config.backbone``, or the cached default MAE, pretrained if missing.
 
     The default is keyed by a hash of the bona fide *training* images and the pretraining
-    settings, so a different dataset or seed never reuses another run's backbone.
+    settings, so a different dataset or seed never reuses another run's backbone. Under
+    ``torchrun`` rank 0 pretrains (or finds the cache) while the other ranks wait, then they
+    read what it wrote.
     """
     if config.backbone:
         return Path(config.backbone).expanduser().resolve()
+    d = current()
+    if d.active and not d.main:
+        barrier()
+        return _default_backbone(config, samples, env, allow_pretrain=False)
+    target = _default_backbone(config, samples, env, allow_pretrain)
+    barrier()
+    return target
+
+
+def _default_backbone(config: Config, samples: list[Sample], env: Env, allow_pretrain: bool) -> Path:
     settings = _pretrain_settings(config)
     bona_fide = [s for s in _split(samples, "train") if s.label == 0]
     dataset = ImageDataset(bona_fide, settings["image_size"])
@@ -176,12 +189,15 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     """
     _quiet_transformers()
     out = Path(config.output_dir)
+    d = current()
     check_output_dir(out, resume, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    barrier()  # every rank has checked the folder before rank 0 writes into it
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
     _seed(config)
     samples = _data(config, env)
     backbone_dir = ensure_backbone(config, samples, env)
-    model = _build(backbone_dir, config)
+    model = _build(backbone_dir, config).to(d.device)
     fingerprint = backbone_fingerprint(model.backbone)
     size = model.image_size
     train_set = ImageDataset(_split(samples, "train"), size, augment=config.use_cls_aug)
@@ -208,8 +224,10 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
                      "stopped_early": result.stopped_early, "seconds": result.seconds},
         "lora_vit_version": lora_vit_version,
     }
-    model_path = save_model(model, out / MODEL_FILE, metadata, config.use_lora,
-                            head_only=config.strategy == "linear_probe")
+    model_path = out / MODEL_FILE
+    if d.main:  # under torchrun every rank holds the same weights; one writes them
+        save_model(model, model_path, metadata, config.use_lora, head_only=config.strategy == "linear_probe")
+    barrier()  # the file exists for every rank from here on
     # Optimiser state is two fp32 moments per trainable parameter, gradients one more.
     summary = {
         "strategy": config.strategy,
@@ -225,7 +243,8 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "best_dev_eer": result.best_dev_eer,
         "threshold": threshold["value"],
     }
-    write_json(out / "train_summary.json", summary)
+    if d.main:
+        write_json(out / "train_summary.json", summary)
     env.say(f"saved {model_path} ({summary['checkpoint_bytes'] / 1024:.1f} KiB)")
     return summary
 
@@ -266,7 +285,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
         hint = ("run `morph_detection.py pretrain` with the training run's data, seed and --cache_dir to recreate it"
                 if meta["backbone"].get("default") else "pass --backbone with the checkpoint folder it was trained on")
         raise BackboneError(f"the backbone this model was trained on is not at {backbone_dir}; {hint}")
-    model = _build(backbone_dir, config)
+    model = _build(backbone_dir, config).to(current().device)
     if backbone_fingerprint(model.backbone) != meta["backbone"]["fingerprint"]:
         raise BackboneError(f"the backbone at {backbone_dir} differs from the one {model_path} was trained on"
                             " (weights fingerprint mismatch)")
@@ -280,10 +299,12 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     report = iso_report(scores, labels, methods, meta["threshold"])
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
     report["smoke_test"] = config.data is None
-    out.mkdir(parents=True, exist_ok=True)
-    write_scores_csv(out / "scores.csv", [s.path for s in test], labels, methods, scores)
-    write_json(out / "metrics.json", report)
-    save_plots(out, scores, labels, methods, meta["threshold"]["value"])
+    if current().main:  # every rank has every score (gathered); one writes them
+        out.mkdir(parents=True, exist_ok=True)
+        write_scores_csv(out / "scores.csv", [s.path for s in test], labels, methods, scores)
+        write_json(out / "metrics.json", report)
+        save_plots(out, scores, labels, methods, meta["threshold"]["value"])
+    barrier()
     env.say(format_table(report))
     env.say(f"wrote {out / 'scores.csv'}, {out / 'metrics.json'}, roc.png, det.png, score_histogram.png")
     return report

@@ -41,7 +41,9 @@ LABEL_NAMES = {
     "1": 1, "morph": 1, "attack": 1,
 }
 # Modes that convert to RGB without inventing colour information we do not have.
-_CONVERTIBLE = {"L", "LA", "P", "RGBA", "I;16"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B"}  # 16-bit grayscale: scaled by 1/65535, not clipped at 255
+_CONVERTIBLE = {"L", "LA", "P", "RGBA", *_SIXTEEN_BIT}
+TOO_LARGE = "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)"
 
 
 class DataError(ValueError):
@@ -152,12 +154,15 @@ def check_image(path: Path, report: DataReport) -> bool:
         with Image.open(path) as img:
             img.load()  # decodes the pixels, so truncated files fail here and not mid-training
             mode = img.mode
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        report.skip(str(path), TOO_LARGE)
+        return False
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         report.skip(str(path), f"unreadable or corrupt image ({type(err).__name__})")
         return False
     if mode != "RGB":
         if mode not in _CONVERTIBLE:
-            report.skip(str(path), f"image mode {mode} is not RGB or convertible (L, LA, P, RGBA)")
+            report.skip(str(path), f"image mode {mode} is not RGB or convertible (L, LA, P, RGBA, I;16)")
             return False
         report.converted[mode] += 1
     return True
@@ -275,7 +280,8 @@ def read_csv_manifest(path: str | Path, report: DataReport) -> list[Sample]:
             samples.append(Sample(str(image_path), label, "bona_fide" if label == 0 else method,
                                   SPLIT_DIRS.get(split_raw, ""), identity))
     if not samples:
-        raise DataError(f"{path} lists no readable images")
+        skipped = f"; skipped {sum(report.skipped.values())} rows: {dict(report.skipped)}" if report.skipped else ""
+        raise DataError(f"{path} lists no readable images{skipped}")
     return samples
 
 
@@ -372,7 +378,9 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         is_csv = path.suffix.lower() == ".csv"
         samples = read_csv_manifest(path, report) if is_csv else scan_folder(path, report)
         if not samples:
-            raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}")
+            n_skipped = sum(report.skipped.values())
+            skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
+            raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}{skipped}")
         samples = assign_splits(samples, fractions, seed, report)
     check_splits(samples)
     return samples, report
@@ -381,13 +389,24 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
 # --------------------------------------------------------------------------- tensors
 
 
-def _load_pixels(sample: Sample) -> np.ndarray:
+def _load_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
+    """HxWx3 float pixels in [0, 1]. Images far larger than ``size`` are first shrunk by an integer
+    box filter (JPEG: in the decoder), so a 50-megapixel photo never becomes a 1 GB float array."""
     if sample.image is not None:
         return sample.image
     try:
         with Image.open(sample.path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
-    except (OSError, ValueError) as err:
+            if size and img.format == "JPEG":
+                img.draft("RGB", (2 * size, 2 * size))
+            if img.mode in _SIXTEEN_BIT:  # PIL's convert("RGB") would clip 16-bit values at 255
+                gray = np.asarray(img, dtype=np.float32) / 65535.0
+                return np.repeat(gray[..., None], 3, axis=2)
+            img = img.convert("RGB")
+            factor = min(img.size) // (2 * size) if size else 0
+            if factor >= 2:
+                img = img.reduce(factor)
+            return np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"could not read {sample.path!r} (it was readable when scanned): {err}") from None
 
 
@@ -414,7 +433,7 @@ class ImageDataset(Dataset):
     def _tensor(self, index: int) -> torch.Tensor:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        pixels = torch.from_numpy(np.ascontiguousarray(_load_pixels(self.samples[index]))).float()
+        pixels = torch.from_numpy(np.ascontiguousarray(_load_pixels(self.samples[index], self.size))).float()
         x = pixels.permute(2, 0, 1).unsqueeze(0)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         x = ((x.squeeze(0).clamp(0, 1) - 0.5) / 0.5).contiguous()

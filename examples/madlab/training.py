@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
-from .config import Config
+from .config import Config, ConfigError
 from .data import ImageDataset
+from .distributed import Dist, current, gather_by_index
 from .metrics import MetricsError, d_eer
 from .model import apply_strategy, count_trainable
 from .resume import TrainState, read_state, restore_rng, write_state
@@ -66,7 +68,14 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None = None,
             desc: str = "scoring", progress: bool = True) -> tuple[np.ndarray, float]:
-    """P(morph) for every sample in ``dataset`` order, and the mean weighted loss if ``weights`` given."""
+    """P(morph) for every sample in ``dataset`` order, and the mean weighted loss if ``weights`` given.
+
+    Under ``torchrun`` each rank scores its shard and every rank gets all the scores, in
+    dataset order, so metrics and decisions computed from them are the same everywhere.
+    """
+    d = current()
+    if d.active:
+        return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d)
     model.eval()
     scores, total = [], 0.0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -76,6 +85,25 @@ def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: t
         if weights is not None:
             total += _loss(logits, y, weights).item() * len(y)
     return np.concatenate(scores), total / len(dataset)
+
+
+def _predict_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None,
+                     desc: str, progress: bool, d: Dist) -> tuple[np.ndarray, float]:
+    model.eval()
+    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    indices, rows = [], []
+    for x, y, index in tqdm(loader, desc=desc, disable=not (progress and d.main), leave=False):
+        x, y = x.to(d.device), y.to(d.device)
+        logits = model(x)
+        per_sample = torch.zeros_like(logits) if weights is None else (
+            nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+            * weights.to(d.device)[y.long()])
+        rows.append(torch.stack([torch.sigmoid(logits), per_sample], dim=1).double().cpu().numpy())
+        indices.append(index.numpy())
+    local = np.concatenate(rows) if rows else np.zeros((0, 2))
+    both = gather_by_index(np.concatenate(indices) if indices else np.zeros(0, np.int64), local, len(dataset))
+    return both[:, 0], float(both[:, 1].sum() / len(dataset))
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
@@ -130,9 +158,21 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
     dev_labels = np.array([s.label for s in dev_set.samples])
     weights = class_weights(train_labels, config.class_weights)
     generator = torch.Generator().manual_seed(config.seed)
-    # drop_last only when it drops a lone sample: a batch of one still works, but adds noise.
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train_set) % config.batch_size == 1, num_workers=config.num_workers)
+    d = current()
+    sampler: DistributedSampler | None = None
+    if d.active:
+        # batch_size stays the global batch: each of the world ranks takes its share of it.
+        if config.batch_size % d.world:
+            raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly"
+                              f" among the {d.world} processes")
+        sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
+        loader = DataLoader(train_set, batch_size=config.batch_size // d.world, sampler=sampler,
+                            num_workers=config.num_workers)
+        weights = weights.to(d.device)
+    else:
+        # drop_last only when it drops a lone sample: a batch of one still works, but adds noise.
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
+                            drop_last=len(train_set) % config.batch_size == 1, num_workers=config.num_workers)
     held = {id(p) for p in params}
     history: list[dict] = []
     best: dict | None = None
@@ -149,25 +189,35 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
         first_epoch, history, best, best_state, since_best = _restore(
             state_path, model, names, optimiser, scheduler, generator, run_key, on_epoch)
         say(f"resuming after epoch {first_epoch} of {config.num_epochs} from {state_path}")
-        _write_log(log_path, history)
+        if d.main:
+            _write_log(log_path, history)
     epochs = range(first_epoch, config.num_epochs)
     if first_epoch and config.use_early_stopping and since_best >= config.patience:
         epochs, stopped = range(0), True  # the checkpointed run had already stopped early
-    bar = tqdm(epochs, desc=f"training ({config.strategy})", disable=not progress, leave=False)
+    bar = tqdm(epochs, desc=f"training ({config.strategy})", disable=not (progress and d.main), leave=False)
+    net = _wrap(model, d)
     for epoch in bar:
         message = on_epoch(epoch)
         if message:
             say(message)
+            net = _wrap(model, d)  # DDP registers the trainable parameters when it is built
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         total, count = 0.0, 0
         epoch_start = time.perf_counter()
         for x, y, _ in loader:
-            loss = _loss(model(x), y, weights)
+            x, y = x.to(d.device), y.to(d.device)
+            loss = _loss(net(x), y, weights)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP: all-reduces the gradients of the trainable parameters only
             optimiser.step()
             total += loss.item() * len(y)
             count += len(y)
+        if d.active:  # the logged train loss is over every rank's samples
+            sums = torch.tensor([total, count], dtype=torch.float64, device=d.device)
+            torch.distributed.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
         lr = optimiser.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
@@ -192,8 +242,9 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
         else:
             since_best += 1
         history.append(row)
-        _write_log(log_path, history)
-        if state_path is not None:
+        if d.main:
+            _write_log(log_path, history)
+        if state_path is not None and d.main:
             named = dict(model.named_parameters())
             write_state(state_path, TrainState(
                 epoch=epoch + 1, history=history, best=best, since_best=since_best, run=run_key,
@@ -216,9 +267,21 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
             named[name].copy_(value)
     for row in history:  # mark only the restored epoch
         row["best"] = int(row["epoch"] == best["epoch"])
-    _write_log(log_path, history)
+    if d.main:
+        _write_log(log_path, history)
     return TrainResult(best["epoch"], best["dev_loss"], best["dev_eer"], history,
                        time.perf_counter() - start, stopped)
+
+
+def _wrap(model: nn.Module, d: Dist) -> nn.Module:
+    """The module the training step calls: ``model`` itself, or a DDP wrapper of it under ``torchrun``.
+
+    The adapters are already injected (``apply_strategy`` ran first), and DDP synchronises
+    only parameters that require gradients, so a frozen backbone costs no communication.
+    """
+    if not d.active:
+        return model
+    return DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
 
 
 def _restore(state_path: Path, model: nn.Module, names: list[str], optimiser: torch.optim.Optimizer,

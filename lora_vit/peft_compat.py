@@ -1,0 +1,411 @@
+"""PEFT interoperability: write and read PEFT's LoRA adapter folders, refusing what cannot map.
+
+A PEFT LoRA folder is ``adapter_config.json`` plus ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (and the full state of every
+``modules_to_save`` module under ``base_model.model.<module>.<key>``). lora-vit's plain
+(unsliced) :class:`LoRALinear` computes exactly PEFT's ``lora.Linear`` formula, so adapters
+move both ways without changing outputs. Everything PEFT can express that lora-vit cannot
+(DoRA, trained biases, Conv/Embedding LoRA, other PEFT methods, ...) is a :class:`LoRAError`,
+never a silent difference. This module does not import ``peft``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from .errors import LoRAError
+from .inject import adapted_layers, apply_adapters, trainable_modules
+from .io import _write_atomically
+from .layer import LoRALinear
+from .state import check_tensors, copy_tensors, lora_state_dict
+
+__all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+# Config fields that only describe *which* modules PEFT adapts (the tensors in the file say that
+# exactly), record provenance, or only matter while training: they never change the outputs.
+_HARMLESS = {
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern",
+    "alpha_pattern", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "modules_to_save", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+    "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size", "ensure_weight_tying",
+    "init_lora_weights", "loftq_config",
+}
+# Fields whose non-default value changes what the adapter computes; the value listed is the only
+# one lora-vit can represent. Any *other* unknown field must be empty (None, False, {}, []).
+_MUST_BE = {
+    "bias": "none",
+    "use_dora": False,
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+}
+# init_lora_weights values that PEFT applies to the *base* weights when the adapter is created
+# (PiSSA, OLoRA, LoftQ, CorDA, EVA rewrite W), so the folder alone does not reproduce the model.
+_PLAIN_INITS = (True, False, "gaussian")
+
+
+def _peft_key(name: str, factor: str) -> str:
+    return f"{_PREFIX}{name}.{factor}.weight"
+
+
+def _pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern that matches the end of ``key`` as a regex."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return None
+
+
+def _most_common(values: list[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _check_exportable(layers: Mapping[str, LoRALinear]) -> None:
+    sliced = [name for name, layer in layers.items() if not layer.covers_all_rows or layer.slices[0].name]
+    if sliced:
+        raise LoRAError(
+            f"PEFT has no form for adapters on fused q/k/v slices, used by {sliced}; adapt whole"
+            " layers (separate q_proj/k_proj/v_proj, or the literal fused layer name) to export to"
+            " PEFT, or keep lora-vit's own format (save_lora)"
+        )
+    rslora = {layer.use_rslora for layer in layers.values()}
+    if len(rslora) > 1:
+        raise LoRAError(
+            "PEFT has one use_rslora flag per adapter, but these layers mix both:"
+            f" rslora on {[n for n, la in layers.items() if la.use_rslora]}"
+        )
+
+
+def _config(model: nn.Module, layers: Mapping[str, LoRALinear]) -> dict[str, Any]:
+    names = list(layers)
+    ranks = {name: layer.slices[0].r for name, layer in layers.items()}
+    alphas = {name: layer.slices[0].alpha for name, layer in layers.items()}
+    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    # PEFT matches target_modules by suffix and patterns by regex suffix, so a name that ends
+    # another adapted name could catch it; then spell every layer out, longest first.
+    collide = any(a != b and a.endswith("." + b) for a in names for b in names)
+    ordered = sorted(names, key=len, reverse=True)
+    rank_pattern = {re.escape(n): ranks[n] for n in ordered if collide or ranks[n] != r}
+    alpha_pattern = {re.escape(n): _number(alphas[n]) for n in ordered if collide or alphas[n] != alpha}
+    all_names = [n for n, _ in model.named_modules() if n]
+    suffix_clash = any(m not in layers and m.endswith("." + n) for m in all_names for n in names)
+    target_modules: list[str] | str = (
+        "|".join(re.escape(n) for n in ordered) if suffix_clash else sorted(names)
+    )
+    first = next(iter(layers.values()))
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "lora_dropout": _most_common([layer.dropout for layer in layers.values()]),
+        "use_rslora": first.use_rslora,
+        "target_modules": target_modules,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": list(trainable_modules(model)) or None,
+        "bias": "none",
+        "use_dora": False,
+        "lora_bias": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+
+
+def _number(value: float) -> int | float:
+    """Whole alphas as ints, the way PEFT users write them."""
+    return int(value) if float(value).is_integer() else value
+
+
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write the adapters of ``model`` as a PEFT LoRA folder.
+
+    ``peft.PeftModel.from_pretrained(base, directory)`` then loads it onto the same base model
+    and computes the same outputs (to float rounding). Module names are the model's own, so
+    pass the model PEFT will wrap (e.g. the ``ViTForImageClassification``, not its ``.vit``).
+    Whole modules made trainable by ``inject_lora(..., trainable=...)`` become
+    ``modules_to_save``. Each file is written atomically.
+
+    Args:
+        model: A model adapted by :func:`inject_lora` (or loaded with :func:`load_lora`).
+        directory: Folder to write ``adapter_config.json`` and ``adapter_model.safetensors``
+            into; created if missing.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        LoRAError: If the model has no adapters, an adapter covers fused q/k/v slices (PEFT
+            has no such form), or layers mix ``use_rslora`` settings.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lora_vit import inject_lora
+        >>> model = inject_lora(nn.Sequential(nn.Linear(4, 4)), targets=["0"], r=2, alpha=4)
+        >>> folder = save_peft_adapter(model, tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    layers = adapted_layers(model)
+    if not layers:
+        raise LoRAError(f"{type(model).__name__} has no LoRA adapters to export; call inject_lora first")
+    _check_exportable(layers)
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        for factor in ("lora_A", "lora_B"):
+            tensors[_peft_key(name, factor)] = getattr(layer, factor)
+    for name in trainable_modules(model):
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{_PREFIX}{name}.{key}"] = value
+    # Clones: safetensors refuses tensors that share storage (tied weights).
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    config = _config(model, layers)
+    folder = Path(directory)
+    _write_atomically(folder / PEFT_WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    _write_atomically(folder / PEFT_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return folder
+
+
+def _empty(value: object) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / PEFT_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no PEFT adapter config at {str(path)!r}")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise LoRAError(f"{str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{str(path)!r} should hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise LoRAError(
+            f"{str(path)!r} is a {config.get('peft_type')!r} adapter; lora-vit reads only peft_type 'LORA'"
+        )
+    for field, allowed in _MUST_BE.items():
+        if config.get(field, allowed) != allowed:
+            raise LoRAError(
+                f"{str(path)!r} sets {field}={config[field]!r}, which lora-vit cannot represent"
+                f" (only {allowed!r}); loading it would silently compute something else"
+            )
+    if config.get("init_lora_weights", True) not in _PLAIN_INITS:
+        raise LoRAError(
+            f"{str(path)!r} sets init_lora_weights={config['init_lora_weights']!r}, which rewrites the"
+            " base weights when PEFT creates the adapter; convert it to a plain LoRA adapter with PEFT"
+            " first (valid: True, False, 'gaussian')"
+        )
+    unknown = {k: v for k, v in config.items() if k not in _HARMLESS and k not in _MUST_BE and not _empty(v)}
+    if unknown:
+        raise LoRAError(
+            f"{str(path)!r} uses PEFT features lora-vit cannot represent: {unknown}."
+            f" Supported fields: {sorted(_HARMLESS | set(_MUST_BE))}"
+        )
+    for field, kind in (("r", int), ("lora_alpha", (int, float))):
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise LoRAError(f"{str(path)!r}: {field} should be a number, got {value!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise LoRAError(f"{str(path)!r}: {field} should be a mapping, got {config[field]!r}")
+    return config
+
+
+def _read_tensors(folder: Path) -> dict[str, Tensor]:
+    path = folder / PEFT_WEIGHTS_NAME
+    if not path.is_file():
+        pickled = folder / "adapter_model.bin"
+        hint = " (only a pickled adapter_model.bin is there; lora-vit never unpickles)" if pickled.exists() else ""
+        raise FileNotFoundError(f"no {PEFT_WEIGHTS_NAME} in {str(folder)!r}{hint}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise LoRAError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def _split_keys(tensors: Mapping[str, Tensor], where: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """``({module: {"lora_A": A, "lora_B": B}}, {other key: tensor})`` with the prefix removed."""
+    lora: dict[str, dict[str, Tensor]] = {}
+    other: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(_PREFIX):
+            raise LoRAError(f"{where}: tensor {key!r} does not start with {_PREFIX!r}, PEFT's prefix")
+        rest = key[len(_PREFIX):]
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", rest)
+        if match:
+            lora.setdefault(match[1], {})[match[2]] = value
+        elif re.search(r"\.lora_[A-Za-z_]+(\.|$)", rest):
+            raise LoRAError(
+                f"{where}: tensor {key!r} is a LoRA variant lora-vit cannot represent (only"
+                " lora_A.weight / lora_B.weight on Linear layers)"
+            )
+        else:
+            other[rest] = value
+    for name, pair in lora.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise LoRAError(f"{where}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B")
+    return lora, other
+
+
+def _layer_spec(name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any], where: str) -> tuple[int, Any]:
+    """``(r, alpha)`` of one adapted module, resolved with PEFT's pattern rules."""
+    a, b = pair["lora_A"], pair["lora_B"]
+    if a.dim() != 2 or b.dim() != 2:
+        raise LoRAError(
+            f"{where}: {name!r} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}; lora-vit"
+            " adapts only Linear layers (2-D factors), not Conv or Embedding LoRA"
+        )
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_key, alpha_key = _pattern_key(rank_pattern, name), _pattern_key(alpha_pattern, name)
+    r = rank_pattern[r_key] if r_key is not None else config["r"]
+    alpha = alpha_pattern[alpha_key] if alpha_key is not None else config["lora_alpha"]
+    if a.shape[0] != r:
+        raise LoRAError(
+            f"{where}: {name!r} has rank {a.shape[0]} in its tensors but r={r!r} in the config"
+            " (r / rank_pattern); the folder is inconsistent"
+        )
+    return r, alpha
+
+
+def _plan_layer(
+    model: nn.Module, name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any], where: str
+) -> LoRALinear:
+    try:
+        base = model.get_submodule(name)
+    except AttributeError:
+        raise LoRAError(f"{where} adapts {name!r}, which this {type(model).__name__} does not have") from None
+    if not isinstance(base, nn.Linear):
+        raise LoRAError(f"{where} adapts {name!r}, a {type(base).__name__}; lora-vit adapts only nn.Linear")
+    r, alpha = _layer_spec(name, pair, config, where)
+    dropout = config.get("lora_dropout") or 0.0
+    try:
+        return LoRALinear(base, r, alpha, dropout, use_rslora=bool(config.get("use_rslora", False)))
+    except LoRAError as err:
+        raise LoRAError(f"{where}, layer {name!r}: {err}") from None
+
+
+def _same_layout(layer: LoRALinear, spec: tuple[int, Any], config: Mapping[str, Any]) -> bool:
+    only = layer.slices[0]
+    return (
+        layer.covers_all_rows and not only.name and (only.r, only.alpha) == (spec[0], float(spec[1]))
+        and layer.use_rslora == bool(config.get("use_rslora", False))
+    )
+
+
+def _modules_to_save(model: nn.Module, config: Mapping[str, Any], other: Mapping[str, Tensor], where: str) -> list[str]:
+    """Whole modules that ``other`` (the non-LoRA tensors) restores, as PEFT's modules_to_save."""
+    entries = config.get("modules_to_save") or []
+    if isinstance(entries, str):
+        entries = [entries]
+    names = [n for n, _ in model.named_modules() if n and any(n.endswith(e) for e in entries)]
+    # PEFT wraps the outermost match; modules inside it come along.
+    names = [n for n in names if not any(n.startswith(p + ".") for p in names)]
+    holders = [n for n in names if any(k.startswith(n + ".") for k in other)]
+    strays = [k for k in other if not any(k.startswith(n + ".") for n in holders)]
+    if strays:
+        raise LoRAError(
+            f"{where}: tensors {strays} belong to no LoRA layer and to no modules_to_save module"
+            f" ({entries}) of this model; lora-vit restores only whole modules"
+        )
+    return holders
+
+
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Load a PEFT LoRA adapter folder into ``model``, injecting the adapters it describes.
+
+    Ranks come from the tensors (checked against ``r``/``rank_pattern``), alphas from
+    ``lora_alpha``/``alpha_pattern`` with PEFT's matching rules, ``use_rslora`` and
+    ``lora_dropout`` from the config; ``modules_to_save`` become ``trainable`` modules. The
+    result computes what ``peft.PeftModel.from_pretrained(base, directory)`` computes. Only
+    ``adapter_model.safetensors`` is read (never a pickled ``.bin``). Everything is validated
+    before the model is touched, so a failed load leaves it unchanged.
+
+    Args:
+        model: The base model PEFT wrapped (e.g. a ``ViTForImageClassification``), without
+            adapters, or already carrying exactly the adapters the folder describes.
+        directory: A folder written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
+
+    Returns:
+        ``model``, adapted and loaded.
+
+    Raises:
+        FileNotFoundError: If the config or the safetensors file is missing.
+        LoRAError: If the folder uses anything lora-vit cannot represent (another
+            ``peft_type``, DoRA, ``bias`` other than ``"none"``, ``lora_bias``,
+            ``fan_in_fan_out``, weight-rewriting inits, LoRA on non-Linear layers, partial
+            ``modules_to_save``, unknown non-empty fields), names modules the model lacks, or
+            holds inconsistent, mis-shaped or non-finite tensors.
+
+    Example:
+        >>> import copy, tempfile, torch
+        >>> from lora_vit import inject_lora
+        >>> base = nn.Sequential(nn.Linear(4, 4))
+        >>> model = inject_lora(copy.deepcopy(base), targets=["0"], r=2, alpha=4)
+        >>> folder = save_peft_adapter(model, tempfile.mkdtemp())
+        >>> type(load_peft_adapter(copy.deepcopy(base), folder)[0]).__name__
+        'LoRALinear'
+    """
+    folder = Path(directory)
+    where = repr(str(folder))
+    config = _read_config(folder)
+    lora, other = _split_keys(_read_tensors(folder), where)
+    if not lora:
+        raise LoRAError(f"{where} holds no lora_A/lora_B tensors")
+    trainable = _modules_to_save(model, config, other, where)
+
+    existing = adapted_layers(model)
+    planned: dict[str, LoRALinear] = {}
+    if existing:
+        if set(existing) != set(lora) or not all(
+            _same_layout(layer, _layer_spec(n, lora[n], config, where), config) for n, layer in existing.items()
+        ):
+            raise LoRAError(
+                f"the model already has adapters with another layout than {where} (only in the model:"
+                f" {sorted(set(existing) - set(lora))}; only in the folder: {sorted(set(lora) - set(existing))};"
+                " or ranks, alphas or slices differ). Load it into a fresh base model instead."
+            )
+        layers: Mapping[str, LoRALinear] = existing
+    else:
+        planned = {name: _plan_layer(model, name, pair, config, where) for name, pair in lora.items()}
+        layers = planned
+
+    expected: dict[str, Tensor] = {}
+    given: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        for factor in ("lora_A", "lora_B"):
+            expected[f"{name}.{factor}"] = getattr(layer, factor).detach()
+            given[f"{name}.{factor}"] = lora[name][factor]
+    for name in sorted(set(trainable) | set(trainable_modules(model))):
+        for key, value in model.get_submodule(name).state_dict().items():
+            expected[f"{name}.{key}"] = value
+    given.update(other)
+    try:
+        check_tensors(expected, given, strict=True)
+    except LoRAError as err:
+        raise LoRAError(f"{where}: {err}") from None
+
+    apply_adapters(model, planned, trainable)
+    copy_tensors(lora_state_dict(model), given)
+    return model
