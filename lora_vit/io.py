@@ -20,7 +20,7 @@ from .inject import adapted_layers, apply_adapters, check_not_wrapped, find_modu
 from .layer import LoRALinear
 from .state import check_tensors, copy_tensors, lora_state_dict
 
-__all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora"]
+__all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora", "write_atomically"]
 
 FORMAT = "lora_vit"
 _FORMAT_VERSION = "1"
@@ -32,7 +32,7 @@ def _current_umask() -> int:
     return mask
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp makes the file private (0600); give it the mode a plain open() would have.
@@ -110,7 +110,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     path = Path(path)
-    _write_atomically(path, safetensors_bytes(tensors, metadata=header))
+    write_atomically(path, safetensors_bytes(tensors, metadata=header))
     return path
 
 

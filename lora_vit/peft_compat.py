@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .inject import adapted_layers, apply_adapters, trainable_modules
-from .io import _write_atomically
+from .io import write_atomically
 from .layer import LoRALinear
 from .state import check_tensors, copy_tensors, lora_state_dict
 
@@ -180,8 +180,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     config = _config(model, layers)
     folder = Path(directory)
-    _write_atomically(folder / PEFT_WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    _write_atomically(folder / PEFT_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_atomically(folder / PEFT_WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    write_atomically(folder / PEFT_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
 
 
