@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import LoRAError
-from .layer import LoRALinear, check_dropout, check_init
+from .layer import LoRALinear, check_dropout, check_init, value_for
 from .readers import route_weight_readers
 from .targets import TargetMatch, resolve_modules, resolve_targets
 
@@ -149,14 +149,6 @@ def apply_adapters(model: nn.Module, layers: Mapping[str, LoRALinear], trainable
             param.requires_grad_(True)
 
 
-def _per_target(value: object, target: str, what: str) -> object:
-    if isinstance(value, Mapping):
-        if target not in value:
-            raise LoRAError(f"{what} is a mapping without an entry for target {target!r}: {dict(value)}")
-        return value[target]
-    return value
-
-
 def _build_layer(
     base: nn.Module,
     matches: list[TargetMatch],
@@ -171,8 +163,8 @@ def _build_layer(
         target = matches[0].target
         return LoRALinear(
             base,
-            _per_target(r, target, "r"),  # type: ignore[arg-type]
-            _per_target(alpha, target, "alpha"),  # type: ignore[arg-type]
+            value_for(r, target, "r", "target"),
+            value_for(alpha, target, "alpha", "target"),
             dropout,
             init=init,
             use_rslora=use_rslora,
@@ -180,8 +172,8 @@ def _build_layer(
     slices = {m.slice: m.bounds for m in matches}
     return LoRALinear(
         base,
-        {m.slice: _per_target(r, m.target, "r") for m in matches},  # type: ignore[misc]
-        {m.slice: _per_target(alpha, m.target, "alpha") for m in matches},  # type: ignore[misc]
+        {m.slice: value_for(r, m.target, "r", "target") for m in matches},  # type: ignore[misc]
+        {m.slice: value_for(alpha, m.target, "alpha", "target") for m in matches},  # type: ignore[misc]
         dropout,
         slices=slices,  # type: ignore[arg-type]
         init=init,

@@ -93,11 +93,12 @@ def check_init(init: object) -> str:
     return str(init)
 
 
-def _per_slice(value: Any, name: str, what: str) -> Any:
+def value_for(value: Any, key: str, what: str, kind: str) -> Any:
+    """``value[key]`` when ``value`` is a per-slice or per-target mapping, else ``value`` itself."""
     if isinstance(value, Mapping):
-        if name not in value:
-            raise LoRAError(f"{what} is a mapping without an entry for slice {name!r}: {dict(value)}")
-        return value[name]
+        if key not in value:
+            raise LoRAError(f"{what} is a mapping without an entry for {kind} {key!r}: {dict(value)}")
+        return value[key]
     return value
 
 
@@ -130,8 +131,8 @@ def _build_slices(
                 f" inside [0, {out_features})"
             )
         where = f"slice {name!r} ({stop - start} rows, in_features={in_features})"
-        rank = check_rank(_per_slice(r, name, "r"), min(in_features, stop - start), where)
-        built.append(LoRASlice(name, start, stop, rank, check_alpha(_per_slice(alpha, name, "alpha"), where)))
+        rank = check_rank(value_for(r, name, "r", "slice"), min(in_features, stop - start), where)
+        built.append(LoRASlice(name, start, stop, rank, check_alpha(value_for(alpha, name, "alpha", "slice"), where)))
     built.sort(key=lambda s: s.start)
     for left, right in zip(built, built[1:]):
         if right.start < left.stop:
