@@ -87,6 +87,7 @@ class _LoRALinear(torch.autograd.Function):
         out = F.linear(x2, weight, bias)
         dtype = out.dtype  # the autocast dtype when autocast is on
         scale = 1.0
+        seed = None  # no mask to regenerate
         if p > 0:
             seed = _new_seed(x2.device)
             keep = _keep_mask(x2.shape, p, seed, x2.device, regenerate=False)
@@ -94,7 +95,6 @@ class _LoRALinear(torch.autograd.Function):
             # Multiplying by the bool mask is ~2x faster than torch.where on CPU.
             hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
         else:
-            seed = torch.zeros((), dtype=torch.int64)
             hidden = F.linear(x2.to(dtype), a.to(dtype))
         out.addmm_(hidden, scaled_b.to(dtype).t())
         ctx.save_for_backward(x2, weight, a, scaled_b, hidden, seed)
