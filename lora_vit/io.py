@@ -18,7 +18,7 @@ from ._version import __version__
 from .errors import LoRAError
 from .inject import adapted_layers, apply_adapters, check_not_wrapped, find_module, trainable_modules, unwrap_model
 from .layer import LoRALinear
-from .state import check_tensors, copy_tensors, lora_state_dict
+from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
 
 __all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora", "write_atomically"]
 
@@ -309,14 +309,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
     if check_base:
         _check_base(recorded, layers, path)
 
-    expected: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        for param_name, param in layer.named_parameters(recurse=False):
-            if param_name.startswith("lora_"):
-                expected[f"{name}.{param_name}"] = param.detach()
-    for name in sorted(set(trainable) | set(trainable_modules(model))):
-        for key, value in find_module(model, name).state_dict().items():
-            expected[f"{name}.{key}"] = value
+    expected = adapter_tensors(model, layers, sorted(set(trainable) | set(trainable_modules(model))))
     try:
         check_tensors(expected, tensors, strict=True)
     except LoRAError as err:

@@ -27,7 +27,7 @@ from .errors import LoRAError
 from .inject import adapted_layers, apply_adapters, trainable_modules
 from .io import write_atomically
 from .layer import LoRALinear
-from .state import check_tensors, copy_tensors, lora_state_dict
+from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
 
@@ -169,13 +169,10 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
     if not layers:
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to export; call inject_lora first")
     _check_exportable(layers)
-    tensors: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        for factor in ("lora_A", "lora_B"):
-            tensors[_peft_key(name, factor)] = getattr(layer, factor)
-    for name in trainable_modules(model):
-        for key, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{_PREFIX}{name}.{key}"] = value
+    state = lora_state_dict(model)
+    factors = ("lora_A", "lora_B")
+    tensors = {_peft_key(name, factor): state.pop(f"{name}.{factor}") for name in layers for factor in factors}
+    tensors.update({_PREFIX + key: value for key, value in state.items()})
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     config = _config(model, layers)
@@ -391,15 +388,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
         planned = {name: _plan_layer(model, name, pair, config, where) for name, pair in lora.items()}
         layers = planned
 
-    expected: dict[str, Tensor] = {}
-    given: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        for factor in ("lora_A", "lora_B"):
-            expected[f"{name}.{factor}"] = getattr(layer, factor).detach()
-            given[f"{name}.{factor}"] = lora[name][factor]
-    for name in sorted(set(trainable) | set(trainable_modules(model))):
-        for key, value in model.get_submodule(name).state_dict().items():
-            expected[f"{name}.{key}"] = value
+    expected = adapter_tensors(model, layers, sorted(set(trainable) | set(trainable_modules(model))))
+    given = {f"{name}.{factor}": pair[factor] for name, pair in lora.items() for factor in ("lora_A", "lora_B")}
     given.update(other)
     try:
         check_tensors(expected, given, strict=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -10,8 +10,9 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .inject import adapted_layers, find_module, trainable_modules
+from .layer import LoRALinear
 
-__all__ = ["LoadResult", "check_tensors", "load_lora_state_dict", "lora_state_dict"]
+__all__ = ["LoadResult", "adapter_tensors", "check_tensors", "load_lora_state_dict", "lora_state_dict"]
 
 
 class LoadResult(NamedTuple):
@@ -38,8 +39,27 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
         >>> sorted(lora_state_dict(model))
         ['0.lora_A', '0.lora_B']
     """
+    state = adapter_tensors(model, adapted_layers(model), trainable_modules(model))
+    if not state:
+        raise LoRAError(
+            f"{type(model).__name__} has no LoRA adapters; call inject_lora first, or load_lora"
+            " with an adapter file"
+        )
+    return state
+
+
+def adapter_tensors(model: nn.Module, layers: Mapping[str, LoRALinear], trainable: Iterable[str]) -> dict[str, Tensor]:
+    """The adapter Parameters of ``layers`` and the state of the ``trainable`` modules of ``model``.
+
+    ``layers`` may be adapters not yet swapped into ``model`` (a planned load); keys are
+    dotted names as in :func:`lora_state_dict`, values detached tensors sharing storage.
+
+    Raises:
+        LoRAError: If an adapter Parameter has another shape than its layer implies (an FSDP
+            shard outside ``summon_full_params``).
+    """
     state: dict[str, Tensor] = {}
-    for name, layer in adapted_layers(model).items():
+    for name, layer in layers.items():
         for s in layer.slices:
             for param_name, shape in ((s.a_name, (s.r, layer.in_features)), (s.b_name, (s.rows, s.r))):
                 param = getattr(layer, param_name)
@@ -51,14 +71,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
                         " looks sharded (FSDP). Call this inside FSDP.summon_full_params(model)"
                     )
                 state[f"{name}.{param_name}"] = param.detach()
-    for name in trainable_modules(model):
+    for name in trainable:
         for key, value in find_module(model, name).state_dict().items():
             state[f"{name}.{key}"] = value
-    if not state:
-        raise LoRAError(
-            f"{type(model).__name__} has no LoRA adapters; call inject_lora first, or load_lora"
-            " with an adapter file"
-        )
     return state
 
 

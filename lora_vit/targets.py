@@ -185,7 +185,8 @@ def resolve_targets(
             )
         for hit in hits:
             matches.setdefault((hit.module, hit.slice), hit)
-    ordered = [m for name in candidates for key, m in matches.items() if key[0] == name]
+    position = {name: i for i, name in enumerate(candidates)}
+    ordered = sorted(matches.values(), key=lambda m: position[m.module])  # stable: slices keep their order
     for match in ordered:
         module = candidates[match.module]
         if isinstance(module, LoRALinear):
