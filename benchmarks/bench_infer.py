@@ -107,14 +107,7 @@ COLUMNS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_s16", "vit_b16"], choices=sorted(common.MODELS))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds (median of these)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile(fullgraph=True) rows")
-    parser.add_argument("--note", default="", help="free text stored with the results")
+    common.add_common_arguments(parser, reps=15)
     args = parser.parse_args()
 
     keys = list(VARIANTS)

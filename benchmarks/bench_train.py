@@ -170,16 +170,9 @@ COLUMNS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_s16", "vit_b16"], choices=sorted(common.MODELS))
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=5, help="interleaved rounds (median of these)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile(fullgraph=True) rows")
+    common.add_common_arguments(parser, reps=5)
     parser.add_argument("--variants", nargs="+", help=f"subset of {BASE_VARIANTS} (floor always runs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
-    parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine loaded')")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

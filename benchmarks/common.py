@@ -11,6 +11,7 @@ Conventions (see benchmarks/README.md):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -45,6 +46,18 @@ MODELS = {
 }
 QKV = ("q_proj", "k_proj", "v_proj")  # HF transformers 5.x ViT names of q, k, v
 RANK, ALPHA, NUM_LABELS = 8, 16, 10
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, reps: int) -> None:
+    """The options both benchmarks take: models, batch, image size, rounds, device, dtype, compile, note."""
+    parser.add_argument("--models", nargs="+", default=["vit_s16", "vit_b16"], choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--reps", type=int, default=reps, help="interleaved rounds (median of these)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile(fullgraph=True) rows")
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine loaded')")
 
 
 def build_vit(name: str, image_size: int, seed: int = 0) -> nn.Module:
