@@ -197,6 +197,11 @@ class LoRALinear(nn.Module):
         torch.Size([3, 5, 8])
     """
 
+    output_modified_in_place: bool = False
+    """Set (by :func:`lora_vit.inject_lora`) when the parent modifies this layer's output in
+    place, as timm's EVA/BEiT ``qkv += bias`` does; DoRA, which saves its output for backward,
+    then returns a copy (one more ``(N, out)`` activation for such layers only)."""
+
     def __init__(
         self,
         base: nn.Linear,
@@ -329,7 +334,8 @@ class LoRALinear(nn.Module):
         a, scaled_b = self.stacked_a(), self.scaled_b()
         if self.use_dora:
             row_scale = self.row_scale(dora_row_norms(self.weight, a, scaled_b))
-            return dora_linear(x, self.weight, self.bias, a, scaled_b, row_scale, p)
+            out = dora_linear(x, self.weight, self.bias, a, scaled_b, row_scale, p)
+            return out.clone() if self.output_modified_in_place else out
         return lora_linear(x, self.weight, self.bias, a, scaled_b, p)
 
     def merged_weight(self) -> Tensor:

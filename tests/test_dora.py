@@ -282,3 +282,34 @@ def test_strict_loads_name_a_missing_or_misshaped_magnitude(tmp_path):
 def test_use_dora_must_be_a_bool():
     with pytest.raises(LoRAError, match="use_dora"):
         inject_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], use_dora="yes")
+
+
+def test_dora_trains_through_parents_that_add_to_its_output_in_place():
+    """timm EVA/BEiT (after routing) do ``qkv = self.qkv(x); qkv += bias``; DoRA saves its output."""
+
+    class AddsInPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 6, bias=False)
+            self.q_bias = nn.Parameter(torch.randn(6))
+            self.qkv_bias_separate = False  # timm's switch; inject_lora turns it on
+
+        def forward(self, x):
+            if self.qkv_bias_separate:
+                out = self.qkv(x)
+                out += self.q_bias
+                return out
+            return nn.functional.linear(x, self.qkv.weight, self.q_bias)
+
+    model = inject_lora(AddsInPlace(), ["q", "v"], r=1, dropout=0.0, use_dora=True)  # slices of the fused qkv
+    assert model.qkv_bias_separate and model.qkv.output_modified_in_place
+    with torch.no_grad():
+        for s in model.qkv.slices:
+            getattr(model.qkv, s.b_name).normal_()
+    x = torch.randn(5, 8)
+    reference = copy.deepcopy(model)
+    model(x).square().sum().backward()
+    # The same layer, its output used out of place: same numbers, same gradients.
+    (reference.qkv(x) + reference.q_bias).square().sum().backward()
+    for name, _ in model.qkv.adapter_shapes():
+        torch.testing.assert_close(getattr(model.qkv, name).grad, getattr(reference.qkv, name).grad, msg=name)
