@@ -199,7 +199,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
 def _factor_names(use_dora: bool) -> list[tuple[str, str]]:
     """``(lora-vit attribute, PEFT tensor name)`` of an unsliced layer's adapter tensors."""
     pairs = [("lora_A", "lora_A"), ("lora_B", "lora_B")]
-    return pairs + [("lora_magnitude", _MAGNITUDE)] if use_dora else pairs
+    return [*pairs, ("lora_magnitude", _MAGNITUDE)] if use_dora else pairs
 
 
 def _empty(value: object) -> bool:
@@ -369,8 +369,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
 
     Ranks come from the tensors (checked against ``r``/``rank_pattern``), alphas from
     ``lora_alpha``/``alpha_pattern`` with PEFT's matching rules, ``use_rslora``, ``use_dora``
-    (DoRA magnitudes from ``lora_magnitude_vector``) and ``lora_dropout`` from the config; ``modules_to_save`` become ``trainable`` modules. The
-    result computes what ``peft.PeftModel.from_pretrained(base, directory)`` computes. Only
+    (DoRA magnitudes from ``lora_magnitude_vector``) and ``lora_dropout`` from the config;
+    ``modules_to_save`` become ``trainable`` modules. The result computes what
+    ``peft.PeftModel.from_pretrained(base, directory)`` computes. Only
     ``adapter_model.safetensors`` is read (never a pickled ``.bin``). Everything is validated
     before the model is touched, so a failed load leaves it unchanged.
 
