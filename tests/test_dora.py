@@ -59,7 +59,10 @@ def dense_reference(layer, x, keep=None, p=0.0):
     params = {
         name: getattr(layer, name).detach().double().clone().requires_grad_() for name, _ in layer.adapter_shapes()
     }
-    w = layer.weight.detach().double()
+    # The base too (inject_lora freezes it, a bare LoRALinear does not): its gradients are checked.
+    params["weight"] = w = layer.weight.detach().double().clone().requires_grad_()
+    if layer.bias is not None:
+        params["bias"] = layer.bias.detach().double().clone().requires_grad_()
     x = x.detach().double().clone().requires_grad_()
     delta = torch.zeros(OUT, IN, dtype=torch.float64)
     scale = torch.ones(OUT, dtype=torch.float64)
@@ -74,7 +77,7 @@ def dense_reference(layer, x, keep=None, p=0.0):
     dropped = x if keep is None else x * keep / (1 - round(p * 65536) / 65536)
     y = scale * (x @ w.T + dropped @ delta.T)
     if layer.bias is not None:
-        y = y + layer.bias.detach().double()
+        y = y + params["bias"]
     return y, x, params
 
 
