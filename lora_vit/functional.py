@@ -191,6 +191,11 @@ class _DoRALinear(torch.autograd.Function):
         x2, weight, bias, a, scaled_b, hidden, seed, row_scale, out = ctx.saved_tensors
         dtype = grad.dtype
         keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, regenerate=True) if ctx.p > 0 else None
+        if torch.compiler.is_compiling():
+            # Spelled differently from the forward's, so that common-subexpression elimination
+            # cannot fold the backward's g * W into the forward's and make the partitioner save
+            # an (out, in) tensor per layer (measured: it does) instead of recomputing it.
+            row_scale = row_scale.neg().neg()
         grad_hidden = (grad @ _scale_rows(scaled_b, row_scale).to(dtype)) * ctx.scale
         grad_x = grad_w = grad_bias = grad_a = grad_b = grad_scale = None
         if ctx.needs_input_grad[0]:

@@ -100,3 +100,26 @@ def test_dora_inductor_matches_eager():
     compiled_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_dora_saves_nothing_of_size_out_by_in():
+    """The min-cut partitioner (inductor's) must recompute g * W in backward, not save it."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 24))
+    inject_lora(block, ["0", "2"], r=2, dropout=0.1, use_dora=True)
+    compiled = torch.compile(block, backend="aot_eager_decomp_partition", fullgraph=True)
+    x = torch.randn(64, 24, requires_grad=True)
+    compiled(x).sum().backward()  # compile first: the hooks then see only the graph's saved tensors
+    shapes = []
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:  # the graph passes parameters along too
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(x)
+    out.sum().backward()
+    assert shapes and (40, 24) not in shapes and (24, 40) not in shapes, shapes
+    assert block[0].lora_magnitude.grad is not None
