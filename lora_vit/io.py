@@ -15,9 +15,17 @@ from torch import Tensor, nn
 
 from . import fingerprint
 from ._version import __version__
+from .adapters import AdaptedLayer, adapter_from_config
 from .errors import LoRAError
-from .inject import adapted_layers, apply_adapters, check_not_wrapped, find_module, trainable_modules, unwrap_model
-from .layer import LoRALinear
+from .inject import (
+    adapted_layers,
+    apply_adapters,
+    check_not_wrapped,
+    check_routable,
+    find_module,
+    trainable_modules,
+    unwrap_model,
+)
 from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
 
 __all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora", "write_atomically"]
@@ -149,6 +157,9 @@ def _layer_config(name: str, config: object, path: object) -> dict[str, Any]:
     }
     slice_fields: dict[str, Any] = {"name": str, "start": int, "stop": int, "r": int, "alpha": (int, float)}
     ok = isinstance(config, dict) and all(isinstance(config.get(k), t) for k, t in fields.items())
+    # Optional fields (files of LoRALinear layers written before they existed lack them).
+    optional: dict[str, Any] = {"kind": str, "num_heads": int}
+    ok = ok and all(k not in config or isinstance(config[k], t) for k, t in optional.items())  # type: ignore[operator]
     ok = ok and bool(config["slices"]) and all(  # type: ignore[index]
         isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in slice_fields.items())
         for s in config["slices"]  # type: ignore[index]
@@ -197,7 +208,7 @@ def _recorded_fingerprints(header: Mapping[str, str], configs: Mapping[str, Any]
     return layers  # type: ignore[return-value]
 
 
-def _check_base(recorded: Mapping[str, list], layers: Mapping[str, LoRALinear], path: object) -> None:
+def _check_base(recorded: Mapping[str, list], layers: Mapping[str, AdaptedLayer], path: object) -> None:
     """Refuse base weights other than those the adapters were trained on.
 
     Raises:
@@ -273,7 +284,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
     recorded = _recorded_fingerprints(header, configs, path)
 
     existing = adapted_layers(model)
-    planned: dict[str, LoRALinear] = {}
+    planned: dict[str, AdaptedLayer] = {}
     if existing:
         if {n: _comparable(layer.config()) for n, layer in existing.items()} != {
             n: _comparable(c) for n, c in configs.items()
@@ -285,7 +296,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
                 f" (only in the model: {only_model}; only in the file: {only_file}; or ranks,"
                 " slices or alphas differ). Load it into a fresh base model instead."
             )
-        layers: Mapping[str, LoRALinear] = existing
+        layers: Mapping[str, AdaptedLayer] = existing
     else:
         if configs or set(trainable) - set(trainable_modules(model)):
             check_not_wrapped(model, "load_lora (which injects adapters) into")
@@ -294,12 +305,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
                 base = find_module(model, name)
             except AttributeError:
                 raise LoRAError(f"{str(path)!r} adapts layer {name!r}, which this model does not have") from None
-            if not isinstance(base, nn.Linear):
-                raise LoRAError(f"{str(path)!r} adapts {name!r}, which is a {type(base).__name__}, not nn.Linear")
             try:
-                planned[name] = LoRALinear.from_config(base, config)
+                planned[name] = adapter_from_config(base, config)
             except LoRAError as err:
                 raise LoRAError(f"{str(path)!r}, layer {name!r}: {err}") from None
+        check_routable(model, planned, str(path))
         layers = planned
     for name in trainable:
         try:

@@ -23,10 +23,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers, apply_adapters, trainable_modules
+from .inject import adapted_layers, apply_adapters, find_module, trainable_modules
 from .io import write_atomically
 from .layer import LoRALinear
+from .mha import LoRAMultiheadAttention
 from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
@@ -73,7 +75,22 @@ def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _check_exportable(layers: Mapping[str, LoRALinear]) -> None:
+_MHA_REFUSAL = (
+    "PEFT's MultiheadAttention LoRA (experimental) merges its adapters into the weights on every"
+    " forward and ties the in_proj and out_proj adapters to one rank, a different module than"
+    " lora-vit's LoRAMultiheadAttention; lora-vit neither exports nor imports it. Keep lora-vit's"
+    " own format (save_lora / load_lora)"
+)
+
+
+def _check_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
+    in_mha = [
+        name for name, layer in layers.items()
+        if isinstance(layer, LoRAMultiheadAttention) or isinstance(find_module(model, name.rpartition(".")[0]),
+                                                                    LoRAMultiheadAttention)
+    ]
+    if in_mha:
+        raise LoRAError(f"adapters inside nn.MultiheadAttention ({in_mha}) cannot be exported: {_MHA_REFUSAL}")
     sliced = [name for name, layer in layers.items() if not layer.covers_all_rows or layer.slices[0].name]
     if sliced:
         raise LoRAError(
@@ -168,7 +185,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
     layers = adapted_layers(model)
     if not layers:
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to export; call inject_lora first")
-    _check_exportable(layers)
+    _check_exportable(model, layers)
     state = lora_state_dict(model)
     factors = ("lora_A", "lora_B")
     tensors = {_peft_key(name, factor): state.pop(f"{name}.{factor}") for name in layers for factor in factors}
@@ -286,6 +303,13 @@ def _layer_spec(name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any]
     return r, alpha
 
 
+def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _plan_layer(
     model: nn.Module, name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any], where: str
 ) -> LoRALinear:
@@ -385,6 +409,12 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
             )
         layers: Mapping[str, LoRALinear] = existing
     else:
+        in_mha = [
+            name for name in lora
+            if ".base_layer." in name or isinstance(_module_or_none(model, name), nn.MultiheadAttention)
+        ]
+        if in_mha:
+            raise LoRAError(f"{where} adapts nn.MultiheadAttention modules ({in_mha}): {_MHA_REFUSAL}")
         planned = {name: _plan_layer(model, name, pair, config, where) for name, pair in lora.items()}
         layers = planned
 
