@@ -37,18 +37,18 @@ def randomize(model, std=0.1):
     return model
 
 
-def case_inputs(draw_case, E=16):
+def case_inputs(draw_case, dim=16):
     """query, key, value and call kwargs for one drawn case (seq-first or batch-first as asked)."""
     c = draw_case
     N, L, S = 2, 5, (5 if c["attention"] == "self" else 4)
     lead = (N, L) if c["batch_first"] else (L, N)
-    query = torch.randn(*(lead if c["batched"] else (L,)), E)
+    query = torch.randn(*(lead if c["batched"] else (L,)), dim)
     if c["attention"] == "self":
         key = value = query
     else:
         kv_shape = ((N, S) if c["batch_first"] else (S, N)) if c["batched"] else (S,)
-        key = torch.randn(*kv_shape, E)
-        value = key if c["attention"] == "shared_kv" else torch.randn(*kv_shape, E)
+        key = torch.randn(*kv_shape, dim)
+        value = key if c["attention"] == "shared_kv" else torch.randn(*kv_shape, dim)
     kwargs = {"need_weights": c["need_weights"], "average_attn_weights": c["average"]}
     if c["mask"] != "none" or c["causal"]:
         if c["causal"]:
@@ -241,7 +241,7 @@ def test_o_alone_routes_multihead_attention_through_its_out_proj(tmp_path):
     model = randomize(inject_lora(copy.deepcopy(base), ["o"], r=2, alpha=4))
     attn = model.get_submodule(ATTN["torchvision"])
     assert isinstance(attn, LoRAMultiheadAttention) and attn.slices == ()
-    assert [name for name, _ in lora_summary(model).adapted][0].endswith("self_attention.out_proj")
+    assert next(name for name, _ in lora_summary(model).adapted).endswith("self_attention.out_proj")
     x = torch.randn(2, 3, 32, 32)
     verify_lora(model, x)
     loaded = load_lora(copy.deepcopy(base), save_lora(model, tmp_path / "o.safetensors"))
