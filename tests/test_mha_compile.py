@@ -23,7 +23,8 @@ def fresh_dynamo():
 
 
 def adapted(build, dropout=0.0):
-    model = inject_lora(build(), ["q", "k", "v", "o", "fc1", "fc2"], r=2, alpha=4, dropout=dropout)
+    # One block: compile time grows with depth and one block shows every pattern.
+    model = inject_lora(build(depth=1), ["q", "k", "v", "o", "fc1", "fc2"], r=2, alpha=4, dropout=dropout)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (LoRALinear, LoRAMultiheadAttention)):
@@ -32,8 +33,7 @@ def adapted(build, dropout=0.0):
     return model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize(("family", "dropout"), [("torchvision", 0.0), ("open_clip", 0.1)])
 def test_training_steps_compile_to_one_graph_and_match_eager(family, dropout):
     eager = adapted(FAMILIES[family], dropout).train()
     compiled_model = copy.deepcopy(eager)
@@ -54,8 +54,7 @@ def test_training_steps_compile_to_one_graph_and_match_eager(family, dropout):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize(("family", "merged"), [("torchvision", False), ("open_clip", False), ("torchvision", True)])
 def test_inference_compiles_to_one_graph_and_matches_eager(family, merged):
     model = adapted(FAMILIES[family], dropout=0.1).eval()
     if merged:
@@ -74,7 +73,7 @@ def test_switching_between_train_and_eval_compiles_each_mode_once():
     model = adapted(TorchvisionStyleViT, dropout=0.1)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
-    for _ in range(3):
+    for _ in range(2):
         model.train()
         compiled(torch.randn(2, 3, 32, 32)).sum().backward()
         model.eval()

@@ -1,5 +1,13 @@
 """Import torchvision and open_clip's ``transformer`` module for the tests, or skip.
 
+Where they come from: an environment where torchvision imports normally, or else the folder
+``.vision-packages`` at the repository root, where the README's test command installs them
+(``pip install --no-deps --target .vision-packages torchvision==0.28.0 open_clip_torch==3.3.0``).
+They are kept out of the virtual environment on purpose: a torchvision that cannot import
+breaks ``transformers``' ViT import in every process that has not applied the workaround
+below (the example's subprocesses, users' scripts), so only the tests that need it put that
+folder on ``sys.path``.
+
 The torchvision wheel on PyPI is built against CUDA torch; with the CPU ``torch==2.13.0`` its
 C++ extension does not load, and its Python side then fails at import time registering fake
 kernels for ``torchvision::nms`` and ``torchvision::qnms``, operators that would have come from
@@ -18,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +36,17 @@ _SCHEMAS = {
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
 _library = None
+PACKAGES = Path(__file__).resolve().parents[1] / ".vision-packages"
+
+
+def _find(name: str):
+    """The import spec of ``name``, looking in ``.vision-packages`` too (added to ``sys.path`` if used)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None and PACKAGES.is_dir() and str(PACKAGES) not in sys.path:
+        sys.path.append(str(PACKAGES))
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(name)
+    return spec
 
 
 def define_missing_torchvision_ops() -> None:
@@ -52,8 +72,8 @@ def _has_op(name: str) -> bool:
 
 def import_torchvision():
     """The torchvision module, or a pytest skip when it is not installed or does not import."""
-    if importlib.util.find_spec("torchvision") is None:
-        pytest.skip("torchvision is not installed (pip install --no-deps torchvision, see README)")
+    if _find("torchvision") is None:
+        pytest.skip("torchvision is not installed (see README's test command and tests/vision_support.py)")
     define_missing_torchvision_ops()
     try:
         import torchvision
@@ -66,9 +86,9 @@ def import_open_clip_transformer():
     """``open_clip.transformer``, or a pytest skip when open_clip is not installed."""
     if "open_clip.transformer" in sys.modules:
         return sys.modules["open_clip.transformer"]
-    spec = importlib.util.find_spec("open_clip") if "open_clip" not in sys.modules else None
+    spec = _find("open_clip") if "open_clip" not in sys.modules else None
     if spec is None and "open_clip" not in sys.modules:
-        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch, see README)")
+        pytest.skip("open_clip_torch is not installed (see README's test command and tests/vision_support.py)")
     import_torchvision()
     if "open_clip" not in sys.modules:
         # The package without its __init__ (which imports the tokenizers' dependencies).
