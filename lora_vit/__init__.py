@@ -15,6 +15,7 @@ from .mha import LoRAMultiheadAttention
 from .peft_compat import load_peft_adapter, save_peft_adapter
 from .state import LoadResult, load_lora_state_dict, lora_state_dict
 from .targets import LOGICAL_TARGETS, PRESETS, resolve_targets
+from .toggle import disable_lora
 from .verify import verify_lora
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "LoRASummary",
     "LoadResult",
     "__version__",
+    "disable_lora",
     "inject_lora",
     "load_lora",
     "load_lora_state_dict",

@@ -123,6 +123,9 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     delta_weight = LoRALinear.delta_weight
     merged_weight = LoRALinear.merged_weight
 
+    # Set only by lora_vit.disable_lora: the base module's function, adapters kept in place.
+    _lora_disabled = False
+
     def __init__(
         self,
         base: nn.MultiheadAttention,
@@ -296,6 +299,11 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """``nn.MultiheadAttention.forward`` with the adapters applied (same arguments and outputs)."""
+        if self._lora_disabled:  # lora_vit.disable_lora: exactly the base module's function
+            return self._merged_forward(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
+                adapted=False,
+            )
         lora_dropout = (isinstance(self.out_proj, LoRALinear) and self.out_proj.dropout > 0) or self.lora_dropout > 0
         needs_grad = torch.is_grad_enabled() and any(
             _arg_requires_grad(t) for t in (query, key, value, *self._tensors())
@@ -308,18 +316,19 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
 
-    def _merged_weights(self) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        in_weight = self.merged_weight() if self.slices else self.in_proj_weight
+    def _merged_weights(self, adapted: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        in_weight = self.merged_weight() if self.slices and adapted else self.in_proj_weight
         out_proj = self.out_proj
-        out_weight = out_proj.merged_weight() if isinstance(out_proj, LoRALinear) else out_proj.weight
+        out_adapted = adapted and isinstance(out_proj, LoRALinear) and not out_proj._lora_disabled
+        out_weight = out_proj.merged_weight() if out_adapted else out_proj.weight  # type: ignore[operator]
         return in_weight, out_weight, out_proj.bias
 
     def _merged_forward(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, need_weights: bool,
-        attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool,
+        attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool, adapted: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         # nn.MultiheadAttention.forward's own logic, with the merged weights in place of its Parameters.
-        in_weight, out_weight, out_bias = self._merged_weights()
+        in_weight, out_weight, out_bias = self._merged_weights(adapted)
         float_mask = (attn_mask is not None and torch.is_floating_point(attn_mask)) or (
             key_padding_mask is not None and torch.is_floating_point(key_padding_mask)
         )
