@@ -2,7 +2,6 @@
 
 import copy
 
-import pytest
 import torch
 from torch import nn
 from vision_support import import_open_clip_transformer, import_torchvision
