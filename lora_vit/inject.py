@@ -14,6 +14,7 @@ from .layer import LoRALinear, check_dropout, check_init, value_for
 from .mha import LoRAMultiheadAttention
 from .readers import route_weight_readers
 from .targets import TargetMatch, resolve_modules, resolve_targets
+from .wrappers import check_not_wrapped, clean_name, is_wrapper, unwrap_model
 
 __all__ = [
     "LoRASummary",
@@ -33,48 +34,11 @@ logger = logging.getLogger("lora_vit")
 # adapters; it is a plain attribute, so it never appears in the model's state_dict.
 _TRAINABLE_ATTR = "_lora_vit_trainable"
 
-# Name segments that wrappers nested inside a model insert (FSDP auto-wrap, torch.compile of a
-# submodule, activation checkpointing). ``module`` (DDP) is not one: users name modules so, and
-# DDP only ever wraps the whole model, which unwrap_model removes.
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-_WRAPPER_TYPES = frozenset(
-    {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "OptimizedModule", "CheckpointWrapper"}
-)
-
-
-def _is_wrapper(module: nn.Module) -> bool:
-    # By class name, so that importing lora_vit never imports torch.distributed (absent on some builds).
-    return type(module).__name__ in _WRAPPER_TYPES
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP, DataParallel, FSDP or ``torch.compile`` wrappers (itself if none).
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2))
-        >>> unwrap_model(nn.DataParallel(net)) is net
-        True
-    """
-    while _is_wrapper(model):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_fsdp_wrapped_module", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
-
-
-def clean_name(name: str) -> str:
-    """``name`` without the segments that nested wrappers insert (``blocks.0._fsdp_wrapped_module.attn``)."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
 def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules by their unwrapped dotted names; where a wrapper and its content share a name, the content."""
     found: dict[str, nn.Module] = {}
     for name, module in unwrap_model(model).named_modules():
-        if not _is_wrapper(module):
+        if not is_wrapper(module):
             found[clean_name(name)] = module
     return found
 
@@ -125,20 +89,6 @@ def forget_injection(model: nn.Module) -> None:
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(find_module(model, parent_name), child, new)
-
-
-def check_not_wrapped(model: nn.Module, action: str) -> None:
-    """Refuse to add modules under a DDP/FSDP wrapper, which would never see their parameters.
-
-    Raises:
-        LoRAError: If ``model`` is such a wrapper.
-    """
-    if type(model).__name__ in {"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"}:
-        raise LoRAError(
-            f"cannot {action} a {type(model).__name__}-wrapped model: the wrapper has already registered"
-            " its parameters, so new adapters would not be synchronised. Inject (or load_lora) into the"
-            " plain model first, then wrap it (see docs/distributed.md)"
-        )
 
 
 def check_routable(model: nn.Module, layers: Mapping[str, AdaptedLayer], where: str) -> None:
@@ -255,7 +205,8 @@ def inject_lora(
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
 
     Returns:
-        ``model`` itself, adapted.
+        ``model`` itself, adapted. A ``torch.compile`` (or checkpoint) wrapper is seen through:
+        the model inside it is adapted and the wrapper returned.
 
     Raises:
         LoRAError: For a target or trainable name that matches nothing (listing the model's
@@ -269,6 +220,7 @@ def inject_lora(
         50
     """
     check_not_wrapped(model, "inject_lora into")
+    wrapper, model = model, unwrap_model(model)  # a torch.compile wrapper: adapt what it runs
     dropout = check_dropout(dropout)
     init = check_init(init)
     trainable_names = resolve_modules(model, trainable) if trainable else []
@@ -292,7 +244,7 @@ def inject_lora(
     }
     apply_adapters(model, layers, trainable_names)
     logger.info("%s", lora_summary(model))
-    return model
+    return wrapper
 
 
 @dataclass(frozen=True)

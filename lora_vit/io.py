@@ -15,18 +15,11 @@ from torch import Tensor, nn
 
 from . import fingerprint
 from ._version import __version__
-from .adapters import AdaptedLayer, adapter_from_config
+from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import (
-    adapted_layers,
-    apply_adapters,
-    check_not_wrapped,
-    check_routable,
-    find_module,
-    trainable_modules,
-    unwrap_model,
-)
-from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
+from .inject import adapted_layers, trainable_modules
+from .loading import load_adapters
+from .state import lora_state_dict
 
 __all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora", "write_atomically"]
 
@@ -180,11 +173,6 @@ def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _json_field(header, "user", dict, path)
 
 
-def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a layer config that change outputs (dropout only matters in training)."""
-    return {k: v for k, v in config.items() if k != "dropout"}
-
-
 def _recorded_fingerprints(header: Mapping[str, str], configs: Mapping[str, Any], path: object) -> dict[str, list]:
     """The file's base fingerprints by layer; empty for files written before they existed."""
     if "base_fingerprint" not in header:
@@ -283,48 +271,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
     _check_trainable_overlap(trainable, configs, path)
     recorded = _recorded_fingerprints(header, configs, path)
 
-    existing = adapted_layers(model)
-    planned: dict[str, AdaptedLayer] = {}
-    if existing:
-        if {n: _comparable(layer.config()) for n, layer in existing.items()} != {
-            n: _comparable(c) for n, c in configs.items()
-        }:
-            only_model = sorted(set(existing) - set(configs))
-            only_file = sorted(set(configs) - set(existing))
-            raise LoRAError(
-                f"the model already has adapters with another layout than {str(path)!r}"
-                f" (only in the model: {only_model}; only in the file: {only_file}; or ranks,"
-                " slices or alphas differ). Load it into a fresh base model instead."
-            )
-        layers: Mapping[str, AdaptedLayer] = existing
-    else:
-        if configs or set(trainable) - set(trainable_modules(model)):
-            check_not_wrapped(model, "load_lora (which injects adapters) into")
-        for name, config in configs.items():
-            try:
-                base = find_module(model, name)
-            except AttributeError:
-                raise LoRAError(f"{str(path)!r} adapts layer {name!r}, which this model does not have") from None
-            try:
-                planned[name] = adapter_from_config(base, config)
-            except LoRAError as err:
-                raise LoRAError(f"{str(path)!r}, layer {name!r}: {err}") from None
-        check_routable(model, planned, str(path))
-        layers = planned
-    for name in trainable:
-        try:
-            find_module(model, name)
-        except AttributeError:
-            raise LoRAError(f"{str(path)!r} trains module {name!r}, which this model does not have") from None
-    if check_base:
-        _check_base(recorded, layers, path)
-
-    expected = adapter_tensors(model, layers, sorted(set(trainable) | set(trainable_modules(model))))
-    try:
-        check_tensors(expected, tensors, strict=True)
-    except LoRAError as err:
-        raise LoRAError(f"{str(path)!r}: {err}") from None
-
-    apply_adapters(unwrap_model(model), planned, trainable)
-    copy_tensors(lora_state_dict(model), tensors)
-    return model
+    return load_adapters(
+        model, configs, trainable, tensors, repr(str(path)),
+        check_layers=(lambda layers: _check_base(recorded, layers, path)) if check_base else None,
+    )

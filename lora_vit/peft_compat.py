@@ -25,11 +25,12 @@ from torch import Tensor, nn
 
 from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers, apply_adapters, find_module, trainable_modules
+from .inject import adapted_layers, find_module, trainable_modules, unwrap_model
 from .io import write_atomically
 from .layer import LoRALinear
+from .loading import load_adapters
 from .mha import LoRAMultiheadAttention
-from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
+from .state import lora_state_dict
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
 
@@ -305,34 +306,38 @@ def _layer_spec(name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any]
 
 def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
     try:
-        return model.get_submodule(name)
+        return find_module(model, name)
     except AttributeError:
         return None
 
 
-def _plan_layer(
-    model: nn.Module, name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any], where: str
-) -> LoRALinear:
-    try:
-        base = model.get_submodule(name)
-    except AttributeError:
-        raise LoRAError(f"{where} adapts {name!r}, which this {type(model).__name__} does not have") from None
-    if not isinstance(base, nn.Linear):
-        raise LoRAError(f"{where} adapts {name!r}, a {type(base).__name__}; lora-vit adapts only nn.Linear")
-    r, alpha = _layer_spec(name, pair, config, where)
-    dropout = config.get("lora_dropout") or 0.0
-    try:
-        return LoRALinear(base, r, alpha, dropout, use_rslora=bool(config.get("use_rslora", False)))
-    except LoRAError as err:
-        raise LoRAError(f"{where}, layer {name!r}: {err}") from None
-
-
-def _same_layout(layer: LoRALinear, spec: tuple[int, Any], config: Mapping[str, Any]) -> bool:
-    only = layer.slices[0]
-    return (
-        layer.covers_all_rows and not only.name and (only.r, only.alpha) == (spec[0], float(spec[1]))
-        and layer.use_rslora == bool(config.get("use_rslora", False))
-    )
+def _layer_configs(
+    model: nn.Module, lora: Mapping[str, Mapping[str, Tensor]], config: Mapping[str, Any], where: str
+) -> dict[str, dict[str, Any]]:
+    """Each PEFT module as lora-vit's own layer config (one unsliced adapter over the whole Linear)."""
+    in_mha = [
+        name for name in lora
+        if ".base_layer." in name or isinstance(_module_or_none(model, name), nn.MultiheadAttention)
+    ]
+    if in_mha:
+        raise LoRAError(f"{where} adapts nn.MultiheadAttention modules ({in_mha}): {_MHA_REFUSAL}")
+    configs = {}
+    for name, pair in lora.items():
+        r, alpha = _layer_spec(name, pair, config, where)
+        base = _module_or_none(model, name)
+        # Shapes from the model where it has the layer, so a mis-shaped tensor is named as such.
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        else:
+            in_features, out_features = int(pair["lora_A"].shape[1]), int(pair["lora_B"].shape[0])
+        configs[name] = {
+            "in_features": in_features,
+            "out_features": out_features,
+            "dropout": config.get("lora_dropout") or 0.0,
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
+        }
+    return configs
 
 
 def _modules_to_save(model: nn.Module, config: Mapping[str, Any], other: Mapping[str, Tensor], where: str) -> list[str]:
@@ -394,38 +399,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
     lora, other = _split_keys(_read_tensors(folder), where)
     if not lora:
         raise LoRAError(f"{where} holds no lora_A/lora_B tensors")
-    trainable = _modules_to_save(model, config, other, where)
-
-    existing = adapted_layers(model)
-    planned: dict[str, LoRALinear] = {}
-    if existing:
-        if set(existing) != set(lora) or not all(
-            _same_layout(layer, _layer_spec(n, lora[n], config, where), config) for n, layer in existing.items()
-        ):
-            raise LoRAError(
-                f"the model already has adapters with another layout than {where} (only in the model:"
-                f" {sorted(set(existing) - set(lora))}; only in the folder: {sorted(set(lora) - set(existing))};"
-                " or ranks, alphas or slices differ). Load it into a fresh base model instead."
-            )
-        layers: Mapping[str, LoRALinear] = existing
-    else:
-        in_mha = [
-            name for name in lora
-            if ".base_layer." in name or isinstance(_module_or_none(model, name), nn.MultiheadAttention)
-        ]
-        if in_mha:
-            raise LoRAError(f"{where} adapts nn.MultiheadAttention modules ({in_mha}): {_MHA_REFUSAL}")
-        planned = {name: _plan_layer(model, name, pair, config, where) for name, pair in lora.items()}
-        layers = planned
-
-    expected = adapter_tensors(model, layers, sorted(set(trainable) | set(trainable_modules(model))))
+    # Translate the folder into lora-vit's own terms, then the pipeline load_lora uses.
+    trainable = _modules_to_save(unwrap_model(model), config, other, where)
+    configs = _layer_configs(model, lora, config, where)
     given = {f"{name}.{factor}": pair[factor] for name, pair in lora.items() for factor in ("lora_A", "lora_B")}
     given.update(other)
-    try:
-        check_tensors(expected, given, strict=True)
-    except LoRAError as err:
-        raise LoRAError(f"{where}: {err}") from None
-
-    apply_adapters(model, planned, trainable)
-    copy_tensors(lora_state_dict(model), given)
-    return model
+    return load_adapters(model, configs, trainable, given, where)

@@ -19,6 +19,7 @@ from torch import nn
 from .errors import LoRAError
 from .layer import LoRALinear
 from .mha import LoRAMultiheadAttention, check_adaptable_mha, qkv_bounds
+from .wrappers import unwrap_model
 
 __all__ = ["LOGICAL_TARGETS", "PRESETS", "TargetMatch", "resolve_modules", "resolve_targets"]
 
@@ -186,6 +187,7 @@ def resolve_targets(
             ``nn.MultiheadAttention`` with separate q/k/v weights, or is matched both whole and
             as a fused slice.
     """
+    model = unwrap_model(model)  # names as inject_lora and the loaders resolve them
     candidates = _candidates(model)
     excluded = tuple(exclude)
     parents = dict(model.named_modules())
@@ -238,6 +240,7 @@ def resolve_modules(model: nn.Module, names: Iterable[str]) -> list[str]:
     """
     if isinstance(names, str):
         names = [names]
+    model = unwrap_model(model)
     all_names = [n for n, _ in model.named_modules() if n]
     selected: list[str] = []
     for pattern in names:
