@@ -6,7 +6,8 @@ A PEFT LoRA folder is ``adapter_config.json`` plus ``adapter_model.safetensors``
 (unsliced) :class:`LoRALinear` computes exactly PEFT's ``lora.Linear`` formula, so adapters
 move both ways without changing outputs. Everything PEFT can express that lora-vit cannot
 (DoRA, trained biases, Conv/Embedding LoRA, other PEFT methods, ...) is a :class:`LoRAError`,
-never a silent difference. This module does not import ``peft``.
+never a silent difference. ``nn.MultiheadAttention`` adapters move where both libraries compute
+the same function (one pair over the whole in-projection, no ``out_proj`` update). This module does not import ``peft``.
 """
 
 from __future__ import annotations
@@ -76,22 +77,50 @@ def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-_MHA_REFUSAL = (
-    "PEFT's MultiheadAttention LoRA (experimental) merges its adapters into the weights on every"
-    " forward and ties the in_proj and out_proj adapters to one rank, a different module than"
-    " lora-vit's LoRAMultiheadAttention; lora-vit neither exports nor imports it. Keep lora-vit's"
-    " own format (save_lora / load_lora)"
+# PEFT's (experimental) MultiheadAttention LoRA adapts the whole packed in-projection with one
+# pair (keys ``<mha>.lora_A/B``) and always out_proj too, with the same rank (keys
+# ``<mha>.base_layer.out_proj.lora_A/B``). Its forward (peft 0.21.2) adds the out_proj update to
+# the weight twice (once itself, once through the inner lora.Linear's merge), so only adapters
+# whose out_proj update is zero compute the same function in both libraries: those move both
+# ways, everything else is refused.
+_PEFT_OUT_PROJ_TWICE = (
+    "PEFT's MultiheadAttention LoRA (peft 0.21.2) applies the out_proj update twice in its forward,"
+    " so a non-zero out_proj adapter cannot give the same outputs in both libraries"
 )
+_BASE_OUT_PROJ = ".base_layer.out_proj"
+
+
+def _mha_parent(model: nn.Module, name: str) -> str | None:
+    """The name of the LoRAMultiheadAttention whose ``out_proj`` ``name`` is, else None."""
+    parent, _, child = name.rpartition(".")
+    if child != "out_proj":
+        return None
+    return parent if isinstance(_module_or_none(model, parent), LoRAMultiheadAttention) else None
+
+
+def _check_mha_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
+    for name, layer in layers.items():
+        parent = _mha_parent(model, name)
+        if parent is not None and parent not in layers:
+            raise LoRAError(
+                f"{name!r} adapts an nn.MultiheadAttention's out_proj alone; PEFT's MultiheadAttention LoRA"
+                " always adapts the in-projection too (target the attention module itself, or 'all-linear',"
+                " with one rank), so it has no form for this; keep save_lora"
+            )
+        if not isinstance(layer, LoRAMultiheadAttention):
+            continue
+        if not layer.covers_all_rows or layer.slices[0].name:
+            raise LoRAError(
+                f"PEFT's MultiheadAttention LoRA adapts the whole in-projection with one pair; {name!r} has"
+                f" {layer.extra_repr()}. Adapt the attention module by name (e.g. '*.self_attention') to"
+                " export, or keep save_lora"
+            )
+        if isinstance(layer.out_proj, LoRALinear):
+            raise LoRAError(f"{name + '.out_proj'!r} has an adapter: {_PEFT_OUT_PROJ_TWICE}; keep save_lora")
 
 
 def _check_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
-    in_mha = [
-        name for name, layer in layers.items()
-        if isinstance(layer, LoRAMultiheadAttention) or isinstance(find_module(model, name.rpartition(".")[0]),
-                                                                    LoRAMultiheadAttention)
-    ]
-    if in_mha:
-        raise LoRAError(f"adapters inside nn.MultiheadAttention ({in_mha}) cannot be exported: {_MHA_REFUSAL}")
+    _check_mha_exportable(model, layers)
     sliced = [name for name, layer in layers.items() if not layer.covers_all_rows or layer.slices[0].name]
     if sliced:
         raise LoRAError(
@@ -107,7 +136,12 @@ def _check_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> N
         )
 
 
-def _config(model: nn.Module, layers: Mapping[str, LoRALinear]) -> dict[str, Any]:
+def _lora_dropout(layer: AdaptedLayer) -> float:
+    # On LoRAMultiheadAttention, ``dropout`` is PyTorch's attention dropout.
+    return layer.lora_dropout if isinstance(layer, LoRAMultiheadAttention) else layer.dropout
+
+
+def _config(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> dict[str, Any]:
     names = list(layers)
     ranks = {name: layer.slices[0].r for name, layer in layers.items()}
     alphas = {name: layer.slices[0].alpha for name, layer in layers.items()}
@@ -132,7 +166,7 @@ def _config(model: nn.Module, layers: Mapping[str, LoRALinear]) -> dict[str, Any
         "inference_mode": True,
         "r": r,
         "lora_alpha": _number(alpha),
-        "lora_dropout": _most_common([layer.dropout for layer in layers.values()]),
+        "lora_dropout": _most_common([_lora_dropout(layer) for layer in layers.values()]),
         "use_rslora": first.use_rslora,
         "target_modules": target_modules,
         "rank_pattern": rank_pattern,
@@ -191,6 +225,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
     factors = ("lora_A", "lora_B")
     tensors = {_peft_key(name, factor): state.pop(f"{name}.{factor}") for name in layers for factor in factors}
     tensors.update({_PREFIX + key: value for key, value in state.items()})
+    for name, layer in layers.items():
+        if isinstance(layer, LoRAMultiheadAttention):  # PEFT's layer needs out_proj factors: a zero update
+            a = layer.stacked_a()
+            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_A")] = a.new_zeros(a.shape[0], layer.embed_dim)
+            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_B")] = a.new_zeros(layer.embed_dim, a.shape[0])
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     config = _config(model, layers)
@@ -311,20 +350,42 @@ def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _mha_configs(
+    name: str, base: nn.MultiheadAttention, pair: Mapping[str, Tensor], lora: Mapping[str, Mapping[str, Tensor]],
+    r: int, alpha: Any, config: Mapping[str, Any], where: str,
+) -> dict[str, dict[str, Any]]:
+    """PEFT's MultiheadAttention LoRA as lora-vit's: one unsliced in-projection pair (out_proj must be zero)."""
+    out_pair = lora.get(name + _BASE_OUT_PROJ)
+    if out_pair is None:
+        raise LoRAError(f"{where}: nn.MultiheadAttention {name!r} has no out_proj adapter, which PEFT always saves")
+    if out_pair["lora_A"].shape[0] != r or bool(out_pair["lora_B"].ne(0).any()):
+        raise LoRAError(f"{where}: {name!r} has a non-zero out_proj adapter: {_PEFT_OUT_PROJ_TWICE}")
+    embed = base.embed_dim
+    return {
+        name: {
+            "kind": "multihead_attention", "in_features": embed, "out_features": 3 * embed,
+            "num_heads": base.num_heads, "dropout": config.get("lora_dropout") or 0.0,
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "slices": [{"name": "", "start": 0, "stop": 3 * embed, "r": r, "alpha": alpha}],
+        },
+    }
+
+
 def _layer_configs(
     model: nn.Module, lora: Mapping[str, Mapping[str, Tensor]], config: Mapping[str, Any], where: str
 ) -> dict[str, dict[str, Any]]:
     """Each PEFT module as lora-vit's own layer config (one unsliced adapter over the whole Linear)."""
-    in_mha = [
-        name for name in lora
-        if ".base_layer." in name or isinstance(_module_or_none(model, name), nn.MultiheadAttention)
-    ]
-    if in_mha:
-        raise LoRAError(f"{where} adapts nn.MultiheadAttention modules ({in_mha}): {_MHA_REFUSAL}")
-    configs = {}
+    configs: dict[str, dict[str, Any]] = {}
     for name, pair in lora.items():
+        if name.endswith(_BASE_OUT_PROJ):
+            continue  # with its MultiheadAttention below
+        if ".base_layer." in name:
+            raise LoRAError(f"{where}: module {name!r} is a PEFT layer nested in another, which lora-vit cannot map")
         r, alpha = _layer_spec(name, pair, config, where)
         base = _module_or_none(model, name)
+        if isinstance(base, nn.MultiheadAttention):
+            configs.update(_mha_configs(name, base, pair, lora, r, alpha, config, where))
+            continue
         # Shapes from the model where it has the layer, so a mis-shaped tensor is named as such.
         if isinstance(base, nn.Linear):
             in_features, out_features = base.in_features, base.out_features
@@ -402,6 +463,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
     # Translate the folder into lora-vit's own terms, then the pipeline load_lora uses.
     trainable = _modules_to_save(unwrap_model(model), config, other, where)
     configs = _layer_configs(model, lora, config, where)
-    given = {f"{name}.{factor}": pair[factor] for name, pair in lora.items() for factor in ("lora_A", "lora_B")}
+    given = {  # a MultiheadAttention's (zero) out_proj factors have no counterpart
+        f"{name}.{factor}": pair[factor]
+        for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor in ("lora_A", "lora_B")
+    }
     given.update(other)
     return load_adapters(model, configs, trainable, given, where)
