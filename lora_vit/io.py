@@ -152,7 +152,7 @@ def _layer_config(name: str, config: object, path: object) -> dict[str, Any]:
     ok = isinstance(config, dict) and all(isinstance(config.get(k), t) for k, t in fields.items())
     # Optional fields (files of LoRALinear layers written before they existed lack them).
     optional: dict[str, Any] = {"kind": str, "num_heads": int}
-    ok = ok and all(k not in config or isinstance(config[k], t) for k, t in optional.items())  # type: ignore[operator]
+    ok = ok and all(k not in config or isinstance(config[k], t) for k, t in optional.items())  # type: ignore[operator,index]
     ok = ok and bool(config["slices"]) and all(  # type: ignore[index]
         isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in slice_fields.items())
         for s in config["slices"]  # type: ignore[index]

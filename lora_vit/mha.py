@@ -115,13 +115,31 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     """
 
     # The adapter math is LoRALinear's, over ``weight`` (= in_proj_weight): the same functions,
-    # so the two layers cannot drift apart (a test compares them).
-    reset_parameters = LoRALinear.reset_parameters
-    adapter_parameters = LoRALinear.adapter_parameters
-    stacked_a = LoRALinear.stacked_a
-    scaled_b = LoRALinear.scaled_b
-    delta_weight = LoRALinear.delta_weight
-    merged_weight = LoRALinear.merged_weight
+    # called on this module (it has every attribute they read), so the two layers cannot drift
+    # apart (a test compares them).
+    def reset_parameters(self) -> None:
+        """Re-initialise the in-projection adapters (A random, B zero); base weights untouched."""
+        LoRALinear.reset_parameters(self)  # type: ignore[arg-type]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The in-projection adapter Parameters ``[A, B, ...]`` in slice order."""
+        return LoRALinear.adapter_parameters(self)  # type: ignore[arg-type]
+
+    def stacked_a(self) -> Tensor:
+        """All slices' ``A`` stacked: ``(sum of ranks, embed_dim)``."""
+        return LoRALinear.stacked_a(self)  # type: ignore[arg-type]
+
+    def scaled_b(self, dtype: torch.dtype | None = None) -> Tensor:
+        """Every slice's ``scaling * B`` at its rows: ``(3 * embed_dim, sum of ranks)``."""
+        return LoRALinear.scaled_b(self, dtype)  # type: ignore[arg-type]
+
+    def delta_weight(self) -> Tensor:
+        """The in-projection update ``scaling * B @ A`` in float32: ``(3 * embed_dim, embed_dim)``."""
+        return LoRALinear.delta_weight(self)  # type: ignore[arg-type]
+
+    def merged_weight(self) -> Tensor:
+        """``in_proj_weight + scaling * B @ A``, summed in float32 and rounded once."""
+        return LoRALinear.merged_weight(self)  # type: ignore[arg-type]
 
     # Set only by lora_vit.disable_lora: the base module's function, adapters kept in place.
     _lora_disabled = False
@@ -167,9 +185,9 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         weight = self.in_proj_weight if self.slices else None
         for s in self.slices:
             assert weight is not None
-            like = {"device": weight.device, "dtype": weight.dtype}
-            self.register_parameter(s.a_name, nn.Parameter(torch.empty(s.r, self.in_features, **like)))
-            self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, **like)))
+            a = torch.empty(s.r, self.in_features, device=weight.device, dtype=weight.dtype)
+            self.register_parameter(s.a_name, nn.Parameter(a))
+            self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, device=a.device, dtype=a.dtype)))
         self.reset_parameters()
 
     @classmethod
@@ -255,7 +273,7 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             if not bool(torch.isfinite(merged).all()):
                 raise LoRAError("merging would put NaN or Inf into in_proj_weight")
             plain.in_proj_weight = nn.Parameter(merged, requires_grad=self.in_proj_weight.requires_grad)
-        out_proj = self.out_proj
+        out_proj: nn.Module = self.out_proj
         if isinstance(out_proj, LoRALinear):
             out_proj = out_proj.merged_linear()
         if type(out_proj) is nn.Linear:  # PyTorch's own class for it, as in an unmodified model
@@ -264,7 +282,7 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             )
             linear.weight, linear.bias = out_proj.weight, out_proj.bias
             out_proj = linear
-        plain.out_proj = out_proj
+        plain.out_proj = out_proj  # type: ignore[assignment]
         plain.train(self.training)
         return plain
 
@@ -343,6 +361,7 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             and key is value
             and in_weight is not None
             and self.in_proj_bias is not None
+            and out_bias is not None
             and query.dtype == self.in_proj_bias.dtype == in_weight.dtype
             and not self.training
             and self.num_heads % 2 == 0
@@ -359,6 +378,7 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         )
         traced = fast and _is_make_fx_tracing()
         if fast and not traced:
+            assert in_weight is not None and self.in_proj_bias is not None and out_bias is not None
             merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
             return torch._native_multi_head_attention(
                 query, key, value, self.embed_dim, self.num_heads, in_weight, self.in_proj_bias, out_weight,
@@ -401,10 +421,10 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         if not self.slices:
             if not self._qkv_same_embed_dim:
                 bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
-                return F._in_projection(  # type: ignore[return-value]
+                return F._in_projection(  # type: ignore[attr-defined,no-any-return]
                     query, key, value, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight, bq, bk, bv
                 )
-            return F._in_projection_packed(query, key, value, w, b)  # type: ignore[return-value]
+            return F._in_projection_packed(query, key, value, w, b)  # type: ignore[attr-defined,no-any-return]
         E = self.embed_dim
         a, scaled_b = self.stacked_a(), self.scaled_b()
         p = self.lora_dropout if self.training else 0.0
@@ -433,7 +453,7 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             raise LoRAError("nested tensors are supported only on nn.MultiheadAttention's inference fast path")
         query, key, value = self._seq_first(query, key, value, batched_input)
         H = self.num_heads
-        batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, H)
+        batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, H)  # type: ignore[attr-defined]
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:

@@ -56,11 +56,11 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     previous = [(layer, layer.__dict__.get("_lora_disabled")) for layer in layers]
     try:
         for layer in layers:
-            layer._lora_disabled = True
+            setattr(layer, "_lora_disabled", True)  # noqa: B010 (a plain attribute, not a submodule)
         yield model
     finally:
         for layer, state in previous:
             if state is None:
                 layer.__dict__.pop("_lora_disabled", None)  # back to the class default
             else:
-                layer._lora_disabled = state
+                setattr(layer, "_lora_disabled", state)  # noqa: B010
