@@ -97,3 +97,23 @@ def test_inductor_training_and_inference_match_eager():
     compiled_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_inductor_training_step_and_fast_path_inference_match_eager():
+    eager = adapted(TorchvisionStyleViT, dropout=0.0).cuda().train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x).float().square().mean().backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        if a.grad is not None:
+            err = ((b.grad.double() - a.grad.double()).norm() / a.grad.double().norm().clamp_min(1e-12)).item()
+            assert err < 5e-2, name
+    eager.eval()
+    with torch.inference_mode():
+        merged = merge_lora(copy.deepcopy(eager))
+        torch.testing.assert_close(eager(x), merged(x), rtol=1e-4, atol=1e-4)
