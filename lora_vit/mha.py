@@ -51,6 +51,18 @@ _COPIED = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dro
 _KIND = "multihead_attention"
 
 
+def _route_parents_through_forward(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that does nothing: its presence is what matters.
+
+    ``nn.TransformerEncoderLayer``'s inference fast path reads ``self_attn.in_proj_weight`` and
+    ``out_proj.weight`` itself instead of calling ``self_attn``, which would leave the adapters
+    out; PyTorch skips that fast path whenever a submodule has a forward hook, so this hook
+    makes such a parent call this module (whose own inference route still uses the fused
+    attention kernel). Merged modules are plain again, without it.
+    """
+    return None
+
+
 def qkv_bounds(mha: nn.MultiheadAttention, role: str) -> tuple[int, int]:
     """Rows of ``in_proj_weight`` that project ``role`` (``"q"``, ``"k"`` or ``"v"``)."""
     index = "qkv".index(role)
@@ -189,6 +201,7 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             self.register_parameter(s.a_name, nn.Parameter(a))
             self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, device=a.device, dtype=a.dtype)))
         self.reset_parameters()
+        self.register_forward_pre_hook(_route_parents_through_forward)
 
     @classmethod
     def routing(cls, base: nn.MultiheadAttention) -> LoRAMultiheadAttention:

@@ -144,8 +144,7 @@ def verify_lora(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -
             f" {type(model).__name__}: {inert}\n"
             "A large random change to each of them left every output element the same, so the"
             " model never uses what they compute: their parent most likely reads `layer.weight`"
-            " directly (F.linear(x, layer.weight, ...)) instead of calling the layer (as"
-            " nn.TransformerEncoderLayer's inference fast path reads its self_attn weights), or their"
+            " directly (F.linear(x, layer.weight, ...)) instead of calling the layer, or their"
             " output does not reach the model's output for these inputs. Adapt other layers, call"
             " the layer in the parent's forward, or merge (merge_lora) before running such code."
         )

@@ -391,3 +391,23 @@ def test_peft_export_refuses_what_peft_multihead_attention_cannot_hold(targets, 
     model = inject_lora(TorchvisionStyleViT(), targets, r=2)
     with pytest.raises(LoRAError, match=message):
         save_peft_adapter(model, tmp_path / "ours")
+
+
+def test_transformer_encoder_layer_calls_the_adapted_attention_instead_of_its_fast_path():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.encoder(x)
+
+    model = randomize(inject_lora(Encoder(), ["q", "v", "o"], r=2, dropout=0.0)).eval()
+    x = torch.randn(2, 5, 16)
+    assert set(verify_lora(model, x)) >= {"encoder.layers.0.self_attn[q]", "encoder.layers.1.self_attn.out_proj"}
+    with torch.no_grad():
+        unmerged = model(x)
+        merged = merge_lora(model)
+        assert not merged.encoder.layers[0].self_attn._forward_pre_hooks  # plain again: its fast path is back
+        torch.testing.assert_close(merged(x), unmerged, rtol=1e-5, atol=1e-5)
