@@ -230,7 +230,9 @@ def _check_trainable_overlap(trainable: list[str], configs: Mapping[str, Any], p
             )
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True) -> nn.Module:
+def load_lora(
+    model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True, pad: bool = False
+) -> nn.Module:
     """Load an adapter file into ``model``, first injecting the adapters it describes if needed.
 
     On a fresh base model the adapters are created from the file's metadata (no need to
@@ -251,6 +253,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
         path: A file written by :func:`save_lora`.
         check_base: Compare the base fingerprint (default). ``False`` loads onto any base
             weights of the right shapes, e.g. to study an adapter's transfer on purpose.
+        pad: Into a model already adapted on the same layers and slices with higher ranks
+            (``inject_lora(..., r=R)`` with ``R`` the largest rank to swap in), load a file of
+            lower ranks by zero-padding its factors and folding its scaling into ``B``: the
+            same outputs, the model's modules and constants untouched, so a compiled model
+            does not recompile. Ranks above the model's are an error.
 
     Returns:
         ``model``, adapted and loaded.
@@ -273,5 +280,5 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
 
     return load_adapters(
         model, configs, trainable, tensors, repr(str(path)),
-        check_layers=(lambda layers: _check_base(recorded, layers, path)) if check_base else None,
+        check_layers=(lambda layers: _check_base(recorded, layers, path)) if check_base else None, pad=pad,
     )

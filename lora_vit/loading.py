@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .adapters import AdaptedLayer, adapter_from_config
@@ -26,9 +27,10 @@ from .inject import (
     trainable_modules,
     unwrap_model,
 )
+from .layer import LoRASlice
 from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
 
-__all__ = ["load_adapters"]
+__all__ = ["load_adapters", "padded_tensors"]
 
 
 def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def load_adapters(
     where: str,
     *,
     check_layers: Callable[[Mapping[str, AdaptedLayer]], None] | None = None,
+    pad: bool = False,
 ) -> nn.Module:
     """Load adapters described by ``configs`` with values ``tensors`` into ``model``.
 
@@ -61,6 +64,8 @@ def load_adapters(
         where: Names the source in error messages (a file or folder path, quoted).
         check_layers: Called with the planned (or existing) layers before anything changes,
             e.g. to compare base-weight fingerprints; raises ``LoRAError`` to refuse.
+        pad: On an adapted model whose slices match but whose ranks are higher (injected with
+            a maximum rank), accept lower ranks: see :func:`padded_tensors`.
 
     Raises:
         LoRAError: If the layout differs from the model's adapters, a layer or module is
@@ -70,15 +75,19 @@ def load_adapters(
     existing = adapted_layers(model)
     planned: dict[str, AdaptedLayer] = {}
     if existing:
-        if {n: _comparable(layer.config()) for n, layer in existing.items()} != {
+        same = {n: _comparable(layer.config()) for n, layer in existing.items()} == {
             n: _comparable(c) for n, c in configs.items()
-        }:
+        }
+        if not same and pad and _paddable(existing, configs, where):
+            tensors = padded_tensors(existing, configs, tensors, where)
+        elif not same:
             only_model = sorted(set(existing) - set(configs))
             only_source = sorted(set(configs) - set(existing))
             raise LoRAError(
                 f"the model already has adapters with another layout than {where}"
                 f" (only in the model: {only_model}; only in the source: {only_source}; or ranks,"
-                " slices or alphas differ). Load it into a fresh base model instead."
+                " slices or alphas differ). Load it into a fresh base model instead, or pass pad=True to swap"
+                " lower ranks into adapters injected with a maximum rank."
             )
         layers: Mapping[str, AdaptedLayer] = existing
     else:
@@ -110,3 +119,75 @@ def load_adapters(
     apply_adapters(unwrap_model(model), planned, trainable)
     copy_tensors(lora_state_dict(model), tensors)
     return model
+
+
+def _slice_layout(config: Mapping[str, Any]) -> tuple:
+    """Everything of a layer config but ranks, alphas and dropout."""
+    rest = {k: v for k, v in config.items() if k not in ("dropout", "slices", "use_rslora")}
+    return tuple(sorted(rest.items())), tuple((s["name"], s["start"], s["stop"]) for s in config["slices"])
+
+
+def _paddable(existing: Mapping[str, AdaptedLayer], configs: Mapping[str, Mapping[str, Any]], where: str) -> bool:
+    """Whether ``configs`` fit into ``existing`` by padding ranks; False if the layouts differ otherwise.
+
+    Raises:
+        LoRAError: If they fit but some rank is above the model's.
+    """
+    if set(existing) != set(configs):
+        return False
+    if any(_slice_layout(existing[n].config()) != _slice_layout(c) for n, c in configs.items()):
+        return False
+    too_big = [
+        f"{name}[{s.name}]" if s.name else name
+        for name, config in configs.items()
+        for s, entry in zip(existing[name].slices, config["slices"])
+        if entry["r"] > s.r
+    ]
+    if too_big:
+        raise LoRAError(
+            f"{where} has higher ranks than this model's adapters can hold ({too_big}): padding only"
+            " swaps in ranks up to the injected ones. Inject with a larger r (the maximum rank to swap in)"
+        )
+    return True
+
+
+def padded_tensors(
+    existing: Mapping[str, AdaptedLayer],
+    configs: Mapping[str, Mapping[str, Any]],
+    tensors: Mapping[str, Tensor],
+    where: str,
+) -> dict[str, Tensor]:
+    """Lower-rank factors in the shapes of the model's (higher-rank) adapters, computing the same update.
+
+    For a slice of rank ``r <= R``: ``A`` gets zero rows ``r..R``, and ``B`` zero columns, with
+    the source's scaling folded in (``B * scaling_source / scaling_model``), so
+    ``scaling_model * B_padded @ A_padded == scaling_source * B @ A`` and the model's structure
+    and constants (hence a compiled graph) stay as they are.
+
+    Raises:
+        LoRAError: Naming a tensor that is missing, mis-shaped or not finite in the source.
+    """
+    expected: dict[str, Tensor] = {}
+    for name, config in configs.items():
+        layer = existing[name]
+        for s, entry in zip(layer.slices, config["slices"]):
+            like = getattr(layer, s.a_name)
+            expected[f"{name}.{s.a_name}"] = torch.empty(entry["r"], layer.in_features, dtype=like.dtype, device="meta")
+            expected[f"{name}.{s.b_name}"] = torch.empty(s.rows, entry["r"], dtype=like.dtype, device="meta")
+    try:
+        check_tensors(expected, {k: v for k, v in tensors.items() if k in expected}, strict=True)
+    except LoRAError as err:
+        raise LoRAError(f"{where}: {err}") from None
+    padded = dict(tensors)
+    for name, config in configs.items():
+        layer = existing[name]
+        for s, scaling, entry in zip(layer.slices, layer.scalings, config["slices"]):
+            r = entry["r"]
+            source = LoRASlice(s.name, s.start, s.stop, r, float(entry["alpha"])).scaling(config["use_rslora"])
+            a, b = tensors[f"{name}.{s.a_name}"], tensors[f"{name}.{s.b_name}"]
+            a_padded = a.new_zeros(s.r, layer.in_features, dtype=torch.float32)
+            b_padded = b.new_zeros(s.rows, s.r, dtype=torch.float32)
+            a_padded[:r] = a.float()
+            b_padded[:, :r] = b.float() * (source / scaling)
+            padded[f"{name}.{s.a_name}"], padded[f"{name}.{s.b_name}"] = a_padded, b_padded
+    return padded

@@ -419,7 +419,7 @@ def _modules_to_save(model: nn.Module, config: Mapping[str, Any], other: Mapping
     return holders
 
 
-def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pad: bool = False) -> nn.Module:
     """Load a PEFT LoRA adapter folder into ``model``, injecting the adapters it describes.
 
     Ranks come from the tensors (checked against ``r``/``rank_pattern``), alphas from
@@ -433,6 +433,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
         model: The base model PEFT wrapped (e.g. a ``ViTForImageClassification``), without
             adapters, or already carrying exactly the adapters the folder describes.
         directory: A folder written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
+        pad: As in :func:`lora_vit.load_lora`: lower ranks into adapters injected with a
+            maximum rank, without recompiling.
 
     Returns:
         ``model``, adapted and loaded.
@@ -468,4 +470,4 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
         for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor in ("lora_A", "lora_B")
     }
     given.update(other)
-    return load_adapters(model, configs, trainable, given, where)
+    return load_adapters(model, configs, trainable, given, where, pad=pad)
