@@ -31,11 +31,24 @@ from .checkpoint import CheckpointError, load_weights, read_metadata, save_model
 from .config import EVAL_KEYS, Config, ConfigError, parse_override
 from .data import ImageDataset, Sample, load_samples
 from .distributed import barrier, current
-from .evaluation import choose_threshold, format_table, iso_report, write_json, write_scores_csv
+from .errors import MadlabError
+from .evaluation import (
+    SCORE_KIND,
+    choose_threshold,
+    format_table,
+    iso_report,
+    shortcut_report,
+    shortcut_verdict,
+    write_json,
+    write_scores_csv,
+)
+from .files import write_text_atomically
+from .inference import predict
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
-from .training import predict, train
+from .shortcuts import SHORTCUTS, shortcut_scores
+from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
 
@@ -290,24 +303,65 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
         raise BackboneError(f"the backbone at {backbone_dir} differs from the one {model_path} was trained on"
                             " (weights fingerprint mismatch)")
     load_weights(model, model_path, config.use_lora)
+    threshold = _stored_threshold(meta["threshold"], model_path)
     samples = _data(config, env)
     test = _split(samples, "test")
     dataset = ImageDataset(test, model.image_size)
     scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress)
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
-    report = iso_report(scores, labels, methods, meta["threshold"])
+    report = iso_report(scores, labels, methods, threshold)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, dataset, model.image_size, config.threshold_rule)
+    report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
     report["smoke_test"] = config.data is None
     if current().main:  # every rank has every score (gathered); one writes them
         out.mkdir(parents=True, exist_ok=True)
         write_scores_csv(out / "scores.csv", [s.path for s in test], labels, methods, scores)
         write_json(out / "metrics.json", report)
-        save_plots(out, scores, labels, methods, meta["threshold"]["value"])
+        baselines = {name: (shortcut_test[name], base["threshold"]["value"])
+                     for name, base in report["shortcuts"].items()}
+        save_plots(out, scores, labels, methods, threshold["value"], baselines)
     barrier()
     env.say(format_table(report))
     env.say(f"wrote {out / 'scores.csv'}, {out / 'metrics.json'}, roc.png, det.png, score_histogram.png")
     return report
+
+
+def _stored_threshold(threshold: dict[str, Any], model_path: Path) -> dict[str, Any]:
+    """The model file's dev threshold on the logit scale the scores use now.
+
+    Files written before scores became logits hold τ as a probability; the logit of it is
+    the same operating point.
+
+    Raises:
+        CheckpointError: If an old probability threshold is 0 or 1, which no logit can express.
+    """
+    if threshold.get("score") == SCORE_KIND:
+        return threshold
+    p = float(threshold["value"])
+    if not 0.0 < p < 1.0:
+        raise CheckpointError(f"{model_path} holds the probability threshold {p!r} of an older version, which has"
+                              " no logit; train the model again")
+    return {**threshold, "value": float(np.log(p) - np.log1p(-p)), "score": SCORE_KIND,
+            "converted_from_probability": p}
+
+
+def _shortcuts(samples: list[Sample], test_set: ImageDataset, size: int,
+               rule: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The shortcut baselines: each statistic's τ from the dev images, its report on the test images.
+
+    Returns:
+        The report (name -> metrics) and the test scores of each statistic (for the plots).
+    """
+    dev = _split(samples, "dev")
+    dev_set = ImageDataset(dev, size)
+    dev_stats = shortcut_scores([dev_set[i][0] for i in range(len(dev_set))])
+    test_stats = shortcut_scores([test_set[i][0] for i in range(len(test_set))])
+    report = shortcut_report(dev_stats, np.array([s.label for s in dev]), test_stats,
+                             np.array([s.label for s in test_set.samples]), [s.method for s in test_set.samples],
+                             rule, {name: s.description for name, s in SHORTCUTS.items()})
+    return report, test_stats
 
 
 COMPARE_STRATEGIES = {
@@ -351,7 +405,7 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
         for step, cmd in (("train", train_cmd), ("test", test_cmd)):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
-                raise RuntimeError(f"compare: {name} {step} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+                raise MadlabError(f"compare: {name} {step} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         summary = json.loads((sub / "train_summary.json").read_text())
         metrics = json.loads((sub / "metrics.json").read_text())
         rows.append({
@@ -381,9 +435,7 @@ def _write_compare_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(path)
+    write_text_atomically(path, buffer.getvalue())
 
 
 def format_compare(rows: list[dict[str, Any]]) -> str:

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from .errors import MadlabError
+
 __all__ = ["EVAL_KEYS", "Config", "ConfigError", "apply_overrides", "parse_override"]
 
 FREEZE_STRATEGIES = ("none", "backbone_only", "freeze_except_lastN", "gradual_unfreeze")
@@ -17,7 +19,7 @@ THRESHOLD_RULES = ("dev_eer", "dev_apcer5", "dev_apcer10")
 EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "output_dir"})
 
 
-class ConfigError(ValueError):
+class ConfigError(MadlabError):
     """A configuration value or override that cannot be used; the message names valid choices."""
 
 

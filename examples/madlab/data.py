@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .errors import MadlabError
 from .morphs import morph
 
 __all__ = [
@@ -46,7 +47,7 @@ _CONVERTIBLE = {"L", "LA", "P", "RGBA", *_SIXTEEN_BIT}
 TOO_LARGE = "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)"
 
 
-class DataError(ValueError):
+class DataError(MadlabError):
     """A dataset that cannot be used as given; the message names the path and what is expected."""
 
 
