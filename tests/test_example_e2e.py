@@ -20,7 +20,8 @@ from madlab.data import ImageDataset, embedded_samples
 from madlab.evaluation import read_scores_csv
 from madlab.metrics import apcer_bpcer, auc, d_eer
 from madlab.model import MorphDetector
-from madlab.training import class_weights, predict, train
+from madlab.inference import predict
+from madlab.training import class_weights, train
 
 from lora_vit import read_lora_metadata
 
@@ -53,7 +54,7 @@ def test_outputs_exist_with_the_right_columns(trained: Path) -> None:
     with (trained / "scores.csv").open() as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
-    assert reader.fieldnames == ["path", "label", "method", "score"]
+    assert reader.fieldnames == ["path", "label", "method", "score", "p_morph"]
     # embedded test pool: 20 bona fides, 10 morphs per method at morphs_per_face=1
     assert sum(r["label"] == "0" for r in rows) == 20
     assert {r["method"] for r in rows if r["label"] == "1"} == {"blend", "splice"}

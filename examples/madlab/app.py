@@ -91,7 +91,7 @@ def _split(samples: list[Sample], split: str) -> list[Sample]:
 
 def _data(config: Config, env: Env) -> list[Sample]:
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
-                                   (config.train_val_pct, config.dev_pct))
+                                   (config.train_val_pct, config.dev_pct), config.identity_pattern)
     for line in report.lines(samples):
         env.say(line)
     return samples
