@@ -160,9 +160,9 @@ def shortcut_verdict(report: dict[str, Any]) -> list[str]:
             lines.append(f"The detector beats the shortcut baseline '{name}' ({figures}).")
         else:
             lines.append(
-                f"The detector does NOT beat the shortcut baseline '{name}' ({figures}): a single image"
-                f" statistic ({base['description']}) separates these test morphs at least as well, so this"
-                " result is no evidence that the detector learned more than that cue.")
+                f"The detector does NOT beat the shortcut baseline '{name}' ({figures}): this one image"
+                " statistic separates these test morphs at least as well, so the result is no evidence that"
+                " the detector learned more than that cue.")
     return lines
 
 

@@ -28,6 +28,8 @@ __all__ = ["DET_CLIP", "det_figure", "roc_figure", "roc_points", "save_plots"]
 
 DET_CLIP = 1e-3  # probit axes cannot show 0 or 1: rates below 0.1 % (or above 99.9 %) are drawn at the edge
 Baselines = dict[str, tuple[np.ndarray, float]]  # name -> (test scores, dev threshold)
+_BASELINE_STYLES = [{"ls": ls, "lw": 1, "color": c} for ls, c in
+                    [("--", "0.35"), ("-.", "0.55"), (":", "0.35"), ((0, (5, 1, 1, 1)), "0.55")] * 4]
 
 
 def _subsets(scores: np.ndarray, labels: np.ndarray, methods: list[str]):
@@ -64,9 +66,9 @@ def roc_figure(scores: np.ndarray, labels: np.ndarray, methods: list[str], thres
     for name, s, y in _subsets(scores, labels, methods):
         x, tpr = roc_points(s, y)
         ax.plot(x, tpr, label=_label(name, s, y), lw=2 if name == "overall" else 1)
-    for name, (s, _) in (baselines or {}).items():
+    for (name, (s, _)), style in zip((baselines or {}).items(), _BASELINE_STYLES):
         x, tpr = roc_points(s, labels)
-        ax.plot(x, tpr, ls="--", lw=1, color="grey", label=_label(f"shortcut: {name}", s, labels))
+        ax.plot(x, tpr, **style, label=_label(f"shortcut: {name}", s, labels))
     (apcer, bpcer), eer = _marks(scores, labels, threshold)
     ax.plot([bpcer], [1 - apcer], "ko", label=f"dev threshold τ (APCER {100 * apcer:.1f}%, BPCER {100 * bpcer:.1f}%)")
     ax.plot([eer], [1 - eer], "k*", ms=10, label=f"EER point ({100 * eer:.1f}%)")
@@ -90,10 +92,9 @@ def det_figure(scores: np.ndarray, labels: np.ndarray, methods: list[str], thres
     for name, s, y in _subsets(scores, labels, methods):
         c = operating_curve(s, y)
         ax.plot(probit(c.apcer), probit(c.bpcer), label=_label(name, s, y), lw=2 if name == "overall" else 1)
-    for name, (s, _) in (baselines or {}).items():
+    for (name, (s, _)), style in zip((baselines or {}).items(), _BASELINE_STYLES):
         c = operating_curve(s, labels)
-        ax.plot(probit(c.apcer), probit(c.bpcer), ls="--", lw=1, color="grey",
-                label=_label(f"shortcut: {name}", s, labels))
+        ax.plot(probit(c.apcer), probit(c.bpcer), **style, label=_label(f"shortcut: {name}", s, labels))
     (apcer, bpcer), eer = _marks(scores, labels, threshold)
     ax.plot(probit(apcer), probit(bpcer), "ko", label=f"dev threshold τ (APCER {100 * apcer:.1f}%, BPCER"
                                                      f" {100 * bpcer:.1f}%)")
