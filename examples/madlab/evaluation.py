@@ -62,8 +62,10 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str) -> dict[
         worst = np.maximum(curve.apcer, curve.bpcer)
         # Several thresholds can share the smallest max(APCER, BPCER) (e.g. (0.2, 0.3) and
         # (0.3, 0.3)); the balanced one is the equal-error point the rule's name promises.
+        # Rates are ratios of counts, so equal values may differ in the last bit: compare with a tolerance.
         tied = np.flatnonzero(worst <= worst.min() + 1e-12)
-        j = int(tied[np.argmin(np.abs(curve.apcer[tied] - curve.bpcer[tied]))])
+        gap = np.abs(curve.apcer[tied] - curve.bpcer[tied])
+        j = int(tied[np.flatnonzero(gap <= gap.min() + 1e-12)[0]])  # thresholds ascend: the lower τ
     else:
         x = 0.05 if rule == "dev_apcer5" else 0.10
         j = int(np.nonzero(curve.apcer <= x + 1e-12)[0][-1])
