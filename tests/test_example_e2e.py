@@ -18,9 +18,9 @@ from madlab.backbone import BackboneError, load_backbone
 from madlab.config import Config, apply_overrides
 from madlab.data import ImageDataset, embedded_samples
 from madlab.evaluation import read_scores_csv
+from madlab.inference import predict
 from madlab.metrics import apcer_bpcer, auc, d_eer
 from madlab.model import MorphDetector
-from madlab.inference import predict
 from madlab.training import class_weights, train
 
 from lora_vit import read_lora_metadata
