@@ -91,3 +91,14 @@ def test_verdict_says_plainly_when_the_detector_loses() -> None:
     assert won["shortcut_verdict"][0].startswith("The detector beats the shortcut baseline 'sharpness'")
     # A tie is not a win.
     assert "does NOT beat" in _report(strong, strong, labels)["shortcut_verdict"][0]
+
+
+def test_compare_table_carries_the_shortcut_rows() -> None:
+    from madlab.app import format_compare
+
+    row = {"strategy": "lora", "trainable_params": 9313, "checkpoint_kib": 46.0, "train_seconds": 7.7,
+           "peak_rss_mb": 523.0, "train_state_mb": 0.11, "best_epoch": 4, "d_eer": 0.475, "auc": 0.547,
+           "worst_d_eer": 0.5}
+    base = {**dict.fromkeys(row), "strategy": "shortcut:sharpness", "d_eer": 0.25, "auc": 0.858, "worst_d_eer": 0.3}
+    lines = format_compare([row, base]).splitlines()
+    assert lines[3].split() == ["shortcut:sharpness", "-", "-", "-", "-", "-", "25.0%", "0.858", "30.0%"]
