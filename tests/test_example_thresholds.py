@@ -89,3 +89,16 @@ def test_p_morph_is_a_stable_sigmoid() -> None:
     assert np.all(np.isfinite(p)) and p[0] == 0.0 and p[-1] == 1.0
     np.testing.assert_allclose(p[1:-1], 1 / (1 + np.exp(-z[1:-1])), rtol=1e-12)
     assert p[1] > 0, "no underflow to 0 at logit -40"
+
+
+def test_probability_threshold_of_an_older_model_file_becomes_its_logit(tmp_path: Path) -> None:
+    from madlab.app import _stored_threshold
+    from madlab.checkpoint import CheckpointError
+
+    new = {"rule": "dev_eer", "value": 1.5, "score": SCORE_KIND}
+    assert _stored_threshold(new, tmp_path / "m") is new
+    old = _stored_threshold({"rule": "dev_eer", "value": 0.8}, tmp_path / "m")
+    assert old["value"] == pytest.approx(np.log(4.0)) and old["score"] == SCORE_KIND
+    assert p_morph(old["value"]) == pytest.approx(0.8)
+    with pytest.raises(CheckpointError, match="probability threshold 1.0 of an older version"):
+        _stored_threshold({"rule": "dev_eer", "value": 1.0}, tmp_path / "m")
