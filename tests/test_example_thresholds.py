@@ -100,5 +100,5 @@ def test_probability_threshold_of_an_older_model_file_becomes_its_logit(tmp_path
     old = _stored_threshold({"rule": "dev_eer", "value": 0.8}, tmp_path / "m")
     assert old["value"] == pytest.approx(np.log(4.0)) and old["score"] == SCORE_KIND
     assert p_morph(old["value"]) == pytest.approx(0.8)
-    with pytest.raises(CheckpointError, match="probability threshold 1.0 of an older version"):
+    with pytest.raises(CheckpointError, match=r"probability threshold 1\.0 of an older version"):
         _stored_threshold({"rule": "dev_eer", "value": 1.0}, tmp_path / "m")
