@@ -199,3 +199,14 @@ def test_vit_mae_checkpoint_loads_without_masking(tmp_path: Path) -> None:
     assert torch.equal(a, b), "inference is deterministic"
     torch.testing.assert_close(vit.embeddings.patch_embeddings.projection.weight,
                                mae.vit.embeddings.patch_embeddings.projection.weight)
+
+
+def test_metrics_json_carries_shortcuts_verdict_and_data_report(trained: Path) -> None:
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert set(metrics["shortcuts"]) == {"sharpness", "contrast"}
+    for base in metrics["shortcuts"].values():
+        assert base["threshold"]["rule"] == metrics["threshold"]["rule"], "the detector's rule, on dev"
+        assert 0.0 <= base["overall"]["d_eer"] <= 1.0 and base["overall"]["n_morph"] == metrics["overall"]["n_morph"]
+    assert len(metrics["shortcut_verdict"]) == 2
+    assert metrics["data"]["counts"]["test"] == {"bona_fide": 20, "morph/blend": 10, "morph/splice": 10}
+    assert any("residual identity leakage" in n for n in metrics["data"]["notes"])

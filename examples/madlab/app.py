@@ -89,11 +89,18 @@ def _split(samples: list[Sample], split: str) -> list[Sample]:
     return [s for s in samples if s.split == split]
 
 
-def _data(config: Config, env: Env) -> list[Sample]:
+def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None) -> list[Sample]:
+    """Load the run's samples and print what was loaded, skipped, dropped and warned about.
+
+    Args:
+        reports: If given, the data report (counts, skips, notes) is appended to it, for metrics.json.
+    """
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
                                    (config.train_val_pct, config.dev_pct), config.identity_pattern)
     for line in report.lines(samples):
         env.say(line)
+    if reports is not None:
+        reports.append(report.to_dict(samples))
     return samples
 
 
@@ -304,7 +311,8 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
                             " (weights fingerprint mismatch)")
     load_weights(model, model_path, config.use_lora)
     threshold = _stored_threshold(meta["threshold"], model_path)
-    samples = _data(config, env)
+    data_reports: list[dict[str, Any]] = []
+    samples = _data(config, env, data_reports)
     test = _split(samples, "test")
     dataset = ImageDataset(test, model.image_size)
     scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress)
@@ -315,6 +323,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
     report["smoke_test"] = config.data is None
+    report["data"] = data_reports[0]  # counts, skipped files, dropped leaks and warnings, as printed
     if current().main:  # every rank has every score (gathered); one writes them
         out.mkdir(parents=True, exist_ok=True)
         write_scores_csv(out / "scores.csv", [s.path for s in test], labels, methods, scores)
