@@ -268,3 +268,16 @@ def test_embedded_morphs_use_unordered_pairs() -> None:
     for method in ("blend", "splice"):
         pairs = [frozenset(s.identity) for s in samples if s.method == method]
         assert len(pairs) == len(set(pairs)), f"{method}: blend(a, b) and blend(b, a) are the same morph"
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.integers(6, 18), st.integers(1, 40), st.integers(0, 10**6))
+def test_no_single_swap_of_two_identities_drops_fewer_morphs(n: int, m: int, seed: int) -> None:
+    # Brute force over every swap of two identities in different splits (sizes unchanged).
+    groups = _random_graph(n, min(m, n * (n - 1) // 2), seed)
+    where = partition_identities(groups, {"train": 0.6, "dev": 0.2, "test": 0.2}, seed)
+    cut = len(straddling(groups, where))
+    for u, v in itertools.combinations(sorted(where), 2):
+        if where[u] != where[v]:
+            swapped = {**where, u: where[v], v: where[u]}
+            assert len(straddling(groups, swapped)) >= cut, (u, v)
