@@ -168,18 +168,23 @@ def shortcut_verdict(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rate(rate: float, errors: int, n: int) -> str:
+    """A rate with its counts, right-aligned in a 17-character column: ``  52.5% (21/40)``."""
+    return f"{100 * rate:.1f}% ({errors}/{n})".rjust(17)
+
+
 def format_table(report: dict) -> str:
     """The terminal summary: one row per method plus overall, worst case and the shortcut baselines."""
     head = (f"{'subset':<20}{'BF':>5}{'M':>5}{'D-EER':>8}{'AUC':>7}{'BPCER@1%':>10}{'@5%':>7}{'@10%':>7}"
-            f"{'APCER@t':>14}{'BPCER@t':>14}")
+            f"{'APCER@t':>17}{'BPCER@t':>17}")
     lines = [head, "-" * len(head)]
 
     def row(name: str, m: dict) -> str:
         at = m["at_threshold"]
         return (f"{name:<20}{m['n_bona_fide']:>5}{m['n_morph']:>5}{100 * m['d_eer']:>7.1f}%{m['auc']:>7.3f}"
                 + "".join(f"{100 * m[k]['bpcer']:>{w}.1f}%" for k, w in zip(APCER_TARGETS, (9, 6, 6)))
-                + f"{100 * at['apcer']:>6.1f}% ({at['apcer_errors']}/{at['n_morph']})"
-                + f"{100 * at['bpcer']:>6.1f}% ({at['bpcer_errors']}/{at['n_bona_fide']})")
+                + _rate(at["apcer"], at["apcer_errors"], at["n_morph"])
+                + _rate(at["bpcer"], at["bpcer_errors"], at["n_bona_fide"]))
 
     for name, m in report["per_method"].items():
         lines.append(row(name, m))
