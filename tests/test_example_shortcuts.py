@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -16,7 +15,7 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from madlab.evaluation import choose_threshold, format_table, iso_report, shortcut_report, shortcut_verdict
-from madlab.shortcuts import SHORTCUTS, contrast, grey, laplacian_variance, shortcut_scores
+from madlab.shortcuts import SHORTCUTS, contrast, grey, laplacian_variance, sample_greys, shortcut_scores
 
 
 def _brute_laplacian_variance(g: np.ndarray) -> float:
@@ -45,14 +44,26 @@ def test_laplacian_variance_errors_and_blur() -> None:
 
 def test_scores_are_oriented_higher_means_morph() -> None:
     rng = np.random.default_rng(1)
-    a, b = rng.random((3, 16, 16)), rng.random((3, 16, 16))
-    sharp = torch.from_numpy((a - 0.5) / 0.5)
-    blended = torch.from_numpy(((a + b) / 2 - 0.5) / 0.5)  # a blend: blurrier and flatter
-    scores = shortcut_scores([sharp, blended])
+    a, b = rng.random((16, 16, 3)), rng.random((16, 16, 3))
+    scores = shortcut_scores([grey(a), grey((a + b) / 2)])  # a blend: blurrier and flatter
     assert set(scores) == set(SHORTCUTS) == {"sharpness", "contrast"}
     for name, s in scores.items():
         assert s[1] > s[0], f"{name}: the blended image must score as more morph-like"
-    np.testing.assert_allclose(grey(sharp), a.mean(axis=0))
+    np.testing.assert_allclose(grey(a), a.mean(axis=2))
+
+
+def test_greys_are_the_pixels_the_detector_sees() -> None:
+    # The dataset resizes with antialiased bilinear interpolation; grey() must do the same.
+    from madlab.data import ImageDataset, Sample
+
+    rng = np.random.default_rng(3)
+    pixels = rng.random((25, 25, 3))
+    sample = Sample("x", 0, "bona_fide", "test", (), pixels)
+    x, _, _ = ImageDataset([sample], 32)[0]
+    expected = (x.double().numpy() * 0.5 + 0.5).mean(axis=0)  # undo mean = std = 0.5
+    (g,) = sample_greys([sample], 32)
+    assert g.shape == (32, 32)
+    np.testing.assert_allclose(g, expected, atol=3e-3)  # a dataset may cache uint8 pixels: half a grey level
 
 
 def test_shortcut_report_uses_the_detector_rule_on_dev() -> None:

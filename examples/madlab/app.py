@@ -47,7 +47,7 @@ from .inference import predict
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
-from .shortcuts import SHORTCUTS, shortcut_scores
+from .shortcuts import SHORTCUTS, sample_greys, shortcut_scores
 from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
@@ -319,7 +319,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
     report = iso_report(scores, labels, methods, threshold)
-    report["shortcuts"], shortcut_test = _shortcuts(samples, dataset, model.image_size, config.threshold_rule)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, model.image_size, config.threshold_rule)
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
     report["smoke_test"] = config.data is None
@@ -356,19 +356,18 @@ def _stored_threshold(threshold: dict[str, Any], model_path: Path) -> dict[str, 
             "converted_from_probability": p}
 
 
-def _shortcuts(samples: list[Sample], test_set: ImageDataset, size: int,
-               rule: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The shortcut baselines: each statistic's τ from the dev images, its report on the test images.
+def _shortcuts(samples: list[Sample], size: int, rule: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The shortcut baselines at the detector's input size: each statistic's τ from the dev images, its
+    report on the test images.
 
     Returns:
         The report (name -> metrics) and the test scores of each statistic (for the plots).
     """
-    dev = _split(samples, "dev")
-    dev_set = ImageDataset(dev, size)
-    dev_stats = shortcut_scores([dev_set[i][0] for i in range(len(dev_set))])
-    test_stats = shortcut_scores([test_set[i][0] for i in range(len(test_set))])
+    dev, test = _split(samples, "dev"), _split(samples, "test")
+    dev_stats = shortcut_scores(sample_greys(dev, size))
+    test_stats = shortcut_scores(sample_greys(test, size))
     report = shortcut_report(dev_stats, np.array([s.label for s in dev]), test_stats,
-                             np.array([s.label for s in test_set.samples]), [s.method for s in test_set.samples],
+                             np.array([s.label for s in test]), [s.method for s in test],
                              rule, {name: s.description for name, s in SHORTCUTS.items()})
     return report, test_stats
 

@@ -6,8 +6,9 @@ little until it is seen beside them. Every report scores the test split with eac
 here, with the direction fixed in advance (below, never chosen on test) and the threshold set
 on dev by the detector's own rule.
 
-The statistics are computed on exactly the pixels the detector sees (the dataset's
-normalised ``3 x S x S`` tensors, averaged to grey and mapped back to [0, 1]).
+The statistics are computed at the detector's input size, on the decoded pixels in [0, 1]
+resized the way the dataset resizes them and averaged to grey, independent of any backbone's
+normalisation.
 """
 
 from __future__ import annotations
@@ -17,17 +18,30 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["SHORTCUTS", "Shortcut", "contrast", "grey", "laplacian_variance", "shortcut_scores"]
+from .data import Sample, _load_pixels
+
+__all__ = ["SHORTCUTS", "Shortcut", "contrast", "grey", "laplacian_variance", "sample_greys", "shortcut_scores"]
 
 
-def grey(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A normalised ``3 x H x W`` tensor (mean = std = 0.5) as an ``H x W`` float64 grey image in [0, 1]."""
-    x = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    x = x.astype(np.float64)
-    if x.ndim == 3:
-        x = x.mean(axis=0)
-    return x * 0.5 + 0.5
+def grey(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
+    """``H x W x C`` (or ``H x W``) pixels in [0, 1] as a float64 grey image, resized to ``size x size``.
+
+    Resizing is bilinear with antialiasing, as the detector's dataset resizes its inputs.
+    """
+    x = np.asarray(pixels, dtype=np.float64)
+    g = x.mean(axis=2) if x.ndim == 3 else x
+    if size is not None and g.shape != (size, size):
+        t = torch.from_numpy(np.ascontiguousarray(g))[None, None]
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        g = t[0, 0].clamp(0, 1).numpy()
+    return g
+
+
+def sample_greys(samples: list[Sample], size: int) -> list[np.ndarray]:
+    """The grey ``size x size`` image of every sample (decoded as the dataset decodes it)."""
+    return [grey(_load_pixels(s, size), size) for s in samples]
 
 
 def laplacian_variance(g: np.ndarray) -> float:
@@ -71,11 +85,10 @@ SHORTCUTS: dict[str, Shortcut] = {
 }
 
 
-def shortcut_scores(images: list[torch.Tensor] | list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every statistic in :data:`SHORTCUTS` for every image, oriented so that higher = morph.
+def shortcut_scores(greys: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every statistic in :data:`SHORTCUTS` for every grey image, oriented so that higher = morph.
 
     Returns:
-        Name -> float64 array of shape ``(len(images),)``.
+        Name -> float64 array of shape ``(len(greys),)``.
     """
-    greys = [grey(x) for x in images]
     return {name: np.array([s.score(g) for g in greys], dtype=np.float64) for name, s in SHORTCUTS.items()}
