@@ -281,3 +281,11 @@ def test_no_single_swap_of_two_identities_drops_fewer_morphs(n: int, m: int, see
         if where[u] != where[v]:
             swapped = {**where, u: where[v], v: where[u]}
             assert len(straddling(groups, swapped)) >= cut, (u, v)
+
+
+def test_a_split_emptied_by_leak_drops_says_why(tmp_path: Path) -> None:
+    rows = ["a.png,0,,A,train", "ab.png,1,cv,A+B,train", "c.png,0,,C,dev", "cd.png,1,cv,C+D,dev",
+            "e.png,0,,E,test", "ea.png,1,cv,E+A,test"]  # the only test morph has a training contributor
+    with pytest.raises(DataError, match=r"the test split has 1 bona fide and 0 morph images \(after dropping 1"
+                                        r" samples to keep identities out of two splits\)"):
+        load_samples(str(_csv(tmp_path, rows)), 0, [], 1, (0.6, 0.2))

@@ -444,18 +444,21 @@ def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: i
     return samples
 
 
-def check_splits(samples: list[Sample]) -> None:
+def check_splits(samples: list[Sample], report: DataReport | None = None) -> None:
     """Refuse to go on when a split lacks either class.
 
     Raises:
-        DataError: Naming the split and its counts.
+        DataError: Naming the split and its counts, and how many samples identity checks dropped.
     """
+    dropped = sum(n for reason, n in (report.skipped.items() if report else ())
+                  if reason == STRADDLES or reason.startswith("identity already in"))
+    why = f" (after dropping {dropped} samples to keep identities out of two splits)" if dropped else ""
     for split in SPLITS:
         n_bf = sum(1 for s in samples if s.split == split and s.label == 0)
         n_m = sum(1 for s in samples if s.split == split and s.label == 1)
         if n_bf == 0 or n_m == 0:
             raise DataError(
-                f"the {split} split has {n_bf} bona fide and {n_m} morph images; every split"
+                f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; every split"
                 " needs both classes"
             )
 
@@ -488,7 +491,7 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         if identity_pattern:
             apply_identity_pattern(samples, identity_pattern, report)
         samples = assign_splits(samples, fractions, seed, report)
-    check_splits(samples)
+    check_splits(samples, report)
     return samples, report
 
 
