@@ -501,3 +501,14 @@ def test_csv_with_a_split_for_some_rows_only(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("path,label,split\na.png,0,train\na.png,1,\n")
     line = fails("train", "--data", str(tmp_path / "m.csv"), "--output_dir", str(tmp_path / "o"))
     assert line == "error: 1 samples have a split and 1 do not; give a split for all or none"
+
+
+def test_identity_drops_that_empty_a_split(tmp_path: Path) -> None:
+    rows = ["path,label,method,identity,split", "a.png,0,,A,train", "ab.png,1,,A+B,train", "c.png,0,,C,dev",
+            "cd.png,1,,C+D,dev", "e.png,0,,E,test", "ea.png,1,,E+A,test"]
+    for row in rows[1:]:
+        image(tmp_path / row.split(",")[0])
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    line = fails("train", "--data", str(tmp_path / "m.csv"), "--output_dir", str(tmp_path / "o"))
+    assert line == ("error: the test split has 1 bona fide and 0 morph images (after dropping 1 samples to keep"
+                    " identities out of two splits); every split needs both classes")
