@@ -28,6 +28,7 @@ import numpy as np
 from .errors import MadlabError
 
 __all__ = [
+    "REFINE_LIMIT",
     "SPLIT_ORDER",
     "identities_from_name",
     "leaks",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 SPLIT_ORDER = ("train", "dev", "test")
+REFINE_LIMIT = 1500  # identities; the swap search holds an n x n matrix of links (1,500: under 1 s, 3,000: 20 s)
 FRLL_EXAMPLE = r"^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\."
 
 
@@ -165,8 +167,9 @@ def partition_identities(groups: Sequence[tuple[str, ...]], fractions: dict[str,
     free = set(ids)
     for comp in components:
         gaps = {k: target[k] - filled[k] for k in names}
-        best = max(names, key=lambda k: (gaps[k] / max(target[k], 1), -names.index(k)))
-        if len(comp) <= gaps[best] or len(comp) == 1:
+        fitting = [k for k in names if gaps[k] >= len(comp)] or (names if len(comp) == 1 else [])
+        if fitting:  # whole, into the split furthest below its target among those it fits
+            best = max(fitting, key=lambda k: (gaps[k] / max(target[k], 1), -names.index(k)))
             for i in comp:
                 where[i] = best
                 free.discard(i)
@@ -189,8 +192,6 @@ def partition_identities(groups: Sequence[tuple[str, ...]], fractions: dict[str,
         _refine(where, ids, adjacency, names)
     return where
 
-
-REFINE_LIMIT = 3000  # identities; the swap search holds an n x n matrix of morph links
 
 
 def _refine(where: dict[str, str], ids: list[str], adjacency: dict[str, Counter], names: list[str]) -> None:
