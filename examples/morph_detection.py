@@ -57,7 +57,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
-            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]. Default: embedded smoke test"))
+            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]; --override identity_pattern=REGEX"
+            " reads identities from file names. Default: embedded smoke test"))
         parser.add_argument("--backbone", default=None, help=(
             "local HF transformers ViT or ViTMAE checkpoint folder (e.g. a downloaded facebook/vit-mae-large);"
             " default: the example's small ViT, MAE-pretrained and cached"))
