@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAError
@@ -328,7 +329,12 @@ class LoRALinear(nn.Module):
             pieces.append(norms.new_ones(self.out_features - row))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
+    # Set only by lora_vit.disable_lora: the base layer's function, adapters kept in place.
+    _lora_disabled = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._lora_disabled:
+            return F.linear(x, self.weight, self.bias)
         # One autograd node (see functional.py): no dropped copy of x is kept for backward.
         p = self.dropout if self.training else 0.0
         a, scaled_b = self.stacked_a(), self.scaled_b()
