@@ -42,7 +42,7 @@ def test_lower_rank_dora_swaps_into_a_maximum_rank_model(tmp_path):
 
 
 def test_dora_refused_on_mha_in_projection_and_allowed_on_its_out_proj():
-    with pytest.raises(LoRAError, match="use_dora is not supported on nn.MultiheadAttention"):
+    with pytest.raises(LoRAError, match=r"use_dora is not supported on nn\.MultiheadAttention"):
         inject_lora(TorchvisionStyleViT(), ["q", "v"], r=2, use_dora=True)
     base = TorchvisionStyleViT().eval()
     model = trained(inject_lora(copy.deepcopy(base), ["o"], r=2, use_dora=True))
