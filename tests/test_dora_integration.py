@@ -50,3 +50,17 @@ def test_dora_refused_on_mha_in_projection_and_allowed_on_its_out_proj():
     expected = model(x)
     assert not torch.allclose(expected, base(x), atol=1e-4)
     torch.testing.assert_close(merge_lora(model)(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_trains_through_real_timm_eva_and_beit():
+    from timm_support import import_timm
+
+    timm = import_timm()
+    for name, kwargs in {"eva02_tiny_patch14_224": {"img_size": 28},
+                         "beit_base_patch16_224": {"img_size": 32, "patch_size": 8}}.items():
+        model = timm.create_model(name, pretrained=False, depth=2, embed_dim=32, num_heads=4, num_classes=3, **kwargs)
+        inject_lora(model, ["q", "v"], r=2, alpha=4, dropout=0.1, use_dora=True).train()
+        size = kwargs["img_size"]
+        model.forward_features(torch.randn(2, 3, size, size)).square().mean().backward()  # qkv += bias after it
+        grad = model.blocks[0].attn.qkv.lora_magnitude_q.grad
+        assert grad is not None and torch.isfinite(grad).all(), name
