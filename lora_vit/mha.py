@@ -130,9 +130,15 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     # The adapter math is LoRALinear's, over ``weight`` (= in_proj_weight): the same functions,
     # called on this module (it has every attribute they read), so the two layers cannot drift
     # apart (a test compares them).
+    use_dora = False  # DoRA is refused on the in-projection (lora_vit.adapters.build_adapter)
+
     def reset_parameters(self) -> None:
         """Re-initialise the in-projection adapters (A random, B zero); base weights untouched."""
         LoRALinear.reset_parameters(self)  # type: ignore[arg-type]
+
+    def adapter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(attribute name, shape)`` of every in-projection adapter Parameter, in slice order."""
+        return LoRALinear.adapter_shapes(self)  # type: ignore[arg-type]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The in-projection adapter Parameters ``[A, B, ...]`` in slice order."""

@@ -77,7 +77,7 @@ def apply_strategy(model: MorphDetector, config: Config) -> tuple[list[nn.Parame
     if config.use_lora:
         inject_lora(
             model, targets=config.lora_target_modules, r=config.lora_r, alpha=config.lora_alpha,
-            dropout=config.lora_dropout, trainable=["head"],
+            dropout=config.lora_dropout, trainable=["head"], use_dora=config.lora_use_dora,
         )
         return [p for p in model.parameters() if p.requires_grad], nothing
     _set_trainable([model], False)
