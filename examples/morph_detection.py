@@ -62,8 +62,12 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
             " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]. Default: embedded smoke test"))
         parser.add_argument("--backbone", default=None, help=(
-            "local HF transformers ViT or ViTMAE checkpoint folder (e.g. a downloaded facebook/vit-mae-large);"
-            " default: the example's small ViT, MAE-pretrained and cached"))
+            "a local HF transformers checkpoint folder (vit, vit_mae, deit, dinov2, dinov2_with_registers, clip,"
+            " clip_vision_model, siglip, siglip2), a timm hub folder, or timm:<architecture> with"
+            " --backbone_weights; default: the example's small ViT, MAE-pretrained and cached"))
+        parser.add_argument("--backbone_weights", default=None, help=(
+            "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
+            " model.safetensors)"))
         parser.add_argument("--cache_dir", default=None, help=(
             "where pretrained default backbones are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
@@ -89,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="rebuild the model from --model_path alone and evaluate it on the test split")
     test.add_argument("--model_path", required=True, help="the .safetensors file written by train")
     test.add_argument("--data", default=None, help="evaluate on this dataset instead of the one trained on")
-    test.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")
+    test.add_argument("--backbone", default=None,
+                      help="backbone folder (timm: its weights), if it moved since training")
     _common(test, training=False)
     return parser
 
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     items = list(args.override)
     # Flags are shorthands for overrides, applied last so they win.
-    for key in ("data", "backbone", "output_dir"):
+    for key in ("data", "backbone", "backbone_weights", "output_dir"):
         if getattr(args, key, None) is not None:
             items.append(f"{key}={getattr(args, key)}")
     return apply_overrides(Config(), items)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ranks = setup()  # torchrun (WORLD_SIZE > 1): join the process group; one process: nothing
     made = made and ranks.active
     env = Env(cache_dir=Path(args.cache_dir) if getattr(args, "cache_dir", None) else None,
-              progress=not args.no_progress and ranks.main)
+              progress=not args.no_progress and ranks.main and sys.stderr.isatty())
     if not ranks.main:
         env.say = _silent  # rank 0 alone prints; errors still come from every rank
     try:

@@ -1,7 +1,7 @@
-"""Backbones: the example's small ViT, its MAE pretraining and cache, and local HF checkpoints.
+"""Backbones: the example's small ViT, its MAE pretraining and cache (loading lives in ``families``).
 
-Classification always runs a plain ``transformers.ViTModel`` (no masking: every patch is
-seen). MAE masking exists only inside :func:`pretrain_mae`, where a
+Classification of a ViT or ViTMAE folder always runs a plain ``transformers.ViTModel`` (no
+masking: every patch is seen). MAE masking exists only inside :func:`pretrain_mae`, where a
 ``ViTMAEForPreTraining`` reconstructs the pixels of masked patches and its loss counts the
 masked patches only. The pretrained encoder is saved as an ordinary HF ViTMAE checkpoint
 folder, so the default and ``--backbone`` go through the same loader.
@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .families import BackboneError, load_backbone
+
 __all__ = [
     "BackboneError",
     "backbone_fingerprint",
@@ -34,10 +36,6 @@ __all__ = [
 
 DEFAULT_IMAGE_SIZE = 32
 CACHE_ENV = "LORA_VIT_CACHE"
-
-
-class BackboneError(ValueError):
-    """A backbone that cannot be loaded; the message names the path and what was expected."""
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
@@ -145,59 +143,6 @@ def pretrain_mae(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _read_model_type(path: Path) -> str:
-    if not path.exists():
-        raise BackboneError(f"backbone folder {str(path)!r} does not exist")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise BackboneError(
-            f"{str(path)!r} is not an HF transformers checkpoint folder (it needs config.json and"
-            " model.safetensors or pytorch_model.bin), e.g. a downloaded facebook/vit-mae-large"
-        )
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, OSError) as err:
-        raise BackboneError(f"{path / 'config.json'} is not valid JSON: {err}") from None
-    if model_type not in ("vit", "vit_mae"):
-        raise BackboneError(f"{str(path)!r} holds a {model_type!r} model; supported: 'vit' and 'vit_mae'")
-    return model_type
-
-
-def load_backbone(path: str | os.PathLike[str]):
-    """Load a local ViT or ViTMAE checkpoint folder as a mask-free ``ViTModel``, offline.
-
-    A ViTMAE encoder has the same weights as a ViT encoder; converting it to ``ViTModel``
-    drops the random masking, which must never run at classification time.
-
-    Raises:
-        BackboneError: For a missing folder, an unsupported model type or unloadable weights.
-    """
-    from transformers import ViTConfig, ViTMAEModel, ViTModel
-
-    path = Path(path)
-    model_type = _read_model_type(path)
-    try:
-        if model_type == "vit":
-            return ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
-        mae = ViTMAEModel.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise BackboneError(f"could not load the weights in {str(path)!r}: {err}") from None
-    c = mae.config
-    config = ViTConfig(
-        image_size=c.image_size, patch_size=c.patch_size, num_channels=c.num_channels,
-        hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps, qkv_bias=c.qkv_bias,
-    )
-    vit = ViTModel(config, add_pooling_layer=False)
-    missing, unexpected = vit.load_state_dict(mae.state_dict(), strict=False)
-    if missing or unexpected:
-        raise BackboneError(
-            f"the ViTMAE encoder in {str(path)!r} does not map onto a ViT: missing {missing[:5]},"
-            f" unexpected {unexpected[:5]}"
-        )
-    return vit
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> str:
