@@ -383,7 +383,8 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
     them and win.
     """
     _quiet_transformers()
-    run_pretrain(config, env)  # once, so no strategy's time includes pretraining
+    if not config.backbone:
+        run_pretrain(config, env)  # once, so no strategy's time includes pretraining
     out = Path(config.output_dir) / "compare"
     rows = []
     for name, preset in COMPARE_STRATEGIES.items():
