@@ -6,7 +6,8 @@ fits, LoRA-fine-tune it on the embedded ``skimage`` faces and in-process morphs,
 That default is a smoke test of the pipeline, not a MAD benchmark.
 
 Subcommands:
-  pretrain   MAE-pretrain (or find cached) the default small ViT on the bona fide training images.
+  pretrain   MAE-pretrain (or find cached) the default small ViT on the bona fide training images;
+             with a vit_mae --backbone, continue its MAE pretraining on them (LoRA, merged).
   train      Fine-tune (LoRA by default) and save the model file with its config and dev threshold.
   test       Rebuild the model from --model_path alone and evaluate on the test split.
   compare    LoRA vs full fine-tuning vs linear probe on the same data, one table.
@@ -76,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     for name, text in [
-        ("pretrain", "MAE-pretrain the default small ViT on the bona fide training images (cached)"),
+        ("pretrain", "MAE-pretrain the default small ViT on the bona fide training images (cached); with a"
+                     " vit_mae --backbone, continue its MAE pretraining there (LoRA, merged) into"
+                     " <output_dir>/mae_backbone"),
         ("train", "fine-tune and save the model file; pretrains the default backbone if needed"),
         ("compare", "LoRA vs full fine-tuning vs linear probe: params, size, time, memory, D-EER, AUC"),
     ]:

@@ -322,3 +322,40 @@ def test_compare_on_a_dinov2_folder(tmp_path: Path, quiet) -> None:
     assert by["linear_probe"]["trainable_params"] == 33  # the head: 32 weights + bias
     assert by["lora"]["trainable_params"] == 33 + 2 * 2 * 2 * (32 + 32)  # 2 layers x q,v x r=2 x (in+out)
     assert by["full_ft"]["trainable_params"] > by["lora"]["trainable_params"]
+
+
+# ---------------------------------------------------------------- MAE domain adaptation
+
+
+def test_pretrain_continues_mae_on_a_vit_mae_folder(tmp_path: Path, quiet) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    mae = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(
+        image_size=32, patch_size=8, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=32, **TINY))
+    mae.save_pretrained(tmp_path / "mae")
+    _processor(tmp_path / "mae", 32)
+    out = tmp_path / "adapt"
+    rc = morph_detection.main(["pretrain", "--backbone", str(tmp_path / "mae"), "--output_dir", str(out),
+                               "--no_progress", *_overrides(["pretrain_epochs=20", "pretrain_lr=3e-3",
+                                                             "num_threads=1", "lora_r=4"])])
+    assert rc == 0
+    adapted = out / "mae_backbone"
+    info = json.loads((adapted / "pretrain.json").read_text())
+    assert info["fixed_mask_loss"]["after"] < 0.95 * info["fixed_mask_loss"]["before"], info["fixed_mask_loss"]
+    assert info["losses"][-1] < info["losses"][0]
+    assert (adapted / "preprocessor_config.json").is_file()
+    # The adapters were merged: a plain ViTMAE folder whose encoder moved, decoder included.
+    again = transformers.ViTMAEForPreTraining.from_pretrained(adapted)
+    q = "vit.layers.0.attention.q_proj.weight"
+    assert not torch.equal(again.state_dict()[q], mae.state_dict()[q])
+    assert not any("lora" in k for k in again.state_dict())
+    meta = _train_and_test(["--backbone", str(adapted)], tmp_path / "out")
+    assert meta["backbone"]["spec"]["family"] == "vit_mae" and meta["backbone"]["spec"]["mean"] == MEAN
+    # Only vit_mae folders can be pretrained further, and an existing result is never overwritten.
+    _save("dinov2", tmp_path / "dinov2")
+    assert morph_detection.main(["pretrain", "--backbone", str(tmp_path / "dinov2"), "--output_dir",
+                                 str(tmp_path / "x"), "--no_progress"]) == 2
+    assert morph_detection.main(["pretrain", "--backbone", str(tmp_path / "mae"), "--output_dir", str(out),
+                                 "--no_progress"]) == 2

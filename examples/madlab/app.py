@@ -21,6 +21,7 @@ from lora_vit import __version__ as lora_vit_version
 from .backbone import (
     DEFAULT_IMAGE_SIZE,
     BackboneError,
+    adapt_mae,
     backbone_fingerprint,
     cache_root,
     default_backbone_dir,
@@ -150,13 +151,47 @@ def _default_backbone(config: Config, samples: list[Sample], env: Env, allow_pre
     return target
 
 
+ADAPTED_DIR = "mae_backbone"
+
+
 def run_pretrain(config: Config, env: Env) -> Path:
-    """Pretrain (or find in the cache) the default backbone for this data and seed."""
+    """Pretrain (or find in the cache) the default backbone for this data and seed; with a
+    ``vit_mae`` folder as ``--backbone``, continue its MAE pretraining on the bona fide
+    training images and write the adapted folder to ``<output_dir>/mae_backbone``."""
     _seed(config)
     _quiet_transformers()
     if config.backbone:
-        raise ConfigError("pretrain builds the default small ViT; it makes no sense with --backbone")
+        return _adapt_backbone(config, env)
     return ensure_backbone(config, _data(config, env), env)
+
+
+def _adapt_backbone(config: Config, env: Env) -> Path:
+    source = Path(config.backbone or "").expanduser().resolve()
+    _, spec = load_backbone(source, None, config.image_size)
+    if spec.family != "vit_mae":
+        raise ConfigError(f"pretrain --backbone continues MAE pretraining and needs a vit_mae folder;"
+                          f" {str(source)!r} holds a {spec.family!r} model")
+    target = Path(config.output_dir) / ADAPTED_DIR
+    if target.exists():
+        raise CheckpointError(f"{target} already exists; remove it or choose another --output_dir")
+    if current().active:
+        raise ConfigError("pretrain --backbone runs in one process; run it without torchrun")
+    samples = _data(config, env)
+    bona_fide = [s for s in _split(samples, "train") if s.label == 0]
+    dataset = _datasets(bona_fide, spec, config)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    settings = {"mask_ratio": config.mae_mask_ratio, "epochs": config.pretrain_epochs, "lr": config.pretrain_lr,
+                "batch_size": config.batch_size, "image_size": spec.image_size}
+    lora = {"targets": config.lora_target_modules, "r": config.lora_r, "alpha": config.lora_alpha}
+    env.say(f"continuing MAE pretraining of {source} on the {len(images)} bona fide training images"
+            f" ({settings['epochs']} epochs, LoRA r={lora['r']} on {lora['targets']} of the encoder, then merged)")
+    adapt_mae(source, images, settings, target, config.seed, lora, env.progress)
+    info = json.loads((target / "pretrain.json").read_text())
+    env.say(f"done in {info['seconds']:.1f} s; masked-patch loss with fixed masks"
+            f" {info['fixed_mask_loss']['before']:.4f} -> {info['fixed_mask_loss']['after']:.4f}"
+            f" (epoch means {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}); train on it with"
+            f" --backbone {target}")
+    return target
 
 
 def _build(source: str, config: Config) -> MorphDetector:
