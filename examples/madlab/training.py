@@ -85,7 +85,7 @@ def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: t
     if d.active:
         return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d)
     model.eval()
-    net = net or model
+    net = model if net is None else net
     scores, total = [], 0.0
     loader = make_loader(dataset, batch_size, num_workers)
     for x, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
