@@ -28,13 +28,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from madlab.config import Config, apply_overrides  # noqa: E402
-from madlab.data import Sample  # noqa: E402
-from madlab.families import BackboneSpec  # noqa: E402
-from madlab.images import ImageDataset, make_loader  # noqa: E402
-from madlab.model import MorphDetector, apply_strategy  # noqa: E402
-from madlab.speed import autocast, compiled  # noqa: E402
-from madlab.training import class_weights  # noqa: E402
+from madlab.config import Config, apply_overrides
+from madlab.data import Sample
+from madlab.families import BackboneSpec
+from madlab.images import ImageDataset, make_loader
+from madlab.model import MorphDetector, apply_strategy
+from madlab.speed import autocast, compiled
+from madlab.training import class_weights
 
 VARIANTS = ["eager_fp32", "eager_bf16", "compiled_fp32", "compiled_bf16"]
 

@@ -244,7 +244,7 @@ def test_unsupported_and_broken_backbones_are_clear_errors(tmp_path: Path) -> No
     with pytest.raises(BackboneError, match="needs an architecture"):
         load_backbone("timm:")
     (tmp_path / "w.bin").write_bytes(b"x")
-    with pytest.raises(BackboneError, match="should be a .safetensors file or a timm hub folder"):
+    with pytest.raises(BackboneError, match=r"should be a \.safetensors file or a timm hub folder"):
         load_backbone("timm:vit_small_patch14_dinov2", str(tmp_path / "w.bin"))
 
 

@@ -353,7 +353,8 @@ def test_backbone_of_another_model_type(tmp_path: Path) -> None:
     line = fails("train", "--data", str(tmp_path / "d"), "--backbone", str(tmp_path / "bert"),
                  "--output_dir", str(tmp_path / "o"))
     assert line.startswith(f"error: {str(tmp_path / 'bert')!r} holds a 'bert' model; supported: vit, vit_mae, deit,")
-    assert all(name in line for name in ("dinov2_with_registers", "clip_vision_model", "siglip2", "timm:<architecture>"))
+    assert all(name in line for name in ("dinov2_with_registers", "clip_vision_model", "siglip2",
+                                         "timm:<architecture>"))
 
 
 # ---------------------------------------------------------------- model files and checkpoints

@@ -280,7 +280,8 @@ def _load_timm(architecture: str | None, weights: str | None, image_size: int | 
         model_args["img_size"] = image_size
     try:
         model = timm.create_model(architecture, pretrained=True,
-                                  pretrained_cfg_overlay={**overlay, "file": str(file)}, **model_args)
+                                  # source "" (timm's own): "hf-hub" would go online instead of reading file
+                                  pretrained_cfg_overlay={**overlay, "file": str(file), "source": ""}, **model_args)
     except RuntimeError as err:  # before the generic catch: a size mismatch is the usual one
         raise BackboneError(f"the weights in {str(file)!r} do not fit timm:{architecture}: {err}") from None
     except (ValueError, KeyError, TypeError, OSError) as err:

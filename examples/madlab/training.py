@@ -83,7 +83,7 @@ def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: t
     """
     d = current()
     if d.active:
-        return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d)
+        return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d, precision)
     model.eval()
     net = model if net is None else net
     scores, total = [], 0.0
@@ -99,14 +99,15 @@ def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: t
 
 
 def _predict_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None,
-                     desc: str, progress: bool, d: Dist) -> tuple[np.ndarray, float]:
+                     desc: str, progress: bool, d: Dist, precision: str = "fp32") -> tuple[np.ndarray, float]:
     model.eval()
     sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     indices, rows = [], []
     for x, y, index in tqdm(loader, desc=desc, disable=not (progress and d.main), leave=False):
         x, y = x.to(d.device), y.to(d.device)
-        logits = model(x)
+        with autocast(precision, d.device):
+            logits = model(x).float()
         per_sample = torch.zeros_like(logits) if weights is None else (
             nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
             * weights.to(d.device)[y.long()])
