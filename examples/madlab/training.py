@@ -180,11 +180,11 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
                               f" among the {d.world} processes")
         sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
         loader = make_loader(train_set, config.batch_size // d.world, config.num_workers, sampler=sampler)
-        weights = weights.to(d.device)
     else:
         # drop_last only when it drops a lone sample: a batch of one still works, but adds noise.
         loader = make_loader(train_set, config.batch_size, config.num_workers, shuffle=True, generator=generator,
                              drop_last=len(train_set) % config.batch_size == 1)
+    weights = weights.to(d.device)
     held = {id(p) for p in params}
     history: list[dict] = []
     best: dict | None = None
