@@ -359,3 +359,24 @@ def test_pretrain_continues_mae_on_a_vit_mae_folder(tmp_path: Path, quiet) -> No
                                  str(tmp_path / "x"), "--no_progress"]) == 2
     assert morph_detection.main(["pretrain", "--backbone", str(tmp_path / "mae"), "--output_dir", str(out),
                                  "--no_progress"]) == 2
+
+
+def test_rslora_and_init_reach_the_adapters_and_survive_the_file(tmp_path: Path, quiet) -> None:
+    from madlab.checkpoint import load_weights, save_model
+    from madlab.config import Config, apply_overrides
+    from madlab.model import apply_strategy
+
+    from lora_vit import LoRALinear
+
+    _save("clip_vision_model", tmp_path / "clip")
+    config = apply_overrides(Config(), ["lora_target_modules=q,v", "lora_r=4", "lora_alpha=8",
+                                        "lora_use_rslora=true", "lora_init=kaiming"])
+    model = MorphDetector(*load_backbone(tmp_path / "clip"))
+    apply_strategy(model, config)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 4 and all(m.use_rslora and m.init == "kaiming" for m in layers)
+    assert layers[0].scalings == (8 / 2.0,), "alpha / sqrt(r), not alpha / r"
+    save_model(model, tmp_path / "m.safetensors", {"x": 1}, use_lora=True, head_only=False)
+    fresh = load_weights(MorphDetector(*load_backbone(tmp_path / "clip")), tmp_path / "m.safetensors", True)
+    again = [m for m in fresh.modules() if isinstance(m, LoRALinear)]
+    assert all(m.use_rslora for m in again) and again[0].scalings == (4.0,)
