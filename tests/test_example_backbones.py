@@ -380,3 +380,14 @@ def test_rslora_and_init_reach_the_adapters_and_survive_the_file(tmp_path: Path,
     fresh = load_weights(MorphDetector(*load_backbone(tmp_path / "clip")), tmp_path / "m.safetensors", True)
     again = [m for m in fresh.modules() if isinstance(m, LoRALinear)]
     assert all(m.use_rslora for m in again) and again[0].scalings == (4.0,)
+
+
+def test_a_folder_missing_encoder_weights_is_refused_not_filled_randomly(tmp_path: Path, quiet) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _save("dinov2", tmp_path / "d")
+    state = load_file(tmp_path / "d" / "model.safetensors")
+    save_file({k: v for k, v in state.items() if ".layer.1." not in k}, tmp_path / "d" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(BackboneError, match=r"lacks \d+ weights of its 'dinov2' vision encoder"):
+        load_backbone(tmp_path / "d")

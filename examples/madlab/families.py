@@ -195,9 +195,15 @@ def _load_hf(path: Path, model_type: str, image_size: int | None) -> tuple[nn.Mo
     if family.model_class in ("ViTModel", "DeiTModel"):
         kwargs["add_pooling_layer"] = False
     try:
-        model = cls.from_pretrained(path, **kwargs)
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         raise BackboneError(f"could not load the {model_type!r} weights in {str(path)!r}: {err}") from None
+    # transformers fills weights absent from the file with random values and only warns; a
+    # detector on a partly random backbone would train and mean nothing, so refuse it.
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise BackboneError(f"{str(path)!r} lacks {len(missing)} weights of its {model_type!r} vision encoder,"
+                            f" e.g. {missing[:3]}; it would run partly random")
     if model_type == "vit_mae":
         model = _mae_to_vit(model, path)
     config = _vision_config(model.config)
