@@ -1,8 +1,10 @@
 """Support package for ``examples/morph_detection.py``: a face morphing attack detector.
 
 One module per job: ``config`` (defaults and ``--override``), ``morphs`` and ``data``
-(samples, splits, loaders), ``backbone`` (the small ViT, MAE pretraining, HF checkpoints),
-``model`` (detector and freezing strategies), ``training``, ``metrics`` (ISO/IEC 30107-3),
+(samples and splits), ``images`` (decoding once, the uint8 cache, loaders), ``families``
+(loading the backbones users bring: HF folders and timm), ``backbone`` (the small ViT, MAE
+pretraining and domain adaptation), ``model`` (detector and freezing strategies), ``speed``
+(precision and compile), ``training``, ``metrics`` (ISO/IEC 30107-3),
 ``evaluation`` (scores, thresholds, reports), ``plots``, ``checkpoint`` and ``app`` (the
 subcommands). It uses only the public API of ``lora_vit``.
 """
