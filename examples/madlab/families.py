@@ -259,7 +259,7 @@ def _load_timm(architecture: str | None, weights: str | None, image_size: int | 
             f"--backbone timm:{architecture} needs its weights, offline: set backbone_weights (or"
             " --backbone_weights) to a .safetensors file or a folder in timm's hub layout"
             " (config.json + model.safetensors)")
-    where = Path(weights).expanduser()
+    where = Path(weights).expanduser().resolve()  # stored in the model file: test may run elsewhere
     overlay: dict[str, Any] = {}
     model_args: dict[str, Any] = {}
     if where.is_dir():
