@@ -1,8 +1,10 @@
 """How fast the detector runs: precision (autocast) and ``torch.compile``, chosen per device.
 
 ``precision="auto"`` and ``compile=None`` mean: bf16 autocast and a compiled detector on
-CUDA (tensor cores and fused kernels), fp32 and eager on CPU, where a small interleaved
-benchmark measured neither to pay for itself (examples/README.md, "Speed").
+CUDA (tensor cores and fused kernels), fp32 and eager on CPU. There, interleaved
+micro-benchmarks measured bf16 slower than fp32, and a compiled step faster but only after
+tens of seconds of compiling, more than a run of a few hundred steps saves
+(examples/README.md, "Speed").
 """
 
 from __future__ import annotations
