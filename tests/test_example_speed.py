@@ -121,7 +121,8 @@ def test_log_file_gets_one_line_per_epoch(tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()  # saving the folder printed transformers' own bars
     rc = morph_detection.main(["train", "--backbone", str(vit), "--output_dir",
                                str(tmp_path / "out"), *_overrides(["num_epochs=2", "morphs_per_face=1",
-                                                                   "use_early_stopping=false", "precision=bf16"])])
+                                                                   "use_early_stopping=false", "precision=bf16",
+                                                                   "num_threads=1"])])
     assert rc == 0
     out, err = capsys.readouterr()
     assert "\r" not in err and "\r" not in out
