@@ -57,7 +57,8 @@ OVERRIDE_HELP = ("set a config key, repeatable: typed by the key (bools true/fal
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     parser.add_argument("--output_dir", default=None, help="where outputs go (default: output/)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_progress", action="store_true", help=(
+        "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"))
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
