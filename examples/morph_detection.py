@@ -39,12 +39,9 @@ from madlab.app import (
     run_test,
     run_train,
 )
-from madlab.backbone import BackboneError
-from madlab.checkpoint import CheckpointError
 from madlab.config import Config, ConfigError, apply_overrides
-from madlab.data import DataError
 from madlab.distributed import Dist, setup, teardown
-from madlab.metrics import MetricsError
+from madlab.errors import MadlabError
 from madlab.resume import STATE_FILE
 from madlab.training import TrainingInterrupted
 
@@ -62,7 +59,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
-            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]. Default: embedded smoke test"))
+            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]; --override identity_pattern=REGEX"
+            " reads identities from file names. Default: embedded smoke test"))
         parser.add_argument("--backbone", default=None, help=(
             "a local HF transformers checkpoint folder (vit, vit_mae, deit, dinov2, dinov2_with_registers, clip,"
             " clip_vision_model, siglip, siglip2), a timm hub folder, or timm:<architecture> with"
@@ -162,7 +160,7 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
     except TrainingInterrupted as err:
         print(f"{tag}interrupted: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, BackboneError, CheckpointError, MetricsError, LoRAError, FileNotFoundError) as err:
+    except (MadlabError, LoRAError) as err:  # every error the example means to report
         print(f"{tag}error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import MadlabError
+
 __all__ = [
     "HF_FAMILIES",
     "BackboneError",
@@ -45,7 +47,7 @@ __all__ = [
 TIMM_PREFIX = "timm:"
 
 
-class BackboneError(ValueError):
+class BackboneError(MadlabError):
     """A backbone that cannot be loaded; the message names the path and what was expected."""
 
 

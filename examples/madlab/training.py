@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -13,19 +14,22 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
-from .distributed import Dist, current, gather_by_index
+from .data import DataError
+from .distributed import Dist, current
+from .files import write_text_atomically
 from .images import ImageDataset, make_loader
+from .inference import predict, weighted_loss
 from .metrics import MetricsError, d_eer
 from .model import apply_strategy, count_trainable
 from .resume import TrainState, read_state, restore_rng, write_state
 from .speed import autocast, compiled, resolve_compile, resolve_precision
 
-__all__ = ["STOP_AFTER_ENV", "TrainResult", "TrainingInterrupted", "class_weights", "predict", "train"]
+__all__ = ["STOP_AFTER_ENV", "TrainResult", "TrainingInterrupted", "class_weights", "train"]
 
 # Stop (as if interrupted) once this many epochs are done and checkpointed: how the resume
 # test and users rehearse an interruption without killing a process at a random moment.
@@ -56,76 +60,18 @@ def class_weights(labels: np.ndarray, given: list[float] | None) -> torch.Tensor
         return torch.tensor(given, dtype=torch.float32)
     counts = np.bincount(labels.astype(np.int64), minlength=2).astype(np.float64)
     if counts.min() == 0:
-        raise ValueError(
+        raise DataError(
             f"the training split needs both classes, got {int(counts[0])} bona fide and {int(counts[1])} morphs")
     return torch.tensor(len(labels) / (2.0 * counts), dtype=torch.float32)
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    per_sample = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return (per_sample * weights[labels.long()]).mean()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None = None,
-            desc: str = "scoring", progress: bool = True, *, precision: str = "fp32", net: nn.Module | None = None,
-            num_workers: int = 0) -> tuple[np.ndarray, float]:
-    """P(morph) for every sample in ``dataset`` order, and the mean weighted loss if ``weights`` given.
-
-    Under ``torchrun`` each rank scores its shard and every rank gets all the scores, in
-    dataset order, so metrics and decisions computed from them are the same everywhere.
-
-    Args:
-        precision: ``"fp32"`` or ``"bf16"`` (autocast; scores and loss stay fp32).
-        net: What to call instead of ``model`` (its compiled form); ``model`` is still the
-            module switched to eval mode.
-        num_workers: Decoding workers for images the dataset does not cache.
-    """
-    d = current()
-    if d.active:
-        return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d, precision)
-    model.eval()
-    net = model if net is None else net
-    scores, total = [], 0.0
-    loader = make_loader(dataset, batch_size, num_workers)
-    for x, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x, y = x.to(d.device), y.to(d.device)
-        with autocast(precision, d.device):
-            logits = net(x).float()
-        scores.append(torch.sigmoid(logits).double().cpu().numpy())
-        if weights is not None:
-            total += _loss(logits, y, weights).item() * len(y)
-    return np.concatenate(scores), total / len(dataset)
-
-
-def _predict_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None,
-                     desc: str, progress: bool, d: Dist, precision: str = "fp32") -> tuple[np.ndarray, float]:
-    model.eval()
-    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=False)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    indices, rows = [], []
-    for x, y, index in tqdm(loader, desc=desc, disable=not (progress and d.main), leave=False):
-        x, y = x.to(d.device), y.to(d.device)
-        with autocast(precision, d.device):
-            logits = model(x).float()
-        per_sample = torch.zeros_like(logits) if weights is None else (
-            nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-            * weights.to(d.device)[y.long()])
-        rows.append(torch.stack([torch.sigmoid(logits), per_sample], dim=1).double().cpu().numpy())
-        indices.append(index.numpy())
-    local = np.concatenate(rows) if rows else np.zeros((0, 2))
-    both = gather_by_index(np.concatenate(indices) if indices else np.zeros(0, np.int64), local, len(dataset))
-    return both[:, 0], float(both[:, 1].sum() / len(dataset))
-
-
 def _write_log(path: Path, rows: list[dict]) -> None:
-    """Rewrite the whole log each epoch (small), via a temporary file, so it is never half-written."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    """Rewrite the whole log each epoch (small), atomically, so it is never half-written."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(path, buffer.getvalue())
 
 
 def _resume_key(config: Config, train_set: ImageDataset) -> dict:
@@ -140,7 +86,7 @@ def _stop_after() -> int | None:
     if not raw:
         return None
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{STOP_AFTER_ENV}={raw!r} must be a positive number of epochs")
+        raise ConfigError(f"{STOP_AFTER_ENV}={raw!r} must be a positive number of epochs")
     return int(raw)
 
 
@@ -227,7 +173,7 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             with autocast(precision, d.device):
                 logits = net(x)
-            loss = _loss(logits.float(), y, weights)
+            loss = weighted_loss(logits.float(), y, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # under DDP: all-reduces the gradients of the trainable parameters only
             optimiser.step()
