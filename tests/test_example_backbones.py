@@ -219,19 +219,19 @@ def test_folder_without_processor_config_uses_the_familys_defaults(tmp_path: Pat
     assert list(spec.std) == list(OPENAI_CLIP_STD)
 
 
-def test_siglip_output_projection_needs_its_encoder_spelling(tmp_path: Path, quiet) -> None:
-    """Logical ``o`` also matches the out_proj of SigLIP's pooling-head nn.MultiheadAttention, which
-    lora_vit refuses; the encoder's output projections are reached by their dotted suffix."""
-    from lora_vit import LoRAError
-
+def test_siglip_o_adapts_encoder_and_pooling_head_projections(tmp_path: Path, quiet) -> None:
+    """Logical ``o`` on SigLIP matches the encoder's ``self_attn.out_proj`` and the out_proj of its
+    pooling head's ``nn.MultiheadAttention`` (which lora_vit adapts in place); the pooling head's own
+    weights stay frozen, and the detector's head is the only module trained whole."""
     _save("siglip", tmp_path / "s")
-    with pytest.raises(LoRAError, match="MultiheadAttention"):
-        inject_lora(MorphDetector(*load_backbone(tmp_path / "s")), ["o"], trainable=["[h]ead"])
-    model = inject_lora(MorphDetector(*load_backbone(tmp_path / "s")), ["q", "v", "self_attn.out_proj"], r=2,
-                        trainable=["[h]ead"])
+    model = inject_lora(MorphDetector(*load_backbone(tmp_path / "s")), ["o"], r=2, trainable=["[h]ead"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "head.weight" in trainable
-    assert not any(n.startswith("backbone.head.") for n in trainable), "SigLIP's pooling head stays frozen"
+    assert {n.rsplit(".", 1)[0] for n in trainable} == {
+        "backbone.encoder.layers.0.self_attn.out_proj", "backbone.encoder.layers.1.self_attn.out_proj",
+        "backbone.head.attention.out_proj", "head"}
+    assert all(n.endswith(("lora_A", "lora_B")) for n in trainable if n.startswith("backbone."))
+    meta = _train_and_test(["--backbone", str(tmp_path / "s")], tmp_path / "out", ["lora_target_modules=q,v,o"])
+    assert meta["backbone"]["spec"]["family"] == "siglip"
 
 
 def test_unsupported_and_broken_backbones_are_clear_errors(tmp_path: Path) -> None:
