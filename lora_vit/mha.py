@@ -96,7 +96,8 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     The Parameters of ``base`` are taken over under their own names (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.weight``, ...), so the ``state_dict`` holds the base keys plus
     ``lora_A_<slice>`` / ``lora_B_<slice>``. ``weight`` and ``bias`` name ``in_proj_weight`` and
-    ``in_proj_bias``, the matrix the adapters update, as on a :class:`LoRALinear`.
+    ``in_proj_bias``, the matrix the adapters update, as on a :class:`LoRALinear`. Hooks
+    registered on ``base`` itself are not carried over.
 
     Args:
         base: The ``nn.MultiheadAttention`` to adapt; its Parameters are reused, not copied.
