@@ -7,7 +7,9 @@ per adapted layer, a dropped copy of the input (for ``dA``) and the mask (for ``
 three extra activations per q/k/v triple, the bulk of a LoRA step's memory overhead. Here the
 node saves only ``x`` (q, k and v receive the same tensor, so it is stored once per block),
 the small ``(N, r)`` hidden and a 0-dim seed; the mask is regenerated from the seed in
-backward. ``dx`` is one ``addmm`` on top of the LoRA term.
+backward. ``dx`` is the floor's own matmul with the rank-r term added into it in place, and
+the eager mask is a 1.0 / 0.0 tensor in the input's dtype, so every multiply by it is a
+same-dtype vectorised one.
 
 Dropout semantics: each call draws an independent Bernoulli keep-mask over the elements of
 ``x`` (independent per layer, per step); kept elements are scaled by ``1 / keep_prob``. The
@@ -51,17 +53,23 @@ def _hashed_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device)
     return (h & (_LANES - 1)) >= drop
 
 
-def _generated_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device) -> Tensor:
+def _generated_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     # One 64-bit draw yields four 16-bit lanes: several times cheaper than bernoulli_ on CPU.
     generator = torch.Generator(device).manual_seed(int(seed))
     words = torch.randint(
         -(1 << 63), (1 << 63) - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
     )
-    return words.view(torch.int16)[:numel] >= drop - (1 << (_LANE_BITS - 1))
+    # The comparison is written straight into the input's dtype (1.0 kept, 0.0 dropped): the
+    # multiplies by the mask are then same-dtype, vectorised ones, where a bool mask makes
+    # each of them a mixed-type multiply that is several times slower on CPU.
+    keep = torch.empty(numel, dtype=dtype, device=device)
+    return torch.ge(words.view(torch.int16)[:numel], drop - (1 << (_LANE_BITS - 1)), out=keep)
 
 
-def _keep_mask(shape: torch.Size, p: float, seed: Tensor, device: torch.device, regenerate: bool) -> Tensor:
-    """The keep-mask drawn from ``seed``: the same seed gives the same mask."""
+def _keep_mask(
+    shape: torch.Size, p: float, seed: Tensor, device: torch.device, dtype: torch.dtype, regenerate: bool
+) -> Tensor:
+    """The keep-mask drawn from ``seed`` (bool, or 1.0 / 0.0 in ``dtype``): the same seed gives the same mask."""
     drop = round(p * _LANES)
     if torch.compiler.is_compiling():
         if regenerate:
@@ -69,7 +77,7 @@ def _keep_mask(shape: torch.Size, p: float, seed: Tensor, device: torch.device, 
             # elimination cannot fold the two masks into one saved tensor.
             seed = seed.neg().neg()
         return _hashed_keep_mask(shape.numel(), drop, seed, device).view(shape)
-    return _generated_keep_mask(shape.numel(), drop, seed, device).view(shape)
+    return _generated_keep_mask(shape.numel(), drop, seed, device, dtype).view(shape)
 
 
 def _new_seed(device: torch.device) -> Tensor:
@@ -90,9 +98,8 @@ class _LoRALinear(torch.autograd.Function):
         seed = None  # no mask to regenerate
         if p > 0:
             seed = _new_seed(x2.device)
-            keep = _keep_mask(x2.shape, p, seed, x2.device, regenerate=False)
+            keep = _keep_mask(x2.shape, p, seed, x2.device, x2.dtype, regenerate=False)
             scale = 1.0 / keep_probability(p)
-            # Multiplying by the bool mask is ~2x faster than torch.where on CPU.
             hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
         else:
             hidden = F.linear(x2.to(dtype), a.to(dtype))
@@ -108,14 +115,20 @@ class _LoRALinear(torch.autograd.Function):
         x2, weight, a, scaled_b, hidden, seed = ctx.saved_tensors
         dtype = grad.dtype
         g2 = grad
-        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, regenerate=True) if ctx.p > 0 else None
-        grad_hidden = (g2 @ scaled_b.to(dtype)) * ctx.scale
+        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, x2.dtype, regenerate=True) if ctx.p > 0 else None
+        grad_hidden = g2 @ scaled_b.to(dtype)  # (N, R), fresh: scaled in place
+        if ctx.scale != 1.0:
+            grad_hidden.mul_(ctx.scale)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            lora = grad_hidden @ a.to(dtype)
-            if keep is not None:
-                lora.mul_(keep)
-            grad_x = torch.addmm(lora, g2, weight.to(dtype)).to(x2.dtype)
+            # The floor's own matmul, then the rank-R term added in place: no (N, in)
+            # temporary copied into addmm's output, and no extra pass without dropout.
+            grad_x = g2 @ weight.to(dtype)
+            if keep is None:
+                grad_x.addmm_(grad_hidden, a.to(dtype))
+            else:
+                grad_x.addcmul_(grad_hidden @ a.to(dtype), keep)
+            grad_x = grad_x.to(x2.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ x2.to(dtype)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
@@ -124,7 +137,8 @@ class _LoRALinear(torch.autograd.Function):
             dropped = x2 * keep if keep is not None else x2
             grad_a = (grad_hidden.t() @ dropped.to(dtype)).to(a.dtype)
         if ctx.needs_input_grad[4]:
-            grad_b = (g2.t() @ hidden).to(scaled_b.dtype)
+            # (R, N) @ (N, out) reads g2 row-major; g2.t() @ hidden would copy g2 transposed first.
+            grad_b = (hidden.t() @ g2).t().to(scaled_b.dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
