@@ -108,15 +108,22 @@ COLUMNS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser, reps=15)
+    parser.add_argument("--variants", nargs="+", help=f"subset of {VARIANTS} (base always runs)")
     args = parser.parse_args()
 
-    keys = list(VARIANTS)
+    wanted = args.variants or VARIANTS
+    unknown = [v for v in wanted if v not in VARIANTS]
+    if unknown:
+        print(f"unknown variants skipped: {unknown} (known: {VARIANTS})", file=sys.stderr)
+    keys = [v for v in VARIANTS if v in wanted or v == "base"]
     skipped = []
     if not common.peft_available():
         skipped = [k for k in keys if k.startswith("peft")]
         keys = [k for k in keys if k not in skipped]
         print("PEFT is not installed (pip install 'lora-vit[bench]'): PEFT rows skipped", file=sys.stderr)
-    if args.compile:
+    if args.compile_only:
+        keys = [f"{k}+c" for k in keys]
+    elif args.compile:
         keys += [f"{k}+c" for k in keys]
     env = common.environment(args.device)
     rows = []
@@ -129,9 +136,10 @@ def main() -> None:
              f" median of {args.reps} interleaved rounds")
     path = common.write_results(
         "infer",
-        {"environment": env, "args": vars(args), "skipped": skipped,
+        {"environment": env, "args": vars(args), "skipped": skipped + unknown,
          "note": args.note, "rows": rows},
         {title: table},
+        args.results_dir,
     )
     print(f"results: {path}")
 

@@ -109,6 +109,9 @@ def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
         steps[key] = step
         print(f"  {args.model} {key}: ready", file=sys.stderr)
     timing = common.interleaved_medians(steps, args.reps, args.device)
+    if args.no_memory and args.device == "cuda":
+        for key, step in steps.items():  # cheap, in this process: no model rebuild, no recompile
+            timing[key]["cuda_peak_bytes"] = common.cuda_step_peak(step)
     del steps
     gc.collect()
 
@@ -184,13 +187,17 @@ def main() -> None:
         probe(args)
         return
     wanted = args.variants or BASE_VARIANTS
+    unknown = [v for v in wanted if v not in BASE_VARIANTS]
+    if unknown:
+        print(f"unknown variants skipped: {unknown} (known: {BASE_VARIANTS})", file=sys.stderr)
     base = [v for v in BASE_VARIANTS if v in wanted or v == "floor"]
     skipped = []
     if not common.peft_available():
         skipped = [v for v in base if v.startswith("peft")]
         base = [v for v in base if not v.startswith("peft")]
         print("PEFT is not installed (pip install 'lora-vit[bench]'): PEFT rows skipped", file=sys.stderr)
-    keys = base + ([f"{v}+c" for v in COMPILED_VARIANTS if v in base] if args.compile else [])
+    compiled = [f"{v}+c" for v in COMPILED_VARIANTS if v in base] if args.compile or args.compile_only else []
+    keys = compiled if args.compile_only else base + compiled
 
     env = common.environment(args.device)
     rows = []
@@ -204,8 +211,9 @@ def main() -> None:
              f" median of {args.reps} interleaved rounds")
     path = common.write_results(
         "train",
-        {"environment": env, "args": vars(args), "skipped": skipped, "note": args.note, "rows": rows},
+        {"environment": env, "args": vars(args), "skipped": skipped + unknown, "note": args.note, "rows": rows},
         {title: table},
+        args.results_dir,
     )
     print(f"results: {path}")
 
