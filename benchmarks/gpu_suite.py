@@ -15,10 +15,12 @@ Parts, in order of value (a run cut short keeps every part that finished before 
 6. ``no_triton``: on CUDA with Triton made unimportable, what ``torch.compile`` does (a
    compiled step or a clear message, never a crash) and that the documented fallback
    (``backend="aot_eager"``, docs/compile.md) compiles one graph with eager's gradients.
-7. ``train_b_compiled``: the ViT-B/16 step under ``torch.compile(fullgraph=True)``.
+7. ``train_b_compiled``: the ViT-B/16 step under ``torch.compile(fullgraph=True)``, floor,
+   lora_vit and PEFT at dropout 0.1 (and DoRA at 0.1 where offered).
 8. ``infer_b_compiled``: inference base / unmerged / merged, compiled.
 9. ``example``: the example's training step (``benchmarks/bench_example.py``, if present)
    on a ViT-B-sized backbone, bf16 + compile; skipped with a message where the script is absent.
+10. ``train_b_compiled_p0``: the compiled step at dropout 0 (floor, lora_vit, PEFT).
 
 Each part runs in its own subprocess under its own time box (clipped to what is left of
 ``--budget``), streams its output prefixed with its name, and writes ``DIR/<part>.json``
@@ -55,7 +57,10 @@ RESULT_PREFIX = "GPU-SUITE-RESULT "
 # What the training parts ask bench_train.py for; names it does not offer are skipped (and
 # listed), and DoRA-like names it does offer (dora_*, peftdora_*) are added automatically.
 TRAIN_VARIANTS = ["floor", "full", "lora_p0", "lora_p0.1", "peft_p0", "peft_p0.1"]
-COMPILED_TRAIN_VARIANTS = ["floor", "lora_p0", "lora_p0.1", "peft_p0.1"]
+# Compiling a ViT-B training graph takes tens of seconds per variant: the dropout-0.1 rows
+# come first; the dropout-0 rows are a later part, run if the budget still allows.
+COMPILED_TRAIN_VARIANTS = ["floor", "lora_p0.1", "peft_p0.1"]
+COMPILED_TRAIN_VARIANTS_P0 = ["floor", "lora_p0", "peft_p0"]
 DORA_PREFIXES = ("dora", "peftdora")
 INFER_VARIANTS = ["base", "lora_unmerged", "lora_merged", "peft_unmerged", "peft_merged"]
 COMPILED_INFER_VARIANTS = ["base", "lora_unmerged", "lora_merged"]
@@ -149,10 +154,11 @@ def bench_variants(script: str, names: list[str]) -> tuple[list[str], list[str]]
     return select_variants(list(getattr(module, "BASE_VARIANTS", None) or module.VARIANTS), names)
 
 
-def compiled_offered(names: list[str]) -> list[str]:
+def compiled_offered(names: list[str], dropout: str) -> list[str]:
+    """The ``names`` bench_train compiles, plus its compiled DoRA variants of this dropout."""
     import bench_train
 
-    extra = [v for v in bench_train.COMPILED_VARIANTS if v.startswith(DORA_PREFIXES) and v.endswith("0.1")]
+    extra = [v for v in bench_train.COMPILED_VARIANTS if v.startswith(DORA_PREFIXES) and v.endswith("_p" + dropout)]
     return [v for v in bench_train.COMPILED_VARIANTS if v in names or v in extra]
 
 
@@ -180,7 +186,6 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
         common_flags += ["--note", args.note]
     train_names, train_missing = bench_variants("bench_train", TRAIN_VARIANTS)
     infer_names, infer_missing = bench_variants("bench_infer", INFER_VARIANTS)
-    compiled_names = compiled_offered(COMPILED_TRAIN_VARIANTS + [v for v in train_names if v.startswith(DORA_PREFIXES)])
     box = (lambda s: s * 4) if smoke else (lambda s: s)  # 2 slow CPU cores compile slower than a GPU host
 
     def bench(name: str, script: str, model: str, batch: int, variants: list[str], missing: list[str],
@@ -204,8 +209,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
               f"training step, {l_model}, eager", "--no-memory"),
         Part("no_triton", box(90), "torch.compile on the device with Triton unimportable",
              [py, str(HERE / "gpu_suite.py"), "--run-part", "no_triton", "--device", device]),
-        bench("train_b_compiled", "bench_train.py", b_model, batch_b, compiled_names, [], 210,
-              f"training step, {b_model}, torch.compile", "--no-memory", "--compile-only"),
+        bench("train_b_compiled", "bench_train.py", b_model, batch_b, compiled_offered(COMPILED_TRAIN_VARIANTS, "0.1"),
+              [], 180, f"training step, {b_model}, torch.compile, dropout 0.1", "--no-memory", "--compile-only"),
         bench("infer_b_compiled", "bench_infer.py", b_model, batch_b, COMPILED_INFER_VARIANTS, [], 90,
               f"inference, {b_model}, torch.compile", "--compile-only"),
     ]
@@ -226,6 +231,9 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
         parts.append(Part("example", 0, "the example's training step", None,
                           skip_reason="benchmarks/bench_example.py is not in this checkout (it comes with the"
                                       " backbones work); nothing to run"))
+    parts.append(bench("train_b_compiled_p0", "bench_train.py", b_model, batch_b,
+                       compiled_offered(COMPILED_TRAIN_VARIANTS_P0, "0"), [], 150,
+                       f"training step, {b_model}, torch.compile, dropout 0", "--no-memory", "--compile-only"))
     chosen = set(args.parts or [p.name for p in parts])
     return [p for p in parts if p.name in chosen]
 
