@@ -14,8 +14,9 @@ same-dtype vectorised one.
 Dropout semantics: each call draws an independent Bernoulli keep-mask over the elements of
 ``x`` (independent per layer, per step); kept elements are scaled by ``1 / keep_prob``. The
 mask is cut from 16-bit random lanes, so ``p`` is rounded to a multiple of ``2**-16``
-(0.1 -> 0.100006) and the scaling uses the exact keep probability. Eager mode draws from
-torch's generator seeded by the global RNG (reproducible under ``torch.manual_seed``);
+(0.1 -> 0.100006) and the scaling uses the exact keep probability. Eager mode draws a seed
+from torch's global RNG (reproducible under ``torch.manual_seed``) and cuts the lanes from the
+words of a generator seeded with it (NumPy's PCG64DXSM on CPU, torch's on other devices);
 under ``torch.compile`` a counter-based hash of (seed, element index) is used, which inductor
 fuses into neighbouring kernels. The two modes give different (equally distributed) masks.
 Double backward is not supported.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,12 +55,19 @@ def _hashed_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device)
     return (h & (_LANES - 1)) >= drop
 
 
-def _generated_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    # One 64-bit draw yields four 16-bit lanes: several times cheaper than bernoulli_ on CPU.
+def _random_words(count: int, seed: Tensor, device: torch.device) -> Tensor:
+    """``count`` uniformly random 64-bit words (int64) on ``device``, determined by ``seed``."""
+    if device.type == "cpu":
+        # NumPy's PCG64DXSM fills words 2-3x faster than torch's CPU generator (a serial
+        # mt19937): drawing the mask twice per layer and step is most of dropout's eager cost.
+        return torch.from_numpy(np.random.PCG64DXSM(int(seed)).random_raw(count).view(np.int64))
     generator = torch.Generator(device).manual_seed(int(seed))
-    words = torch.randint(
-        -(1 << 63), (1 << 63) - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
-    )
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (count,), dtype=torch.int64, device=device, generator=generator)
+
+
+def _generated_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # One 64-bit word yields four 16-bit lanes: several times cheaper than bernoulli_ on CPU.
+    words = _random_words((numel + 3) // 4, seed, device)
     # The comparison is written straight into the input's dtype (1.0 kept, 0.0 dropped): the
     # multiplies by the mask are then same-dtype, vectorised ones, where a bool mask makes
     # each of them a mixed-type multiply that is several times slower on CPU.
@@ -87,12 +96,35 @@ def _new_seed(device: torch.device) -> Tensor:
     return torch.randint(_SEED_LIMIT, (), dtype=torch.int64, device=where)
 
 
+def _folds(x2: Tensor, weight: Tensor, a: Tensor, scaled_b: Tensor, p: float) -> bool:
+    """Whether the update is better added to the weight than to the output, with no precision lost.
+
+    Without dropout, ``x @ W.T + (x @ A.T) @ Bs.T == x @ (W + Bs @ A).T``. Forming ``W + Bs @ A``
+    costs one pass over the ``(out, in)`` weight; adding the rank-r term to the output costs
+    a pass over the ``(N, out)`` output (and a skinny matmul over ``x`` in inference): folding
+    wins once there are at least as many rows as features. Only at full precision (fp32 or
+    fp64, no autocast): rounding ``W + Bs @ A`` to bf16 could swallow a small update whole.
+    """
+    return (
+        p == 0
+        and x2.shape[0] >= max(weight.shape)
+        and weight.dtype in (torch.float32, torch.float64)
+        and x2.dtype == weight.dtype == a.dtype == scaled_b.dtype
+        and not torch.is_autocast_enabled(x2.device.type)
+    )
+
+
+def _folded_weight(weight: Tensor, a: Tensor, scaled_b: Tensor) -> Tensor:
+    return torch.addmm(weight, scaled_b, a)
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor, p: float
     ) -> Tensor:
-        out = F.linear(x2, weight, bias)
+        folded = _folds(x2, weight, a, scaled_b, p)
+        out = F.linear(x2, _folded_weight(weight, a, scaled_b) if folded else weight, bias)
         dtype = out.dtype  # the autocast dtype when autocast is on
         scale = 1.0
         seed = None  # no mask to regenerate
@@ -102,10 +134,11 @@ class _LoRALinear(torch.autograd.Function):
             scale = 1.0 / keep_probability(p)
             hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
         else:
-            hidden = F.linear(x2.to(dtype), a.to(dtype))
-        out.addmm_(hidden, scaled_b.to(dtype).t())
+            hidden = F.linear(x2.to(dtype), a.to(dtype))  # kept for dB
+        if not folded:
+            out.addmm_(hidden, scaled_b.to(dtype).t())
         ctx.save_for_backward(x2, weight, a, scaled_b, hidden, seed)
-        ctx.p, ctx.scale = p, scale
+        ctx.p, ctx.scale, ctx.folded = p, scale, folded
         # 2-D in, 2-D out, reshaped by the caller: a view made here would forbid callers'
         # in-place ops on the result (timm's EVA does ``qkv += bias``).
         return out
@@ -123,11 +156,14 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # The floor's own matmul, then the rank-R term added in place: no (N, in)
             # temporary copied into addmm's output, and no extra pass without dropout.
-            grad_x = g2 @ weight.to(dtype)
-            if keep is None:
-                grad_x.addmm_(grad_hidden, a.to(dtype))
+            if ctx.folded:  # dx = g @ (W + Bs @ A), as in forward
+                grad_x = g2 @ _folded_weight(weight, a, scaled_b)
             else:
-                grad_x.addcmul_(grad_hidden @ a.to(dtype), keep)
+                grad_x = g2 @ weight.to(dtype)
+                if keep is None:
+                    grad_x.addmm_(grad_hidden, a.to(dtype))
+                else:
+                    grad_x.addcmul_(grad_hidden @ a.to(dtype), keep)
             grad_x = grad_x.to(x2.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ x2.to(dtype)).to(weight.dtype)
@@ -156,5 +192,20 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scale
     Returns:
         ``(*, out_features)``, in the dtype ``F.linear`` gives (the autocast dtype under autocast).
     """
-    out = _LoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, scaled_b, p)
+    x2 = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, weight, bias, a, scaled_b)
+    )
+    if p == 0 and not needs_grad:
+        out = _no_grad_forward(x2, weight, bias, a, scaled_b)  # inference: no autograd node to build
+    else:
+        out = _LoRALinear.apply(x2, weight, bias, a, scaled_b, p)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _no_grad_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor) -> Tensor:
+    if _folds(x2, weight, a, scaled_b, 0.0):
+        return F.linear(x2, _folded_weight(weight, a, scaled_b), bias)
+    out = F.linear(x2, weight, bias)
+    dtype = out.dtype
+    return out.addmm_(F.linear(x2.to(dtype), a.to(dtype)), scaled_b.to(dtype).t())

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_vit.functional import _keep_mask, _new_seed, keep_probability, lora_linear
+from lora_vit.functional import _folds, _keep_mask, _new_seed, keep_probability, lora_linear
 
 
 @st.composite
@@ -71,3 +71,34 @@ def test_eager_mask_is_zero_one_in_the_input_dtype_with_the_requested_rate(dtype
     rate = keep.float().mean().item()
     sigma = (0.75 * 0.25 / keep.numel()) ** 0.5
     assert abs(rate - keep_probability(0.25)) < 5 * sigma
+
+
+@pytest.mark.parametrize("tokens", [5, 64])  # fewer rows than features: unfolded; more: folded into W
+def test_folded_and_unfolded_paths_agree_with_each_other_and_without_grad(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    x, w, b = torch.randn(tokens, 32, generator=gen), torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    a, sb = torch.randn(4, 32, generator=gen), torch.randn(48, 4, generator=gen)
+    ref = (x.double() @ w.double().T + b.double() + x.double() @ a.double().T @ sb.double().T)
+    with torch.no_grad():
+        torch.testing.assert_close(lora_linear(x, w, b, a, sb, 0.0).double(), ref, rtol=1e-5, atol=1e-4)
+    leaves = [t.clone().requires_grad_() for t in (x, a, sb)]
+    out = lora_linear(leaves[0], w, b, leaves[1], leaves[2], 0.0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    g = torch.randn(tokens, 48, generator=gen)
+    out.backward(g)
+    gd = g.double()
+    dense_w = w.double() + sb.double() @ a.double()
+    torch.testing.assert_close(leaves[0].grad.double(), gd @ dense_w, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(leaves[1].grad.double(), (gd @ sb.double()).T @ x.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(leaves[2].grad.double(), gd.T @ (x.double() @ a.double().T), rtol=1e-5, atol=1e-4)
+
+
+def test_the_update_is_folded_into_the_weight_only_at_full_precision_without_dropout():
+    x, w = torch.randn(64, 32), torch.randn(48, 32)
+    a, sb = torch.randn(4, 32), torch.randn(48, 4)
+    assert _folds(x, w, a, sb, 0.0)
+    assert not _folds(x[:40], w, a, sb, 0.0)  # fewer rows than the weight's larger side
+    assert not _folds(x, w, a, sb, 0.1)  # dropout acts on the branch's input only
+    assert not _folds(x.bfloat16(), w.bfloat16(), a.bfloat16(), sb.bfloat16(), 0.0)  # W + dW rounded to bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _folds(x, w, a, sb, 0.0)  # the matmul would round W + dW to bf16
