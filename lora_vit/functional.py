@@ -7,7 +7,8 @@ per adapted layer, a dropped copy of the input (for ``dA``) and the mask (for ``
 three extra activations per q/k/v triple, the bulk of a LoRA step's memory overhead. Here the
 node saves only ``x`` (q, k and v receive the same tensor, so it is stored once per block),
 the small ``(N, r)`` hidden and a 0-dim seed; the mask is regenerated from the seed in
-backward. ``dx`` is the floor's own matmul with the rank-r term added into it in place, and
+backward. ``dx`` is the floor's own matmul with the rank-r term added into it in place (or,
+without dropout at full precision, one matmul with ``W + Bs @ A``: see :func:`_folds`), and
 the eager mask is a 1.0 / 0.0 tensor in the input's dtype, so every multiply by it is a
 same-dtype vectorised one.
 
