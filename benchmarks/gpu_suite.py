@@ -217,10 +217,13 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
     example = HERE / "bench_example.py"
     if example.exists():
         flags = flags_of(example)
+        # Only flags whose meaning is clear from their name; batch and image size stay the
+        # script's own (its backbone's), except in a smoke run.
         wanted = {"--device": [device], "--dtype": ["fp32" if smoke else "bf16"], "--compile": [],
-                  "--results-dir": [str(out / "example")], "--reps": [reps], "--smoke": [] if smoke else None,
+                  "--results-dir": [str(out / "example")], "--smoke": [] if smoke else None,
                   "--backbone-size": [b_model], "--model": [b_model], "--models": [b_model],
-                  "--image-size": [image], "--batch": [str(batch_b)]}
+                  "--image-size": [image] if smoke else None, "--batch": [str(batch_b)] if smoke else None,
+                  "--reps": [reps] if smoke else None}
         command = [py, str(example)]
         for flag, value in wanted.items():
             if flag in flags and value is not None:
