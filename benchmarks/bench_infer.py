@@ -87,11 +87,11 @@ def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
     for row in rows:
         suffix = "+c" if row["variant"].endswith("+c") else ""
         row["images_per_s"] = args.batch / row["median_s"]
-        row["x_base"] = row["median_s"] / by_key["base" + suffix]["median_s"]
+        row["x_base"] = common.ratio(row, by_key["base" + suffix])
         if row["variant"].startswith("lora"):
             peft_row = by_key.get(row["variant"].replace("lora", "peft"))
             if peft_row:
-                row["x_peft"] = row["median_s"] / peft_row["median_s"]
+                row["x_peft"] = common.ratio(row, peft_row)
     return rows
 
 

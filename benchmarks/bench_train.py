@@ -142,13 +142,13 @@ def _ratios(rows: list[dict]) -> None:
         suffix = "+c" if key.endswith("+c") else ""
         floor = by_key.get("floor" + suffix)
         if floor:
-            row["x_floor"] = row["median_s"] / floor["median_s"]
+            row["x_floor"] = common.ratio(row, floor)
             if row.get("saved_bytes") is not None and floor.get("saved_bytes"):
                 row["saved_x_floor"] = row["saved_bytes"] / floor["saved_bytes"]
         if key.startswith("lora"):
             peft_row = by_key.get(key.replace("lora", "peft"))
             if peft_row:
-                row["x_peft"] = row["median_s"] / peft_row["median_s"]
+                row["x_peft"] = common.ratio(row, peft_row)
                 if row.get("saved_bytes") is not None and peft_row.get("saved_bytes"):
                     row["saved_x_peft"] = row["saved_bytes"] / peft_row["saved_bytes"]
         for field in ("saved_bytes", "rss_peak_bytes", "cuda_peak_bytes"):

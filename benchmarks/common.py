@@ -119,8 +119,22 @@ def interleaved_medians(
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(t), "min_s": min(t), "reps": len(t)} for name, t in times.items()
+        name: {"median_s": statistics.median(t), "min_s": min(t), "reps": len(t), "times_s": t}
+        for name, t in times.items()
     }
+
+
+def ratio(row: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Median over rounds of ``row``'s time / ``ref``'s time in the same round.
+
+    Both ran in the same round, seconds apart, so load that drifts between rounds cancels in
+    each ratio; a median of medians would not cancel it. Rows without per-round times
+    (older results) fall back to the ratio of medians.
+    """
+    a, b = row.get("times_s"), ref.get("times_s")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return row["median_s"] / ref["median_s"]
 
 
 class SavedTensors:
