@@ -131,9 +131,11 @@ class _LoRALinear(torch.autograd.Function):
         seed = None  # no mask to regenerate
         if p > 0:
             seed = _new_seed(x2.device)
-            keep = _keep_mask(x2.shape, p, seed, x2.device, x2.dtype, regenerate=False)
+            keep = _keep_mask(x2.shape, p, seed, x2.device, dtype, regenerate=False)
             scale = 1.0 / keep_probability(p)
-            hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
+            # The mask's buffer becomes the dropped input (in the compute dtype): no new (N, in) tensor.
+            dropped = keep.mul_(x2) if keep.dtype == dtype else (x2 * keep).to(dtype)
+            hidden = F.linear(dropped, (a * scale).to(dtype))
         else:
             hidden = F.linear(x2.to(dtype), a.to(dtype))  # kept for dB
         if not folded:
@@ -149,30 +151,33 @@ class _LoRALinear(torch.autograd.Function):
         x2, weight, a, scaled_b, hidden, seed = ctx.saved_tensors
         dtype = grad.dtype
         g2 = grad
-        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, x2.dtype, regenerate=True) if ctx.p > 0 else None
+        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, dtype, regenerate=True) if ctx.p > 0 else None
         grad_hidden = g2 @ scaled_b.to(dtype)  # (N, R), fresh: scaled in place
         if ctx.scale != 1.0:
             grad_hidden.mul_(ctx.scale)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            # The floor's own matmul, then the rank-R term added in place: no (N, in)
-            # temporary copied into addmm's output, and no extra pass without dropout.
+            # Matmuls accumulate into an existing (N, in) tensor in place (addmm_): no
+            # temporary is copied into a fresh output, and each case allocates one buffer.
             if ctx.folded:  # dx = g @ (W + Bs @ A), as in forward
                 grad_x = g2 @ _folded_weight(weight, a, scaled_b)
-            else:
-                grad_x = g2 @ weight.to(dtype)
-                if keep is None:
-                    grad_x.addmm_(grad_hidden, a.to(dtype))
-                else:
-                    grad_x.addcmul_(grad_hidden @ a.to(dtype), keep)
+            elif keep is None:
+                grad_x = (g2 @ weight.to(dtype)).addmm_(grad_hidden, a.to(dtype))
+            else:  # the masked rank-r term, then the floor's matmul accumulated onto it: one (N, in) buffer
+                grad_x = (grad_hidden @ a.to(dtype)).mul_(keep).addmm_(g2, weight.to(dtype))
             grad_x = grad_x.to(x2.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ x2.to(dtype)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0).to(weight.dtype)
         if ctx.needs_input_grad[3]:
-            dropped = x2 * keep if keep is not None else x2
-            grad_a = (grad_hidden.t() @ dropped.to(dtype)).to(a.dtype)
+            if keep is None:
+                dropped = x2.to(dtype)
+            elif keep.dtype != dtype:  # compiled: a bool mask
+                dropped = (x2 * keep).to(dtype)
+            else:  # the mask is not needed after this: its buffer becomes the dropped input
+                dropped = keep.mul_(x2)
+            grad_a = (grad_hidden.t() @ dropped).to(a.dtype)
         if ctx.needs_input_grad[4]:
             # (R, N) @ (N, out) reads g2 row-major; g2.t() @ hidden would copy g2 transposed first.
             grad_b = (hidden.t() @ g2).t().to(scaled_b.dtype)

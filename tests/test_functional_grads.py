@@ -102,3 +102,27 @@ def test_the_update_is_folded_into_the_weight_only_at_full_precision_without_dro
     assert not _folds(x.bfloat16(), w.bfloat16(), a.bfloat16(), sb.bfloat16(), 0.0)  # W + dW rounded to bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _folds(x, w, a, sb, 0.0)  # the matmul would round W + dW to bf16
+
+
+def test_bf16_autocast_step_with_dropout_matches_the_dense_formula_with_the_same_mask():
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(96, 32, generator=gen).requires_grad_()
+    w, b = torch.randn(40, 32, generator=gen), torch.randn(40, generator=gen)
+    a = (torch.randn(4, 32, generator=gen) * 0.3).requires_grad_()
+    sb = (torch.randn(40, 4, generator=gen) * 0.3).requires_grad_()
+    g = torch.randn(96, 40, generator=gen)
+    torch.manual_seed(11)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, w, b, a, sb, 0.3)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(g)
+    torch.manual_seed(11)
+    seed = _new_seed(torch.device("cpu"))
+    keep = _keep_mask(torch.Size((96, 32)), 0.3, seed, torch.device("cpu"), torch.float64, regenerate=False)
+    leaves = [t.detach().double().requires_grad_() for t in (x, a, sb)]
+    ref = dense(leaves[0], w.double(), b.double(), leaves[1], leaves[2], keep, 1 / keep_probability(0.3))
+    ref.backward(g.double())
+    rel = lambda got, want: ((got.double() - want).norm() / want.norm()).item()  # noqa: E731
+    assert rel(out, ref.detach()) < 2e-2
+    for got, want in zip((x.grad, a.grad, sb.grad), (t.grad for t in leaves)):
+        assert got.dtype == torch.float32 and rel(got, want) < 3e-2
