@@ -38,12 +38,9 @@ from madlab.app import (
     run_test,
     run_train,
 )
-from madlab.backbone import BackboneError
-from madlab.checkpoint import CheckpointError
 from madlab.config import Config, ConfigError, apply_overrides
-from madlab.data import DataError
 from madlab.distributed import Dist, setup, teardown
-from madlab.metrics import MetricsError
+from madlab.errors import MadlabError
 from madlab.resume import STATE_FILE
 from madlab.training import TrainingInterrupted
 
@@ -60,7 +57,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
-            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]. Default: embedded smoke test"))
+            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]; --override identity_pattern=REGEX"
+            " reads identities from file names. Default: embedded smoke test"))
         parser.add_argument("--backbone", default=None, help=(
             "local HF transformers ViT or ViTMAE checkpoint folder (e.g. a downloaded facebook/vit-mae-large);"
             " default: the example's small ViT, MAE-pretrained and cached"))
@@ -153,7 +151,7 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
     except TrainingInterrupted as err:
         print(f"{tag}interrupted: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, DataError, BackboneError, CheckpointError, MetricsError, LoRAError, FileNotFoundError) as err:
+    except (MadlabError, LoRAError) as err:  # every error the example means to report
         print(f"{tag}error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,9 +11,11 @@ from .inject import LoRASummary, inject_lora, lora_summary
 from .io import load_lora, read_lora_metadata, save_lora
 from .layer import LoRALinear, LoRASlice
 from .merge import merge_lora
+from .mha import LoRAMultiheadAttention
 from .peft_compat import load_peft_adapter, save_peft_adapter
 from .state import LoadResult, load_lora_state_dict, lora_state_dict
 from .targets import LOGICAL_TARGETS, PRESETS, resolve_targets
+from .toggle import disable_lora
 from .verify import verify_lora
 
 __all__ = [
@@ -21,10 +23,12 @@ __all__ = [
     "PRESETS",
     "LoRAError",
     "LoRALinear",
+    "LoRAMultiheadAttention",
     "LoRASlice",
     "LoRASummary",
     "LoadResult",
     "__version__",
+    "disable_lora",
     "inject_lora",
     "load_lora",
     "load_lora_state_dict",

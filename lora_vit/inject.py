@@ -8,16 +8,21 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .adapters import AdaptedLayer, build_adapter, is_adapted
 from .errors import LoRAError
 from .layer import LoRALinear, check_dropout, check_init, value_for
+from .mha import LoRAMultiheadAttention
 from .readers import route_weight_readers
 from .targets import TargetMatch, resolve_modules, resolve_targets
+from .wrappers import check_not_wrapped, clean_name, is_wrapper, unwrap_model
 
 __all__ = [
     "LoRASummary",
     "adapted_layers",
+    "check_routable",
     "find_module",
     "inject_lora",
+    "lora_modules",
     "lora_summary",
     "trainable_modules",
     "unwrap_model",
@@ -29,55 +34,28 @@ logger = logging.getLogger("lora_vit")
 # adapters; it is a plain attribute, so it never appears in the model's state_dict.
 _TRAINABLE_ATTR = "_lora_vit_trainable"
 
-# Name segments that wrappers nested inside a model insert (FSDP auto-wrap, torch.compile of a
-# submodule, activation checkpointing). ``module`` (DDP) is not one: users name modules so, and
-# DDP only ever wraps the whole model, which unwrap_model removes.
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-_WRAPPER_TYPES = frozenset(
-    {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "OptimizedModule", "CheckpointWrapper"}
-)
-
-
-def _is_wrapper(module: nn.Module) -> bool:
-    # By class name, so that importing lora_vit never imports torch.distributed (absent on some builds).
-    return type(module).__name__ in _WRAPPER_TYPES
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP, DataParallel, FSDP or ``torch.compile`` wrappers (itself if none).
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(2, 2))
-        >>> unwrap_model(nn.DataParallel(net)) is net
-        True
-    """
-    while _is_wrapper(model):
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_fsdp_wrapped_module", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
-
-
-def clean_name(name: str) -> str:
-    """``name`` without the segments that nested wrappers insert (``blocks.0._fsdp_wrapped_module.attn``)."""
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
 def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules by their unwrapped dotted names; where a wrapper and its content share a name, the content."""
     found: dict[str, nn.Module] = {}
     for name, module in unwrap_model(model).named_modules():
-        if not _is_wrapper(module):
+        if not is_wrapper(module):
             found[clean_name(name)] = module
     return found
 
 
-def adapted_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every ``LoRALinear`` in ``model`` by dotted name, in model order (names as if unwrapped)."""
-    return {name: m for name, m in _named_modules(model).items() if isinstance(m, LoRALinear)}
+def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
+    """Every adapted layer in ``model`` by dotted name, in model order (names as if unwrapped).
+
+    That is every ``LoRALinear`` and every ``LoRAMultiheadAttention`` with in-projection adapters.
+    """
+    return {name: m for name, m in _named_modules(model).items() if is_adapted(m)}  # type: ignore[misc]
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Adapted layers plus routing-only ``LoRAMultiheadAttention`` modules: all that merging replaces."""
+    return {
+        name: m for name, m in _named_modules(model).items() if isinstance(m, (LoRALinear, LoRAMultiheadAttention))
+    }
 
 
 def trainable_modules(model: nn.Module) -> tuple[str, ...]:
@@ -113,29 +91,40 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(find_module(model, parent_name), child, new)
 
 
-def check_not_wrapped(model: nn.Module, action: str) -> None:
-    """Refuse to add modules under a DDP/FSDP wrapper, which would never see their parameters.
+def check_routable(model: nn.Module, layers: Mapping[str, AdaptedLayer], where: str) -> None:
+    """Refuse an adapted ``out_proj`` of an ``nn.MultiheadAttention`` that is the model itself.
+
+    :func:`apply_adapters` replaces such a parent by a :class:`LoRAMultiheadAttention` so that it
+    calls ``out_proj``; the model itself cannot be replaced in place.
 
     Raises:
-        LoRAError: If ``model`` is such a wrapper.
+        LoRAError: Naming the layer.
     """
-    if type(model).__name__ in {"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"}:
+    if isinstance(unwrap_model(model), nn.MultiheadAttention) and "out_proj" in layers:
         raise LoRAError(
-            f"cannot {action} a {type(model).__name__}-wrapped model: the wrapper has already registered"
-            " its parameters, so new adapters would not be synchronised. Inject (or load_lora) into the"
-            " plain model first, then wrap it (see docs/distributed.md)"
+            f"{where} adapts 'out_proj' of the nn.MultiheadAttention that is the model itself, which cannot"
+            " be replaced in place; load into the module that holds it"
         )
 
 
-def apply_adapters(model: nn.Module, layers: Mapping[str, LoRALinear], trainable: Iterable[str]) -> None:
+def apply_adapters(model: nn.Module, layers: Mapping[str, AdaptedLayer], trainable: Iterable[str]) -> None:
     """Swap ``layers`` into ``model``, then freeze all but adapters and ``trainable`` modules.
 
     Callers build and validate everything first, so this step cannot fail half-way.
     """
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
+    # Parents first: an adapted MultiheadAttention takes over its out_proj child when built, so
+    # an adapted out_proj must go into the new module, not the replaced one.
+    for name in sorted(layers, key=lambda n: n.count(".")):
+        replace_module(model, name, layers[name])
     # Parents that read a layer's weight instead of calling it (timm EVA/BEiT qkv) must call it.
     route_weight_readers({name: find_module(model, name.rpartition(".")[0]) for name in layers})
+    # nn.MultiheadAttention reads out_proj.weight itself: route it through its out_proj module.
+    for name in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = find_module(model, parent_name)
+        routed = isinstance(parent, LoRAMultiheadAttention)
+        if child == "out_proj" and isinstance(parent, nn.MultiheadAttention) and not routed:
+            replace_module(model, parent_name, LoRAMultiheadAttention.routing(parent))
     recorded = list(trainable_modules(model))
     recorded += [t for t in trainable if t not in recorded]
     setattr(unwrap_model(model), _TRAINABLE_ATTR, tuple(recorded))
@@ -157,25 +146,24 @@ def _build_layer(
     dropout: float,
     init: str,
     use_rslora: bool,
-) -> LoRALinear:
-    assert isinstance(base, nn.Linear)
+) -> AdaptedLayer:
     if matches[0].slice is None:
         target = matches[0].target
-        return LoRALinear(
+        return build_adapter(
             base,
             value_for(r, target, "r", "target"),
             value_for(alpha, target, "alpha", "target"),
             dropout,
+            slices=None,
             init=init,
             use_rslora=use_rslora,
         )
-    slices = {m.slice: m.bounds for m in matches}
-    return LoRALinear(
+    return build_adapter(
         base,
         {m.slice: value_for(r, m.target, "r", "target") for m in matches},  # type: ignore[misc]
         {m.slice: value_for(alpha, m.target, "alpha", "target") for m in matches},  # type: ignore[misc]
         dropout,
-        slices=slices,  # type: ignore[arg-type]
+        slices={m.slice: m.bounds for m in matches},  # type: ignore[misc]
         init=init,
         use_rslora=use_rslora,
     )
@@ -192,7 +180,8 @@ def inject_lora(
     init: str = "normal",
     use_rslora: bool = False,
 ) -> nn.Module:
-    """Replace the targeted Linear layers of ``model`` by :class:`LoRALinear`, in place.
+    """Replace the targeted layers of ``model`` by :class:`LoRALinear` (or, for an
+    ``nn.MultiheadAttention``, :class:`LoRAMultiheadAttention`), in place.
 
     Every parameter of the model is frozen except the new adapters and the parameters of
     the modules named in ``trainable`` (for example a classification head). Nothing is
@@ -205,7 +194,9 @@ def inject_lora(
             run with no adapters): logical names ``q k v o fc1 fc2`` (``query key value`` are
             accepted as aliases), presets ``qkv attn mlp all-linear``, full module names,
             dotted suffixes (``attention.query``) or glob patterns (``blocks.1*.attn.qkv``).
-            On a fused ``qkv`` projection, ``q``/``k``/``v`` adapt only their third of the rows.
+            On a fused ``qkv`` projection, ``q``/``k``/``v`` adapt only their third of the rows;
+            on an ``nn.MultiheadAttention``, their third of ``in_proj_weight`` (``o`` adapts
+            its ``out_proj``).
         r: Rank, or a mapping target string -> rank.
         alpha: Scaling numerator (``scaling = alpha / r``), or a mapping target -> alpha.
         dropout: Dropout probability on the input of the LoRA branch, in ``[0, 1)``.
@@ -214,7 +205,8 @@ def inject_lora(
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
 
     Returns:
-        ``model`` itself, adapted.
+        ``model`` itself, adapted. A ``torch.compile`` (or checkpoint) wrapper is seen through:
+        the model inside it is adapted and the wrapper returned.
 
     Raises:
         LoRAError: For a target or trainable name that matches nothing (listing the model's
@@ -228,6 +220,7 @@ def inject_lora(
         50
     """
     check_not_wrapped(model, "inject_lora into")
+    wrapper, model = model, unwrap_model(model)  # a torch.compile wrapper: adapt what it runs
     dropout = check_dropout(dropout)
     init = check_init(init)
     trainable_names = resolve_modules(model, trainable) if trainable else []
@@ -251,7 +244,7 @@ def inject_lora(
     }
     apply_adapters(model, layers, trainable_names)
     logger.info("%s", lora_summary(model))
-    return model
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -289,7 +282,7 @@ class LoRASummary:
         return "\n".join(lines)
 
 
-def _describe(layer: LoRALinear) -> str:
+def _describe(layer: AdaptedLayer) -> str:
     if layer.covers_all_rows:
         s = layer.slices[0]
         return f"r={s.r}, alpha={s.alpha:g}"

@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 from . import fingerprint
 from ._version import __version__
+from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers, apply_adapters, check_not_wrapped, find_module, trainable_modules, unwrap_model
-from .layer import LoRALinear
-from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
+from .inject import adapted_layers, trainable_modules
+from .loading import load_adapters
+from .state import lora_state_dict
 
 __all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora", "write_atomically"]
 
@@ -149,6 +150,9 @@ def _layer_config(name: str, config: object, path: object) -> dict[str, Any]:
     }
     slice_fields: dict[str, Any] = {"name": str, "start": int, "stop": int, "r": int, "alpha": (int, float)}
     ok = isinstance(config, dict) and all(isinstance(config.get(k), t) for k, t in fields.items())
+    # Optional fields (files of LoRALinear layers written before they existed lack them).
+    optional: dict[str, Any] = {"kind": str, "num_heads": int}
+    ok = ok and all(k not in config or isinstance(config[k], t) for k, t in optional.items())  # type: ignore[operator,index]
     ok = ok and bool(config["slices"]) and all(  # type: ignore[index]
         isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in slice_fields.items())
         for s in config["slices"]  # type: ignore[index]
@@ -167,11 +171,6 @@ def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     header, _ = _read(path)
     return _json_field(header, "user", dict, path)
-
-
-def _comparable(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a layer config that change outputs (dropout only matters in training)."""
-    return {k: v for k, v in config.items() if k != "dropout"}
 
 
 def _recorded_fingerprints(header: Mapping[str, str], configs: Mapping[str, Any], path: object) -> dict[str, list]:
@@ -197,7 +196,7 @@ def _recorded_fingerprints(header: Mapping[str, str], configs: Mapping[str, Any]
     return layers  # type: ignore[return-value]
 
 
-def _check_base(recorded: Mapping[str, list], layers: Mapping[str, LoRALinear], path: object) -> None:
+def _check_base(recorded: Mapping[str, list], layers: Mapping[str, AdaptedLayer], path: object) -> None:
     """Refuse base weights other than those the adapters were trained on.
 
     Raises:
@@ -231,7 +230,9 @@ def _check_trainable_overlap(trainable: list[str], configs: Mapping[str, Any], p
             )
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True) -> nn.Module:
+def load_lora(
+    model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True, pad: bool = False
+) -> nn.Module:
     """Load an adapter file into ``model``, first injecting the adapters it describes if needed.
 
     On a fresh base model the adapters are created from the file's metadata (no need to
@@ -252,6 +253,11 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
         path: A file written by :func:`save_lora`.
         check_base: Compare the base fingerprint (default). ``False`` loads onto any base
             weights of the right shapes, e.g. to study an adapter's transfer on purpose.
+        pad: Into a model already adapted on the same layers and slices with higher ranks
+            (``inject_lora(..., r=R)`` with ``R`` the largest rank to swap in), load a file of
+            lower ranks by zero-padding its factors and folding its scaling into ``B``: the
+            same outputs, the model's modules and constants untouched, so a compiled model
+            does not recompile. Ranks above the model's are an error.
 
     Returns:
         ``model``, adapted and loaded.
@@ -272,49 +278,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike[str], *, check_base: boo
     _check_trainable_overlap(trainable, configs, path)
     recorded = _recorded_fingerprints(header, configs, path)
 
-    existing = adapted_layers(model)
-    planned: dict[str, LoRALinear] = {}
-    if existing:
-        if {n: _comparable(layer.config()) for n, layer in existing.items()} != {
-            n: _comparable(c) for n, c in configs.items()
-        }:
-            only_model = sorted(set(existing) - set(configs))
-            only_file = sorted(set(configs) - set(existing))
-            raise LoRAError(
-                f"the model already has adapters with another layout than {str(path)!r}"
-                f" (only in the model: {only_model}; only in the file: {only_file}; or ranks,"
-                " slices or alphas differ). Load it into a fresh base model instead."
-            )
-        layers: Mapping[str, LoRALinear] = existing
-    else:
-        if configs or set(trainable) - set(trainable_modules(model)):
-            check_not_wrapped(model, "load_lora (which injects adapters) into")
-        for name, config in configs.items():
-            try:
-                base = find_module(model, name)
-            except AttributeError:
-                raise LoRAError(f"{str(path)!r} adapts layer {name!r}, which this model does not have") from None
-            if not isinstance(base, nn.Linear):
-                raise LoRAError(f"{str(path)!r} adapts {name!r}, which is a {type(base).__name__}, not nn.Linear")
-            try:
-                planned[name] = LoRALinear.from_config(base, config)
-            except LoRAError as err:
-                raise LoRAError(f"{str(path)!r}, layer {name!r}: {err}") from None
-        layers = planned
-    for name in trainable:
-        try:
-            find_module(model, name)
-        except AttributeError:
-            raise LoRAError(f"{str(path)!r} trains module {name!r}, which this model does not have") from None
-    if check_base:
-        _check_base(recorded, layers, path)
-
-    expected = adapter_tensors(model, layers, sorted(set(trainable) | set(trainable_modules(model))))
-    try:
-        check_tensors(expected, tensors, strict=True)
-    except LoRAError as err:
-        raise LoRAError(f"{str(path)!r}: {err}") from None
-
-    apply_adapters(unwrap_model(model), planned, trainable)
-    copy_tensors(lora_state_dict(model), tensors)
-    return model
+    return load_adapters(
+        model, configs, trainable, tensors, repr(str(path)),
+        check_layers=(lambda layers: _check_base(recorded, layers, path)) if check_base else None, pad=pad,
+    )

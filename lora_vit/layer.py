@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAError
@@ -259,7 +260,12 @@ class LoRALinear(nn.Module):
         """The update ``scaling * B @ A`` in float32: ``(out_features, in_features)``."""
         return self.scaled_b(torch.float32) @ self.stacked_a().to(torch.float32)
 
+    # Set only by lora_vit.disable_lora: the base layer's function, adapters kept in place.
+    _lora_disabled = False
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._lora_disabled:
+            return F.linear(x, self.weight, self.bias)
         # One autograd node (see functional.py): no dropped copy of x is kept for backward.
         return lora_linear(
             x, self.weight, self.bias, self.stacked_a(), self.scaled_b(), self.dropout if self.training else 0.0

@@ -1,13 +1,14 @@
-"""`merge_lora`: fold every adapter into its base weight and go back to plain `nn.Linear`."""
+"""`merge_lora`: fold every adapter into its base weight; plain `nn.Linear`/`nn.MultiheadAttention` again."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from .adapters import is_adapted, merged_module
 from .errors import LoRAError
-from .inject import adapted_layers, forget_injection, replace_module
+from .inject import forget_injection, lora_modules, replace_module
 from .layer import LoRALinear
+from .mha import LoRAMultiheadAttention
 
 __all__ = ["merge_lora"]
 
@@ -15,19 +16,24 @@ __all__ = ["merge_lora"]
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold ``scaling * B @ A`` into each adapted weight and restore plain ``nn.Linear`` layers.
 
+    An adapted ``nn.MultiheadAttention`` becomes a plain ``nn.MultiheadAttention`` again, its
+    in-projection and ``out_proj`` adapters folded into ``in_proj_weight`` and ``out_proj.weight``.
+
     The sum is formed in float32 and rounded once to the base dtype, so fp16/bf16 bases
     lose no more than one rounding. Afterwards the model has exactly the base model's
     modules and ``state_dict`` keys and runs at the base model's speed. Merging is one-way
     and explicit (``eval()`` never merges); keep the adapter file to go back.
 
     Args:
-        model: A model adapted by :func:`inject_lora`, or a single :class:`LoRALinear`. A
+        model: A model adapted by :func:`inject_lora`, or a single :class:`LoRALinear` or
+            :class:`LoRAMultiheadAttention`. A
             DDP or ``torch.compile`` wrapper is seen through (merge after training, for
             inference: the wrapper's registered parameter list is not updated).
 
     Returns:
-        ``model`` with its adapters merged, or the new ``nn.Linear`` when ``model`` is a
-        single ``LoRALinear`` (a module cannot replace itself in place).
+        ``model`` with its adapters merged, or the new ``nn.Linear`` (``nn.MultiheadAttention``)
+        when ``model`` is a single ``LoRALinear`` (``LoRAMultiheadAttention``): a module
+        cannot replace itself in place.
 
     Raises:
         LoRAError: If the model has no adapters, or any merged weight would contain NaN or
@@ -39,20 +45,30 @@ def merge_lora(model: nn.Module) -> nn.Module:
         >>> type(merge_lora(model)[0]).__name__
         'Linear'
     """
-    layers = adapted_layers(model)
-    if not layers:
+    modules = lora_modules(model)
+    if not any(is_adapted(m) for m in modules.values()):
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to merge")
-    # Check every layer first, so a bad one leaves the whole model untouched.
-    bad = [
-        name or type(layer).__name__
-        for name, layer in layers.items()
-        if not bool(torch.isfinite(layer.merged_weight()).all())
-    ]
+    # An adapted out_proj is merged by the LoRAMultiheadAttention holding it, as part of it.
+    units = {
+        name: module
+        for name, module in modules.items()
+        if not isinstance(modules.get(name.rpartition(".")[0]), LoRAMultiheadAttention)
+    }
+    if isinstance(model, (LoRALinear, LoRAMultiheadAttention)):
+        units = {"": model}
+    # Build every merged module first (each weight once), so a bad one leaves the model untouched.
+    built: dict[str, nn.Module] = {}
+    bad: list[str] = []
+    for name, module in units.items():
+        try:
+            built[name] = merged_module(module)
+        except LoRAError:
+            bad.append(name or type(module).__name__)
     if bad:
         raise LoRAError(f"merging would put NaN or Inf into {bad}; the model was left unmerged")
-    if isinstance(model, LoRALinear):
-        return model.merged_linear()
-    for name, layer in layers.items():
-        replace_module(model, name, layer.merged_linear())
+    if "" in built:
+        return built[""]
+    for name, module in built.items():
+        replace_module(model, name, module)
     forget_injection(model)
     return model

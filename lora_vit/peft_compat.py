@@ -6,7 +6,8 @@ A PEFT LoRA folder is ``adapter_config.json`` plus ``adapter_model.safetensors``
 (unsliced) :class:`LoRALinear` computes exactly PEFT's ``lora.Linear`` formula, so adapters
 move both ways without changing outputs. Everything PEFT can express that lora-vit cannot
 (DoRA, trained biases, Conv/Embedding LoRA, other PEFT methods, ...) is a :class:`LoRAError`,
-never a silent difference. This module does not import ``peft``.
+never a silent difference. ``nn.MultiheadAttention`` adapters move where both libraries compute
+the same function (one pair over the whole in-projection, no ``out_proj`` update). This module does not import ``peft``.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers, apply_adapters, trainable_modules
+from .inject import adapted_layers, find_module, trainable_modules, unwrap_model
 from .io import write_atomically
 from .layer import LoRALinear
-from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
+from .loading import load_adapters
+from .mha import LoRAMultiheadAttention
+from .state import lora_state_dict
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
 
@@ -73,7 +77,50 @@ def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _check_exportable(layers: Mapping[str, LoRALinear]) -> None:
+# PEFT's (experimental) MultiheadAttention LoRA adapts the whole packed in-projection with one
+# pair (keys ``<mha>.lora_A/B``) and always out_proj too, with the same rank (keys
+# ``<mha>.base_layer.out_proj.lora_A/B``). Its forward (peft 0.21.2) adds the out_proj update to
+# the weight twice (once itself, once through the inner lora.Linear's merge), so only adapters
+# whose out_proj update is zero compute the same function in both libraries: those move both
+# ways, everything else is refused.
+_PEFT_OUT_PROJ_TWICE = (
+    "PEFT's MultiheadAttention LoRA (peft 0.21.2) applies the out_proj update twice in its forward,"
+    " so a non-zero out_proj adapter cannot give the same outputs in both libraries"
+)
+_BASE_OUT_PROJ = ".base_layer.out_proj"
+
+
+def _mha_parent(model: nn.Module, name: str) -> str | None:
+    """The name of the LoRAMultiheadAttention whose ``out_proj`` ``name`` is, else None."""
+    parent, _, child = name.rpartition(".")
+    if child != "out_proj":
+        return None
+    return parent if isinstance(_module_or_none(model, parent), LoRAMultiheadAttention) else None
+
+
+def _check_mha_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
+    for name, layer in layers.items():
+        parent = _mha_parent(model, name)
+        if parent is not None and parent not in layers:
+            raise LoRAError(
+                f"{name!r} adapts an nn.MultiheadAttention's out_proj alone; PEFT's MultiheadAttention LoRA"
+                " always adapts the in-projection too (target the attention module itself, or 'all-linear',"
+                " with one rank), so it has no form for this; keep save_lora"
+            )
+        if not isinstance(layer, LoRAMultiheadAttention):
+            continue
+        if not layer.covers_all_rows or layer.slices[0].name:
+            raise LoRAError(
+                f"PEFT's MultiheadAttention LoRA adapts the whole in-projection with one pair; {name!r} has"
+                f" {layer.extra_repr()}. Adapt the attention module by name (e.g. '*.self_attention') to"
+                " export, or keep save_lora"
+            )
+        if isinstance(layer.out_proj, LoRALinear):
+            raise LoRAError(f"{name + '.out_proj'!r} has an adapter: {_PEFT_OUT_PROJ_TWICE}; keep save_lora")
+
+
+def _check_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
+    _check_mha_exportable(model, layers)
     sliced = [name for name, layer in layers.items() if not layer.covers_all_rows or layer.slices[0].name]
     if sliced:
         raise LoRAError(
@@ -89,7 +136,12 @@ def _check_exportable(layers: Mapping[str, LoRALinear]) -> None:
         )
 
 
-def _config(model: nn.Module, layers: Mapping[str, LoRALinear]) -> dict[str, Any]:
+def _lora_dropout(layer: AdaptedLayer) -> float:
+    # On LoRAMultiheadAttention, ``dropout`` is PyTorch's attention dropout.
+    return layer.lora_dropout if isinstance(layer, LoRAMultiheadAttention) else layer.dropout
+
+
+def _config(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> dict[str, Any]:
     names = list(layers)
     ranks = {name: layer.slices[0].r for name, layer in layers.items()}
     alphas = {name: layer.slices[0].alpha for name, layer in layers.items()}
@@ -114,7 +166,7 @@ def _config(model: nn.Module, layers: Mapping[str, LoRALinear]) -> dict[str, Any
         "inference_mode": True,
         "r": r,
         "lora_alpha": _number(alpha),
-        "lora_dropout": _most_common([layer.dropout for layer in layers.values()]),
+        "lora_dropout": _most_common([_lora_dropout(layer) for layer in layers.values()]),
         "use_rslora": first.use_rslora,
         "target_modules": target_modules,
         "rank_pattern": rank_pattern,
@@ -168,11 +220,16 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
     layers = adapted_layers(model)
     if not layers:
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to export; call inject_lora first")
-    _check_exportable(layers)
+    _check_exportable(model, layers)
     state = lora_state_dict(model)
     factors = ("lora_A", "lora_B")
     tensors = {_peft_key(name, factor): state.pop(f"{name}.{factor}") for name in layers for factor in factors}
     tensors.update({_PREFIX + key: value for key, value in state.items()})
+    for name, layer in layers.items():
+        if isinstance(layer, LoRAMultiheadAttention):  # PEFT's layer needs out_proj factors: a zero update
+            a = layer.stacked_a()
+            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_A")] = a.new_zeros(a.shape[0], layer.embed_dim)
+            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_B")] = a.new_zeros(layer.embed_dim, a.shape[0])
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     config = _config(model, layers)
@@ -286,29 +343,62 @@ def _layer_spec(name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any]
     return r, alpha
 
 
-def _plan_layer(
-    model: nn.Module, name: str, pair: Mapping[str, Tensor], config: Mapping[str, Any], where: str
-) -> LoRALinear:
+def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
     try:
-        base = model.get_submodule(name)
+        return find_module(model, name)
     except AttributeError:
-        raise LoRAError(f"{where} adapts {name!r}, which this {type(model).__name__} does not have") from None
-    if not isinstance(base, nn.Linear):
-        raise LoRAError(f"{where} adapts {name!r}, a {type(base).__name__}; lora-vit adapts only nn.Linear")
-    r, alpha = _layer_spec(name, pair, config, where)
-    dropout = config.get("lora_dropout") or 0.0
-    try:
-        return LoRALinear(base, r, alpha, dropout, use_rslora=bool(config.get("use_rslora", False)))
-    except LoRAError as err:
-        raise LoRAError(f"{where}, layer {name!r}: {err}") from None
+        return None
 
 
-def _same_layout(layer: LoRALinear, spec: tuple[int, Any], config: Mapping[str, Any]) -> bool:
-    only = layer.slices[0]
-    return (
-        layer.covers_all_rows and not only.name and (only.r, only.alpha) == (spec[0], float(spec[1]))
-        and layer.use_rslora == bool(config.get("use_rslora", False))
-    )
+def _mha_configs(
+    name: str, base: nn.MultiheadAttention, pair: Mapping[str, Tensor], lora: Mapping[str, Mapping[str, Tensor]],
+    r: int, alpha: Any, config: Mapping[str, Any], where: str,
+) -> dict[str, dict[str, Any]]:
+    """PEFT's MultiheadAttention LoRA as lora-vit's: one unsliced in-projection pair (out_proj must be zero)."""
+    out_pair = lora.get(name + _BASE_OUT_PROJ)
+    if out_pair is None:
+        raise LoRAError(f"{where}: nn.MultiheadAttention {name!r} has no out_proj adapter, which PEFT always saves")
+    if out_pair["lora_A"].shape[0] != r or bool(out_pair["lora_B"].ne(0).any()):
+        raise LoRAError(f"{where}: {name!r} has a non-zero out_proj adapter: {_PEFT_OUT_PROJ_TWICE}")
+    embed = base.embed_dim
+    return {
+        name: {
+            "kind": "multihead_attention", "in_features": embed, "out_features": 3 * embed,
+            "num_heads": base.num_heads, "dropout": config.get("lora_dropout") or 0.0,
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "slices": [{"name": "", "start": 0, "stop": 3 * embed, "r": r, "alpha": alpha}],
+        },
+    }
+
+
+def _layer_configs(
+    model: nn.Module, lora: Mapping[str, Mapping[str, Tensor]], config: Mapping[str, Any], where: str
+) -> dict[str, dict[str, Any]]:
+    """Each PEFT module as lora-vit's own layer config (one unsliced adapter over the whole Linear)."""
+    configs: dict[str, dict[str, Any]] = {}
+    for name, pair in lora.items():
+        if name.endswith(_BASE_OUT_PROJ):
+            continue  # with its MultiheadAttention below
+        if ".base_layer." in name:
+            raise LoRAError(f"{where}: module {name!r} is a PEFT layer nested in another, which lora-vit cannot map")
+        r, alpha = _layer_spec(name, pair, config, where)
+        base = _module_or_none(model, name)
+        if isinstance(base, nn.MultiheadAttention):
+            configs.update(_mha_configs(name, base, pair, lora, r, alpha, config, where))
+            continue
+        # Shapes from the model where it has the layer, so a mis-shaped tensor is named as such.
+        if isinstance(base, nn.Linear):
+            in_features, out_features = base.in_features, base.out_features
+        else:
+            in_features, out_features = int(pair["lora_A"].shape[1]), int(pair["lora_B"].shape[0])
+        configs[name] = {
+            "in_features": in_features,
+            "out_features": out_features,
+            "dropout": config.get("lora_dropout") or 0.0,
+            "use_rslora": bool(config.get("use_rslora", False)),
+            "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
+        }
+    return configs
 
 
 def _modules_to_save(model: nn.Module, config: Mapping[str, Any], other: Mapping[str, Tensor], where: str) -> list[str]:
@@ -329,7 +419,7 @@ def _modules_to_save(model: nn.Module, config: Mapping[str, Any], other: Mapping
     return holders
 
 
-def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pad: bool = False) -> nn.Module:
     """Load a PEFT LoRA adapter folder into ``model``, injecting the adapters it describes.
 
     Ranks come from the tensors (checked against ``r``/``rank_pattern``), alphas from
@@ -343,6 +433,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
         model: The base model PEFT wrapped (e.g. a ``ViTForImageClassification``), without
             adapters, or already carrying exactly the adapters the folder describes.
         directory: A folder written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
+        pad: As in :func:`lora_vit.load_lora`: lower ranks into adapters injected with a
+            maximum rank, without recompiling.
 
     Returns:
         ``model``, adapted and loaded.
@@ -370,32 +462,12 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn
     lora, other = _split_keys(_read_tensors(folder), where)
     if not lora:
         raise LoRAError(f"{where} holds no lora_A/lora_B tensors")
-    trainable = _modules_to_save(model, config, other, where)
-
-    existing = adapted_layers(model)
-    planned: dict[str, LoRALinear] = {}
-    if existing:
-        if set(existing) != set(lora) or not all(
-            _same_layout(layer, _layer_spec(n, lora[n], config, where), config) for n, layer in existing.items()
-        ):
-            raise LoRAError(
-                f"the model already has adapters with another layout than {where} (only in the model:"
-                f" {sorted(set(existing) - set(lora))}; only in the folder: {sorted(set(lora) - set(existing))};"
-                " or ranks, alphas or slices differ). Load it into a fresh base model instead."
-            )
-        layers: Mapping[str, LoRALinear] = existing
-    else:
-        planned = {name: _plan_layer(model, name, pair, config, where) for name, pair in lora.items()}
-        layers = planned
-
-    expected = adapter_tensors(model, layers, sorted(set(trainable) | set(trainable_modules(model))))
-    given = {f"{name}.{factor}": pair[factor] for name, pair in lora.items() for factor in ("lora_A", "lora_B")}
+    # Translate the folder into lora-vit's own terms, then the pipeline load_lora uses.
+    trainable = _modules_to_save(unwrap_model(model), config, other, where)
+    configs = _layer_configs(model, lora, config, where)
+    given = {  # a MultiheadAttention's (zero) out_proj factors have no counterpart
+        f"{name}.{factor}": pair[factor]
+        for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor in ("lora_A", "lora_B")
+    }
     given.update(other)
-    try:
-        check_tensors(expected, given, strict=True)
-    except LoRAError as err:
-        raise LoRAError(f"{where}: {err}") from None
-
-    apply_adapters(model, planned, trainable)
-    copy_tensors(lora_state_dict(model), given)
-    return model
+    return load_adapters(model, configs, trainable, given, where, pad=pad)

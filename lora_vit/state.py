@@ -8,9 +8,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .adapters import AdaptedLayer
 from .errors import LoRAError
 from .inject import adapted_layers, find_module, trainable_modules
-from .layer import LoRALinear
 
 __all__ = ["LoadResult", "adapter_tensors", "check_tensors", "load_lora_state_dict", "lora_state_dict"]
 
@@ -48,7 +48,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def adapter_tensors(model: nn.Module, layers: Mapping[str, LoRALinear], trainable: Iterable[str]) -> dict[str, Tensor]:
+def adapter_tensors(
+    model: nn.Module, layers: Mapping[str, AdaptedLayer], trainable: Iterable[str]
+) -> dict[str, Tensor]:
     """The adapter Parameters of ``layers`` and the state of the ``trainable`` modules of ``model``.
 
     ``layers`` may be adapters not yet swapped into ``model`` (a planned load); keys are

@@ -2,7 +2,9 @@
 
 Logical names describe a role in a transformer block, not a spelling, so one call works on
 HF transformers ViT/ViTMAE (4.x ``attention.attention.query``, 5.x ``attention.q_proj``),
-timm (fused ``attn.qkv``, whose q/k/v thirds become slices) and most other families.
+timm (fused ``attn.qkv``, whose q/k/v thirds become slices), ``nn.MultiheadAttention``
+(torchvision, open_clip: q/k/v are thirds of its packed ``in_proj_weight``, ``o`` its ``out_proj``)
+and most other families.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from torch import nn
 
 from .errors import LoRAError
 from .layer import LoRALinear
+from .mha import LoRAMultiheadAttention, check_adaptable_mha, qkv_bounds
+from .wrappers import unwrap_model
 
 __all__ = ["LOGICAL_TARGETS", "PRESETS", "TargetMatch", "resolve_modules", "resolve_targets"]
 
@@ -30,8 +34,9 @@ _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 _ENDINGS = {
     "o": [("o_proj",), ("out_proj",), ("wo",), ("out_lin",), ("attn", "proj"), ("attention", "proj"),
           ("attention", "output", "dense"), ("to_out", "0")],
-    "fc1": [("fc1",), ("lin1",), ("c_fc",), ("intermediate", "dense")],
-    "fc2": [("fc2",), ("lin2",), ("output", "dense")],
+    # torchvision's MLPBlock is an nn.Sequential: mlp.0 and mlp.3 are its two Linear layers.
+    "fc1": [("fc1",), ("lin1",), ("c_fc",), ("intermediate", "dense"), ("mlp", "0")],
+    "fc2": [("fc2",), ("lin2",), ("output", "dense"), ("mlp", "c_proj"), ("mlp", "3")],
 }
 
 LOGICAL_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
@@ -55,7 +60,7 @@ class TargetMatch:
     """One adapter to create.
 
     Attributes:
-        module: Dotted name of the ``nn.Linear`` in the model.
+        module: Dotted name of the ``nn.Linear`` (or ``nn.MultiheadAttention``) in the model.
         target: The target string (as the user wrote it) that selected it.
         slice: ``"q"``, ``"k"`` or ``"v"`` for a third of a fused projection, else ``None``.
         bounds: ``(start, stop)`` output rows of that slice, else ``None``.
@@ -74,14 +79,19 @@ def _ends_with(parts: list[str], ending: tuple[str, ...]) -> bool:
 _Match = tuple[str | None, tuple[int, int] | None]
 
 
-def _logical_match(role: str, name: str, module: nn.Linear | LoRALinear) -> _Match | None:
+def _logical_match(role: str, name: str, module: nn.Module) -> _Match | None:
     """``(slice, bounds)`` if ``name`` plays ``role``, ``(None, None)`` for a whole layer."""
     parts = name.split(".")
+    if isinstance(module, nn.MultiheadAttention):
+        if role not in _SEPARATE:
+            return None
+        check_adaptable_mha(module, name)
+        return role, qkv_bounds(module, role)
     if role in _SEPARATE:
         if parts[-1] in _SEPARATE[role]:
             return None, None
         if parts[-1] in _FUSED_QKV:
-            out = int(module.out_features)
+            out = int(module.out_features)  # type: ignore[arg-type]
             if out % 3:
                 raise LoRAError(
                     f"{name!r} looks like a fused q/k/v projection but its {out} output rows do"
@@ -130,12 +140,29 @@ def _expand(targets: Iterable[str]) -> list[tuple[str, str]]:
     return expanded
 
 
-def _candidates(model: nn.Module) -> dict[str, nn.Linear | LoRALinear]:
-    found: dict[str, nn.Linear | LoRALinear] = {}
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Linear layers and ``nn.MultiheadAttention`` modules (whose in-projection is a linear map)."""
+    found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, LoRALinear)) and name:
+        if isinstance(module, (nn.Linear, LoRALinear, nn.MultiheadAttention)) and name:
             found[name] = module
     return found
+
+
+def _check_adaptable(name: str, module: nn.Module, target: str, parents: dict[str, nn.Module]) -> None:
+    if isinstance(module, LoRALinear) or (isinstance(module, LoRAMultiheadAttention) and module.slices):
+        raise LoRAError(
+            f"{name!r} already has a LoRA adapter (target {target!r});"
+            " injecting twice would stack a second adapter. Merge or reload the base model first."
+        )
+    if isinstance(module, nn.MultiheadAttention):
+        check_adaptable_mha(module, name)
+    parent_name = name.rpartition(".")[0]
+    if parent_name == "" and isinstance(parents.get(""), nn.MultiheadAttention):
+        raise LoRAError(
+            f"{name!r} belongs to the nn.MultiheadAttention that is the model itself, which cannot be"
+            " replaced in place; adapt the module that holds it, or use LoRAMultiheadAttention directly"
+        )
 
 
 def resolve_targets(
@@ -147,7 +174,8 @@ def resolve_targets(
         model: The model to search.
         targets: Logical names (``q k v o fc1 fc2``, and the aliases ``query key value``),
             presets (``qkv attn mlp all-linear``), full module names, dotted suffixes of
-            them (``attention.query``) or glob patterns over full names (``*.attn.qkv``).
+            them (``attention.query``) or glob patterns over full names (``*.attn.qkv``). A
+            literal name of an ``nn.MultiheadAttention`` adapts its whole in-projection.
         exclude: Module names whose Linear layers ``all-linear`` skips (trainable modules).
 
     Returns:
@@ -155,10 +183,11 @@ def resolve_targets(
 
     Raises:
         LoRAError: If a target matches no Linear layer (the message lists the model's
-            Linear layers), a matched layer already has an adapter, sits inside an
-            ``nn.MultiheadAttention`` (which reads its weight without calling it), or is
-            matched both whole and as a fused slice.
+            Linear layers), a matched layer already has an adapter, is an
+            ``nn.MultiheadAttention`` with separate q/k/v weights, or is matched both whole and
+            as a fused slice.
     """
+    model = unwrap_model(model)  # names as inject_lora and the loaders resolve them
     candidates = _candidates(model)
     excluded = tuple(exclude)
     parents = dict(model.named_modules())
@@ -169,6 +198,8 @@ def resolve_targets(
             if atom == "all-linear":
                 if any(name == e or name.startswith(e + ".") for e in excluded):
                     continue
+                if isinstance(module, nn.MultiheadAttention) and not module._qkv_same_embed_dim:
+                    continue  # three separate matrices, not one linear map: only its out_proj
                 found: _Match | None = (None, None)
             elif atom in LOGICAL_TARGETS:
                 found = _logical_match(atom, name, module)
@@ -188,18 +219,7 @@ def resolve_targets(
     position = {name: i for i, name in enumerate(candidates)}
     ordered = sorted(matches.values(), key=lambda m: position[m.module])  # stable: slices keep their order
     for match in ordered:
-        module = candidates[match.module]
-        if isinstance(module, LoRALinear):
-            raise LoRAError(
-                f"{match.module!r} already has a LoRA adapter (target {match.target!r});"
-                " injecting twice would stack a second adapter. Merge or reload the base model first."
-            )
-        parent_name = match.module.rpartition(".")[0]
-        if isinstance(parents.get(parent_name), nn.MultiheadAttention):
-            raise LoRAError(
-                f"{match.module!r} belongs to nn.MultiheadAttention, which reads its weight"
-                " directly instead of calling it, so an adapter there would never run"
-            )
+        _check_adaptable(match.module, candidates[match.module], match.target, parents)
     by_module: dict[str, set[str | None]] = {}
     for match in ordered:
         by_module.setdefault(match.module, set()).add(match.slice)
@@ -220,6 +240,7 @@ def resolve_modules(model: nn.Module, names: Iterable[str]) -> list[str]:
     """
     if isinstance(names, str):
         names = [names]
+    model = unwrap_model(model)
     all_names = [n for n, _ in model.named_modules() if n]
     selected: list[str] = []
     for pattern in names:

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapters import AdaptedLayer
 from .errors import LoRAError
 from .inject import adapted_layers
-from .layer import LoRALinear
 
 __all__ = ["verify_lora"]
 
@@ -48,7 +48,7 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-def _perturbation(layer: LoRALinear, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _perturbation(layer: AdaptedLayer, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """New ``(A, B)`` for one slice whose update has the RMS of the rows it adapts (at least 1e-2).
 
     So large a change cannot vanish in rounding; an adapter whose output still does not move
@@ -144,9 +144,8 @@ def verify_lora(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -
             f" {type(model).__name__}: {inert}\n"
             "A large random change to each of them left every output element the same, so the"
             " model never uses what they compute: their parent most likely reads `layer.weight`"
-            " directly (F.linear(x, layer.weight, ...)) instead of calling the layer, as"
-            " nn.MultiheadAttention does, or their output does not reach the model's output for"
-            " these inputs. Adapt other layers, call the layer in the parent's forward, or merge"
-            " (merge_lora) before running such code."
+            " directly (F.linear(x, layer.weight, ...)) instead of calling the layer, or their"
+            " output does not reach the model's output for these inputs. Adapt other layers, call"
+            " the layer in the parent's forward, or merge (merge_lora) before running such code."
         )
     return changes

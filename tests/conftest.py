@@ -7,6 +7,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest
 import torch
 from hypothesis import settings
+from vision_support import define_missing_torchvision_ops
+
+# Before anything imports torchvision (transformers and timm do when it is installed).
+define_missing_torchvision_ops()
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True, print_blob=True)

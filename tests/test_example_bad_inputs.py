@@ -436,3 +436,79 @@ def test_existing_run_is_not_overwritten(odd_run, backbones) -> None:
     assert line.startswith(f"error: the output folder {str(out)!r} already holds a run (")
     assert "--resume" in line and "--overwrite" in line
     assert (out / MODEL).read_bytes() == before
+
+
+# ---------------------------------------------------------------- identities across splits
+
+
+def _split_csv(root: Path, leak: bool) -> Path:
+    """A manifest with a split column: per split 4 bona fides and 4 morphs of that split's people."""
+    rows = ["path,label,method,identity,split"]
+    for split in ("train", "dev", "test"):
+        for i in range(4):
+            image(root / split / f"bf{i}.png", value=i)
+            image(root / split / f"m{i}.png", value=100 + i)
+            rows += [f"{split}/bf{i}.png,0,,{split}{i},{split}",
+                     f"{split}/m{i}.png,1,blend,{split}{i}+{split}{(i + 1) % 4},{split}"]
+    if leak:  # a test morph whose contributor train0 is a training bona fide
+        image(root / "test" / "leak.png", value=7)
+        rows.append("test/leak.png,1,blend,test0+train0,test")
+    (root / "m.csv").write_text("\n".join(rows) + "\n")
+    return root / "m.csv"
+
+
+def test_test_morph_of_a_training_identity_is_dropped_and_counted(tmp_path: Path, backbones) -> None:
+    manifest = _split_csv(tmp_path, leak=True)
+    rc, stdout, stderr = cli("train", "--data", str(manifest), "--backbone", str(backbones[0]), "--output_dir",
+                             str(tmp_path / "o"), "--no_progress", *overrides(TINY))
+    assert rc == 0, stderr
+    assert report_line(stdout, "skipped 1 files: ") == {
+        "identity already in the train split (dropped from the later split)": 1}
+    assert ("note: identities checked across the given splits: dropped 1 samples whose identity (bona fide) or"
+            " contributor (morph) is already in an earlier split: {'test/morph': 1}") in stdout
+    assert re.search(r"^  test: bona_fide=4, morph/blend=4$", stdout, flags=re.M), stdout
+
+
+def test_split_folders_without_identities_warn(tmp_path: Path, backbones) -> None:
+    rc, stdout, stderr = cli("train", "--data", str(tree(tmp_path / "d")), "--backbone", str(backbones[0]),
+                             "--output_dir", str(tmp_path / "o"), "--no_progress", *overrides(TINY))
+    assert rc == 0, stderr
+    assert "note: WARNING: splits are given but no identities, so nothing checks whether a person appears" in stdout
+
+
+@pytest.mark.parametrize(("pattern", "message"), [
+    ("(", "error: identity_pattern='(' is not a valid regular expression: missing ), unterminated subpattern at"
+          " position 0"),
+    (r"\d+", r"error: identity_pattern='\\d+' has no named group; name one group per identity, e.g."
+             r" '^(?P<a>\\d{3})_(?:\\d{2}|(?P<b>\\d{3}))\\.' for FRLL (bona fide 001_03.jpg, morph 001_002.jpg)"),
+])
+def test_bad_identity_pattern(tmp_path: Path, pattern: str, message: str) -> None:
+    assert fails("train", "--output_dir", str(tmp_path), "--override", f"identity_pattern={pattern}") == message
+    assert not any(tmp_path.iterdir())
+
+
+def test_identity_pattern_that_misses_file_names(tmp_path: Path) -> None:
+    tree(tmp_path / "d")
+    line = fails("train", "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "o"),
+                 "--override", r"identity_pattern=^(?P<a>\d{3})_")
+    assert line == (r"error: identity_pattern='^(?P<a>\\d{3})_' finds no identity in 24 of 24 file names (a bona"
+                    " fide needs exactly one matching named group, a morph at least one), e.g. ['bf0.png', 'bf1.png',"
+                    " 'bf2.png']")
+
+
+def test_csv_with_a_split_for_some_rows_only(tmp_path: Path) -> None:
+    image(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_text("path,label,split\na.png,0,train\na.png,1,\n")
+    line = fails("train", "--data", str(tmp_path / "m.csv"), "--output_dir", str(tmp_path / "o"))
+    assert line == "error: 1 samples have a split and 1 do not; give a split for all or none"
+
+
+def test_identity_drops_that_empty_a_split(tmp_path: Path) -> None:
+    rows = ["path,label,method,identity,split", "a.png,0,,A,train", "ab.png,1,,A+B,train", "c.png,0,,C,dev",
+            "cd.png,1,,C+D,dev", "e.png,0,,E,test", "ea.png,1,,E+A,test"]
+    for row in rows[1:]:
+        image(tmp_path / row.split(",")[0])
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    line = fails("train", "--data", str(tmp_path / "m.csv"), "--output_dir", str(tmp_path / "o"))
+    assert line == ("error: the test split has 1 bona fide and 0 morph images (after dropping 1 samples to keep"
+                    " identities out of two splits); every split needs both classes")

@@ -108,7 +108,7 @@ def test_folder_without_splits_is_split_by_image_with_a_note(tmp_path: Path) -> 
     _tree(tmp_path, None, n=10)
     samples, report = load_samples(str(tmp_path), 0, [], 1, (0.6, 0.2))
     assert {s.split for s in samples} == {"train", "dev", "test"}
-    assert any("no identities" in n for n in report.notes)
+    assert any("have no identity: split by image" in n for n in report.notes)
 
 
 def test_bad_and_non_rgb_images_are_counted(tmp_path: Path) -> None:

@@ -18,9 +18,10 @@ from madlab.backbone import BackboneError, load_backbone
 from madlab.config import Config, apply_overrides
 from madlab.data import ImageDataset, embedded_samples
 from madlab.evaluation import read_scores_csv
+from madlab.inference import predict
 from madlab.metrics import apcer_bpcer, auc, d_eer
 from madlab.model import MorphDetector
-from madlab.training import class_weights, predict, train
+from madlab.training import class_weights, train
 
 from lora_vit import read_lora_metadata
 
@@ -53,7 +54,7 @@ def test_outputs_exist_with_the_right_columns(trained: Path) -> None:
     with (trained / "scores.csv").open() as handle:
         reader = csv.DictReader(handle)
         rows = list(reader)
-    assert reader.fieldnames == ["path", "label", "method", "score"]
+    assert reader.fieldnames == ["path", "label", "method", "score", "p_morph"]
     # embedded test pool: 20 bona fides, 10 morphs per method at morphs_per_face=1
     assert sum(r["label"] == "0" for r in rows) == 20
     assert {r["method"] for r in rows if r["label"] == "1"} == {"blend", "splice"}
@@ -198,3 +199,14 @@ def test_vit_mae_checkpoint_loads_without_masking(tmp_path: Path) -> None:
     assert torch.equal(a, b), "inference is deterministic"
     torch.testing.assert_close(vit.embeddings.patch_embeddings.projection.weight,
                                mae.vit.embeddings.patch_embeddings.projection.weight)
+
+
+def test_metrics_json_carries_shortcuts_verdict_and_data_report(trained: Path) -> None:
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert set(metrics["shortcuts"]) == {"sharpness", "contrast"}
+    for base in metrics["shortcuts"].values():
+        assert base["threshold"]["rule"] == metrics["threshold"]["rule"], "the detector's rule, on dev"
+        assert 0.0 <= base["overall"]["d_eer"] <= 1.0 and base["overall"]["n_morph"] == metrics["overall"]["n_morph"]
+    assert len(metrics["shortcut_verdict"]) == 2
+    assert metrics["data"]["counts"]["test"] == {"bona_fide": 20, "morph/blend": 10, "morph/splice": 10}
+    assert any("residual identity leakage" in n for n in metrics["data"]["notes"])

@@ -113,14 +113,14 @@ def test_fused_projection_that_does_not_split_in_three_is_an_error():
         resolve_targets(model, ["q"])
 
 
-def test_multihead_attention_linear_is_refused_as_off_the_forward_path():
+def test_multihead_attention_roles_are_its_in_projection_thirds_and_out_proj():
     class WithMHA(nn.Module):
         def __init__(self):
             super().__init__()
             self.mha = nn.MultiheadAttention(8, 2)
 
-    with pytest.raises(LoRAError, match="MultiheadAttention"):
-        resolve_targets(WithMHA(), ["o"])
+    found = [(m.module, m.slice, m.bounds) for m in resolve_targets(WithMHA(), ["q", "v", "o"])]
+    assert found == [("mha", "q", (0, 8)), ("mha", "v", (16, 24)), ("mha.out_proj", None, None)]
 
 
 def test_already_adapted_layer_is_refused():

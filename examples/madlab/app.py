@@ -31,11 +31,24 @@ from .checkpoint import CheckpointError, load_weights, read_metadata, save_model
 from .config import EVAL_KEYS, Config, ConfigError, parse_override
 from .data import ImageDataset, Sample, load_samples
 from .distributed import barrier, current
-from .evaluation import choose_threshold, format_table, iso_report, write_json, write_scores_csv
+from .errors import MadlabError
+from .evaluation import (
+    SCORE_KIND,
+    choose_threshold,
+    format_table,
+    iso_report,
+    shortcut_report,
+    shortcut_verdict,
+    write_json,
+    write_scores_csv,
+)
+from .files import write_text_atomically
+from .inference import predict
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
-from .training import predict, train
+from .shortcuts import SHORTCUTS, sample_greys, shortcut_scores
+from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
 
@@ -76,11 +89,18 @@ def _split(samples: list[Sample], split: str) -> list[Sample]:
     return [s for s in samples if s.split == split]
 
 
-def _data(config: Config, env: Env) -> list[Sample]:
+def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None) -> list[Sample]:
+    """Load the run's samples and print what was loaded, skipped, dropped and warned about.
+
+    Args:
+        reports: If given, the data report (counts, skips, notes) is appended to it, for metrics.json.
+    """
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
-                                   (config.train_val_pct, config.dev_pct))
+                                   (config.train_val_pct, config.dev_pct), config.identity_pattern)
     for line in report.lines(samples):
         env.say(line)
+    if reports is not None:
+        reports.append(report.to_dict(samples))
     return samples
 
 
@@ -290,24 +310,66 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
         raise BackboneError(f"the backbone at {backbone_dir} differs from the one {model_path} was trained on"
                             " (weights fingerprint mismatch)")
     load_weights(model, model_path, config.use_lora)
-    samples = _data(config, env)
+    threshold = _stored_threshold(meta["threshold"], model_path)
+    data_reports: list[dict[str, Any]] = []
+    samples = _data(config, env, data_reports)
     test = _split(samples, "test")
     dataset = ImageDataset(test, model.image_size)
     scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress)
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
-    report = iso_report(scores, labels, methods, meta["threshold"])
+    report = iso_report(scores, labels, methods, threshold)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, model.image_size, config.threshold_rule)
+    report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
     report["smoke_test"] = config.data is None
+    report["data"] = data_reports[0]  # counts, skipped files, dropped leaks and warnings, as printed
     if current().main:  # every rank has every score (gathered); one writes them
         out.mkdir(parents=True, exist_ok=True)
         write_scores_csv(out / "scores.csv", [s.path for s in test], labels, methods, scores)
         write_json(out / "metrics.json", report)
-        save_plots(out, scores, labels, methods, meta["threshold"]["value"])
+        baselines = {name: (shortcut_test[name], base["threshold"]["value"])
+                     for name, base in report["shortcuts"].items()}
+        save_plots(out, scores, labels, methods, threshold["value"], baselines)
     barrier()
     env.say(format_table(report))
     env.say(f"wrote {out / 'scores.csv'}, {out / 'metrics.json'}, roc.png, det.png, score_histogram.png")
     return report
+
+
+def _stored_threshold(threshold: dict[str, Any], model_path: Path) -> dict[str, Any]:
+    """The model file's dev threshold on the logit scale the scores use now.
+
+    Files written before scores became logits hold τ as a probability; the logit of it is
+    the same operating point.
+
+    Raises:
+        CheckpointError: If an old probability threshold is 0 or 1, which no logit can express.
+    """
+    if threshold.get("score") == SCORE_KIND:
+        return threshold
+    p = float(threshold["value"])
+    if not 0.0 < p < 1.0:
+        raise CheckpointError(f"{model_path} holds the probability threshold {p!r} of an older version, which has"
+                              " no logit; train the model again")
+    return {**threshold, "value": float(np.log(p) - np.log1p(-p)), "score": SCORE_KIND,
+            "converted_from_probability": p}
+
+
+def _shortcuts(samples: list[Sample], size: int, rule: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The shortcut baselines at the detector's input size: each statistic's τ from the dev images, its
+    report on the test images.
+
+    Returns:
+        The report (name -> metrics) and the test scores of each statistic (for the plots).
+    """
+    dev, test = _split(samples, "dev"), _split(samples, "test")
+    dev_stats = shortcut_scores(sample_greys(dev, size))
+    test_stats = shortcut_scores(sample_greys(test, size))
+    report = shortcut_report(dev_stats, np.array([s.label for s in dev]), test_stats,
+                             np.array([s.label for s in test]), [s.method for s in test],
+                             rule, {name: s.description for name, s in SHORTCUTS.items()})
+    return report, test_stats
 
 
 COMPARE_STRATEGIES = {
@@ -351,7 +413,7 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
         for step, cmd in (("train", train_cmd), ("test", test_cmd)):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
-                raise RuntimeError(f"compare: {name} {step} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+                raise MadlabError(f"compare: {name} {step} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         summary = json.loads((sub / "train_summary.json").read_text())
         metrics = json.loads((sub / "metrics.json").read_text())
         rows.append({
@@ -366,6 +428,11 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
             "auc": metrics["overall"]["auc"],
             "worst_d_eer": metrics["worst_case"]["d_eer"]["value"],
         })
+    # Every strategy is tested on the same dev and test images, so the shortcut baselines are the same for all.
+    for base_name, base in metrics.get("shortcuts", {}).items():
+        rows.append({**dict.fromkeys(rows[0], None), "strategy": f"shortcut:{base_name}",
+                     "d_eer": base["overall"]["d_eer"], "auc": base["overall"]["auc"],
+                     "worst_d_eer": base["worst_case"]["d_eer"]["value"]})
     write_json(out / "compare.json", rows)
     _write_compare_csv(out / "compare.csv", rows)
     env.say(format_compare(rows))
@@ -381,9 +448,7 @@ def _write_compare_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(path)
+    write_text_atomically(path, buffer.getvalue())
 
 
 def format_compare(rows: list[dict[str, Any]]) -> str:
@@ -391,9 +456,14 @@ def format_compare(rows: list[dict[str, Any]]) -> str:
             f"{'opt+grad MB':>12}{'D-EER':>8}{'AUC':>7}{'worst D-EER':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r["trainable_params"] is None:  # a shortcut baseline: no model, only the metrics
+            lines.append(f"{r['strategy']:<20}{'-':>5}{'-':>10}{'-':>9}{'-':>13}{'-':>12}"
+                         f"{100 * r['d_eer']:>7.1f}%{r['auc']:>7.3f}{100 * r['worst_d_eer']:>12.1f}%")
+            continue
         lines.append(f"{r['strategy']:<14}{r['trainable_params']:>11,}{r['checkpoint_kib']:>10.1f}{r['train_seconds']:>9.1f}"
                      f"{r['peak_rss_mb']:>13.0f}{r['train_state_mb']:>12.2f}{100 * r['d_eer']:>7.1f}%{r['auc']:>7.3f}"
                      f"{100 * r['worst_d_eer']:>12.1f}%")
     lines.append("peak RSS is the whole process (interpreter, torch, data); opt+grad MB is the fp32 gradient"
-                 " and AdamW state of the trainable parameters")
+                 " and AdamW state of the trainable parameters; shortcut:<name> rows score the same test images by"
+                 " one image statistic (see metrics.json)")
     return "\n".join(lines)

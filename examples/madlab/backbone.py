@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .errors import MadlabError
+
 __all__ = [
     "BackboneError",
     "backbone_fingerprint",
@@ -36,7 +38,7 @@ DEFAULT_IMAGE_SIZE = 32
 CACHE_ENV = "LORA_VIT_CACHE"
 
 
-class BackboneError(ValueError):
+class BackboneError(MadlabError):
     """A backbone that cannot be loaded; the message names the path and what was expected."""
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,16 @@ from torch import nn
 
 from lora_vit import LoRAError, load_lora, read_lora_metadata, save_lora
 
-__all__ = ["CheckpointError", "load_weights", "read_metadata", "save_model", "write_atomically"]
+from .errors import MadlabError
+from .files import write_atomically
+
+__all__ = ["CheckpointError", "load_weights", "read_metadata", "save_model"]
 
 _KEY = "madlab"  # metadata key of non-LoRA files
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MadlabError):
     """A model file that cannot be used; the message names the file."""
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())  # a power cut after the rename must not leave an empty file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: nn.Module, path: Path, metadata: dict[str, Any], use_lora: bool, head_only: bool) -> Path:

@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from .errors import MadlabError
+from .identities import parse_identity_pattern
+
 __all__ = ["EVAL_KEYS", "Config", "ConfigError", "apply_overrides", "parse_override"]
 
 FREEZE_STRATEGIES = ("none", "backbone_only", "freeze_except_lastN", "gradual_unfreeze")
@@ -14,10 +17,10 @@ SELECTION_METRICS = ("dev_loss", "dev_eer")
 THRESHOLD_RULES = ("dev_eer", "dev_apcer5", "dev_apcer10")
 
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
-EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "output_dir"})
+EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir"})
 
 
-class ConfigError(ValueError):
+class ConfigError(MadlabError):
     """A configuration value or override that cannot be used; the message names valid choices."""
 
 
@@ -70,6 +73,9 @@ class Config:
     morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
     morphs_per_face: int = 2
     image_size: int | None = None
+    # Regex over file names whose named groups are identities (bona fide: one; morph: its
+    # contributors), so folder data can split by identity; FRLL: ^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\.
+    identity_pattern: str | None = None
     # Model.
     backbone: str | None = None
     pretrain_epochs: int = 150
@@ -114,6 +120,11 @@ class Config:
                 f"class_weights must be two positive numbers [bona_fide, morph], got {self.class_weights}")
         if not self.lora_target_modules:
             raise ConfigError("lora_target_modules must name at least one module, e.g. query,key,value")
+        if self.identity_pattern is not None:
+            try:
+                parse_identity_pattern(self.identity_pattern)
+            except MadlabError as err:
+                raise ConfigError(str(err)) from None
         unknown = [m for m in self.morph_methods if m not in ("blend", "splice")]
         if unknown or not self.morph_methods:
             raise ConfigError(f"morph_methods {self.morph_methods} must be a non-empty subset of ['blend', 'splice']")

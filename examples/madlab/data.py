@@ -8,6 +8,7 @@ shared across splits by construction; where identities are unknown the report sa
 from __future__ import annotations
 
 import csv
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .errors import MadlabError
+from .identities import identities_from_name, leaks, parse_identity_pattern, partition_identities, straddling
 from .morphs import morph
 
 __all__ = [
@@ -25,6 +28,9 @@ __all__ = [
     "DataReport",
     "ImageDataset",
     "Sample",
+    "apply_identity_pattern",
+    "assign_splits",
+    "check_splits",
     "embedded_samples",
     "load_samples",
     "read_csv_manifest",
@@ -46,7 +52,7 @@ _CONVERTIBLE = {"L", "LA", "P", "RGBA", *_SIXTEEN_BIT}
 TOO_LARGE = "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)"
 
 
-class DataError(ValueError):
+class DataError(MadlabError):
     """A dataset that cannot be used as given; the message names the path and what is expected."""
 
 
@@ -115,7 +121,7 @@ def embedded_samples(
     """Bona fides and morphs from the 100 faces of ``skimage.data.lfw_subset()``, offline.
 
     The face images are split into disjoint train/dev/test pools first; morphs are made
-    only from pairs of different faces inside one pool. Each method gets
+    only from unordered pairs of different faces inside one pool (never both (a, b) and (b, a)). Each method gets
     ``morphs_per_face * pool_size / len(methods)`` morphs, so a pool has
     ``morphs_per_face`` morphs per bona fide in total. Deterministic under ``seed``.
     """
@@ -133,7 +139,9 @@ def embedded_samples(
             rgb = np.repeat(faces[i][..., None], 3, axis=2)
             samples.append(Sample(f"lfw_subset/{split}/bona_fide/{i:03d}", 0, "bona_fide", split, (str(i),), rgb))
         per_method = max(1, round(morphs_per_face * len(pool) / len(methods)))
-        all_pairs = [(a, b) for a in pool for b in pool if a != b]
+        # Unordered pairs: blend(a, b) and blend(b, a) are the same image. The pool is in random
+        # order, so which face a splice is pasted into is random too.
+        all_pairs = list(itertools.combinations(pool, 2))
         for method in methods:
             picks = rng.choice(len(all_pairs), size=min(per_method, len(all_pairs)), replace=False)
             for p in picks:
@@ -287,84 +295,183 @@ def read_csv_manifest(path: str | Path, report: DataReport) -> list[Sample]:
 
 # --------------------------------------------------------------------------- splitting
 
+STRADDLES = "morph contributors fall into different splits"
 
-def _split_counts(n: int, fractions: tuple[float, float]) -> tuple[int, int]:
-    n_train = max(1, round(fractions[0] * n))
-    n_dev = max(1, round(fractions[1] * n))
-    return n_train, n_dev
+
+def _leak_reason(earlier: str) -> str:
+    return f"identity already in the {earlier} split (dropped from the later split)"
+
+
+def apply_identity_pattern(samples: list[Sample], pattern: str, report: DataReport) -> None:
+    """Give every sample without an identity the identities ``pattern`` finds in its file name.
+
+    Raises:
+        DataError: If the pattern is invalid or finds no identity in some file names (naming
+            how many and a few of them), so that a split is never silently made by image.
+    """
+    try:
+        compiled = parse_identity_pattern(pattern)
+    except MadlabError as err:
+        raise DataError(str(err)) from None
+    missing = []
+    for s in samples:
+        if s.identity:
+            continue
+        found = identities_from_name(compiled, Path(s.path).name, s.label)
+        if found is None:
+            missing.append(Path(s.path).name)
+        else:
+            s.identity = found
+    if missing:
+        raise DataError(
+            f"identity_pattern={pattern!r} finds no identity in {len(missing)} of {len(samples)} file names"
+            f" (a bona fide needs exactly one matching named group, a morph at least one), e.g. {missing[:3]}")
+    report.notes.append(f"identities read from file names by identity_pattern={pattern!r}")
+
+
+def _split_by_identity(samples: list[Sample], fractions: dict[str, float], seed: int, report: DataReport,
+                       what: str) -> list[Sample]:
+    """Split ``samples`` (all with identities) by :func:`partition_identities`; drop and count the morphs
+    whose contributors land in different splits."""
+    groups = [s.identity for s in samples]
+    where = partition_identities(groups, fractions, seed)
+    cut = set(straddling(groups, where))
+    kept, dropped = [], Counter()
+    for k, s in enumerate(samples):
+        if k in cut:
+            report.skip(s.path, STRADDLES)
+            dropped[s.method] += 1
+            continue
+        s.split = where[s.identity[0]]
+        kept.append(s)
+    sizes = Counter(where.values())
+    n_morph = sum(1 for s in samples if s.label == 1)
+    lost = (f"{sum(dropped.values())} of {n_morph} morphs had contributors in different splits and were dropped"
+            f" (by method: {dict(sorted(dropped.items()))})" if dropped else f"all {n_morph} morphs kept")
+    report.notes.append(
+        f"{what}: {len(where)} identities ({', '.join(f'{k} {sizes[k]}' for k in fractions)}), none shared"
+        f" across splits, identities linked by morphs kept together where possible; {lost}")
+    return kept
+
+
+def _drop_leaks(samples: list[Sample], report: DataReport) -> list[Sample]:
+    """Given splits: drop each sample of a later split whose identity is already in an earlier one, and say so."""
+    n_known = sum(1 for s in samples if s.identity)
+    if n_known == 0:
+        report.notes.append(
+            "WARNING: splits are given but no identities, so nothing checks whether a person appears in more than"
+            " one split; results can be optimistic. Give identities (a CSV identity column, or identity_pattern"
+            " for file names) to check")
+        return samples
+    found = leaks([s.split for s in samples], [s.identity for s in samples])
+    per_split: Counter = Counter()
+    for k, earlier in found.items():
+        report.skip(samples[k].path, _leak_reason(earlier))
+        per_split[f"{samples[k].split}/{'bona_fide' if samples[k].label == 0 else 'morph'}"] += 1
+    if found:
+        report.notes.append(
+            f"identities checked across the given splits: dropped {len(found)} samples whose identity (bona fide)"
+            f" or contributor (morph) is already in an earlier split: {dict(sorted(per_split.items()))}")
+    else:
+        report.notes.append("identities checked across the given splits: no identity is in two splits")
+    if n_known < len(samples):
+        report.notes.append(f"WARNING: {len(samples) - n_known} of {len(samples)} samples have no identity and"
+                            " could not be checked for identities shared across splits")
+    return [s for k, s in enumerate(samples) if k not in found]
+
+
+def _carve_dev(samples: list[Sample], seed: int, report: DataReport) -> list[Sample]:
+    """No dev split given: a quarter of train becomes dev, by identity when every train sample has one."""
+    train = [s for s in samples if s.split == "train"]
+    others = [s for s in samples if s.split != "train"]
+    if train and all(s.identity for s in train):
+        kept = _split_by_identity(train, {"train": 0.75, "dev": 0.25}, seed, report,
+                                  "no dev split given: 25% of the train identities became dev")
+        return others + kept
+    rng = np.random.default_rng(seed)
+    for s in train:
+        if rng.random() < 0.25:
+            s.split = "dev"
+    report.notes.append("WARNING: no dev split given and the train samples have no identities: 25% of train,"
+                        " by image, became dev, so a person may be in both train and dev (dev figures and"
+                        " the threshold can be optimistic)")
+    return samples
 
 
 def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: int, report: DataReport) -> list[Sample]:
-    """Give every sample without a split one, by identity when all samples have identities.
+    """Check or assign every sample's split, never silently letting an identity into two splits.
 
-    With identities, each identity goes to one split and a morph is kept only if all its
-    contributors are in the same split (others are skipped and counted): no identity leaks.
-    Without identities the split is by image, stratified by class and method, and a note
-    says that identity leakage is possible.
+    * Splits given: a sample of a later split (train < dev < test) whose identity or morph
+      contributor is already in an earlier split is dropped and counted; without identities
+      a warning says this cannot be checked. Without a dev split, 25 % of train becomes
+      dev, by identity when identities are known.
+    * No splits, every sample with identities: identities are partitioned
+      (:func:`~.identities.partition_identities`) and morphs whose contributors still land in
+      different splits are dropped and counted.
+    * Otherwise by image, stratified by class and method, with a warning.
+
+    Raises:
+        DataError: If some samples have a split and others do not.
     """
-    rng = np.random.default_rng(seed)
-    if all(s.split for s in samples):
+    with_split = sum(1 for s in samples if s.split)
+    if with_split == len(samples):
+        samples = _drop_leaks(samples, report)
         if not any(s.split == "dev" for s in samples):
-            report.notes.append("no dev split given: 25% of train, by image, became dev")
-            train = [s for s in samples if s.split == "train"]
-            for s in train:
-                if rng.random() < 0.25:
-                    s.split = "dev"
+            samples = _carve_dev(samples, seed, report)
         return samples
-    if any(s.split for s in samples):
-        raise DataError("some samples have a split and some do not; give a split for all or none")
+    if with_split:
+        raise DataError(f"{with_split} samples have a split and {len(samples) - with_split} do not;"
+                        " give a split for all or none")
     if all(s.identity for s in samples):
-        ids = sorted({i for s in samples for i in s.identity})
-        order = rng.permutation(len(ids))
-        n_train, n_dev = _split_counts(len(ids), fractions)
-        where = {}
-        for rank, k in enumerate(order):
-            where[ids[k]] = "train" if rank < n_train else "dev" if rank < n_train + n_dev else "test"
-        kept = []
-        for s in samples:
-            homes = {where[i] for i in s.identity}
-            if len(homes) > 1:
-                report.skip(s.path, "morph contributors fall into different splits")
-                continue
-            s.split = homes.pop()
-            kept.append(s)
-        report.notes.append(f"split by identity ({len(ids)} identities), no identity shared across splits")
-        return kept
+        shares = {"train": fractions[0], "dev": fractions[1], "test": 1.0 - fractions[0] - fractions[1]}
+        return _split_by_identity(samples, shares, seed, report, "split by identity")
+    rng = np.random.default_rng(seed)
     groups: dict[tuple[int, str], list[Sample]] = {}
     for s in samples:
         groups.setdefault((s.label, s.method), []).append(s)
     for group in groups.values():
         order = rng.permutation(len(group))
-        n_train, n_dev = _split_counts(len(group), fractions)
+        n_train = max(1, round(fractions[0] * len(group)))
+        n_dev = max(1, round(fractions[1] * len(group)))
         for rank, k in enumerate(order):
             group[k].split = "train" if rank < n_train else "dev" if rank < n_train + n_dev else "test"
+    missing = sum(1 for s in samples if not s.identity)
     report.notes.append(
-        "no identities given: split by image (stratified by class and method); the same person"
-        " may appear in several splits, so results can be optimistic. Give a CSV with an"
-        " identity column, or split folders, to avoid this"
+        f"WARNING: {missing} of {len(samples)} samples have no identity: split by image (stratified by class and"
+        " method); the same person may appear in several splits, so results can be optimistic. Give a CSV with an"
+        " identity column, identity_pattern for file names, or split folders, to avoid this"
     )
     return samples
 
 
-def check_splits(samples: list[Sample]) -> None:
+def check_splits(samples: list[Sample], report: DataReport | None = None) -> None:
     """Refuse to go on when a split lacks either class.
 
     Raises:
-        DataError: Naming the split and its counts.
+        DataError: Naming the split and its counts, and how many samples identity checks dropped.
     """
+    dropped = sum(n for reason, n in (report.skipped.items() if report else ())
+                  if reason == STRADDLES or reason.startswith("identity already in"))
+    why = f" (after dropping {dropped} samples to keep identities out of two splits)" if dropped else ""
     for split in SPLITS:
         n_bf = sum(1 for s in samples if s.split == split and s.label == 0)
         n_m = sum(1 for s in samples if s.split == split and s.label == 1)
         if n_bf == 0 or n_m == 0:
             raise DataError(
-                f"the {split} split has {n_bf} bona fide and {n_m} morph images; every split"
+                f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; every split"
                 " needs both classes"
             )
 
 
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
-                 fractions: tuple[float, float]) -> tuple[list[Sample], DataReport]:
-    """All samples of a run with their splits, from the embedded set, a folder or a CSV."""
+                 fractions: tuple[float, float],
+                 identity_pattern: str | None = None) -> tuple[list[Sample], DataReport]:
+    """All samples of a run with their splits, from the embedded set, a folder or a CSV.
+
+    Args:
+        identity_pattern: A regex whose named groups read identities from file names (see
+            :func:`~.identities.parse_identity_pattern`); applies to samples without an identity.
+    """
     if data is None:
         report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
         report.notes.append(
@@ -381,8 +488,10 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
             n_skipped = sum(report.skipped.values())
             skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
             raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}{skipped}")
+        if identity_pattern:
+            apply_identity_pattern(samples, identity_pattern, report)
         samples = assign_splits(samples, fractions, seed, report)
-    check_splits(samples)
+    check_splits(samples, report)
     return samples, report
 
 

@@ -1,4 +1,9 @@
-"""Operating threshold from dev, ISO/IEC 30107-3 report on test, and the files that hold them."""
+"""Operating threshold from dev, ISO/IEC 30107-3 report on test, and the files that hold them.
+
+Scores are detector logits (see :mod:`.inference`); any order-preserving score works the
+same way, which is how the shortcut baselines (:mod:`.shortcuts`) are reported beside the
+detector with the very same threshold rule.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,35 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import ConfigError
+from .files import write_text_atomically
+from .inference import p_morph
 from .metrics import apcer_bpcer, auc, bpcer_at_apcer, check_scores, d_eer, operating_curve
 
-__all__ = ["choose_threshold", "format_table", "iso_report", "read_scores_csv", "write_json", "write_scores_csv"]
+__all__ = [
+    "SCORE_KIND",
+    "choose_threshold",
+    "format_table",
+    "iso_report",
+    "read_scores_csv",
+    "shortcut_report",
+    "shortcut_verdict",
+    "write_json",
+    "write_scores_csv",
+]
+
+SCORE_KIND = "logit"  # what a threshold value means: the detector logit, log(P(morph) / (1 - P(morph)))
 
 APCER_TARGETS = {"bpcer@apcer=1%": 0.01, "bpcer@apcer=5%": 0.05, "bpcer@apcer=10%": 0.10}
-SCORE_COLUMNS = ["path", "label", "method", "score"]
+SCORE_COLUMNS = ["path", "label", "method", "score", "p_morph"]
 _RULES = {
-    "dev_eer": "tau minimises max(APCER, BPCER) over the dev scores (the dev equal-error point);"
+    "dev_eer": "tau minimises max(APCER, BPCER) over the dev scores (the dev equal-error point); among"
+               " thresholds with the same max it is the one closest to APCER = BPCER (then the lower tau);"
                " a sample is a morph iff score >= tau",
     "dev_apcer5": "tau is the largest dev score threshold with dev APCER <= 5% (lowest dev BPCER there);"
                   " a sample is a morph iff score >= tau",
@@ -30,20 +49,31 @@ _RULES = {
 
 
 def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str) -> dict[str, Any]:
-    """Fix the operating threshold on dev scores with ``rule`` (see ``_RULES``); never on test."""
+    """Fix the operating threshold on dev scores with ``rule`` (see ``_RULES``); never on test.
+
+    Raises:
+        ConfigError: For an unknown rule.
+        MetricsError: For scores no threshold can be set from (one class, NaN, empty).
+    """
     if rule not in _RULES:
-        raise ValueError(f"threshold rule {rule!r} is not one of {sorted(_RULES)}")
+        raise ConfigError(f"threshold rule {rule!r} is not one of {sorted(_RULES)}")
     curve = operating_curve(scores, labels)
     if rule == "dev_eer":
         worst = np.maximum(curve.apcer, curve.bpcer)
-        j = int(np.argmin(worst))
+        # Several thresholds can share the smallest max(APCER, BPCER) (e.g. (0.2, 0.3) and
+        # (0.3, 0.3)); the balanced one is the equal-error point the rule's name promises.
+        # Rates are ratios of counts, so equal values may differ in the last bit: compare with a tolerance.
+        tied = np.flatnonzero(worst <= worst.min() + 1e-12)
+        gap = np.abs(curve.apcer[tied] - curve.bpcer[tied])
+        j = int(tied[np.flatnonzero(gap <= gap.min() + 1e-12)[0]])  # thresholds ascend: the lower τ
     else:
         x = 0.05 if rule == "dev_apcer5" else 0.10
         j = int(np.nonzero(curve.apcer <= x + 1e-12)[0][-1])
     tau = float(curve.thresholds[j])
     if not math.isfinite(tau):  # everything accepted: keep a finite value for JSON and plots
         tau = float(np.nextafter(np.max(scores), np.inf))
-    return {"rule": rule, "description": _RULES[rule], "value": tau, "dev": apcer_bpcer(scores, labels, tau)}
+    return {"rule": rule, "description": _RULES[rule], "value": tau, "score": SCORE_KIND,
+            "dev": apcer_bpcer(scores, labels, tau)}
 
 
 def _curve_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -68,7 +98,7 @@ def iso_report(scores: np.ndarray, labels: np.ndarray, methods: list[str], thres
     methods_arr = np.asarray(methods)
     tau = threshold["value"]
     report: dict[str, Any] = {
-        "positive_class": "morph (attack); score = P(morph); morph iff score >= threshold",
+        "positive_class": "morph (attack); score = detector logit of P(morph); morph iff score >= threshold",
         "threshold": threshold,
         "overall": {**_curve_metrics(scores, labels), "at_threshold": apcer_bpcer(scores, labels, tau)},
         "per_method": {},
@@ -95,59 +125,104 @@ def iso_report(scores: np.ndarray, labels: np.ndarray, methods: list[str], thres
     return report
 
 
+def shortcut_report(dev: dict[str, np.ndarray], dev_labels: np.ndarray, test: dict[str, np.ndarray],
+                    test_labels: np.ndarray, test_methods: list[str], rule: str,
+                    descriptions: dict[str, str]) -> dict[str, Any]:
+    """Each shortcut statistic scored exactly as the detector is: τ on dev by ``rule``, report on test.
+
+    Args:
+        dev, test: Statistic name -> scores oriented so that higher = morph, one per sample.
+        descriptions: Statistic name -> what it measures and why its direction was fixed.
+
+    Returns:
+        Name -> ``{"description", "threshold", "overall", "per_method", "worst_case"}``.
+    """
+    out = {}
+    for name in test:
+        threshold = choose_threshold(dev[name], dev_labels, rule)
+        threshold["score"] = f"shortcut statistic {name!r}, oriented so that higher = morph"
+        report = iso_report(test[name], test_labels, test_methods, threshold)
+        out[name] = {"description": descriptions[name], "threshold": threshold, "overall": report["overall"],
+                     "per_method": report["per_method"], "worst_case": report["worst_case"]}
+    return out
+
+
+def shortcut_verdict(report: dict[str, Any]) -> list[str]:
+    """Plain sentences comparing the detector with each shortcut baseline on the overall test D-EER and AUC.
+
+    The detector *beats* a shortcut only with both a lower D-EER and a higher AUC.
+    """
+    mine = report["overall"]
+    lines = []
+    for name, base in report.get("shortcuts", {}).items():
+        theirs = base["overall"]
+        figures = (f"D-EER {100 * mine['d_eer']:.1f}% vs {100 * theirs['d_eer']:.1f}%,"
+                   f" AUC {mine['auc']:.3f} vs {theirs['auc']:.3f}")
+        if mine["d_eer"] < theirs["d_eer"] and mine["auc"] > theirs["auc"]:
+            lines.append(f"The detector beats the shortcut baseline '{name}' ({figures}).")
+        else:
+            lines.append(
+                f"The detector does NOT beat the shortcut baseline '{name}' ({figures}): this one image"
+                " statistic separates these test morphs at least as well, so the result is no evidence that"
+                " the detector learned more than that cue.")
+    return lines
+
+
+def _rate(rate: float, errors: int, n: int) -> str:
+    """A rate with its counts, right-aligned in a 17-character column: ``  52.5% (21/40)``."""
+    return f"{100 * rate:.1f}% ({errors}/{n})".rjust(17)
+
+
 def format_table(report: dict) -> str:
-    """The terminal summary: one row per method plus overall and worst case, counts included."""
-    head = (f"{'subset':<14}{'BF':>5}{'M':>5}{'D-EER':>8}{'AUC':>7}{'BPCER@1%':>10}{'@5%':>7}{'@10%':>7}"
-            f"{'APCER@t':>14}{'BPCER@t':>14}")
+    """The terminal summary: one row per method plus overall, worst case and the shortcut baselines."""
+    head = (f"{'subset':<20}{'BF':>5}{'M':>5}{'D-EER':>8}{'AUC':>7}{'BPCER@1%':>10}{'@5%':>7}{'@10%':>7}"
+            f"{'APCER@t':>17}{'BPCER@t':>17}")
     lines = [head, "-" * len(head)]
 
     def row(name: str, m: dict) -> str:
         at = m["at_threshold"]
-        return (f"{name:<14}{m['n_bona_fide']:>5}{m['n_morph']:>5}{100 * m['d_eer']:>7.1f}%{m['auc']:>7.3f}"
+        return (f"{name:<20}{m['n_bona_fide']:>5}{m['n_morph']:>5}{100 * m['d_eer']:>7.1f}%{m['auc']:>7.3f}"
                 + "".join(f"{100 * m[k]['bpcer']:>{w}.1f}%" for k, w in zip(APCER_TARGETS, (9, 6, 6)))
-                + f"{100 * at['apcer']:>6.1f}% ({at['apcer_errors']}/{at['n_morph']})"
-                + f"{100 * at['bpcer']:>6.1f}% ({at['bpcer_errors']}/{at['n_bona_fide']})")
+                + _rate(at["apcer"], at["apcer_errors"], at["n_morph"])
+                + _rate(at["bpcer"], at["bpcer_errors"], at["n_bona_fide"]))
 
     for name, m in report["per_method"].items():
         lines.append(row(name, m))
     lines.append(row("overall", report["overall"]))
+    for name, base in report.get("shortcuts", {}).items():
+        lines.append(row(f"shortcut:{name}", base["overall"]))
     w = report["worst_case"]
     lines.append(f"worst case over methods: D-EER {100 * w['d_eer']['value']:.1f}% ({w['d_eer']['method']}),"
                  f" AUC {w['auc']['value']:.3f} ({w['auc']['method']}),"
                  f" APCER@t {100 * w['apcer_at_threshold']['value']:.1f}% ({w['apcer_at_threshold']['method']})")
     t = report["threshold"]
-    lines.append(f"threshold t = {t['value']:.4f} fixed on dev by rule {t['rule']}: {t['description']}")
+    lines.append(f"threshold t = {t['value']:.4f} (logit; P(morph) = {float(p_morph(t['value'])):.4f}) fixed on dev"
+                 f" by rule {t['rule']}: {t['description']}")
+    if report.get("shortcuts"):
+        lines.append("shortcut:<name> rows score the test images by one image statistic alone (direction fixed in"
+                     " advance, threshold on dev by the same rule):")
+        lines += [f"  {name}: {base['description']}" for name, base in report["shortcuts"].items()]
+        lines += report.get("shortcut_verdict", [])
     return "\n".join(lines)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: Any) -> None:
-    _atomic_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    """``data`` as indented JSON (no NaN or infinity), written atomically."""
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_scores_csv(path: Path, paths: list[str], labels: np.ndarray, methods: list[str], scores: np.ndarray) -> None:
-    """One row per image: ``path,label,method,score`` (label 1 = morph; full float precision)."""
+    """One row per image: ``path,label,method,score,p_morph`` (label 1 = morph; score = logit, full precision)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(SCORE_COLUMNS)
     for p, y, m, s in zip(paths, labels, methods, scores):
-        writer.writerow([p, int(y), m, repr(float(s))])
-    _atomic_text(path, buffer.getvalue())
+        writer.writerow([p, int(y), m, repr(float(s)), repr(float(p_morph(s)))])
+    write_text_atomically(path, buffer.getvalue())
 
 
 def read_scores_csv(path: Path) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """``(paths, labels, methods, scores)`` from a file written by :func:`write_scores_csv`."""
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     return ([r["path"] for r in rows], np.array([int(r["label"]) for r in rows]),

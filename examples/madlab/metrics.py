@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import MadlabError
+
 __all__ = [
     "MetricsError",
     "OperatingCurve",
@@ -28,7 +30,7 @@ __all__ = [
 ]
 
 
-class MetricsError(ValueError):
+class MetricsError(MadlabError):
     """Scores or labels that no ISO metric can be computed from; the message says why."""
 
 

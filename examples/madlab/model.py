@@ -9,7 +9,7 @@ from torch import nn
 
 from lora_vit import inject_lora, lora_summary
 
-from .config import Config
+from .config import Config, ConfigError
 
 __all__ = ["MorphDetector", "apply_strategy"]
 
@@ -68,7 +68,7 @@ def apply_strategy(model: MorphDetector, config: Config) -> tuple[list[nn.Parame
     blocks = _blocks(model)
     n = config.freeze_lastN
     if config.freeze_strategy in ("freeze_except_lastN", "gradual_unfreeze") and not 1 <= n <= len(blocks):
-        raise ValueError(f"freeze_lastN={n} must be between 1 and the backbone's {len(blocks)} blocks")
+        raise ConfigError(f"freeze_lastN={n} must be between 1 and the backbone's {len(blocks)} blocks")
     last = [*list(blocks)[-n:], model.backbone.layernorm] if n else []
 
     def nothing(epoch: int) -> str | None:

@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .checkpoint import CheckpointError, write_atomically
+from .checkpoint import CheckpointError
+from .files import write_atomically
 
 __all__ = ["STATE_FILE", "TrainState", "read_state", "write_state"]
 

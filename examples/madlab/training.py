@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -18,13 +19,15 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
-from .data import ImageDataset
-from .distributed import Dist, current, gather_by_index
+from .data import DataError, ImageDataset
+from .distributed import Dist, current
+from .files import write_text_atomically
+from .inference import predict, weighted_loss
 from .metrics import MetricsError, d_eer
 from .model import apply_strategy, count_trainable
 from .resume import TrainState, read_state, restore_rng, write_state
 
-__all__ = ["STOP_AFTER_ENV", "TrainResult", "TrainingInterrupted", "class_weights", "predict", "train"]
+__all__ = ["STOP_AFTER_ENV", "TrainResult", "TrainingInterrupted", "class_weights", "train"]
 
 # Stop (as if interrupted) once this many epochs are done and checkpointed: how the resume
 # test and users rehearse an interruption without killing a process at a random moment.
@@ -55,65 +58,18 @@ def class_weights(labels: np.ndarray, given: list[float] | None) -> torch.Tensor
         return torch.tensor(given, dtype=torch.float32)
     counts = np.bincount(labels.astype(np.int64), minlength=2).astype(np.float64)
     if counts.min() == 0:
-        raise ValueError(
+        raise DataError(
             f"the training split needs both classes, got {int(counts[0])} bona fide and {int(counts[1])} morphs")
     return torch.tensor(len(labels) / (2.0 * counts), dtype=torch.float32)
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    per_sample = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
-    return (per_sample * weights[labels.long()]).mean()
-
-
-@torch.no_grad()
-def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None = None,
-            desc: str = "scoring", progress: bool = True) -> tuple[np.ndarray, float]:
-    """P(morph) for every sample in ``dataset`` order, and the mean weighted loss if ``weights`` given.
-
-    Under ``torchrun`` each rank scores its shard and every rank gets all the scores, in
-    dataset order, so metrics and decisions computed from them are the same everywhere.
-    """
-    d = current()
-    if d.active:
-        return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d)
-    model.eval()
-    scores, total = [], 0.0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        logits = model(x)
-        scores.append(torch.sigmoid(logits).double().numpy())
-        if weights is not None:
-            total += _loss(logits, y, weights).item() * len(y)
-    return np.concatenate(scores), total / len(dataset)
-
-
-def _predict_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None,
-                     desc: str, progress: bool, d: Dist) -> tuple[np.ndarray, float]:
-    model.eval()
-    sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=False)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
-    indices, rows = [], []
-    for x, y, index in tqdm(loader, desc=desc, disable=not (progress and d.main), leave=False):
-        x, y = x.to(d.device), y.to(d.device)
-        logits = model(x)
-        per_sample = torch.zeros_like(logits) if weights is None else (
-            nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
-            * weights.to(d.device)[y.long()])
-        rows.append(torch.stack([torch.sigmoid(logits), per_sample], dim=1).double().cpu().numpy())
-        indices.append(index.numpy())
-    local = np.concatenate(rows) if rows else np.zeros((0, 2))
-    both = gather_by_index(np.concatenate(indices) if indices else np.zeros(0, np.int64), local, len(dataset))
-    return both[:, 0], float(both[:, 1].sum() / len(dataset))
-
-
 def _write_log(path: Path, rows: list[dict]) -> None:
-    """Rewrite the whole log each epoch (small), via a temporary file, so it is never half-written."""
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    """Rewrite the whole log each epoch (small), atomically, so it is never half-written."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomically(path, buffer.getvalue())
 
 
 def _resume_key(config: Config, train_set: ImageDataset) -> dict:
@@ -127,7 +83,7 @@ def _stop_after() -> int | None:
     if not raw:
         return None
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{STOP_AFTER_ENV}={raw!r} must be a positive number of epochs")
+        raise ConfigError(f"{STOP_AFTER_ENV}={raw!r} must be a positive number of epochs")
     return int(raw)
 
 
@@ -208,7 +164,7 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
         epoch_start = time.perf_counter()
         for x, y, _ in loader:
             x, y = x.to(d.device), y.to(d.device)
-            loss = _loss(net(x), y, weights)
+            loss = weighted_loss(net(x), y, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # under DDP: all-reduces the gradients of the trainable parameters only
             optimiser.step()
