@@ -6,7 +6,8 @@
 Parts, in order of value (a run cut short keeps every part that finished before the cut):
 
 1. ``env``: device, driver, CUDA / torch / Triton / transformers / PEFT versions, CPU model.
-2. ``cuda_tests``: ``pytest tests/test_cuda.py`` (bf16 layer, merge, inductor one-graph step).
+2. ``cuda_tests``: ``pytest tests/test_cuda.py`` (bf16 layer, merge, inductor one-graph step)
+   and every test elsewhere that is marked to skip without CUDA.
 3. ``train_b_eager``: ``bench_train.py`` bf16 training step on ViT-B/16, eager: floor, full
    fine-tuning, lora_vit dropout 0 / 0.1, PEFT, and every DoRA variant bench_train offers.
    Images/s, ratio to the floor and to PEFT, CUDA peak memory of one step.
@@ -21,6 +22,8 @@ Parts, in order of value (a run cut short keeps every part that finished before 
 9. ``example``: the example's training step (``benchmarks/bench_example.py``, if present)
    on a ViT-B-sized backbone, bf16 + compile; skipped with a message where the script is absent.
 10. ``train_b_compiled_p0``: the compiled step at dropout 0 (floor, lora_vit, PEFT).
+11. ``mha_b_eager``: ``bench_mha.py`` (LoRA inside ``nn.MultiheadAttention``, torchvision
+    layout), training step and inference, eager, where this checkout has it.
 
 Each part runs in its own subprocess under its own time box (clipped to what is left of
 ``--budget``), streams its output prefixed with its name, and writes ``DIR/<part>.json``
@@ -172,6 +175,18 @@ def flags_of(script: Path) -> set[str]:
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", proc.stdout))
 
 
+_CUDA_ONLY = re.compile(r"@pytest\.mark\.skipif\(not torch\.cuda\.is_available\(\)[^\n]*\n(?:@[^\n]*\n)*def (test_\w+)")
+
+
+def cuda_tests() -> list[str]:
+    """``tests/test_cuda.py`` plus every test elsewhere marked to skip without CUDA (node ids)."""
+    ids = ["tests/test_cuda.py"]
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        if path.name != "test_cuda.py":
+            ids += [f"tests/{path.name}::{name}" for name in _CUDA_ONLY.findall(path.read_text())]
+    return ids
+
+
 def plan(args: argparse.Namespace, out: Path) -> list[Part]:
     """The parts of this run, with their commands and time boxes."""
     smoke = args.smoke
@@ -197,8 +212,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
 
     parts = [
         Part("env", 60, "device and versions", [py, str(HERE / "gpu_suite.py"), "--run-part", "env"]),
-        Part("cuda_tests", box(150), "pytest tests/test_cuda.py",
-             [py, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests/test_cuda.py",
+        Part("cuda_tests", box(150), "pytest tests/test_cuda.py and the CUDA-only tests elsewhere",
+             [py, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *cuda_tests(),
               f"--junitxml={out / 'cuda_tests.xml'}"]),
         bench("train_b_eager", "bench_train.py", b_model, batch_b, train_names, train_missing, 90,
               f"training step, {b_model}, eager", "--no-memory"),
@@ -237,6 +252,12 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
     parts.append(bench("train_b_compiled_p0", "bench_train.py", b_model, batch_b,
                        compiled_offered(COMPILED_TRAIN_VARIANTS_P0, "0"), [], 150,
                        f"training step, {b_model}, torch.compile, dropout 0", "--no-memory", "--compile-only"))
+    mha = HERE / "bench_mha.py"
+    if mha.exists():
+        results = out / "mha_b_eager"
+        parts.append(Part("mha_b_eager", box(90), f"LoRA in nn.MultiheadAttention (torchvision), {b_model}, eager",
+                          [py, str(mha), "--models", b_model, "--batch", str(batch_b), *common_flags,
+                           "--mode", "both", "--results-dir", str(results)], results_dir=results))
     chosen = set(args.parts or [p.name for p in parts])
     return [p for p in parts if p.name in chosen]
 

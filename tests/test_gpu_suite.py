@@ -40,6 +40,17 @@ def test_this_checkouts_benchmarks_offer_the_suites_core_variants():
     assert missing == []
 
 
+def test_cuda_tests_part_collects_test_cuda_and_every_cuda_only_test_elsewhere():
+    ids = gpu_suite.cuda_tests()
+    assert ids[0] == "tests/test_cuda.py"
+    for node in ids[1:]:
+        path, name = node.split("::")
+        source = (ROOT / path).read_text()
+        assert f"def {name}(" in source
+        head = source[: source.index(f"def {name}(")].rsplit("\n\n", 1)[-1]
+        assert "torch.cuda.is_available()" in head  # its own decorators say it needs CUDA
+
+
 def test_result_line_is_the_last_one_printed():
     out = "noise\nGPU-SUITE-RESULT {\"a\": 1}\nmore\nGPU-SUITE-RESULT {\"a\": 2}\ntrailer\n"
     assert gpu_suite.parse_result_line(out) == {"a": 2}
