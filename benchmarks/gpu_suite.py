@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,14 +166,14 @@ def compiled_offered(names: list[str], dropout: str) -> list[str]:
     return [v for v in bench_train.COMPILED_VARIANTS if v in names or v in extra]
 
 
-def flags_of(script: Path) -> set[str]:
-    """The ``--flags`` a script's ``--help`` names (empty if it cannot even print help)."""
+def help_of(script: Path) -> str:
+    """A script's ``--help`` text (empty if it cannot even print it)."""
     try:
         proc = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
     except subprocess.TimeoutExpired:
-        return set()
-    return set(re.findall(r"(--[a-z][a-z0-9-]*)", proc.stdout))
+        return ""
+    return proc.stdout
 
 
 _CUDA_ONLY = re.compile(r"@pytest\.mark\.skipif\(not torch\.cuda\.is_available\(\)[^\n]*\n(?:@[^\n]*\n)*def (test_\w+)")
@@ -231,14 +232,19 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
     ]
     example = HERE / "bench_example.py"
     if example.exists():
-        flags = flags_of(example)
-        # Only flags whose meaning is clear from their name; batch and image size stay the
-        # script's own (its backbone's), except in a smoke run.
+        # Only flags whose meaning is clear from their name; the image size stays the
+        # script's own (its backbone's) except in a smoke run.
+        help_text = help_of(example)
+        flags = set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text))
+        bf16 = ["eager_bf16", "compiled_bf16"] if not smoke else ["eager_fp32", "compiled_fp32"]
+        e_model = b_model if b_model in help_text else "vit_ti16"  # a script that predates vit_micro
         wanted = {"--device": [device], "--dtype": ["fp32" if smoke else "bf16"], "--compile": [],
                   "--results-dir": [str(out / "example")], "--smoke": [] if smoke else None,
-                  "--backbone-size": [b_model], "--model": [b_model], "--models": [b_model],
-                  "--image-size": [image] if smoke else None, "--batch": [str(batch_b)] if smoke else None,
-                  "--reps": [reps] if smoke else None}
+                  "--backbone-size": [e_model], "--model": [e_model], "--models": [e_model],
+                  "--image-size": [image] if smoke else None, "--batch": [str(2 if smoke else args.batch_example)],
+                  "--reps": [reps],
+                  # bench_example.py names its rows eager_/compiled_ x fp32/bf16: ask for bf16 both ways
+                  "--variants": bf16 if all(v in help_text for v in bf16) else None}
         command = [py, str(example)]
         for flag, value in wanted.items():
             if flag in flags and value is not None:
@@ -267,12 +273,27 @@ def figures_of(part: Part, outcome: Outcome, out: Path) -> dict[str, Any]:
     if part.name == "cuda_tests":
         return junit_counts(out / "cuda_tests.xml", outcome.output)
     if part.results_dir is not None:
+        _collect_printed_results(outcome.output, part.results_dir)
         found = {}
         for path in sorted(part.results_dir.glob("*.json")):
             with open(path) as f:
                 found[path.name] = json.load(f)
         return {"result_files": found} if found else {}
     return parse_result_line(outcome.output) or {}
+
+
+def _collect_printed_results(output: str, results_dir: Path) -> None:
+    """Copy the result files a benchmark printed (``results: PATH``) into ``results_dir``.
+
+    For a script that does not know ``--results-dir`` and wrote under its own default.
+    """
+    for match in re.finditer(r"^results: (\S+\.json)\s*$", output, re.M):
+        path = Path(match[1])
+        if path.exists() and path.parent.resolve() != results_dir.resolve():
+            results_dir.mkdir(parents=True, exist_ok=True)
+            for twin in (path, path.with_suffix(".md")):
+                if twin.exists():
+                    shutil.copy2(twin, results_dir / twin.name)
 
 
 def junit_counts(xml: Path, output: str) -> dict[str, Any]:
@@ -498,6 +519,7 @@ def main() -> int:
     parser.add_argument("--min-part-s", type=float, default=20, help="do not start a part with less than this left")
     parser.add_argument("--batch-b", type=int, default=256, help="batch of the ViT-B/16 parts (default 256)")
     parser.add_argument("--batch-l", type=int, default=128, help="batch of the ViT-L/16 part (default 128)")
+    parser.add_argument("--batch-example", type=int, default=128, help="batch of the example part (default 128)")
     parser.add_argument("--reps", type=int, help="interleaved rounds per benchmark (default 10; smoke 2)")
     parser.add_argument("--parts", nargs="+", help="run only these parts (names as in the list above)")
     parser.add_argument("--note", default="", help="free text stored with every benchmark's results")
