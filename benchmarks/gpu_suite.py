@@ -213,7 +213,7 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
 
     parts = [
         Part("env", 60, "device and versions", [py, str(HERE / "gpu_suite.py"), "--run-part", "env"]),
-        Part("cuda_tests", box(150), "pytest tests/test_cuda.py and the CUDA-only tests elsewhere",
+        Part("cuda_tests", box(200), "pytest tests/test_cuda.py and the CUDA-only tests elsewhere",
              [py, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *cuda_tests(),
               f"--junitxml={out / 'cuda_tests.xml'}"]),
         bench("train_b_eager", "bench_train.py", b_model, batch_b, train_names, train_missing, 90,
