@@ -6,7 +6,8 @@ fits, LoRA-fine-tune it on the embedded ``skimage`` faces and in-process morphs,
 That default is a smoke test of the pipeline, not a MAD benchmark.
 
 Subcommands:
-  pretrain   MAE-pretrain (or find cached) the default small ViT on the bona fide training images.
+  pretrain   MAE-pretrain (or find cached) the default small ViT on the bona fide training images;
+             with a vit_mae --backbone, continue its MAE pretraining on them (LoRA, merged).
   train      Fine-tune (LoRA by default) and save the model file with its config and dev threshold.
   test       Rebuild the model from --model_path alone and evaluate on the test split.
   compare    LoRA vs full fine-tuning vs linear probe on the same data, one table.
@@ -53,15 +54,20 @@ OVERRIDE_HELP = ("set a config key, repeatable: typed by the key (bools true/fal
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     parser.add_argument("--output_dir", default=None, help="where outputs go (default: output/)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no_progress", action="store_true", help=(
+        "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"))
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
             " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]; --override identity_pattern=REGEX"
             " reads identities from file names. Default: embedded smoke test"))
         parser.add_argument("--backbone", default=None, help=(
-            "local HF transformers ViT or ViTMAE checkpoint folder (e.g. a downloaded facebook/vit-mae-large);"
-            " default: the example's small ViT, MAE-pretrained and cached"))
+            "a local HF transformers checkpoint folder (vit, vit_mae, deit, dinov2, dinov2_with_registers, clip,"
+            " clip_vision_model, siglip, siglip2), a timm hub folder, or timm:<architecture> with"
+            " --backbone_weights; default: the example's small ViT, MAE-pretrained and cached"))
+        parser.add_argument("--backbone_weights", default=None, help=(
+            "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
+            " model.safetensors)"))
         parser.add_argument("--cache_dir", default=None, help=(
             "where pretrained default backbones are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
@@ -70,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     for name, text in [
-        ("pretrain", "MAE-pretrain the default small ViT on the bona fide training images (cached)"),
+        ("pretrain", "MAE-pretrain the default small ViT on the bona fide training images (cached); with a"
+                     " vit_mae --backbone, continue its MAE pretraining there (LoRA, merged) into"
+                     " <output_dir>/mae_backbone"),
         ("train", "fine-tune and save the model file; pretrains the default backbone if needed"),
         ("compare", "LoRA vs full fine-tuning vs linear probe: params, size, time, memory, D-EER, AUC"),
     ]:
@@ -87,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="rebuild the model from --model_path alone and evaluate it on the test split")
     test.add_argument("--model_path", required=True, help="the .safetensors file written by train")
     test.add_argument("--data", default=None, help="evaluate on this dataset instead of the one trained on")
-    test.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")
+    test.add_argument("--backbone", default=None,
+                      help="backbone folder (timm: its weights), if it moved since training")
     _common(test, training=False)
     return parser
 
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace) -> Config:
     items = list(args.override)
     # Flags are shorthands for overrides, applied last so they win.
-    for key in ("data", "backbone", "output_dir"):
+    for key in ("data", "backbone", "backbone_weights", "output_dir"):
         if getattr(args, key, None) is not None:
             items.append(f"{key}={getattr(args, key)}")
     return apply_overrides(Config(), items)
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ranks = setup()  # torchrun (WORLD_SIZE > 1): join the process group; one process: nothing
     made = made and ranks.active
     env = Env(cache_dir=Path(args.cache_dir) if getattr(args, "cache_dir", None) else None,
-              progress=not args.no_progress and ranks.main)
+              progress=not args.no_progress and ranks.main and sys.stderr.isatty())
     if not ranks.main:
         env.say = _silent  # rank 0 alone prints; errors still come from every rank
     try:

@@ -262,7 +262,8 @@ def test_sixteen_bit_images_keep_their_grey_level(odd_run, name: str, grey: floa
     samples = scan_folder(data, DataReport("t"))
     sample = next(s for s in samples if s.path.endswith(name))
     x, _, _ = ImageDataset([sample], 16)[0]
-    np.testing.assert_allclose(x.numpy(), (grey - 0.5) / 0.5, atol=1e-5)
+    # Within one step of the uint8 image cache (1/255 of the [0, 1] range, 2/255 after normalising).
+    np.testing.assert_allclose(x.numpy(), (grey - 0.5) / 0.5, atol=2 / 255 + 1e-6)
 
 
 @pytest.mark.parametrize("name", ["gray.png", "rgba.png", "palette.png"])
@@ -351,7 +352,9 @@ def test_backbone_of_another_model_type(tmp_path: Path) -> None:
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
     line = fails("train", "--data", str(tmp_path / "d"), "--backbone", str(tmp_path / "bert"),
                  "--output_dir", str(tmp_path / "o"))
-    assert line == f"error: {str(tmp_path / 'bert')!r} holds a 'bert' model; supported: 'vit' and 'vit_mae'"
+    assert line.startswith(f"error: {str(tmp_path / 'bert')!r} holds a 'bert' model; supported: vit, vit_mae, deit,")
+    assert all(name in line for name in ("dinov2_with_registers", "clip_vision_model", "siglip2",
+                                         "timm:<architecture>"))
 
 
 # ---------------------------------------------------------------- model files and checkpoints
@@ -371,7 +374,7 @@ def test_corrupt_model_file(tmp_path: Path) -> None:
 def test_adapter_file_not_written_by_the_example(tmp_path: Path, backbones) -> None:
     from madlab.backbone import load_backbone
 
-    model = inject_lora(MorphDetector(load_backbone(backbones[0])), ["query"], r=2, trainable=["head"])
+    model = inject_lora(MorphDetector(*load_backbone(backbones[0])), ["query"], r=2, trainable=["head"])
     save_lora(model, tmp_path / "plain.safetensors")
     line = fails("test", "--model_path", str(tmp_path / "plain.safetensors"))
     assert line == (f"error: {tmp_path / 'plain.safetensors'} has no training config in its metadata;"
@@ -389,7 +392,7 @@ def test_model_file_on_another_backbone(odd_run, backbones, tmp_path: Path) -> N
     from madlab.backbone import load_backbone
 
     with pytest.raises(CheckpointError, match="was trained on other base weights"):
-        load_weights(MorphDetector(load_backbone(backbones[1])), out / MODEL, use_lora=True)
+        load_weights(MorphDetector(*load_backbone(backbones[1])), out / MODEL, use_lora=True)
 
 
 def test_model_file_whose_backbone_moved(odd_run, tmp_path: Path) -> None:

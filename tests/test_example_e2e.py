@@ -94,7 +94,7 @@ def test_threshold_and_checkpoint_come_from_dev_not_test(trained: Path) -> None:
     # The restored weights really are the best epoch's: recompute its dev loss from the file.
     samples = embedded_samples(config.seed, config.morph_methods, config.morphs_per_face,
                                (config.train_val_pct, config.dev_pct))
-    model = MorphDetector(load_backbone(meta["backbone"]["path"]), config.dropout_p)
+    model = MorphDetector(*load_backbone(meta["backbone"]["path"]), config.dropout_p)
     from madlab.checkpoint import load_weights
 
     load_weights(model, trained / "morph_detector.safetensors", use_lora=True)
@@ -138,7 +138,7 @@ def _tiny_detector(tmp_path: Path) -> MorphDetector:
     vit = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3,
                              num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
     vit.save_pretrained(tmp_path / "vit")
-    return MorphDetector(load_backbone(tmp_path / "vit"), 0.0)
+    return MorphDetector(*load_backbone(tmp_path / "vit"), 0.0)
 
 
 def _snapshot(model: MorphDetector) -> dict[str, torch.Tensor]:
@@ -179,7 +179,7 @@ def test_backbone_folder_errors(tmp_path: Path) -> None:
         load_backbone(tmp_path / "empty")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(BackboneError, match="supported: 'vit' and 'vit_mae'"):
+    with pytest.raises(BackboneError, match="holds a 'bert' model; supported: vit, vit_mae, deit, dinov2"):
         load_backbone(tmp_path / "bert")
 
 
@@ -191,7 +191,8 @@ def test_vit_mae_checkpoint_loads_without_masking(tmp_path: Path) -> None:
                                             decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
                                             decoder_intermediate_size=32, mask_ratio=0.75))
     mae.save_pretrained(tmp_path / "mae")
-    vit = load_backbone(tmp_path / "mae").eval()
+    vit, spec = load_backbone(tmp_path / "mae")
+    assert spec.family == "vit_mae" and spec.feature == "cls" and spec.image_size == 16
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         a, b = vit(pixel_values=x).last_hidden_state, vit(pixel_values=x).last_hidden_state

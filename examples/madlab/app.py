@@ -21,6 +21,7 @@ from lora_vit import __version__ as lora_vit_version
 from .backbone import (
     DEFAULT_IMAGE_SIZE,
     BackboneError,
+    adapt_mae,
     backbone_fingerprint,
     cache_root,
     default_backbone_dir,
@@ -29,7 +30,7 @@ from .backbone import (
 )
 from .checkpoint import CheckpointError, load_weights, read_metadata, save_model
 from .config import EVAL_KEYS, Config, ConfigError, parse_override
-from .data import ImageDataset, Sample, load_samples
+from .data import Sample, load_samples
 from .distributed import barrier, current
 from .errors import MadlabError
 from .evaluation import (
@@ -42,12 +43,15 @@ from .evaluation import (
     write_json,
     write_scores_csv,
 )
+from .families import BackboneSpec, load_from_spec
 from .files import write_text_atomically
+from .images import ImageDataset
 from .inference import predict
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
 from .shortcuts import SHORTCUTS, sample_greys, shortcut_scores
+from .speed import compiled, resolve_compile, resolve_precision
 from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
@@ -69,10 +73,25 @@ class Env:
     say: Callable[[str], None] = print
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS/Windows have no affinity masks
+        return os.cpu_count() or 1
+
+
+def threads(config: Config) -> int:
+    """``num_threads``, else one for the embedded smoke model, else every available core."""
+    if config.num_threads is not None:
+        return config.num_threads
+    return 1 if not config.backbone else available_cores()
+
+
 def _seed(config: Config) -> None:
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
-    torch.set_num_threads(max(1, config.num_threads))
+    torch.set_num_threads(threads(config))
 
 
 def _quiet_transformers() -> None:
@@ -109,8 +128,9 @@ def _pretrain_settings(config: Config) -> dict[str, Any]:
             "epochs": config.pretrain_epochs, "lr": config.pretrain_lr, "batch_size": 32}
 
 
-def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretrain: bool = True) -> Path:
-    """The backbone folder: ``config.backbone``, or the cached default MAE, pretrained if missing.
+def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretrain: bool = True) -> str:
+    """The backbone: ``config.backbone`` (a folder, made absolute, or ``timm:<arch>``), or the
+    cached default MAE folder, pretrained if missing.
 
     The default is keyed by a hash of the bona fide *training* images and the pretraining
     settings, so a different dataset or seed never reuses another run's backbone. Under
@@ -118,14 +138,16 @@ def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretr
     read what it wrote.
     """
     if config.backbone:
-        return Path(config.backbone).expanduser().resolve()
+        if config.backbone.startswith("timm:"):
+            return config.backbone
+        return str(Path(config.backbone).expanduser().resolve())
     d = current()
     if d.active and not d.main:
         barrier()
-        return _default_backbone(config, samples, env, allow_pretrain=False)
+        return str(_default_backbone(config, samples, env, allow_pretrain=False))
     target = _default_backbone(config, samples, env, allow_pretrain)
     barrier()
-    return target
+    return str(target)
 
 
 def _default_backbone(config: Config, samples: list[Sample], env: Env, allow_pretrain: bool) -> Path:
@@ -149,18 +171,61 @@ def _default_backbone(config: Config, samples: list[Sample], env: Env, allow_pre
     return target
 
 
+ADAPTED_DIR = "mae_backbone"
+
+
 def run_pretrain(config: Config, env: Env) -> Path:
-    """Pretrain (or find in the cache) the default backbone for this data and seed."""
+    """Pretrain (or find in the cache) the default backbone for this data and seed; with a
+    ``vit_mae`` folder as ``--backbone``, continue its MAE pretraining on the bona fide
+    training images and write the adapted folder to ``<output_dir>/mae_backbone``."""
     _seed(config)
     _quiet_transformers()
     if config.backbone:
-        raise ConfigError("pretrain builds the default small ViT; it makes no sense with --backbone")
+        return _adapt_backbone(config, env)
     return ensure_backbone(config, _data(config, env), env)
 
 
-def _build(backbone_dir: Path, config: Config) -> MorphDetector:
+def _adapt_backbone(config: Config, env: Env) -> Path:
+    source = Path(config.backbone or "").expanduser().resolve()
+    _, spec = load_backbone(source, None, config.image_size)
+    if spec.family != "vit_mae":
+        raise ConfigError(f"pretrain --backbone continues MAE pretraining and needs a vit_mae folder;"
+                          f" {str(source)!r} holds a {spec.family!r} model")
+    target = Path(config.output_dir) / ADAPTED_DIR
+    if target.exists():
+        raise CheckpointError(f"{target} already exists; remove it or choose another --output_dir")
+    if current().active:
+        raise ConfigError("pretrain --backbone runs in one process; run it without torchrun")
+    samples = _data(config, env)
+    bona_fide = [s for s in _split(samples, "train") if s.label == 0]
+    dataset = _datasets(bona_fide, spec, config)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    settings = {"mask_ratio": config.mae_mask_ratio, "epochs": config.pretrain_epochs, "lr": config.pretrain_lr,
+                "batch_size": config.batch_size, "image_size": spec.image_size}
+    lora = {"targets": config.lora_target_modules, "r": config.lora_r, "alpha": config.lora_alpha}
+    env.say(f"continuing MAE pretraining of {source} on the {len(images)} bona fide training images"
+            f" ({settings['epochs']} epochs, LoRA r={lora['r']} on {lora['targets']} of the encoder, then merged)")
+    adapt_mae(source, images, settings, target, config.seed, lora, env.progress)
+    info = json.loads((target / "pretrain.json").read_text())
+    env.say(f"done in {info['seconds']:.1f} s; masked-patch loss with fixed masks"
+            f" {info['fixed_mask_loss']['before']:.4f} -> {info['fixed_mask_loss']['after']:.4f}"
+            f" (epoch means {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}); train on it with"
+            f" --backbone {target}")
+    return target
+
+
+def _build(source: str, config: Config) -> MorphDetector:
     _seed(config)
-    return MorphDetector(load_backbone(backbone_dir), config.dropout_p)
+    # image_size sizes the default model when it is pretrained; on a user's backbone it
+    # overrides the input size (position embeddings interpolated).
+    size = config.image_size if config.backbone else None
+    backbone, spec = load_backbone(source, config.backbone_weights, size)
+    return MorphDetector(backbone, spec, config.dropout_p)
+
+
+def _datasets(samples: list[Sample], spec: BackboneSpec, config: Config, augment: bool = False) -> ImageDataset:
+    return ImageDataset(samples, spec.image_size, augment=augment, mean=spec.mean, std=spec.std,
+                        cache_mb=config.image_cache_mb, num_workers=config.num_workers)
 
 
 def _peak_rss_mb() -> float:
@@ -218,14 +283,18 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     samples = _data(config, env)
     backbone_dir = ensure_backbone(config, samples, env)
     model = _build(backbone_dir, config).to(d.device)
+    spec = model.spec
+    env.say(f"backbone: {spec.family} {spec.source}, {spec.image_size} px, feature {spec.feature},"
+            f" mean {[round(m, 4) for m in spec.mean]}, std {[round(v, 4) for v in spec.std]}")
     fingerprint = backbone_fingerprint(model.backbone)
     size = model.image_size
-    train_set = ImageDataset(_split(samples, "train"), size, augment=config.use_cls_aug)
-    dev_set = ImageDataset(_split(samples, "dev"), size)
+    train_set = _datasets(_split(samples, "train"), spec, config, augment=config.use_cls_aug)
+    dev_set = _datasets(_split(samples, "dev"), spec, config)
     result = train(model, train_set, dev_set, config, out / "train_log.csv", env.progress, env.say,
                    state_path=out / STATE_FILE, resume=resume)
     dev_labels = np.array([s.label for s in dev_set.samples])
-    dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False)
+    dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False,
+                            precision=resolve_precision(config, d.device), num_workers=config.num_workers)
     threshold = choose_threshold(dev_scores, dev_labels, config.threshold_rule)
     env.say(f"best epoch {result.best_epoch} (by {config.selection_metric}) restored: dev loss"
             f" {result.best_dev_loss:.4f}, dev D-EER {100 * result.best_dev_eer:.1f}%;"
@@ -237,7 +306,7 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "config": config.to_dict(),
         "strategy": config.strategy,
         "backbone": {"path": str(backbone_dir), "fingerprint": fingerprint, "image_size": size,
-                     "default": not config.backbone},
+                     "default": not config.backbone, "spec": spec.to_dict()},
         "threshold": threshold,
         "training": {"best_epoch": result.best_epoch, "best_dev_loss": result.best_dev_loss,
                      "best_dev_eer": result.best_dev_eer, "epochs_run": len(result.history),
@@ -289,6 +358,34 @@ def _check_test_overrides(stored: Config, overrides: list[str]) -> Config:
     return Config(**values).validate()
 
 
+def _rebuild(stored: dict[str, Any], config: Config, model_path: Path, moved: str | None) -> MorphDetector:
+    """The detector a model file was trained with: the backbone its metadata describes (found at
+    ``moved`` if given), checked against the stored weights fingerprint and input settings."""
+    spec = BackboneSpec.from_dict(stored["spec"]) if "spec" in stored else None
+    timm = spec is not None and spec.family == "timm"
+    where = Path(moved or (spec.weights if timm and spec else stored["path"])).expanduser()
+    if not where.exists() or (not timm and not (where / "config.json").is_file()):
+        hint = ("run `morph_detection.py pretrain` with the training run's data, seed and --cache_dir to recreate it"
+                if stored.get("default") else
+                f"pass --backbone with the {'weights' if timm else 'checkpoint folder'} it was trained on")
+        raise BackboneError(f"the backbone this model was trained on is not at {where}; {hint}")
+    _seed(config)
+    if spec is None:  # a file from before backbones were described: a ViT/ViTMAE folder at native size
+        backbone, spec = load_backbone(str(where))
+    else:
+        backbone, found = load_from_spec(spec, str(where) if moved else None)
+        differ = [k for k in ("family", "image_size", "mean", "std", "feature", "hidden_size")
+                  if getattr(found, k) != getattr(spec, k)]
+        if differ:
+            raise BackboneError(f"the backbone at {where} is set up differently from the one {model_path} was"
+                                f" trained on ({', '.join(differ)} differ)")
+    model = MorphDetector(backbone, spec, config.dropout_p)
+    if backbone_fingerprint(model.backbone) != stored["fingerprint"]:
+        raise BackboneError(f"the backbone at {where} differs from the one {model_path} was trained on"
+                            " (weights fingerprint mismatch)")
+    return model
+
+
 def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env, output_dir: str | None = None,
              backbone: str | None = None) -> dict[str, Any]:
     """Rebuild the detector from ``model_path`` alone, score the test split, write the report."""
@@ -300,22 +397,17 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
             f"{model_path} has no training config in its metadata; it was not written by this example")
     config = _check_test_overrides(Config.from_dict(meta["config"]), overrides)
     out = Path(output_dir or config.output_dir)
-    backbone_dir = Path(backbone).expanduser() if backbone else Path(meta["backbone"]["path"])
-    if not (backbone_dir / "config.json").is_file():
-        hint = ("run `morph_detection.py pretrain` with the training run's data, seed and --cache_dir to recreate it"
-                if meta["backbone"].get("default") else "pass --backbone with the checkpoint folder it was trained on")
-        raise BackboneError(f"the backbone this model was trained on is not at {backbone_dir}; {hint}")
-    model = _build(backbone_dir, config).to(current().device)
-    if backbone_fingerprint(model.backbone) != meta["backbone"]["fingerprint"]:
-        raise BackboneError(f"the backbone at {backbone_dir} differs from the one {model_path} was trained on"
-                            " (weights fingerprint mismatch)")
+    model = _rebuild(meta["backbone"], config, model_path, backbone).to(current().device)
     load_weights(model, model_path, config.use_lora)
     threshold = _stored_threshold(meta["threshold"], model_path)
     data_reports: list[dict[str, Any]] = []
     samples = _data(config, env, data_reports)
     test = _split(samples, "test")
-    dataset = ImageDataset(test, model.image_size)
-    scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress)
+    dataset = _datasets(test, model.spec, config)
+    device = current().device
+    scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress,
+                        precision=resolve_precision(config, device), num_workers=config.num_workers,
+                        net=compiled(model, resolve_compile(config, device)))
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
     report = iso_report(scores, labels, methods, threshold)
@@ -388,7 +480,8 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
     them and win.
     """
     _quiet_transformers()
-    run_pretrain(config, env)  # once, so no strategy's time includes pretraining
+    if not config.backbone:
+        run_pretrain(config, env)  # once, so no strategy's time includes pretraining
     out = Path(config.output_dir) / "compare"
     rows = []
     for name, preset in COMPARE_STRATEGIES.items():
@@ -407,6 +500,8 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
             train_cmd += ["--data", config.data]
         if config.backbone:
             train_cmd += ["--backbone", config.backbone]
+        if config.backbone_weights:
+            train_cmd += ["--backbone_weights", config.backbone_weights]
         test_cmd = [sys.executable, str(entry), "test", "--model_path", str(sub / MODEL_FILE), "--output_dir", str(sub),
                     *quiet]
         env.say(f"--- compare: {name}")

@@ -1,7 +1,7 @@
-"""Backbones: the example's small ViT, its MAE pretraining and cache, and local HF checkpoints.
+"""Backbones: the example's small ViT, its MAE pretraining and cache (loading lives in ``families``).
 
-Classification always runs a plain ``transformers.ViTModel`` (no masking: every patch is
-seen). MAE masking exists only inside :func:`pretrain_mae`, where a
+Classification of a ViT or ViTMAE folder always runs a plain ``transformers.ViTModel`` (no
+masking: every patch is seen). MAE masking exists only inside :func:`pretrain_mae`, where a
 ``ViTMAEForPreTraining`` reconstructs the pixels of masked patches and its loss counts the
 masked patches only. The pretrained encoder is saved as an ordinary HF ViTMAE checkpoint
 folder, so the default and ``--backbone`` go through the same loader.
@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .errors import MadlabError
+from .families import BackboneError, load_backbone
 
 __all__ = [
     "BackboneError",
+    "adapt_mae",
     "backbone_fingerprint",
     "cache_root",
     "default_backbone_dir",
@@ -36,10 +37,6 @@ __all__ = [
 
 DEFAULT_IMAGE_SIZE = 32
 CACHE_ENV = "LORA_VIT_CACHE"
-
-
-class BackboneError(MadlabError):
-    """A backbone that cannot be loaded; the message names the path and what was expected."""
 
 
 def cache_root(override: str | os.PathLike[str] | None = None) -> Path:
@@ -105,7 +102,17 @@ def pretrain_mae(
 
     torch.manual_seed(seed)
     model = ViTMAEForPreTraining(tiny_mae_config(settings["image_size"], settings["mask_ratio"]))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.05, betas=(0.9, 0.95))
+    start = time.perf_counter()
+    losses = _mae_loop(model, list(model.parameters()), images, settings, seed, progress, weight_decay=0.05)
+    info = {"settings": settings, "seed": seed, "n_images": len(images), "losses": losses,
+            "seconds": time.perf_counter() - start}
+    return _save_folder(model, target, info)
+
+
+def _mae_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], images: torch.Tensor, settings: dict,
+              seed: int, progress: bool, weight_decay: float) -> list[float]:
+    """MAE training epochs (AdamW, one-cycle schedule, random flips); the mean loss of each epoch."""
+    optimiser = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=weight_decay, betas=(0.9, 0.95))
     epochs = settings["epochs"]
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=settings["lr"], total_steps=epochs * -(-len(images) // settings["batch_size"]),
@@ -114,7 +121,6 @@ def pretrain_mae(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(images, batch_size=settings["batch_size"], shuffle=True, generator=generator)
     losses = []
-    start = time.perf_counter()
     model.train()
     bar = tqdm(range(epochs), desc="MAE pretraining", disable=not progress, leave=False)
     for _ in bar:
@@ -132,12 +138,17 @@ def pretrain_mae(
             count += batch.shape[0]
         losses.append(total / count)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def _save_folder(model: torch.nn.Module, target: Path, info: dict, copy: tuple[Path, ...] = ()) -> Path:
+    """``save_pretrained`` + ``pretrain.json`` (+ ``copy`` files) into ``target``, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         model.save_pretrained(tmp)
-        info = {"settings": settings, "seed": seed, "n_images": len(images), "losses": losses,
-                "seconds": time.perf_counter() - start}
+        for path in copy:
+            shutil.copyfile(path, tmp / path.name)
         (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
         if target.exists():  # another process finished first; its result is equivalent
             shutil.rmtree(tmp)
@@ -149,57 +160,72 @@ def pretrain_mae(
     return target
 
 
-def _read_model_type(path: Path) -> str:
-    if not path.exists():
-        raise BackboneError(f"backbone folder {str(path)!r} does not exist")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise BackboneError(
-            f"{str(path)!r} is not an HF transformers checkpoint folder (it needs config.json and"
-            " model.safetensors or pytorch_model.bin), e.g. a downloaded facebook/vit-mae-large"
-        )
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (json.JSONDecodeError, OSError) as err:
-        raise BackboneError(f"{path / 'config.json'} is not valid JSON: {err}") from None
-    if model_type not in ("vit", "vit_mae"):
-        raise BackboneError(f"{str(path)!r} holds a {model_type!r} model; supported: 'vit' and 'vit_mae'")
-    return model_type
+@torch.no_grad()
+def _fixed_mask_loss(model: torch.nn.Module, images: torch.Tensor, seed: int, batch_size: int) -> float:
+    """Masked-patch loss over ``images`` with masks fixed by ``seed``: comparable before and after."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    patches = model.config.num_patches if hasattr(model.config, "num_patches") else (
+        (model.config.image_size // model.config.patch_size) ** 2)
+    noise = torch.rand(len(images), patches, generator=generator)
+    total = 0.0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        total += model(pixel_values=batch, noise=noise[start:start + len(batch)]).loss.item() * len(batch)
+    return total / len(images)
 
 
-def load_backbone(path: str | os.PathLike[str]):
-    """Load a local ViT or ViTMAE checkpoint folder as a mask-free ``ViTModel``, offline.
+def adapt_mae(source: Path, images: torch.Tensor, settings: dict, target: Path, seed: int,
+              lora: dict, progress: bool = True) -> Path:
+    """Continue MAE pretraining of a ``vit_mae`` folder on ``images``: LoRA on the encoder, then merged.
 
-    A ViTMAE encoder has the same weights as a ViT encoder; converting it to ``ViTModel``
-    drops the random masking, which must never run at classification time.
+    The encoder gets LoRA adapters (``lora``: ``targets``, ``r``, ``alpha``) and the decoder
+    trains fully; afterwards the adapters are merged (``lora_vit.merge_lora``), so ``target``
+    is an ordinary ViTMAE folder of the same architecture that ``train --backbone`` loads.
+    Why LoRA rather than full: a domain-adaptation set is small (hundreds to thousands of
+    faces) next to the 1.3 M ImageNet images the encoder learnt from, and low-rank updates
+    move it less far from what it knows while needing optimiser state for a few percent of
+    the weights; the decoder is discarded by the detector, so it may move freely.
+
+    Args:
+        source: The ``vit_mae`` checkpoint folder (e.g. a downloaded facebook/vit-mae-base).
+        images: ``N x 3 x S x S`` bona fide training images, normalised as the folder says.
+        settings: ``mask_ratio``, ``epochs``, ``lr``, ``batch_size``.
+        target: Folder to create (atomically).
+        seed: Seeds the adapters, the masks and the flips.
+        lora: ``targets``, ``r``, ``alpha`` of the encoder's adapters.
+        progress: Show a tqdm bar.
+
+    Returns:
+        ``target``, with ``pretrain.json`` holding the per-epoch losses and the masked-patch
+        loss on the images with fixed masks before and after.
 
     Raises:
-        BackboneError: For a missing folder, an unsupported model type or unloadable weights.
+        BackboneError: If ``source`` is not a loadable ``vit_mae`` folder.
     """
-    from transformers import ViTConfig, ViTMAEModel, ViTModel
+    from transformers import ViTMAEForPreTraining
 
-    path = Path(path)
-    model_type = _read_model_type(path)
+    from lora_vit import inject_lora, merge_lora
+
     try:
-        if model_type == "vit":
-            return ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True)
-        mae = ViTMAEModel.from_pretrained(path, local_files_only=True)
+        model = ViTMAEForPreTraining.from_pretrained(source, local_files_only=True,
+                                                     mask_ratio=settings["mask_ratio"])
     except (OSError, ValueError, RuntimeError) as err:
-        raise BackboneError(f"could not load the weights in {str(path)!r}: {err}") from None
-    c = mae.config
-    config = ViTConfig(
-        image_size=c.image_size, patch_size=c.patch_size, num_channels=c.num_channels,
-        hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
-        hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps, qkv_bias=c.qkv_bias,
-    )
-    vit = ViTModel(config, add_pooling_layer=False)
-    missing, unexpected = vit.load_state_dict(mae.state_dict(), strict=False)
-    if missing or unexpected:
-        raise BackboneError(
-            f"the ViTMAE encoder in {str(path)!r} does not map onto a ViT: missing {missing[:5]},"
-            f" unexpected {unexpected[:5]}"
-        )
-    return vit
+        raise BackboneError(f"could not load the vit_mae folder {str(source)!r} for pretraining: {err}") from None
+    torch.manual_seed(seed)
+    before = _fixed_mask_loss(model, images, seed, settings["batch_size"])
+    inject_lora(model.vit, targets=lora["targets"], r=lora["r"], alpha=lora["alpha"], dropout=0.0)
+    model.decoder.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = time.perf_counter()
+    losses = _mae_loop(model, params, images, settings, seed, progress, weight_decay=0.0)
+    merge_lora(model.vit)
+    after = _fixed_mask_loss(model, images, seed, settings["batch_size"])
+    info = {"source": str(source), "method": "LoRA on the encoder, merged; decoder trained fully", "lora": lora,
+            "settings": settings, "seed": seed, "n_images": len(images), "losses": losses,
+            "fixed_mask_loss": {"before": before, "after": after}, "seconds": time.perf_counter() - start}
+    extra = tuple(p for p in (source / "preprocessor_config.json",) if p.is_file())
+    return _save_folder(model, target, info, extra)
 
 
 def backbone_fingerprint(model: torch.nn.Module) -> str:

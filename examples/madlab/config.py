@@ -15,9 +15,12 @@ __all__ = ["EVAL_KEYS", "Config", "ConfigError", "apply_overrides", "parse_overr
 FREEZE_STRATEGIES = ("none", "backbone_only", "freeze_except_lastN", "gradual_unfreeze")
 SELECTION_METRICS = ("dev_loss", "dev_eer")
 THRESHOLD_RULES = ("dev_eer", "dev_apcer5", "dev_apcer10")
+LORA_INITS = ("normal", "kaiming")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
-EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir"})
+EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir",
+                       "image_cache_mb", "precision", "compile"})
 
 
 class ConfigError(MadlabError):
@@ -29,7 +32,7 @@ class Config:
     """Every setting of a run; the names follow the seed (``SSL_MAE``) where it had one.
 
     Attributes mirror the seed guide: LoRA (``use_lora``, ``lora_r``, ``lora_alpha``,
-    ``lora_dropout``, ``lora_target_modules``), optimisation (``learning_rate``,
+    ``lora_dropout``, ``lora_target_modules``; ``lora_use_dora`` adds DoRA), optimisation (``learning_rate``,
     ``num_epochs``, ``batch_size``, ``weight_decay``, ``lr_scheduler``, early stopping),
     freezing (``freeze_strategy``, ``freeze_lastN``, ``warmup_epochs``, ``mid_epochs``) and
     data/model options particular to this example.
@@ -41,6 +44,10 @@ class Config:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    lora_use_dora: bool = False  # DoRA: a trained magnitude per adapted row (inject_lora(use_dora=True))
+    # Scale by alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA, as MADation uses).
+    lora_use_rslora: bool = False
+    lora_init: str = "normal"  # A ~ N(0, 0.02^2), or "kaiming"
     # What trains besides the adapters. With LoRA only backbone_only is meaningful (see model.py).
     freeze_strategy: str = "backbone_only"
     freeze_lastN: int = 2  # noqa: N815 - the seed's name, kept for its users
@@ -62,10 +69,18 @@ class Config:
     dropout_p: float = 0.1
     use_cls_aug: bool = True
     seed: int = 42
-    num_workers: int = 0
-    # One thread: this model's matrices are tiny, and two threads on a shared 2-core machine
-    # were measured 8x slower than one.
-    num_threads: int = 1
+    # DataLoader workers that decode images (and fill the cache once); 0 = in the main process.
+    num_workers: int = 2
+    # None = all the cores this process may use; the embedded smoke model gets one (its
+    # matrices are tiny: two threads on a shared 2-core machine were measured 8x slower).
+    num_threads: int | None = None
+    # Decoded images are kept as uint8 at the model's input size up to this many MiB (0 = off):
+    # 20,000 images at 224 px need 2.9 GiB, so a bound keeps big sets from filling memory.
+    image_cache_mb: int = 4096
+    # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16".
+    precision: str = "auto"
+    # torch.compile the detector; None = on with CUDA, off on CPU (see examples/README.md).
+    compile: bool | None = None
     # Data: None = the embedded lfw_subset smoke test; else a folder root or a CSV manifest.
     data: str | None = None
     train_val_pct: float = 0.6
@@ -77,7 +92,9 @@ class Config:
     # contributors), so folder data can split by identity; FRLL: ^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\.
     identity_pattern: str | None = None
     # Model.
+    # An HF checkpoint folder, a timm hub folder, or timm:<architecture> (weights in backbone_weights).
     backbone: str | None = None
+    backbone_weights: str | None = None
     pretrain_epochs: int = 150
     pretrain_lr: float = 1.5e-3
     mae_mask_ratio: float = 0.75
@@ -95,6 +112,8 @@ class Config:
             "selection_metric": SELECTION_METRICS,
             "threshold_rule": THRESHOLD_RULES,
             "lr_scheduler": ("cosine", "none"),
+            "lora_init": LORA_INITS,
+            "precision": PRECISIONS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -103,6 +122,13 @@ class Config:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ("num_workers", "image_cache_mb"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be >= 1 (or None for all cores), got {self.num_threads!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"image_size must be >= 1 (or None for the backbone's own), got {self.image_size!r}")
         for key in ("lora_dropout", "dropout_p", "mae_mask_ratio"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")

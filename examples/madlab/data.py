@@ -14,10 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from .errors import MadlabError
 from .identities import identities_from_name, leaks, parse_identity_pattern, partition_identities, straddling
@@ -26,7 +23,6 @@ from .morphs import morph
 __all__ = [
     "DataError",
     "DataReport",
-    "ImageDataset",
     "Sample",
     "apply_identity_pattern",
     "assign_splits",
@@ -519,43 +515,10 @@ def _load_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
         raise DataError(f"could not read {sample.path!r} (it was readable when scanned): {err}") from None
 
 
-class ImageDataset(Dataset):
-    """Samples as normalised ``3 x size x size`` tensors (mean = std = 0.5), label and index.
+def __getattr__(name: str):
+    # ImageDataset moved to images.py (decoding, caching, loaders); old imports keep working.
+    if name == "ImageDataset":
+        from .images import ImageDataset
 
-    Args:
-        samples: The rows to serve.
-        size: Square side the images are resized to (bilinear).
-        augment: Random horizontal flips and small shifts, for training only. They act
-            identically on both classes, so they cannot create or hide morph cues.
-        cache: Keep decoded images in memory (right for small sets).
-    """
-
-    def __init__(self, samples: list[Sample], size: int, augment: bool = False, cache: bool = True) -> None:
-        self.samples = samples
-        self.size = size
-        self.augment = augment
-        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _tensor(self, index: int) -> torch.Tensor:
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        pixels = torch.from_numpy(np.ascontiguousarray(_load_pixels(self.samples[index], self.size))).float()
-        x = pixels.permute(2, 0, 1).unsqueeze(0)
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        x = ((x.squeeze(0).clamp(0, 1) - 0.5) / 0.5).contiguous()
-        if self._cache is not None:
-            self._cache[index] = x
-        return x
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        x = self._tensor(index)
-        if self.augment:
-            if torch.rand(()) < 0.5:
-                x = x.flip(-1)
-            shift = max(1, self.size // 16)
-            dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
-        return x, torch.tensor(float(self.samples[index].label)), index
+        return ImageDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

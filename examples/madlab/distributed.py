@@ -23,7 +23,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     active: bool = False
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # One process uses the GPU when there is one; under torchrun, current() sets each rank's.
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
     @property
     def main(self) -> bool:

@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .data import ImageDataset
 from .distributed import Dist, current, gather_by_index
+from .images import ImageDataset, make_loader
+from .speed import autocast
 
 __all__ = ["p_morph", "predict", "weighted_loss"]
 
@@ -38,23 +39,33 @@ def p_morph(logits: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None = None,
-            desc: str = "scoring", progress: bool = True) -> tuple[np.ndarray, float]:
+            desc: str = "scoring", progress: bool = True, *, precision: str = "fp32", net: nn.Module | None = None,
+            num_workers: int = 0) -> tuple[np.ndarray, float]:
     """Scores (float64 logits) for every sample in ``dataset`` order, and the mean weighted loss.
 
     Under ``torchrun`` each rank scores its shard and every rank gets all the scores, in
     dataset order, so metrics and decisions computed from them are the same everywhere.
+
+    Args:
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; logits and loss are taken in fp32).
+        net: What to call instead of ``model`` (its compiled form); ``model`` is still the
+            module switched to eval mode.
+        num_workers: Decoding workers for images the dataset does not cache.
 
     Returns:
         ``(scores, loss)``: scores of shape ``(len(dataset),)``; ``loss`` is 0.0 without ``weights``.
     """
     d = current()
     if d.active:
-        return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d)
+        return _predict_sharded(model, dataset, batch_size, weights, desc, progress, d, precision)
     model.eval()
+    net = model if net is None else net
     scores, total = [], 0.0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = make_loader(dataset, batch_size, num_workers)
     for x, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        logits = model(x)
+        x, y = x.to(d.device), y.to(d.device)
+        with autocast(precision, d.device):
+            logits = net(x).float()
         scores.append(logits.detach().double().cpu().numpy())
         if weights is not None:
             total += weighted_loss(logits, y, weights).item() * len(y)
@@ -62,14 +73,15 @@ def predict(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: t
 
 
 def _predict_sharded(model: nn.Module, dataset: ImageDataset, batch_size: int, weights: torch.Tensor | None,
-                     desc: str, progress: bool, d: Dist) -> tuple[np.ndarray, float]:
+                     desc: str, progress: bool, d: Dist, precision: str = "fp32") -> tuple[np.ndarray, float]:
     model.eval()
     sampler: DistributedSampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler)
     indices, rows = [], []
     for x, y, index in tqdm(loader, desc=desc, disable=not (progress and d.main), leave=False):
         x, y = x.to(d.device), y.to(d.device)
-        logits = model(x)
+        with autocast(precision, d.device):
+            logits = model(x).float()
         per_sample = torch.zeros_like(logits) if weights is None else weighted_loss(
             logits, y, weights.to(d.device), reduction="none")
         rows.append(torch.stack([logits.double(), per_sample.double()], dim=1).cpu().numpy())

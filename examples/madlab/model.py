@@ -10,37 +10,52 @@ from torch import nn
 from lora_vit import inject_lora, lora_summary
 
 from .config import Config, ConfigError
+from .families import BackboneSpec, encode, final_modules, transformer_blocks
 
-__all__ = ["MorphDetector", "apply_strategy"]
+__all__ = ["HEAD", "MorphDetector", "apply_strategy"]
 
 
 class MorphDetector(nn.Module):
-    """``logit = head(dropout(CLS token of the backbone's last layer))``; P(morph) = sigmoid(logit).
+    """``logit = head(dropout(feature))``; P(morph) = sigmoid(logit).
+
+    The feature is what ``spec.feature`` says: the CLS token of the last layer, or the
+    family's pooled output (CLIP's post-LayerNorm CLS, SigLIP's attention pooling, timm's
+    pre-logits).
 
     Args:
-        backbone: A ``transformers.ViTModel`` (no pooler, no masking).
+        backbone: The vision encoder (no masking), as :func:`~madlab.families.load_backbone` gives it.
+        spec: What the backbone is and how to feed it.
         dropout_p: Dropout on the representation before the head.
+
+    Shapes:
+        ``forward``: ``B x 3 x S x S`` normalised images -> ``B`` logits.
     """
 
-    def __init__(self, backbone: nn.Module, dropout_p: float = 0.1) -> None:
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, dropout_p: float = 0.1) -> None:
         super().__init__()
         self.backbone = backbone
+        self.spec = spec
         self.dropout = nn.Dropout(dropout_p)
-        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        self.head = nn.Linear(spec.hidden_size, 1)
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=0.01)
 
     @property
     def image_size(self) -> int:
-        return int(self.backbone.config.image_size)
+        return self.spec.image_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(pixel_values=pixel_values).last_hidden_state
-        return self.head(self.dropout(hidden[:, 0])).squeeze(-1)  # (B,), also for B == 1
+        feature = encode(self.backbone, self.spec, pixel_values)
+        return self.head(self.dropout(feature)).squeeze(-1).float()  # (B,), also for B == 1; fp32 under autocast
+
+
+# The detector's own head, matched exactly: a glob without wildcards would also match a
+# backbone module ending in ".head" (SigLIP's attention-pooling head), which must stay frozen.
+HEAD = "[h]ead"
 
 
 def _blocks(model: MorphDetector) -> nn.ModuleList:
-    return model.backbone.encoder.layer if hasattr(model.backbone, "encoder") else model.backbone.layers
+    return transformer_blocks(model.backbone)
 
 
 def _set_trainable(modules: list[nn.Module], flag: bool = True) -> None:
@@ -69,7 +84,7 @@ def apply_strategy(model: MorphDetector, config: Config) -> tuple[list[nn.Parame
     n = config.freeze_lastN
     if config.freeze_strategy in ("freeze_except_lastN", "gradual_unfreeze") and not 1 <= n <= len(blocks):
         raise ConfigError(f"freeze_lastN={n} must be between 1 and the backbone's {len(blocks)} blocks")
-    last = [*list(blocks)[-n:], model.backbone.layernorm] if n else []
+    last = [*list(blocks)[-n:], *final_modules(model.backbone)] if n else []
 
     def nothing(epoch: int) -> str | None:
         return None
@@ -77,7 +92,8 @@ def apply_strategy(model: MorphDetector, config: Config) -> tuple[list[nn.Parame
     if config.use_lora:
         inject_lora(
             model, targets=config.lora_target_modules, r=config.lora_r, alpha=config.lora_alpha,
-            dropout=config.lora_dropout, trainable=["head"],
+            dropout=config.lora_dropout, trainable=[HEAD], init=config.lora_init,
+            use_rslora=config.lora_use_rslora, use_dora=config.lora_use_dora,
         )
         return [p for p in model.parameters() if p.requires_grad], nothing
     _set_trainable([model], False)

@@ -14,18 +14,20 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
-from .data import DataError, ImageDataset
+from .data import DataError
 from .distributed import Dist, current
 from .files import write_text_atomically
+from .images import ImageDataset, make_loader
 from .inference import predict, weighted_loss
 from .metrics import MetricsError, d_eer
 from .model import apply_strategy, count_trainable
 from .resume import TrainState, read_state, restore_rng, write_state
+from .speed import autocast, compiled, resolve_compile, resolve_precision
 
 __all__ = ["STOP_AFTER_ENV", "TrainResult", "TrainingInterrupted", "class_weights", "train"]
 
@@ -74,7 +76,8 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 def _resume_key(config: Config, train_set: ImageDataset) -> dict:
     """What must be equal for a checkpoint to continue this run (not where outputs go)."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("output_dir", "num_workers", "num_threads")}
+    ignored = ("output_dir", "num_workers", "num_threads", "image_cache_mb")
+    settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
     return {"config": settings, "train_paths": [s.path for s in train_set.samples]}
 
 
@@ -122,13 +125,12 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
             raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly"
                               f" among the {d.world} processes")
         sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
-        loader = DataLoader(train_set, batch_size=config.batch_size // d.world, sampler=sampler,
-                            num_workers=config.num_workers)
-        weights = weights.to(d.device)
+        loader = make_loader(train_set, config.batch_size // d.world, config.num_workers, sampler=sampler)
     else:
         # drop_last only when it drops a lone sample: a batch of one still works, but adds noise.
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator,
-                            drop_last=len(train_set) % config.batch_size == 1, num_workers=config.num_workers)
+        loader = make_loader(train_set, config.batch_size, config.num_workers, shuffle=True, generator=generator,
+                             drop_last=len(train_set) % config.batch_size == 1)
+    weights = weights.to(d.device)
     held = {id(p) for p in params}
     history: list[dict] = []
     best: dict | None = None
@@ -151,20 +153,27 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
     if first_epoch and config.use_early_stopping and since_best >= config.patience:
         epochs, stopped = range(0), True  # the checkpointed run had already stopped early
     bar = tqdm(epochs, desc=f"training ({config.strategy})", disable=not (progress and d.main), leave=False)
-    net = _wrap(model, d)
+    precision = resolve_precision(config, d.device)
+    compile_on = resolve_compile(config, d.device)
+    say(f"precision {precision}, {'compiled' if compile_on else 'eager'}, {torch.get_num_threads()} threads,"
+        f" {train_set.cached}/{len(train_set)} training images cached")
+    net = compiled(_wrap(model, d), compile_on)
+    scorer = compiled(model, compile_on) if d.active else net  # DDP's forward would wait for other ranks
     for epoch in bar:
         message = on_epoch(epoch)
         if message:
             say(message)
-            net = _wrap(model, d)  # DDP registers the trainable parameters when it is built
+            net = compiled(_wrap(model, d), compile_on)  # DDP registers the trainable parameters when built
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
         total, count = 0.0, 0
         epoch_start = time.perf_counter()
         for x, y, _ in loader:
-            x, y = x.to(d.device), y.to(d.device)
-            loss = weighted_loss(net(x), y, weights)
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            with autocast(precision, d.device):
+                logits = net(x)
+            loss = weighted_loss(logits.float(), y, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()  # under DDP: all-reduces the gradients of the trainable parameters only
             optimiser.step()
@@ -177,7 +186,8 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
         lr = optimiser.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
-        dev_scores, dev_loss = predict(model, dev_set, config.batch_size, weights, progress=False)
+        dev_scores, dev_loss = predict(model, dev_set, config.batch_size, weights, progress=False,
+                                       precision=precision, net=scorer, num_workers=config.num_workers)
         try:
             dev_eer = d_eer(dev_scores, dev_labels)["eer"]
         except MetricsError:
@@ -208,6 +218,9 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
                 optimizer=optimiser.state_dict(), scheduler=scheduler.state_dict() if scheduler else None,
             ), generator)
         bar.set_postfix(train=f"{row['train_loss']:.3f}", dev=f"{dev_loss:.3f}", eer=f"{dev_eer:.3f}")
+        if not progress:  # a log file gets one line per epoch instead of carriage-return updates
+            say(f"epoch {epoch + 1}/{config.num_epochs}: train loss {row['train_loss']:.4f}, dev loss {dev_loss:.4f},"
+                f" dev D-EER {100 * dev_eer:.1f}%, {row['seconds']:.1f} s{' (best)' if row['best'] else ''}")
         if config.use_early_stopping and since_best >= config.patience:
             say(f"early stopping after epoch {epoch + 1}: no dev improvement for {config.patience} epochs")
             stopped = True
