@@ -8,12 +8,16 @@ Variants (HF ``ViTForImageClassification`` from a config, ``eval()``, ``torch.in
 - ``lora_merged``: the same after ``lora_vit.merge_lora`` (plain ``nn.Linear`` layers again).
 - ``peft_unmerged`` / ``peft_merged``: the same through PEFT (``merge_and_unload``); skipped
   if PEFT is not installed.
+- ``dora_unmerged`` / ``dora_merged``: ``inject_lora(..., use_dora=True)`` (B randomised,
+  magnitudes moved off the row norms); ``peftdora_unmerged``: PEFT's DoRA. DoRA rows carry
+  ``x LoRA``, over the LoRA row of the same kind (unmerged DoRA over unmerged LoRA).
 
 With ``--compile`` each is also timed under ``torch.compile(fullgraph=True)`` (``+c`` rows,
 ratios to the compiled base).
 
     python benchmarks/bench_infer.py                      # ViT-S/16 and ViT-B/16, CPU, eager
     python benchmarks/bench_infer.py --compile --reps 10
+    python benchmarks/bench_infer.py --variants lora_unmerged dora_unmerged dora_merged --compile   # DoRA goals
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from torch import nn
 
 import lora_vit
 
-VARIANTS = ["base", "lora_unmerged", "lora_merged", "peft_unmerged", "peft_merged"]
+VARIANTS = [
+    "base", "lora_unmerged", "lora_merged", "peft_unmerged", "peft_merged",
+    "dora_unmerged", "dora_merged", "peftdora_unmerged",
+]
 
 
 def _randomise_b(model: nn.Module) -> None:
@@ -37,24 +44,30 @@ def _randomise_b(model: nn.Module) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
+            elif "lora_magnitude" in name:
+                param.mul_(1.1)
 
 
 def make_model(variant: str, model_name: str, image_size: int) -> nn.Module:
     model = common.build_vit(model_name, image_size)
-    if variant.startswith("lora"):
-        lora_vit.inject_lora(model, ("q", "k", "v"), r=common.RANK, alpha=common.ALPHA, dropout=0.1)
+    kind = variant.split("_")[0]
+    if kind in ("lora", "dora"):
+        lora_vit.inject_lora(
+            model, ("q", "k", "v"), r=common.RANK, alpha=common.ALPHA, dropout=0.1, use_dora=kind == "dora"
+        )
         _randomise_b(model)
-        if variant == "lora_merged":
+        if variant.endswith("_merged"):
             model = lora_vit.merge_lora(model)
-    elif variant.startswith("peft"):
+    elif kind in ("peft", "peftdora"):
         import peft
 
         config = peft.LoraConfig(
-            r=common.RANK, lora_alpha=common.ALPHA, lora_dropout=0.1, target_modules=list(common.QKV)
+            r=common.RANK, lora_alpha=common.ALPHA, lora_dropout=0.1, target_modules=list(common.QKV),
+            use_dora=kind == "peftdora",
         )
         model = peft.get_peft_model(model, config)
         _randomise_b(model)
-        if variant == "peft_merged":
+        if variant.endswith("_merged"):
             model = model.merge_and_unload()
     elif variant != "base":
         raise ValueError(f"unknown variant {variant!r}")
@@ -88,10 +101,12 @@ def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
         suffix = "+c" if row["variant"].endswith("+c") else ""
         row["images_per_s"] = args.batch / row["median_s"]
         row["x_base"] = row["median_s"] / by_key["base" + suffix]["median_s"]
-        if row["variant"].startswith("lora"):
-            peft_row = by_key.get(row["variant"].replace("lora", "peft"))
-            if peft_row:
-                row["x_peft"] = row["median_s"] / peft_row["median_s"]
+        kind, _, rest = row["variant"].partition("_")
+        references = {"lora": {"peft": "peft"}, "dora": {"peft": "peftdora", "lora": "lora"}}
+        for column, other in references.get(kind, {}).items():
+            ref = by_key.get(f"{other}_{rest}")
+            if ref:
+                row[f"x_{column}"] = row["median_s"] / ref["median_s"]
     return rows
 
 
@@ -102,22 +117,26 @@ COLUMNS = [
     ("images_per_s", "img/s", ".1f"),
     ("x_base", "x base", ".3f"),
     ("x_peft", "x PEFT", ".3f"),
+    ("x_lora", "x LoRA", ".3f"),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser, reps=15)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, help="subset of the variants (base always runs)")
     args = parser.parse_args()
 
-    keys = list(VARIANTS)
+    keys = [v for v in VARIANTS if v == "base" or v in (args.variants or VARIANTS)]
     skipped = []
     if not common.peft_available():
         skipped = [k for k in keys if k.startswith("peft")]
         keys = [k for k in keys if k not in skipped]
         print("PEFT is not installed (pip install 'lora-vit[bench]'): PEFT rows skipped", file=sys.stderr)
     if args.compile:
-        keys += [f"{k}+c" for k in keys]
+        # PEFT's DoRA does not compile with fullgraph=True (peft 0.21: a graph break in its
+        # dequantize_module_weight type check), so it has no +c row.
+        keys += [f"{k}+c" for k in keys if not k.startswith("peftdora")]
     env = common.environment(args.device)
     rows = []
     for model_name in args.models:

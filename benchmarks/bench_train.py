@@ -8,6 +8,11 @@ Variants (each a fresh HF ``ViTForImageClassification`` from a config, same seed
 - ``full``: every parameter trains.
 - ``lora_p0`` / ``lora_p0.1``: ``lora_vit.inject_lora`` r=8, alpha=16 on q, k, v, dropout 0 / 0.1.
 - ``peft_p0`` / ``peft_p0.1``: the same adapters through PEFT (rows skipped if PEFT is absent).
+- ``dora_p0`` / ``dora_p0.1``: ``inject_lora(..., use_dora=True)``, otherwise as ``lora_*``.
+- ``peftdora_p0`` / ``peftdora_p0.1``: PEFT's DoRA (``LoraConfig(use_dora=True)``).
+
+DoRA rows carry ``x LoRA`` (time and saved activations over lora_vit's LoRA row of the same
+dropout and mode) and ``x PEFT`` (over PEFT's DoRA row).
 
 With ``--compile``, floor, LoRA and PEFT are also timed under ``torch.compile(fullgraph=True)``
 (the ``+c`` rows; their ratios are to the compiled floor). A step is forward, cross-entropy,
@@ -15,6 +20,7 @@ backward and an AdamW step over the trainable parameters (none for the floor).
 
     python benchmarks/bench_train.py                       # ViT-S/16 and ViT-B/16, CPU, eager
     python benchmarks/bench_train.py --models vit_s16 --compile --reps 5
+    python benchmarks/bench_train.py --variants lora_p0 dora_p0 peftdora_p0 --compile   # DoRA goals
 """
 
 from __future__ import annotations
@@ -32,8 +38,14 @@ from torch import nn
 
 import lora_vit
 
-BASE_VARIANTS = ["floor", "head", "full", "lora_p0", "lora_p0.1", "peft_p0", "peft_p0.1"]
-COMPILED_VARIANTS = ["floor", "lora_p0", "lora_p0.1", "peft_p0", "peft_p0.1"]
+BASE_VARIANTS = [
+    "floor", "head", "full", "lora_p0", "lora_p0.1", "peft_p0", "peft_p0.1",
+    "dora_p0", "dora_p0.1", "peftdora_p0", "peftdora_p0.1",
+]
+# PEFT's DoRA does not compile with fullgraph=True (peft 0.21: dynamo breaks on its
+# dequantize_module_weight type check), so it has no +c rows.
+COMPILED_VARIANTS = ["floor", "lora_p0", "lora_p0.1", "peft_p0", "peft_p0.1", "dora_p0", "dora_p0.1"]
+_PEFT_KINDS = ("peft", "peftdora")
 
 
 def make_model(variant: str, model_name: str, image_size: int) -> nn.Module:
@@ -44,15 +56,18 @@ def make_model(variant: str, model_name: str, image_size: int) -> nn.Module:
         model.requires_grad_(False)
         if kind == "head":
             model.classifier.requires_grad_(True)
-    elif kind == "lora":
+    elif kind in ("lora", "dora"):
         p = float(variant.split("_p")[1])
-        lora_vit.inject_lora(model, ("q", "k", "v"), r=common.RANK, alpha=common.ALPHA, dropout=p)
-    elif kind == "peft":
+        lora_vit.inject_lora(
+            model, ("q", "k", "v"), r=common.RANK, alpha=common.ALPHA, dropout=p, use_dora=kind == "dora"
+        )
+    elif kind in _PEFT_KINDS:
         import peft
 
         p = float(variant.split("_p")[1])
         config = peft.LoraConfig(
-            r=common.RANK, lora_alpha=common.ALPHA, lora_dropout=p, target_modules=list(common.QKV)
+            r=common.RANK, lora_alpha=common.ALPHA, lora_dropout=p, target_modules=list(common.QKV),
+            use_dora=kind == "peftdora",
         )
         model = peft.get_peft_model(model, config)
     elif kind != "full":
@@ -142,12 +157,14 @@ def _ratios(rows: list[dict]) -> None:
             row["x_floor"] = row["median_s"] / floor["median_s"]
             if row.get("saved_bytes") is not None and floor.get("saved_bytes"):
                 row["saved_x_floor"] = row["saved_bytes"] / floor["saved_bytes"]
-        if key.startswith("lora"):
-            peft_row = by_key.get(key.replace("lora", "peft"))
-            if peft_row:
-                row["x_peft"] = row["median_s"] / peft_row["median_s"]
-                if row.get("saved_bytes") is not None and peft_row.get("saved_bytes"):
-                    row["saved_x_peft"] = row["saved_bytes"] / peft_row["saved_bytes"]
+        # LoRA against PEFT's LoRA; DoRA against PEFT's DoRA and against lora_vit's LoRA.
+        references = {"lora": {"peft": "peft"}, "dora": {"peft": "peftdora", "lora": "lora"}}
+        for column, other in references.get(key.split("_p")[0], {}).items():
+            ref = by_key.get(other + key[key.index("_p"):])
+            if ref:
+                row[f"x_{column}"] = row["median_s"] / ref["median_s"]
+                if row.get("saved_bytes") is not None and ref.get("saved_bytes"):
+                    row[f"saved_x_{column}"] = row["saved_bytes"] / ref["saved_bytes"]
         for field in ("saved_bytes", "rss_peak_bytes", "cuda_peak_bytes"):
             if row.get(field) is not None:
                 row[field.replace("_bytes", "_mib")] = row[field] / 2**20
@@ -160,9 +177,11 @@ COLUMNS = [
     ("images_per_s", "img/s", ".1f"),
     ("x_floor", "x floor", ".3f"),
     ("x_peft", "x PEFT", ".3f"),
+    ("x_lora", "x LoRA", ".3f"),
     ("saved_mib", "saved act MiB", ".1f"),
     ("saved_x_floor", "act x floor", ".3f"),
     ("saved_x_peft", "act x PEFT", ".3f"),
+    ("saved_x_lora", "act x LoRA", ".3f"),
     ("rss_peak_mib", "peak RSS MiB", ".0f"),
     ("cuda_peak_mib", "CUDA peak MiB", ".0f"),
 ]
@@ -187,8 +206,8 @@ def main() -> None:
     base = [v for v in BASE_VARIANTS if v in wanted or v == "floor"]
     skipped = []
     if not common.peft_available():
-        skipped = [v for v in base if v.startswith("peft")]
-        base = [v for v in base if not v.startswith("peft")]
+        skipped = [v for v in base if v.startswith(_PEFT_KINDS)]
+        base = [v for v in base if not v.startswith(_PEFT_KINDS)]
         print("PEFT is not installed (pip install 'lora-vit[bench]'): PEFT rows skipped", file=sys.stderr)
     keys = base + ([f"{v}+c" for v in COMPILED_VARIANTS if v in base] if args.compile else [])
 

@@ -38,12 +38,25 @@ def build_adapter(
     slices: Mapping[str, tuple[int, int]] | None,
     init: str,
     use_rslora: bool,
+    use_dora: bool = False,
 ) -> AdaptedLayer:
-    """The adapter for ``base`` (an ``nn.Linear`` or ``nn.MultiheadAttention``)."""
+    """The adapter for ``base`` (an ``nn.Linear`` or ``nn.MultiheadAttention``).
+
+    Raises:
+        LoRAError: For DoRA on an ``nn.MultiheadAttention``'s in-projection (not supported;
+            its ``out_proj`` is an ``nn.Linear`` and takes DoRA).
+    """
     if isinstance(base, nn.MultiheadAttention):
+        if use_dora:
+            raise LoRAError(
+                "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
+                " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
+            )
         return LoRAMultiheadAttention(base, r, alpha, dropout, slices=slices, init=init, use_rslora=use_rslora)
     if isinstance(base, nn.Linear):
-        return LoRALinear(base, r, alpha, dropout, slices=slices, init=init, use_rslora=use_rslora)
+        return LoRALinear(
+            base, r, alpha, dropout, slices=slices, init=init, use_rslora=use_rslora, use_dora=use_dora
+        )
     raise LoRAError(f"lora-vit adapts nn.Linear and nn.MultiheadAttention, got {type(base).__name__}")
 
 

@@ -17,6 +17,13 @@ torch's generator seeded by the global RNG (reproducible under ``torch.manual_se
 under ``torch.compile`` a counter-based hash of (seed, element index) is used, which inductor
 fuses into neighbouring kernels. The two modes give different (equally distributed) masks.
 Double backward is not supported.
+
+DoRA (:func:`dora_linear`) is a second node beside it, sharing the mask helpers:
+``y = g * (x @ W.T + (dropout_p(x) @ A.T) @ Bs.T) + b`` with a per-row factor ``g = m / ||W + Bs A||_row``
+computed outside the node (:func:`dora_row_norms`, never forming ``W + Bs A``) and applied to
+the rows of ``W`` and ``Bs`` (not to the larger output). It saves the same tensors plus its own
+output (which the attention that consumes q/k/v saves anyway, so no new storage) and the
+``(out,)`` factor: ``dg`` needs the pre-scale output, recovered from the saved one.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["keep_probability", "lora_linear"]
+__all__ = ["dora_linear", "dora_row_norms", "keep_probability", "lora_linear"]
 
 _LANE_BITS = 16
 _LANES = 1 << _LANE_BITS
@@ -143,4 +150,145 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scale
         ``(*, out_features)``, in the dtype ``F.linear`` gives (the autocast dtype under autocast).
     """
     out = _LoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, scaled_b, p)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class _DoRALinear(torch.autograd.Function):
+    """``g * (x W^T + dropout(x) A^T Bs^T) + b``; the LoRA node's saving scheme plus ``g`` and the output."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x2: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        scaled_b: Tensor,
+        row_scale: Tensor,
+        p: float,
+    ) -> Tensor:
+        # The row scale goes into the (out, in) weight and (out, R) up-projection, which are
+        # smaller than the (N, out) output for any batch of more than in_features tokens, and
+        # g == 1 (a fresh adapter) leaves W as it is, so the output is F.linear's bit for bit.
+        out = F.linear(x2, _scale_rows(weight, row_scale), bias)
+        dtype = out.dtype
+        scale = 1.0
+        seed = None
+        if p > 0:
+            seed = _new_seed(x2.device)
+            keep = _keep_mask(x2.shape, p, seed, x2.device, regenerate=False)
+            scale = 1.0 / keep_probability(p)
+            hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
+        else:
+            hidden = F.linear(x2.to(dtype), a.to(dtype))
+        out.addmm_(hidden, _scale_rows(scaled_b, row_scale).to(dtype).t())
+        ctx.save_for_backward(x2, weight, bias, a, scaled_b, hidden, seed, row_scale, out)
+        ctx.p, ctx.scale = p, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, weight, bias, a, scaled_b, hidden, seed, row_scale, out = ctx.saved_tensors
+        dtype = grad.dtype
+        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, regenerate=True) if ctx.p > 0 else None
+        if torch.compiler.is_compiling():
+            # Spelled differently from the forward's, so that common-subexpression elimination
+            # cannot fold the backward's g * W into the forward's and make the partitioner save
+            # an (out, in) tensor per layer (measured: it does) instead of recomputing it.
+            row_scale = row_scale.neg().neg()
+        grad_hidden = (grad @ _scale_rows(scaled_b, row_scale).to(dtype)) * ctx.scale
+        grad_x = grad_w = grad_bias = grad_a = grad_b = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            lora = grad_hidden @ a.to(dtype)
+            if keep is not None:
+                lora.mul_(keep)
+            grad_x = torch.addmm(lora, grad, _scale_rows(weight, row_scale).to(dtype)).to(x2.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _scale_rows((grad.t() @ x2.to(dtype)), row_scale).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0).to(bias.dtype)
+        if ctx.needs_input_grad[3]:
+            dropped = x2 * keep if keep is not None else x2
+            grad_a = (grad_hidden.t() @ dropped.to(dtype)).to(a.dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = _scale_rows(grad.t() @ hidden, row_scale).to(scaled_b.dtype)
+        if ctx.needs_input_grad[5]:
+            # dg_i = sum_t grad_ti z_ti with z = (y - b) / g the pre-scale output, recovered
+            # from the saved output rather than stored (or recomputed with a full matmul).
+            acc = torch.promote_types(row_scale.dtype, torch.float32)
+            zg = (grad * out).sum(0, dtype=acc)
+            if bias is not None:
+                zg = zg - bias.to(acc) * grad.sum(0, dtype=acc)
+            g = row_scale.to(acc)
+            # A zero factor loses z; its gradient is then taken as zero rather than 0/0.
+            safe = torch.where(g == 0, torch.ones_like(g), g)
+            grad_scale = torch.where(g == 0, torch.zeros_like(zg), zg / safe).to(row_scale.dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_scale, None
+
+
+def _scale_rows(matrix: Tensor, row_scale: Tensor) -> Tensor:
+    """``row_scale[:, None] * matrix``, computed in the wider dtype and rounded once to the matrix's."""
+    return (matrix * row_scale[:, None]).to(matrix.dtype)
+
+
+def dora_row_norms(weight: Tensor, a: Tensor, scaled_b: Tensor) -> Tensor:
+    """``||W_i + (scaled_b @ a)_i||`` per output row, without forming the ``(out, in)`` sum.
+
+    ``||W_i||^2 + 2 Bs_i (A W_i^T) + Bs_i (A A^T) Bs_i^T``: an ``(R, out)`` and an ``(R, R)``
+    product. Computed in float32 (float64 for a float64 weight) with autocast off, and
+    without gradient (DoRA treats the norm as a constant in backward, as the paper's section
+    4.3 and PEFT do). The sum is clamped below at the smallest normal float, so a zero row
+    gets a tiny positive norm instead of a division by zero.
+
+    Precision: the squared norm is a sum of terms; when the update nearly cancels a row
+    (``||W_i + dW_i|| << ||W_i||``) the relative error grows like ``eps * ||W_i||^2 /
+    ||W_i + dW_i||^2`` (float32: 1e-7 times that ratio).
+
+    Args:
+        weight: ``(out_features, in_features)``.
+        a: ``(R, in_features)``.
+        scaled_b: ``(out_features, R)``.
+
+    Returns:
+        ``(out_features,)`` in float32 (float64 for a float64 weight).
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    with torch.autocast(weight.device.type, enabled=False):
+        w = weight.detach()
+        a32 = a.detach().to(acc)
+        b32 = scaled_b.detach().to(acc)
+        # (w * w).sum(1), not linalg.vector_norm(dim=1): the latter takes as long as a full
+        # (N, in) x (in, out) matmul on CPU (torch 2.13), this is a thousand times faster.
+        w_wide = w.to(acc)
+        w_sq = (w_wide * w_wide).sum(1)
+        # A W^T in the weight's dtype (no float32 copy of a low-precision W), then widened.
+        aw = F.linear(a32.to(w.dtype), w).to(acc)  # (R, out)
+        cross = (b32 * aw.t()).sum(1)
+        own = ((b32 @ (a32 @ a32.t())) * b32).sum(1)
+        sq = w_sq + 2 * cross + own
+        return sq.clamp_min(torch.finfo(acc).tiny).sqrt()
+
+
+def dora_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor, row_scale: Tensor, p: float
+) -> Tensor:
+    """``row_scale * (x @ weight.T + (dropout_p(x) @ a.T) @ scaled_b.T) + bias``, as one autograd node.
+
+    With ``row_scale = m / ||W + scaled_b @ a||_row`` this is DoRA; dropout acts on the LoRA
+    branch's input only (the base term sees ``x`` itself). Saves no dropped copy of ``x`` and
+    nothing of size ``(out, in)``.
+
+    Args:
+        x: Input ``(*, in_features)``.
+        weight: Base weight ``(out_features, in_features)``.
+        bias: Base bias ``(out_features,)`` or ``None``.
+        a: Stacked down-projections ``(R, in_features)``.
+        scaled_b: Up-projections times their scalings ``(out_features, R)``.
+        row_scale: Per-row factor ``(out_features,)`` (1 on rows without an adapter).
+        p: Dropout probability on the LoRA branch's input; 0 in eval mode.
+
+    Returns:
+        ``(*, out_features)``, in the dtype ``F.linear`` gives.
+    """
+    out = _DoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, scaled_b, row_scale, p)
     return out.view(*x.shape[:-1], out.shape[-1])

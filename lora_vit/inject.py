@@ -146,6 +146,7 @@ def _build_layer(
     dropout: float,
     init: str,
     use_rslora: bool,
+    use_dora: bool,
 ) -> AdaptedLayer:
     if matches[0].slice is None:
         target = matches[0].target
@@ -157,6 +158,7 @@ def _build_layer(
             slices=None,
             init=init,
             use_rslora=use_rslora,
+            use_dora=use_dora,
         )
     return build_adapter(
         base,
@@ -166,6 +168,7 @@ def _build_layer(
         slices={m.slice: m.bounds for m in matches},  # type: ignore[misc]
         init=init,
         use_rslora=use_rslora,
+        use_dora=use_dora,
     )
 
 
@@ -179,6 +182,7 @@ def inject_lora(
     trainable: str | Iterable[str] = (),
     init: str = "normal",
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Replace the targeted layers of ``model`` by :class:`LoRALinear` (or, for an
     ``nn.MultiheadAttention``, :class:`LoRAMultiheadAttention`), in place.
@@ -203,6 +207,8 @@ def inject_lora(
         trainable: Names (literal, suffix or glob) of modules to train fully, e.g. ``"head"``.
         init: ``"normal"`` (A ~ N(0, 0.02^2), the default) or ``"kaiming"``.
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora: DoRA: a trainable magnitude per adapted output row over the normalised
+            ``W + dW`` (see :class:`LoRALinear`); on fused projections only the chosen slices' rows.
 
     Returns:
         ``model`` itself, adapted. A ``torch.compile`` (or checkpoint) wrapper is seen through:
@@ -211,7 +217,8 @@ def inject_lora(
     Raises:
         LoRAError: For a target or trainable name that matches nothing (listing the model's
             Linear layers), a layer that already has an adapter, an invalid ``r``,
-            ``alpha``, ``dropout`` or ``init``, or a module both adapted and in ``trainable``.
+            ``alpha``, ``dropout``, ``init`` or ``use_dora``, or a module both adapted and in
+            ``trainable``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -223,6 +230,8 @@ def inject_lora(
     wrapper, model = model, unwrap_model(model)  # a torch.compile wrapper: adapt what it runs
     dropout = check_dropout(dropout)
     init = check_init(init)
+    if not isinstance(use_dora, bool):
+        raise LoRAError(f"use_dora must be True or False, got {use_dora!r}")
     trainable_names = resolve_modules(model, trainable) if trainable else []
     target_list = [targets] if isinstance(targets, str) else list(targets)
     if not target_list and not trainable_names:
@@ -239,7 +248,7 @@ def inject_lora(
         if owner is not None:
             raise LoRAError(f"{name!r} is both a LoRA target and inside trainable module {owner!r}")
     layers = {
-        name: _build_layer(model.get_submodule(name), group, r, alpha, dropout, init, use_rslora)
+        name: _build_layer(model.get_submodule(name), group, r, alpha, dropout, init, use_rslora, use_dora)
         for name, group in grouped.items()
     }
     apply_adapters(model, layers, trainable_names)
@@ -283,10 +292,11 @@ class LoRASummary:
 
 
 def _describe(layer: AdaptedLayer) -> str:
+    dora = ", dora" if layer.use_dora else ""
     if layer.covers_all_rows:
         s = layer.slices[0]
-        return f"r={s.r}, alpha={s.alpha:g}"
-    return ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r}, alpha={s.alpha:g}" for s in layer.slices)
+        return f"r={s.r}, alpha={s.alpha:g}{dora}"
+    return ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r}, alpha={s.alpha:g}" for s in layer.slices) + dora
 
 
 def lora_summary(model: nn.Module) -> LoRASummary:

@@ -157,6 +157,8 @@ def _layer_config(name: str, config: object, path: object) -> dict[str, Any]:
         isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in slice_fields.items())
         for s in config["slices"]  # type: ignore[index]
     )
+    # use_dora is absent from plain LoRA layers' configs (and from files older than DoRA).
+    ok = ok and isinstance(config.get("use_dora", False), bool)  # type: ignore[attr-defined]
     if not ok:
         raise LoRAError(f"{str(path)!r}: the recorded config of layer {name!r} is malformed: {config!r}")
     return config  # type: ignore[return-value]

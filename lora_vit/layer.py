@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAError
-from .functional import keep_probability, lora_linear
+from .functional import dora_linear, dora_row_norms, keep_probability, lora_linear
 
 __all__ = ["INITS", "LoRALinear", "LoRASlice"]
 
@@ -54,6 +54,11 @@ class LoRASlice:
     @property
     def b_name(self) -> str:
         return f"lora_B_{self.name}" if self.name else "lora_B"
+
+    @property
+    def magnitude_name(self) -> str:
+        """Name of this slice's DoRA magnitude ``(rows,)`` (only on ``use_dora`` layers)."""
+        return f"lora_magnitude_{self.name}" if self.name else "lora_magnitude"
 
     def scaling(self, use_rslora: bool) -> float:
         return self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
@@ -158,6 +163,14 @@ class LoRALinear(nn.Module):
     every slice are untouched. This is how q and v of a fused ``qkv`` projection are adapted
     while k is not.
 
+    With ``use_dora`` the layer is DoRA (weight-decomposed LoRA, Liu et al. 2024): each adapted
+    row ``i`` is ``m_i * (W_i + dW_i) / ||W_i + dW_i||`` with a trainable magnitude
+    ``lora_magnitude`` (``lora_magnitude_<name>`` per slice, shape ``(rows,)``, float32 or
+    wider) that starts at ``||W_i||``, so a new layer still computes exactly what ``base``
+    computed. The norm is a constant in backward (the paper's section 4.3, as PEFT does).
+    Dropout acts on the LoRA branch's input only:
+    ``y = b + m / ||W + dW|| * (x @ W.T + dropout(x) @ A.T @ B.T * scaling)``.
+
     Args:
         base: The ``nn.Linear`` to adapt. Its parameters are reused, not copied.
         r: Rank, or a mapping slice name -> rank.
@@ -168,6 +181,7 @@ class LoRALinear(nn.Module):
         slices: Optional mapping name -> ``(start, stop)`` output rows to adapt.
         init: How ``A`` starts: ``"normal"`` (std 0.02) or ``"kaiming"`` (uniform).
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: Add DoRA's per-row magnitude (see above).
 
     Shape:
         - Input: ``(*, in_features)``.
@@ -184,6 +198,11 @@ class LoRALinear(nn.Module):
         torch.Size([3, 5, 8])
     """
 
+    output_modified_in_place: bool = False
+    """Set (by :func:`lora_vit.inject_lora`) when the parent modifies this layer's output in
+    place, as timm's EVA/BEiT ``qkv += bias`` does; DoRA, which saves its output for backward,
+    then returns a copy (one more ``(N, out)`` activation for such layers only)."""
+
     def __init__(
         self,
         base: nn.Linear,
@@ -194,6 +213,7 @@ class LoRALinear(nn.Module):
         slices: Mapping[str, tuple[int, int]] | None = None,
         init: str = "normal",
         use_rslora: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -204,6 +224,9 @@ class LoRALinear(nn.Module):
         self.dropout = check_dropout(dropout)
         self.init = check_init(init)
         self.use_rslora = bool(use_rslora)
+        if not isinstance(use_dora, bool):
+            raise LoRAError(f"use_dora must be True or False, got {use_dora!r}")
+        self.use_dora = use_dora
         self.scalings = tuple(s.scaling(self.use_rslora) for s in self.slices)
         self.covers_all_rows = len(self.slices) == 1 and self.slices[0].rows == self.out_features
 
@@ -214,10 +237,17 @@ class LoRALinear(nn.Module):
             a = torch.empty(s.r, self.in_features, device=device, dtype=dtype)
             self.register_parameter(s.a_name, nn.Parameter(a))
             self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, device=device, dtype=dtype)))
+            if self.use_dora:
+                # At least float32: a low-precision magnitude would not divide the norm to exactly 1.
+                wide = torch.promote_types(dtype, torch.float32)
+                self.register_parameter(s.magnitude_name, nn.Parameter(torch.empty(s.rows, device=device, dtype=wide)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-initialise the adapters (A random, B zero); the base weights are not touched."""
+        """Re-initialise the adapters (A random, B zero, DoRA magnitudes the base row norms).
+
+        The base weights are not touched.
+        """
         with torch.no_grad():
             for s in self.slices:
                 a = getattr(self, s.a_name)
@@ -226,10 +256,24 @@ class LoRALinear(nn.Module):
                 else:
                     nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 nn.init.zeros_(getattr(self, s.b_name))
+            if self.use_dora:
+                # With B = 0 these are the row norms the forward computes, so m / norm == 1 exactly.
+                norms = self.row_norms()
+                for s in self.slices:
+                    getattr(self, s.magnitude_name).copy_(norms[s.start : s.stop])
+
+    def adapter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(attribute name, shape)`` of every adapter Parameter, in slice order (A, B, magnitude)."""
+        shapes: list[tuple[str, tuple[int, ...]]] = []
+        for s in self.slices:
+            shapes += [(s.a_name, (s.r, self.in_features)), (s.b_name, (s.rows, s.r))]
+            if self.use_dora:
+                shapes.append((s.magnitude_name, (s.rows,)))
+        return shapes
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """The adapter Parameters ``[A, B, ...]`` in slice order."""
-        return [p for s in self.slices for p in (getattr(self, s.a_name), getattr(self, s.b_name))]
+        """The adapter Parameters ``[A, B, (magnitude,) ...]`` in slice order."""
+        return [getattr(self, name) for name, _ in self.adapter_shapes()]
 
     def stacked_a(self) -> Tensor:
         """All slices' ``A`` stacked: ``(sum of ranks, in_features)``."""
@@ -260,6 +304,31 @@ class LoRALinear(nn.Module):
         """The update ``scaling * B @ A`` in float32: ``(out_features, in_features)``."""
         return self.scaled_b(torch.float32) @ self.stacked_a().to(torch.float32)
 
+    def row_norms(self) -> Tensor:
+        """``||W + scaling * B @ A||`` per output row, without forming that matrix: ``(out_features,)``.
+
+        Float32 (float64 for a float64 base), no gradient; see :func:`lora_vit.functional.dora_row_norms`.
+        """
+        return dora_row_norms(self.weight, self.stacked_a(), self.scaled_b())
+
+    def row_scale(self, norms: Tensor | None = None) -> Tensor:
+        """DoRA's per-row factor ``m / ||W + dW||``, 1 on rows outside every slice: ``(out_features,)``.
+
+        Differentiable in the magnitudes only (the norm is a constant in backward).
+        """
+        if norms is None:
+            norms = self.row_norms()
+        pieces = []
+        row = 0
+        for s in self.slices:
+            if s.start > row:
+                pieces.append(norms.new_ones(s.start - row))
+            pieces.append(getattr(self, s.magnitude_name) / norms[s.start : s.stop])
+            row = s.stop
+        if row < self.out_features:
+            pieces.append(norms.new_ones(self.out_features - row))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     # Set only by lora_vit.disable_lora: the base layer's function, adapters kept in place.
     _lora_disabled = False
 
@@ -267,14 +336,23 @@ class LoRALinear(nn.Module):
         if self._lora_disabled:
             return F.linear(x, self.weight, self.bias)
         # One autograd node (see functional.py): no dropped copy of x is kept for backward.
-        return lora_linear(
-            x, self.weight, self.bias, self.stacked_a(), self.scaled_b(), self.dropout if self.training else 0.0
-        )
+        p = self.dropout if self.training else 0.0
+        a, scaled_b = self.stacked_a(), self.scaled_b()
+        if self.use_dora:
+            row_scale = self.row_scale(dora_row_norms(self.weight, a, scaled_b))
+            out = dora_linear(x, self.weight, self.bias, a, scaled_b, row_scale, p)
+            return out.clone() if self.output_modified_in_place else out
+        return lora_linear(x, self.weight, self.bias, a, scaled_b, p)
 
     def merged_weight(self) -> Tensor:
-        """``W + scaling * B @ A``, summed in float32 and rounded once to the base dtype."""
+        """``W + scaling * B @ A`` (DoRA: each row rescaled to ``m_i / ||row||``), in float32, rounded once."""
         with torch.no_grad():
-            return (self.weight.to(torch.float32) + self.delta_weight()).to(self.weight.dtype)
+            merged = self.weight.to(torch.float32) + self.delta_weight()
+            if self.use_dora:
+                # Dense and exact here: merging may form the (out, in) matrix the step avoids.
+                norms = torch.linalg.vector_norm(merged, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+                merged = merged * self.row_scale(norms).to(torch.float32)[:, None]
+            return merged.to(self.weight.dtype)
 
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding :meth:`merged_weight`.
@@ -301,6 +379,8 @@ class LoRALinear(nn.Module):
             "out_features": self.out_features,
             "dropout": self.dropout,
             "use_rslora": self.use_rslora,
+            # Only when set, so that configs (and files) of plain LoRA layers stay as before.
+            **({"use_dora": True} if self.use_dora else {}),
             "slices": [
                 {"name": s.name, "start": s.start, "stop": s.stop, "r": s.r, "alpha": s.alpha}
                 for s in self.slices
@@ -319,11 +399,14 @@ class LoRALinear(nn.Module):
         if found != expected:
             raise LoRAError(f"expected a Linear{expected} (in, out), found {type(base).__name__}{found}")
         entries = config["slices"]
+        use_dora = config.get("use_dora", False)
         if len(entries) == 1 and entries[0]["name"] == "":
             only = entries[0]
             if (only["start"], only["stop"]) != (0, base.out_features):
                 raise LoRAError(f"an unnamed slice must cover all rows, got {only}")
-            return cls(base, only["r"], only["alpha"], config["dropout"], use_rslora=config["use_rslora"])
+            return cls(
+                base, only["r"], only["alpha"], config["dropout"], use_rslora=config["use_rslora"], use_dora=use_dora
+            )
         return cls(
             base,
             {e["name"]: e["r"] for e in entries},
@@ -331,6 +414,7 @@ class LoRALinear(nn.Module):
             config["dropout"],
             slices={e["name"]: (e["start"], e["stop"]) for e in entries},
             use_rslora=config["use_rslora"],
+            use_dora=use_dora,
         )
 
     def extra_repr(self) -> str:
@@ -338,6 +422,8 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features},"
             f" bias={self.bias is not None}, dropout={self.dropout}"
         )
+        if self.use_dora:
+            head += ", dora=True"
         if self.covers_all_rows:
             s = self.slices[0]
             return f"{head}, r={s.r}, alpha={s.alpha:g}, scaling={self.scalings[0]:g}"

@@ -96,7 +96,8 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     The Parameters of ``base`` are taken over under their own names (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.weight``, ...), so the ``state_dict`` holds the base keys plus
     ``lora_A_<slice>`` / ``lora_B_<slice>``. ``weight`` and ``bias`` name ``in_proj_weight`` and
-    ``in_proj_bias``, the matrix the adapters update, as on a :class:`LoRALinear`.
+    ``in_proj_bias``, the matrix the adapters update, as on a :class:`LoRALinear`. Hooks
+    registered on ``base`` itself are not carried over.
 
     Args:
         base: The ``nn.MultiheadAttention`` to adapt; its Parameters are reused, not copied.
@@ -129,9 +130,15 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     # The adapter math is LoRALinear's, over ``weight`` (= in_proj_weight): the same functions,
     # called on this module (it has every attribute they read), so the two layers cannot drift
     # apart (a test compares them).
+    use_dora = False  # DoRA is refused on the in-projection (lora_vit.adapters.build_adapter)
+
     def reset_parameters(self) -> None:
         """Re-initialise the in-projection adapters (A random, B zero); base weights untouched."""
         LoRALinear.reset_parameters(self)  # type: ignore[arg-type]
+
+    def adapter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(attribute name, shape)`` of every in-projection adapter Parameter, in slice order."""
+        return LoRALinear.adapter_shapes(self)  # type: ignore[arg-type]
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The in-projection adapter Parameters ``[A, B, ...]`` in slice order."""

@@ -4,10 +4,15 @@ A PEFT LoRA folder is ``adapter_config.json`` plus ``adapter_model.safetensors``
 ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (and the full state of every
 ``modules_to_save`` module under ``base_model.model.<module>.<key>``). lora-vit's plain
 (unsliced) :class:`LoRALinear` computes exactly PEFT's ``lora.Linear`` formula, so adapters
-move both ways without changing outputs. Everything PEFT can express that lora-vit cannot
-(DoRA, trained biases, Conv/Embedding LoRA, other PEFT methods, ...) is a :class:`LoRAError`,
-never a silent difference. ``nn.MultiheadAttention`` adapters move where both libraries compute
-the same function (one pair over the whole in-projection, no ``out_proj`` update). This module does not import ``peft``.
+move both ways without changing outputs. DoRA (``use_dora: true``) on Linear layers maps too:
+PEFT stores the magnitude as ``base_model.model.<module>.lora_magnitude_vector``; outputs agree
+whenever dropout is inactive (eval, or ``lora_dropout`` 0). With dropout while training the two
+differ in what is dropped: lora-vit drops only the LoRA branch's input, PEFT also feeds the
+dropped input to its ``(m / norm - 1) W`` correction (an extra full matmul); both have the same
+expectation. Everything PEFT can express that lora-vit cannot (trained biases, Conv/Embedding
+LoRA, other PEFT methods, ...) is a :class:`LoRAError`, never a silent difference.
+``nn.MultiheadAttention`` adapters move where both libraries compute the same function (one
+pair over the whole in-projection, no ``out_proj`` update). This module does not import ``peft``.
 """
 
 from __future__ import annotations
@@ -46,13 +51,12 @@ _HARMLESS = {
     "alpha_pattern", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
     "modules_to_save", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
     "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size", "ensure_weight_tying",
-    "init_lora_weights", "loftq_config",
+    "init_lora_weights", "loftq_config", "use_dora",
 }
 # Fields whose non-default value changes what the adapter computes; the value listed is the only
 # one lora-vit can represent. Any *other* unknown field must be empty (None, False, {}, []).
 _MUST_BE = {
     "bias": "none",
-    "use_dora": False,
     "lora_bias": False,
     "fan_in_fan_out": False,
 }
@@ -61,8 +65,20 @@ _MUST_BE = {
 _PLAIN_INITS = (True, False, "gaussian")
 
 
+# PEFT saves the DoRA magnitude without PEFT's inner ``.weight``; other versions may carry it.
+_MAGNITUDE = "lora_magnitude_vector"
+
+
 def _peft_key(name: str, factor: str) -> str:
+    if factor == _MAGNITUDE:
+        return f"{_PREFIX}{name}.{factor}"
     return f"{_PREFIX}{name}.{factor}.weight"
+
+
+def _factor_names(use_dora: bool) -> list[tuple[str, str]]:
+    """``(lora-vit attribute, PEFT tensor name)`` of an unsliced layer's adapter tensors."""
+    pairs = [("lora_A", "lora_A"), ("lora_B", "lora_B")]
+    return [*pairs, ("lora_magnitude", _MAGNITUDE)] if use_dora else pairs
 
 
 def _pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
@@ -128,12 +144,13 @@ def _check_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> N
             " layers (separate q_proj/k_proj/v_proj, or the literal fused layer name) to export to"
             " PEFT, or keep lora-vit's own format (save_lora)"
         )
-    rslora = {layer.use_rslora for layer in layers.values()}
-    if len(rslora) > 1:
-        raise LoRAError(
-            "PEFT has one use_rslora flag per adapter, but these layers mix both:"
-            f" rslora on {[n for n, la in layers.items() if la.use_rslora]}"
-        )
+    for flag in ("use_rslora", "use_dora"):
+        values = {getattr(layer, flag) for layer in layers.values()}
+        if len(values) > 1:
+            raise LoRAError(
+                f"PEFT has one {flag} flag per adapter, but these layers mix both:"
+                f" {flag} on {[n for n, la in layers.items() if getattr(la, flag)]}"
+            )
 
 
 def _lora_dropout(layer: AdaptedLayer) -> float:
@@ -173,7 +190,7 @@ def _config(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> dict[str, A
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(trainable_modules(model)) or None,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "lora_bias": False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -207,7 +224,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
 
     Raises:
         LoRAError: If the model has no adapters, an adapter covers fused q/k/v slices (PEFT
-            has no such form), or layers mix ``use_rslora`` settings.
+            has no such form), or layers mix ``use_rslora`` or ``use_dora`` settings.
 
     Example:
         >>> import tempfile, torch
@@ -222,8 +239,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to export; call inject_lora first")
     _check_exportable(model, layers)
     state = lora_state_dict(model)
-    factors = ("lora_A", "lora_B")
-    tensors = {_peft_key(name, factor): state.pop(f"{name}.{factor}") for name in layers for factor in factors}
+    tensors = {
+        _peft_key(name, peft_name): state.pop(f"{name}.{ours}")
+        for name, layer in layers.items()
+        for ours, peft_name in _factor_names(layer.use_dora)
+    }
     tensors.update({_PREFIX + key: value for key, value in state.items()})
     for name, layer in layers.items():
         if isinstance(layer, LoRAMultiheadAttention):  # PEFT's layer needs out_proj factors: a zero update
@@ -279,6 +299,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise LoRAError(f"{str(path)!r}: {field} should be a number, got {value!r}")
+    if not isinstance(config.get("use_dora", False), bool):
+        raise LoRAError(f"{str(path)!r}: use_dora should be true or false, got {config['use_dora']!r}")
     for field in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(field) or {}, dict):
             raise LoRAError(f"{str(path)!r}: {field} should be a mapping, got {config[field]!r}")
@@ -298,8 +320,10 @@ def _read_tensors(folder: Path) -> dict[str, Tensor]:
         raise LoRAError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
-def _split_keys(tensors: Mapping[str, Tensor], where: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """``({module: {"lora_A": A, "lora_B": B}}, {other key: tensor})`` with the prefix removed."""
+def _split_keys(
+    tensors: Mapping[str, Tensor], where: str, use_dora: bool
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """``({module: {"lora_A": A, "lora_B": B[, "lora_magnitude": m]}}, {other key: tensor})``, prefix removed."""
     lora: dict[str, dict[str, Tensor]] = {}
     other: dict[str, Tensor] = {}
     for key, value in tensors.items():
@@ -307,8 +331,13 @@ def _split_keys(tensors: Mapping[str, Tensor], where: str) -> tuple[dict[str, di
             raise LoRAError(f"{where}: tensor {key!r} does not start with {_PREFIX!r}, PEFT's prefix")
         rest = key[len(_PREFIX):]
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", rest)
+        magnitude = re.fullmatch(rf"(.+)\.{_MAGNITUDE}(\.weight)?", rest)
         if match:
             lora.setdefault(match[1], {})[match[2]] = value
+        elif magnitude and use_dora:
+            lora.setdefault(magnitude[1], {})["lora_magnitude"] = value
+        elif magnitude:
+            raise LoRAError(f"{where}: tensor {key!r} is a DoRA magnitude, but the config does not set use_dora")
         elif re.search(r"\.lora_[A-Za-z_]+(\.|$)", rest):
             raise LoRAError(
                 f"{where}: tensor {key!r} is a LoRA variant lora-vit cannot represent (only"
@@ -317,8 +346,10 @@ def _split_keys(tensors: Mapping[str, Tensor], where: str) -> tuple[dict[str, di
         else:
             other[rest] = value
     for name, pair in lora.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise LoRAError(f"{where}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B")
+        needed = {ours for ours, _ in _factor_names(use_dora and not name.endswith(_BASE_OUT_PROJ))}
+        if set(pair) != needed:
+            dora = f" and {_MAGNITUDE} (use_dora)" if "lora_magnitude" in needed else ""
+            raise LoRAError(f"{where}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B{dora}")
     return lora, other
 
 
@@ -384,6 +415,8 @@ def _layer_configs(
         r, alpha = _layer_spec(name, pair, config, where)
         base = _module_or_none(model, name)
         if isinstance(base, nn.MultiheadAttention):
+            if config.get("use_dora", False):
+                raise LoRAError(f"{where}: DoRA on nn.MultiheadAttention {name!r} cannot be represented by lora-vit")
             configs.update(_mha_configs(name, base, pair, lora, r, alpha, config, where))
             continue
         # Shapes from the model where it has the layer, so a mis-shaped tensor is named as such.
@@ -396,6 +429,7 @@ def _layer_configs(
             "out_features": out_features,
             "dropout": config.get("lora_dropout") or 0.0,
             "use_rslora": bool(config.get("use_rslora", False)),
+            **({"use_dora": True} if config.get("use_dora", False) else {}),
             "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
         }
     return configs
@@ -423,9 +457,9 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pa
     """Load a PEFT LoRA adapter folder into ``model``, injecting the adapters it describes.
 
     Ranks come from the tensors (checked against ``r``/``rank_pattern``), alphas from
-    ``lora_alpha``/``alpha_pattern`` with PEFT's matching rules, ``use_rslora`` and
-    ``lora_dropout`` from the config; ``modules_to_save`` become ``trainable`` modules. The
-    result computes what ``peft.PeftModel.from_pretrained(base, directory)`` computes. Only
+    ``lora_alpha``/``alpha_pattern`` with PEFT's matching rules, ``use_rslora``, ``use_dora``
+    (DoRA magnitudes from ``lora_magnitude_vector``) and ``lora_dropout`` from the config;
+    ``modules_to_save`` become ``trainable`` modules. The result computes what ``peft.PeftModel.from_pretrained(base, directory)`` computes. Only
     ``adapter_model.safetensors`` is read (never a pickled ``.bin``). Everything is validated
     before the model is touched, so a failed load leaves it unchanged.
 
@@ -442,7 +476,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pa
     Raises:
         FileNotFoundError: If the config or the safetensors file is missing.
         LoRAError: If the folder uses anything lora-vit cannot represent (another
-            ``peft_type``, DoRA, ``bias`` other than ``"none"``, ``lora_bias``,
+            ``peft_type``, ``bias`` other than ``"none"``, ``lora_bias``,
             ``fan_in_fan_out``, weight-rewriting inits, LoRA on non-Linear layers, partial
             ``modules_to_save``, unknown non-empty fields), names modules the model lacks, or
             holds inconsistent, mis-shaped or non-finite tensors.
@@ -459,15 +493,15 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pa
     folder = Path(directory)
     where = repr(str(folder))
     config = _read_config(folder)
-    lora, other = _split_keys(_read_tensors(folder), where)
+    lora, other = _split_keys(_read_tensors(folder), where, config.get("use_dora", False))
     if not lora:
         raise LoRAError(f"{where} holds no lora_A/lora_B tensors")
     # Translate the folder into lora-vit's own terms, then the pipeline load_lora uses.
     trainable = _modules_to_save(unwrap_model(model), config, other, where)
     configs = _layer_configs(model, lora, config, where)
     given = {  # a MultiheadAttention's (zero) out_proj factors have no counterpart
-        f"{name}.{factor}": pair[factor]
-        for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor in ("lora_A", "lora_B")
+        f"{name}.{factor}": value
+        for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor, value in pair.items()
     }
     given.update(other)
     return load_adapters(model, configs, trainable, given, where, pad=pad)

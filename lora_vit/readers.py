@@ -44,6 +44,9 @@ def route_weight_readers(parents: Mapping[str, nn.Module]) -> list[str]:
         if _reads_qkv_weight(parent, name.rpartition(".")[2]):
             # The model's own switch: qkv(x) + bias instead of F.linear(x, qkv.weight, bias).
             setattr(parent, "qkv_bias_separate", True)  # noqa: B010 (a plain attribute, not a submodule)
+            # That path adds the bias to the layer's output in place (qkv += bias); a layer
+            # that saves its output for backward (DoRA) must then hand out a copy.
+            setattr(getattr(parent, name.rpartition(".")[2]), "output_modified_in_place", True)  # noqa: B010
             switched.append(name)
     if switched:
         logger.info("set qkv_bias_separate=True on the parents of %s so their adapters run", switched)

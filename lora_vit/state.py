@@ -62,17 +62,16 @@ def adapter_tensors(
     """
     state: dict[str, Tensor] = {}
     for name, layer in layers.items():
-        for s in layer.slices:
-            for param_name, shape in ((s.a_name, (s.r, layer.in_features)), (s.b_name, (s.rows, s.r))):
-                param = getattr(layer, param_name)
-                if tuple(param.shape) != shape:
-                    # FSDP with use_orig_params=True leaves each rank a flat shard outside
-                    # forward; saving that would write a file no model can load.
-                    raise LoRAError(
-                        f"{name}.{param_name} has shape {tuple(param.shape)} instead of {shape}: the model"
-                        " looks sharded (FSDP). Call this inside FSDP.summon_full_params(model)"
-                    )
-                state[f"{name}.{param_name}"] = param.detach()
+        for param_name, shape in layer.adapter_shapes():
+            param = getattr(layer, param_name)
+            if tuple(param.shape) != shape:
+                # FSDP with use_orig_params=True leaves each rank a flat shard outside
+                # forward; saving that would write a file no model can load.
+                raise LoRAError(
+                    f"{name}.{param_name} has shape {tuple(param.shape)} instead of {shape}: the model"
+                    " looks sharded (FSDP). Call this inside FSDP.summon_full_params(model)"
+                )
+            state[f"{name}.{param_name}"] = param.detach()
     for name in trainable:
         for key, value in find_module(model, name).state_dict().items():
             state[f"{name}.{key}"] = value

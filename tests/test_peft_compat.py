@@ -145,7 +145,8 @@ def plain_folder(tmp_path, base, **config):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"use_dora": True}, "use_dora=True"),
+    ({"use_dora": True}, "needs both lora_A and lora_B and lora_magnitude_vector"),
+    ({"use_dora": "yes"}, "use_dora should be true or false"),
     ({"bias": "all"}, "bias='all'"),
     ({"bias": "lora_only"}, "bias='lora_only'"),
     ({"lora_bias": True}, "lora_bias=True"),
@@ -168,16 +169,10 @@ def test_unrepresentable_configs_are_refused_and_leave_the_model_unchanged(base,
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_real_dora_folder_is_refused(base, tmp_path):
-    peft_model(base, r=4, lora_alpha=8, use_dora=True).save_pretrained(tmp_path / "dora")
-    with pytest.raises(LoRAError, match="use_dora"):
-        load_peft_adapter(copy.deepcopy(base), tmp_path / "dora")
-
-
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda t: t.pop("base_model.model.vit.layers.0.attention.q_proj.lora_B.weight"), "needs both lora_A and lora_B"),
     (lambda t: t.update({"base_model.model.vit.layers.0.attention.q_proj.lora_magnitude_vector": torch.ones(32)}),
-     "LoRA variant"),
+     "DoRA magnitude, but the config does not set use_dora"),
     (lambda t: t.update({"base_model.model.vit.layernorm.weight": torch.ones(32)}), "no modules_to_save module"),
     (lambda t: t.update({"vit.layers.0.attention.q_proj.lora_A.weight": torch.ones(4, 32)}), "PEFT's prefix"),
     (lambda t: t.update({"base_model.model.vit.nope.lora_A.weight": torch.ones(4, 32),

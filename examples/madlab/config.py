@@ -32,7 +32,7 @@ class Config:
     """Every setting of a run; the names follow the seed (``SSL_MAE``) where it had one.
 
     Attributes mirror the seed guide: LoRA (``use_lora``, ``lora_r``, ``lora_alpha``,
-    ``lora_dropout``, ``lora_target_modules``), optimisation (``learning_rate``,
+    ``lora_dropout``, ``lora_target_modules``; ``lora_use_dora`` adds DoRA), optimisation (``learning_rate``,
     ``num_epochs``, ``batch_size``, ``weight_decay``, ``lr_scheduler``, early stopping),
     freezing (``freeze_strategy``, ``freeze_lastN``, ``warmup_epochs``, ``mid_epochs``) and
     data/model options particular to this example.
@@ -44,6 +44,7 @@ class Config:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1
     lora_target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    lora_use_dora: bool = False  # DoRA: a trained magnitude per adapted row (inject_lora(use_dora=True))
     # Scale by alpha/sqrt(r) instead of alpha/r (rank-stabilised LoRA, as MADation uses).
     lora_use_rslora: bool = False
     lora_init: str = "normal"  # A ~ N(0, 0.02^2), or "kaiming"

@@ -93,7 +93,7 @@ def apply_strategy(model: MorphDetector, config: Config) -> tuple[list[nn.Parame
         inject_lora(
             model, targets=config.lora_target_modules, r=config.lora_r, alpha=config.lora_alpha,
             dropout=config.lora_dropout, trainable=[HEAD], init=config.lora_init,
-            use_rslora=config.lora_use_rslora,
+            use_rslora=config.lora_use_rslora, use_dora=config.lora_use_dora,
         )
         return [p for p in model.parameters() if p.requires_grad], nothing
     _set_trainable([model], False)
