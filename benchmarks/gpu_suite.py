@@ -179,12 +179,24 @@ def help_of(script: Path) -> str:
 _CUDA_ONLY = re.compile(r"@pytest\.mark\.skipif\(not torch\.cuda\.is_available\(\)[^\n]*\n(?:@[^\n]*\n)*def (test_\w+)")
 
 
+_CUDA_ONLY_MODULE = re.compile(r"^pytestmark = pytest\.mark\.skipif\(not torch\.cuda\.is_available\(\)", re.M)
+
+
 def cuda_tests() -> list[str]:
-    """``tests/test_cuda.py`` plus every test elsewhere marked to skip without CUDA (node ids)."""
+    """``tests/test_cuda.py`` plus every test elsewhere marked to skip without CUDA (node ids).
+
+    A file marked as a whole (``pytestmark = ...skipif(not torch.cuda.is_available() ...``)
+    is taken whole; elsewhere, each test function so decorated.
+    """
     ids = ["tests/test_cuda.py"]
     for path in sorted((ROOT / "tests").glob("test_*.py")):
-        if path.name != "test_cuda.py":
-            ids += [f"tests/{path.name}::{name}" for name in _CUDA_ONLY.findall(path.read_text())]
+        if path.name == "test_cuda.py":
+            continue
+        source = path.read_text()
+        if _CUDA_ONLY_MODULE.search(source):
+            ids.append(f"tests/{path.name}")
+        else:
+            ids += [f"tests/{path.name}::{name}" for name in _CUDA_ONLY.findall(source)]
     return ids
 
 
