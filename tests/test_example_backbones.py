@@ -317,7 +317,10 @@ def test_compare_on_a_dinov2_folder(tmp_path: Path, quiet) -> None:
                                "--no_progress", *_overrides(RUN)])
     assert rc == 0
     rows = json.loads((out / "compare" / "compare.json").read_text())
-    assert [r["strategy"] for r in rows] == ["lora", "full_ft", "linear_probe"]
+    # The strategies, then one row per shortcut baseline scored on the same test images (no model).
+    assert [r["strategy"] for r in rows] == ["lora", "full_ft", "linear_probe", "shortcut:sharpness",
+                                             "shortcut:contrast"]
+    assert all(r["trainable_params"] is None for r in rows[3:])
     by = {r["strategy"]: r for r in rows}
     assert by["linear_probe"]["trainable_params"] == 33  # the head: 32 weights + bias
     assert by["lora"]["trainable_params"] == 33 + 2 * 2 * 2 * (32 + 32)  # 2 layers x q,v x r=2 x (in+out)

@@ -22,7 +22,7 @@ def detector(tmp_path: Path) -> MorphDetector:
     vit = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
     vit.save_pretrained(tmp_path / "vit")
-    return MorphDetector(load_backbone(tmp_path / "vit"), 0.0)
+    return MorphDetector(*load_backbone(tmp_path / "vit"), 0.0)
 
 
 def test_lora_use_dora_defaults_off_and_injects_dora_when_set(tmp_path: Path) -> None:
