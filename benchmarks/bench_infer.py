@@ -100,13 +100,13 @@ def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
     for row in rows:
         suffix = "+c" if row["variant"].endswith("+c") else ""
         row["images_per_s"] = args.batch / row["median_s"]
-        row["x_base"] = row["median_s"] / by_key["base" + suffix]["median_s"]
+        row["x_base"] = common.ratio(row, by_key["base" + suffix])
         kind, _, rest = row["variant"].partition("_")
         references = {"lora": {"peft": "peft"}, "dora": {"peft": "peftdora", "lora": "lora"}}
         for column, other in references.get(kind, {}).items():
             ref = by_key.get(f"{other}_{rest}")
             if ref:
-                row[f"x_{column}"] = row["median_s"] / ref["median_s"]
+                row[f"x_{column}"] = common.ratio(row, ref)
     return rows
 
 
@@ -133,10 +133,13 @@ def main() -> None:
         skipped = [k for k in keys if k.startswith("peft")]
         keys = [k for k in keys if k not in skipped]
         print("PEFT is not installed (pip install 'lora-vit[bench]'): PEFT rows skipped", file=sys.stderr)
-    if args.compile:
-        # PEFT's DoRA does not compile with fullgraph=True (peft 0.21: a graph break in its
-        # dequantize_module_weight type check), so it has no +c row.
-        keys += [f"{k}+c" for k in keys if not k.startswith("peftdora")]
+    # PEFT's DoRA does not compile with fullgraph=True (peft 0.21: a graph break in its
+    # dequantize_module_weight type check), so it has no +c row.
+    compiled = [f"{k}+c" for k in keys if not k.startswith("peftdora")]
+    if args.compile_only:
+        keys = compiled
+    elif args.compile:
+        keys += compiled
     env = common.environment(args.device)
     rows = []
     for model_name in args.models:
@@ -151,6 +154,7 @@ def main() -> None:
         {"environment": env, "args": vars(args), "skipped": skipped,
          "note": args.note, "rows": rows},
         {title: table},
+        args.results_dir,
     )
     print(f"results: {path}")
 

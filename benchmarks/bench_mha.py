@@ -135,7 +135,10 @@ def make_infer_call(variant: str, args: argparse.Namespace, compiled: bool) -> C
 
 
 def _keys(variants: list[str], args: argparse.Namespace) -> list[str]:
-    return variants + ([f"{v}+c" for v in variants] if args.compile else [])
+    compiled = [f"{v}+c" for v in variants]
+    if args.compile_only:
+        return compiled
+    return variants + (compiled if args.compile else [])
 
 
 def run_train(args: argparse.Namespace) -> list[dict]:
@@ -157,7 +160,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     by_key = {r["variant"]: r for r in rows}
     for row in rows:
         floor = by_key["floor" + ("+c" if row["variant"].endswith("+c") else "")]
-        row["x_ref"] = row["median_s"] / floor["median_s"]
+        row["x_ref"] = common.ratio(row, floor)
         row["saved_x_floor"] = row["saved_mib"] / floor["saved_mib"] if floor["saved_mib"] else None
         row["images_per_s"] = args.batch / row["median_s"]
     return rows
@@ -174,7 +177,7 @@ def run_infer(args: argparse.Namespace) -> list[dict]:
     rows = [{"model": args.model, "mode": "infer", "variant": k, **timing[k]} for k in calls]
     by_key = {r["variant"]: r for r in rows}
     for row in rows:
-        row["x_ref"] = row["median_s"] / by_key["base" + ("+c" if row["variant"].endswith("+c") else "")]["median_s"]
+        row["x_ref"] = common.ratio(row, by_key["base" + ("+c" if row["variant"].endswith("+c") else "")])
         row["images_per_s"] = args.batch / row["median_s"]
     return rows
 
@@ -211,7 +214,8 @@ def main() -> None:
     title = (f"nn.MultiheadAttention (torchvision layout), batch {args.batch}, {args.image_size} px, {args.dtype},"
              f" {args.device}, median of {args.reps} interleaved rounds")
     path = common.write_results(
-        "mha", {"environment": env, "args": vars(args), "note": args.note, "rows": rows}, {title: table}
+        "mha", {"environment": env, "args": vars(args), "note": args.note, "rows": rows}, {title: table},
+        args.results_dir,
     )
     print(f"results: {path}")
 

@@ -124,6 +124,9 @@ def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
         steps[key] = step
         print(f"  {args.model} {key}: ready", file=sys.stderr)
     timing = common.interleaved_medians(steps, args.reps, args.device)
+    if args.no_memory and args.device == "cuda":
+        for key, step in steps.items():  # cheap, in this process: no model rebuild, no recompile
+            timing[key]["cuda_peak_bytes"] = common.cuda_step_peak(step)
     del steps
     gc.collect()
 
@@ -154,7 +157,7 @@ def _ratios(rows: list[dict]) -> None:
         suffix = "+c" if key.endswith("+c") else ""
         floor = by_key.get("floor" + suffix)
         if floor:
-            row["x_floor"] = row["median_s"] / floor["median_s"]
+            row["x_floor"] = common.ratio(row, floor)
             if row.get("saved_bytes") is not None and floor.get("saved_bytes"):
                 row["saved_x_floor"] = row["saved_bytes"] / floor["saved_bytes"]
         # LoRA against PEFT's LoRA; DoRA against PEFT's DoRA and against lora_vit's LoRA.
@@ -162,7 +165,7 @@ def _ratios(rows: list[dict]) -> None:
         for column, other in references.get(key.split("_p")[0], {}).items():
             ref = by_key.get(other + key[key.index("_p"):])
             if ref:
-                row[f"x_{column}"] = row["median_s"] / ref["median_s"]
+                row[f"x_{column}"] = common.ratio(row, ref)
                 if row.get("saved_bytes") is not None and ref.get("saved_bytes"):
                     row[f"saved_x_{column}"] = row["saved_bytes"] / ref["saved_bytes"]
         for field in ("saved_bytes", "rss_peak_bytes", "cuda_peak_bytes"):
@@ -203,13 +206,17 @@ def main() -> None:
         probe(args)
         return
     wanted = args.variants or BASE_VARIANTS
+    unknown = [v for v in wanted if v not in BASE_VARIANTS]
+    if unknown:
+        print(f"unknown variants skipped: {unknown} (known: {BASE_VARIANTS})", file=sys.stderr)
     base = [v for v in BASE_VARIANTS if v in wanted or v == "floor"]
     skipped = []
     if not common.peft_available():
         skipped = [v for v in base if v.startswith(_PEFT_KINDS)]
         base = [v for v in base if not v.startswith(_PEFT_KINDS)]
         print("PEFT is not installed (pip install 'lora-vit[bench]'): PEFT rows skipped", file=sys.stderr)
-    keys = base + ([f"{v}+c" for v in COMPILED_VARIANTS if v in base] if args.compile else [])
+    compiled = [f"{v}+c" for v in COMPILED_VARIANTS if v in base] if args.compile or args.compile_only else []
+    keys = compiled if args.compile_only else base + compiled
 
     env = common.environment(args.device)
     rows = []
@@ -223,8 +230,9 @@ def main() -> None:
              f" median of {args.reps} interleaved rounds")
     path = common.write_results(
         "train",
-        {"environment": env, "args": vars(args), "skipped": skipped, "note": args.note, "rows": rows},
+        {"environment": env, "args": vars(args), "skipped": skipped + unknown, "note": args.note, "rows": rows},
         {title: table},
+        args.results_dir,
     )
     print(f"results: {path}")
 

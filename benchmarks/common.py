@@ -37,8 +37,10 @@ from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# name -> (hidden, layers, heads, mlp); patch 16, as in the ViT paper.
+# name -> (hidden, layers, heads, mlp); patch 16, as in the ViT paper. vit_micro is no real
+# model: two small blocks, for smoke runs of the scripts (gpu_suite.py --smoke).
 MODELS = {
+    "vit_micro": (64, 2, 2, 128),
     "vit_ti16": (192, 12, 3, 768),
     "vit_s16": (384, 12, 6, 1536),
     "vit_b16": (768, 12, 12, 3072),
@@ -58,6 +60,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, reps: int) -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     parser.add_argument("--compile", action="store_true", help="add torch.compile(fullgraph=True) rows")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine loaded')")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON and .md go")
+    parser.add_argument("--compile-only", action="store_true", help="only the compiled (+c) rows (implies --compile)")
 
 
 def build_vit(name: str, image_size: int, seed: int = 0) -> nn.Module:
@@ -115,8 +119,22 @@ def interleaved_medians(
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {
-        name: {"median_s": statistics.median(t), "min_s": min(t), "reps": len(t)} for name, t in times.items()
+        name: {"median_s": statistics.median(t), "min_s": min(t), "reps": len(t), "times_s": t}
+        for name, t in times.items()
     }
+
+
+def ratio(row: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Median over rounds of ``row``'s time / ``ref``'s time in the same round.
+
+    Both ran in the same round, seconds apart, so load that drifts between rounds cancels in
+    each ratio; a median of medians would not cancel it. Rows without per-round times
+    (older results) fall back to the ratio of medians.
+    """
+    a, b = row.get("times_s"), ref.get("times_s")
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return row["median_s"] / ref["median_s"]
 
 
 class SavedTensors:
@@ -199,6 +217,16 @@ def measure_step_memory(model: nn.Module, step: Callable[[], None], forward: Cal
     return result
 
 
+def cuda_step_peak(step: Callable[[], None]) -> int:
+    """``torch.cuda.max_memory_allocated()`` during one ``step()`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def probe_in_subprocess(script: Path, args: list[str], timeout: float = 1800) -> dict:
     """Run ``script --probe ...`` in a fresh interpreter and parse its JSON line."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
@@ -213,6 +241,13 @@ def probe_in_subprocess(script: Path, args: list[str], timeout: float = 1800) ->
         if line.startswith("{"):
             return json.loads(line)
     return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+
+
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (from ``/proc/cpuinfo``), or ``"?"``."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    return platform.processor() or "?"
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -236,11 +271,10 @@ def environment(device: str) -> dict[str, Any]:
     import lora_vit
 
     info["lora_vit"] = lora_vit.__version__
+    info["cpu"] = cpu_model()  # recorded on GPU runs too: CPU figures depend on it, GPU ones on the host less
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-    else:
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-            info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+        info["cuda"] = torch.version.cuda
     return info
 
 
@@ -272,22 +306,34 @@ class Table:
         return "\n".join([head, rule, *body])
 
 
-def write_results(kind: str, payload: dict[str, Any], tables: dict[str, Table]) -> Path:
-    """Write ``results/<kind>-<UTC time>.json`` and a ``.md`` twin; return the JSON path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(
+    kind: str, payload: dict[str, Any], tables: dict[str, Table], directory: Path = RESULTS
+) -> Path:
+    """Write ``<directory>/<kind>-<UTC time>.json`` and a ``.md`` twin; return the JSON path.
+
+    Every row is stamped with the device it ran on (the CPU model for CPU rows) and the
+    number of interleaved rounds behind its median, so a figure copied elsewhere keeps both.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     payload = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), **payload}
-    payload["environment"]["loadavg_end"] = os.getloadavg()
-    path = RESULTS / f"{kind}-{stamp}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
     env = payload["environment"]
+    env["loadavg_end"] = os.getloadavg()
+    where = env.get("gpu") if env["device"] == "cuda" else env.get("cpu")
+    rounds = payload.get("args", {}).get("reps")
+    for row in payload.get("rows", []):
+        row.setdefault("device_model", where)
+        row.setdefault("rounds", rounds)
+    path = directory / f"{kind}-{stamp}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     md = [
         f"# {kind} benchmark, {stamp}",
         "",
         f"- command: `{payload['command']}`",
-        f"- device: {env['device']} ({env.get('gpu') or env.get('cpu')}), {env['cpu_count']} CPUs,"
+        f"- device: {env['device']} ({where}; CPU {env.get('cpu')}), {env['cpu_count']} CPUs,"
         f" torch {env['torch']} ({env['torch_threads']} threads), transformers {env.get('transformers')},"
         f" peft {env.get('peft', 'not installed')}, lora_vit {env['lora_vit']}",
+        f"- interleaved rounds per figure: {rounds} (each figure is the median over them)",
         f"- load average at start / end: {env['loadavg_start']} / {env['loadavg_end']}",
         "",
     ]

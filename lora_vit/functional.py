@@ -7,13 +7,17 @@ per adapted layer, a dropped copy of the input (for ``dA``) and the mask (for ``
 three extra activations per q/k/v triple, the bulk of a LoRA step's memory overhead. Here the
 node saves only ``x`` (q, k and v receive the same tensor, so it is stored once per block),
 the small ``(N, r)`` hidden and a 0-dim seed; the mask is regenerated from the seed in
-backward. ``dx`` is one ``addmm`` on top of the LoRA term.
+backward. ``dx`` is the floor's own matmul with the rank-r term added into it in place (or,
+without dropout at full precision, one matmul with ``W + Bs @ A``: see :func:`_folds`), and
+the eager mask is a 1.0 / 0.0 tensor in the input's dtype, so every multiply by it is a
+same-dtype vectorised one.
 
 Dropout semantics: each call draws an independent Bernoulli keep-mask over the elements of
 ``x`` (independent per layer, per step); kept elements are scaled by ``1 / keep_prob``. The
 mask is cut from 16-bit random lanes, so ``p`` is rounded to a multiple of ``2**-16``
-(0.1 -> 0.100006) and the scaling uses the exact keep probability. Eager mode draws from
-torch's generator seeded by the global RNG (reproducible under ``torch.manual_seed``);
+(0.1 -> 0.100006) and the scaling uses the exact keep probability. Eager mode draws a seed
+from torch's global RNG (reproducible under ``torch.manual_seed``) and cuts the lanes from the
+words of a generator seeded with it (NumPy's PCG64DXSM on CPU, torch's on other devices);
 under ``torch.compile`` a counter-based hash of (seed, element index) is used, which inductor
 fuses into neighbouring kernels. The two modes give different (equally distributed) masks.
 Double backward is not supported.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,17 +63,30 @@ def _hashed_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device)
     return (h & (_LANES - 1)) >= drop
 
 
-def _generated_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device) -> Tensor:
-    # One 64-bit draw yields four 16-bit lanes: several times cheaper than bernoulli_ on CPU.
+def _random_words(count: int, seed: Tensor, device: torch.device) -> Tensor:
+    """``count`` uniformly random 64-bit words (int64) on ``device``, determined by ``seed``."""
+    if device.type == "cpu":
+        # NumPy's PCG64DXSM fills words 2-3x faster than torch's CPU generator (a serial
+        # mt19937): drawing the mask twice per layer and step is most of dropout's eager cost.
+        return torch.from_numpy(np.random.PCG64DXSM(int(seed)).random_raw(count).view(np.int64))
     generator = torch.Generator(device).manual_seed(int(seed))
-    words = torch.randint(
-        -(1 << 63), (1 << 63) - 1, ((numel + 3) // 4,), dtype=torch.int64, device=device, generator=generator
-    )
-    return words.view(torch.int16)[:numel] >= drop - (1 << (_LANE_BITS - 1))
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (count,), dtype=torch.int64, device=device, generator=generator)
 
 
-def _keep_mask(shape: torch.Size, p: float, seed: Tensor, device: torch.device, regenerate: bool) -> Tensor:
-    """The keep-mask drawn from ``seed``: the same seed gives the same mask."""
+def _generated_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    # One 64-bit word yields four 16-bit lanes: several times cheaper than bernoulli_ on CPU.
+    words = _random_words((numel + 3) // 4, seed, device)
+    # The comparison is written straight into the input's dtype (1.0 kept, 0.0 dropped): the
+    # multiplies by the mask are then same-dtype, vectorised ones, where a bool mask makes
+    # each of them a mixed-type multiply that is several times slower on CPU.
+    keep = torch.empty(numel, dtype=dtype, device=device)
+    return torch.ge(words.view(torch.int16)[:numel], drop - (1 << (_LANE_BITS - 1)), out=keep)
+
+
+def _keep_mask(
+    shape: torch.Size, p: float, seed: Tensor, device: torch.device, dtype: torch.dtype, regenerate: bool
+) -> Tensor:
+    """The keep-mask drawn from ``seed`` (bool, or 1.0 / 0.0 in ``dtype``): the same seed gives the same mask."""
     drop = round(p * _LANES)
     if torch.compiler.is_compiling():
         if regenerate:
@@ -76,7 +94,7 @@ def _keep_mask(shape: torch.Size, p: float, seed: Tensor, device: torch.device, 
             # elimination cannot fold the two masks into one saved tensor.
             seed = seed.neg().neg()
         return _hashed_keep_mask(shape.numel(), drop, seed, device).view(shape)
-    return _generated_keep_mask(shape.numel(), drop, seed, device).view(shape)
+    return _generated_keep_mask(shape.numel(), drop, seed, device, dtype).view(shape)
 
 
 def _new_seed(device: torch.device) -> Tensor:
@@ -86,26 +104,51 @@ def _new_seed(device: torch.device) -> Tensor:
     return torch.randint(_SEED_LIMIT, (), dtype=torch.int64, device=where)
 
 
+def _folds(x2: Tensor, weight: Tensor, a: Tensor, scaled_b: Tensor, p: float) -> bool:
+    """Whether the update is better added to the weight than to the output, with no precision lost.
+
+    Without dropout, ``x @ W.T + (x @ A.T) @ Bs.T == x @ (W + Bs @ A).T``. Forming ``W + Bs @ A``
+    costs one pass over the ``(out, in)`` weight; adding the rank-r term to the output costs
+    a pass over the ``(N, out)`` output (and a skinny matmul over ``x`` in inference): folding
+    wins once there are at least as many rows as features. Only at full precision (fp32 or
+    fp64, no autocast): rounding ``W + Bs @ A`` to bf16 could swallow a small update whole.
+    """
+    return (
+        p == 0
+        and x2.shape[0] >= max(weight.shape)
+        and weight.dtype in (torch.float32, torch.float64)
+        and x2.dtype == weight.dtype == a.dtype == scaled_b.dtype
+        and not torch.is_autocast_enabled(x2.device.type)
+    )
+
+
+def _folded_weight(weight: Tensor, a: Tensor, scaled_b: Tensor) -> Tensor:
+    return torch.addmm(weight, scaled_b, a)
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor, p: float
     ) -> Tensor:
-        out = F.linear(x2, weight, bias)
+        folded = _folds(x2, weight, a, scaled_b, p)
+        out = F.linear(x2, _folded_weight(weight, a, scaled_b) if folded else weight, bias)
         dtype = out.dtype  # the autocast dtype when autocast is on
         scale = 1.0
         seed = None  # no mask to regenerate
         if p > 0:
             seed = _new_seed(x2.device)
-            keep = _keep_mask(x2.shape, p, seed, x2.device, regenerate=False)
+            keep = _keep_mask(x2.shape, p, seed, x2.device, dtype, regenerate=False)
             scale = 1.0 / keep_probability(p)
-            # Multiplying by the bool mask is ~2x faster than torch.where on CPU.
-            hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
+            # The mask's buffer becomes the dropped input (in the compute dtype): no new (N, in) tensor.
+            dropped = keep.mul_(x2) if keep.dtype == dtype else (x2 * keep).to(dtype)
+            hidden = F.linear(dropped, (a * scale).to(dtype))
         else:
-            hidden = F.linear(x2.to(dtype), a.to(dtype))
-        out.addmm_(hidden, scaled_b.to(dtype).t())
+            hidden = F.linear(x2.to(dtype), a.to(dtype))  # kept for dB
+        if not folded:
+            out.addmm_(hidden, scaled_b.to(dtype).t())
         ctx.save_for_backward(x2, weight, a, scaled_b, hidden, seed)
-        ctx.p, ctx.scale = p, scale
+        ctx.p, ctx.scale, ctx.folded = p, scale, folded
         # 2-D in, 2-D out, reshaped by the caller: a view made here would forbid callers'
         # in-place ops on the result (timm's EVA does ``qkv += bias``).
         return out
@@ -115,23 +158,36 @@ class _LoRALinear(torch.autograd.Function):
         x2, weight, a, scaled_b, hidden, seed = ctx.saved_tensors
         dtype = grad.dtype
         g2 = grad
-        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, regenerate=True) if ctx.p > 0 else None
-        grad_hidden = (g2 @ scaled_b.to(dtype)) * ctx.scale
+        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, dtype, regenerate=True) if ctx.p > 0 else None
+        grad_hidden = g2 @ scaled_b.to(dtype)  # (N, R), fresh: scaled in place
+        if ctx.scale != 1.0:
+            grad_hidden.mul_(ctx.scale)
         grad_x = grad_w = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            lora = grad_hidden @ a.to(dtype)
-            if keep is not None:
-                lora.mul_(keep)
-            grad_x = torch.addmm(lora, g2, weight.to(dtype)).to(x2.dtype)
+            # Matmuls accumulate into an existing (N, in) tensor in place (addmm_): no
+            # temporary is copied into a fresh output, and each case allocates one buffer.
+            if ctx.folded:  # dx = g @ (W + Bs @ A), as in forward
+                grad_x = g2 @ _folded_weight(weight, a, scaled_b)
+            elif keep is None:
+                grad_x = (g2 @ weight.to(dtype)).addmm_(grad_hidden, a.to(dtype))
+            else:  # the masked rank-r term, then the floor's matmul accumulated onto it: one (N, in) buffer
+                grad_x = (grad_hidden @ a.to(dtype)).mul_(keep).addmm_(g2, weight.to(dtype))
+            grad_x = grad_x.to(x2.dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (g2.t() @ x2.to(dtype)).to(weight.dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0).to(weight.dtype)
         if ctx.needs_input_grad[3]:
-            dropped = x2 * keep if keep is not None else x2
-            grad_a = (grad_hidden.t() @ dropped.to(dtype)).to(a.dtype)
+            if keep is None:
+                dropped = x2.to(dtype)
+            elif keep.dtype != dtype:  # compiled: a bool mask
+                dropped = (x2 * keep).to(dtype)
+            else:  # the mask is not needed after this: its buffer becomes the dropped input
+                dropped = keep.mul_(x2)
+            grad_a = (grad_hidden.t() @ dropped).to(a.dtype)
         if ctx.needs_input_grad[4]:
-            grad_b = (g2.t() @ hidden).to(scaled_b.dtype)
+            # (R, N) @ (N, out) reads g2 row-major; g2.t() @ hidden would copy g2 transposed first.
+            grad_b = (hidden.t() @ g2).t().to(scaled_b.dtype)
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
@@ -149,8 +205,23 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scale
     Returns:
         ``(*, out_features)``, in the dtype ``F.linear`` gives (the autocast dtype under autocast).
     """
-    out = _LoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, scaled_b, p)
+    x2 = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, weight, bias, a, scaled_b)
+    )
+    if p == 0 and not needs_grad:
+        out = _no_grad_forward(x2, weight, bias, a, scaled_b)  # inference: no autograd node to build
+    else:
+        out = _LoRALinear.apply(x2, weight, bias, a, scaled_b, p)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _no_grad_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scaled_b: Tensor) -> Tensor:
+    if _folds(x2, weight, a, scaled_b, 0.0):
+        return F.linear(x2, _folded_weight(weight, a, scaled_b), bias)
+    out = F.linear(x2, weight, bias)
+    dtype = out.dtype
+    return out.addmm_(F.linear(x2.to(dtype), a.to(dtype)), scaled_b.to(dtype).t())
 
 
 class _DoRALinear(torch.autograd.Function):
@@ -176,7 +247,7 @@ class _DoRALinear(torch.autograd.Function):
         seed = None
         if p > 0:
             seed = _new_seed(x2.device)
-            keep = _keep_mask(x2.shape, p, seed, x2.device, regenerate=False)
+            keep = _keep_mask(x2.shape, p, seed, x2.device, x2.dtype, regenerate=False)
             scale = 1.0 / keep_probability(p)
             hidden = F.linear((x2 * keep).to(dtype), (a * scale).to(dtype))
         else:
@@ -190,7 +261,7 @@ class _DoRALinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x2, weight, bias, a, scaled_b, hidden, seed, row_scale, out = ctx.saved_tensors
         dtype = grad.dtype
-        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, regenerate=True) if ctx.p > 0 else None
+        keep = _keep_mask(x2.shape, ctx.p, seed, x2.device, x2.dtype, regenerate=True) if ctx.p > 0 else None
         if torch.compiler.is_compiling():
             # Spelled differently from the forward's, so that common-subexpression elimination
             # cannot fold the backward's g * W into the forward's and make the partitioner save

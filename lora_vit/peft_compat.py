@@ -459,7 +459,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pa
     Ranks come from the tensors (checked against ``r``/``rank_pattern``), alphas from
     ``lora_alpha``/``alpha_pattern`` with PEFT's matching rules, ``use_rslora``, ``use_dora``
     (DoRA magnitudes from ``lora_magnitude_vector``) and ``lora_dropout`` from the config;
-    ``modules_to_save`` become ``trainable`` modules. The result computes what ``peft.PeftModel.from_pretrained(base, directory)`` computes. Only
+    ``modules_to_save`` become ``trainable`` modules. The result computes what
+    ``peft.PeftModel.from_pretrained(base, directory)`` computes. Only
     ``adapter_model.safetensors`` is read (never a pickled ``.bin``). Everything is validated
     before the model is touched, so a failed load leaves it unchanged.
 
