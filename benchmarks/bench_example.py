@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     title = (f"Example training step (LoRA {config.lora_target_modules} r={config.lora_r} + head), batch {args.batch},"
              f" {args.image_size} px, {args.device}, median of {args.reps} interleaved rounds")
     path = common.write_results("example", {"environment": env, "args": vars(args), "note": args.note, "rows": rows},
-                                {title: table})
+                                {title: table}, args.results_dir)
     print(f"results: {path}")
     return rows
 
