@@ -300,9 +300,14 @@ class LoRALinear(nn.Module):
             col += s.r
         return out
 
+    def merge_dtype(self) -> torch.dtype:
+        """Float32, or the base dtype where it is wider (a float64 base merges in float64)."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
     def delta_weight(self) -> Tensor:
-        """The update ``scaling * B @ A`` in float32: ``(out_features, in_features)``."""
-        return self.scaled_b(torch.float32) @ self.stacked_a().to(torch.float32)
+        """The update ``scaling * B @ A`` in :meth:`merge_dtype`: ``(out_features, in_features)``."""
+        wide = self.merge_dtype()
+        return self.scaled_b(wide) @ self.stacked_a().to(wide)
 
     def row_norms(self) -> Tensor:
         """``||W + scaling * B @ A||`` per output row, without forming that matrix: ``(out_features,)``.
@@ -345,13 +350,17 @@ class LoRALinear(nn.Module):
         return lora_linear(x, self.weight, self.bias, a, scaled_b, p)
 
     def merged_weight(self) -> Tensor:
-        """``W + scaling * B @ A`` (DoRA: each row rescaled to ``m_i / ||row||``), in float32, rounded once."""
+        """``W + scaling * B @ A`` (DoRA: each row rescaled to ``m_i / ||row||``), in float32, rounded once.
+
+        A float64 base is merged in float64 (see :meth:`merge_dtype`).
+        """
         with torch.no_grad():
-            merged = self.weight.to(torch.float32) + self.delta_weight()
+            wide = self.merge_dtype()
+            merged = self.weight.to(wide) + self.delta_weight()
             if self.use_dora:
                 # Dense and exact here: merging may form the (out, in) matrix the step avoids.
-                norms = torch.linalg.vector_norm(merged, dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-                merged = merged * self.row_scale(norms).to(torch.float32)[:, None]
+                norms = torch.linalg.vector_norm(merged, dim=1).clamp_min(torch.finfo(wide).tiny)
+                merged = merged * self.row_scale(norms).to(wide)[:, None]
             return merged.to(self.weight.dtype)
 
     def merged_linear(self) -> nn.Linear:

@@ -152,8 +152,12 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         """Every slice's ``scaling * B`` at its rows: ``(3 * embed_dim, sum of ranks)``."""
         return LoRALinear.scaled_b(self, dtype)  # type: ignore[arg-type]
 
+    def merge_dtype(self) -> torch.dtype:
+        """Float32, or the base dtype where it is wider."""
+        return LoRALinear.merge_dtype(self)  # type: ignore[arg-type]
+
     def delta_weight(self) -> Tensor:
-        """The in-projection update ``scaling * B @ A`` in float32: ``(3 * embed_dim, embed_dim)``."""
+        """The in-projection update ``scaling * B @ A`` in :meth:`merge_dtype`: ``(3 * embed_dim, embed_dim)``."""
         return LoRALinear.delta_weight(self)  # type: ignore[arg-type]
 
     def merged_weight(self) -> Tensor:

@@ -95,3 +95,17 @@ def test_merge_keeps_trainable_head_and_frozen_base_flags():
     merge_lora(model)
     assert not model.stem.weight.requires_grad
     assert model.readout.weight.requires_grad
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_float64_base_merges_in_float64(use_dora):
+    base = nn.Linear(24, 12).double()
+    layer = LoRALinear(copy.deepcopy(base), r=3, alpha=6, dropout=0.0, use_dora=use_dora)
+    randomise_adapters(layer, 0.3)
+    dense = base.weight.detach() + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()  # alpha / r = 2
+    if use_dora:
+        dense = dense * (layer.lora_magnitude.detach() / dense.norm(dim=1))[:, None]
+    merged = layer.merged_linear()
+    assert merged.weight.dtype == torch.float64
+    # Summed in float32 this differs by ~1e-8; in float64 only by float64 rounding.
+    torch.testing.assert_close(merged.weight.detach(), dense, rtol=1e-13, atol=1e-14)
