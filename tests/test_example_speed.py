@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
+from madlab import speed
 from madlab.app import available_cores, threads
 from madlab.config import Config, ConfigError, apply_overrides
 from madlab.data import Sample
@@ -78,9 +79,15 @@ def test_threads_default_to_the_cores_and_one_for_the_smoke_model() -> None:
         apply_overrides(Config(), ["lora_init=zeros"])
 
 
-def test_precision_and_compile_defaults_follow_the_device() -> None:
+def test_precision_and_compile_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     config = Config()
     assert resolve_precision(config, CPU) == "fp32" and not resolve_compile(config, CPU)
+    # CPU bf16 only where it measured faster: a ViT-B-wide backbone on a CPU with AMX-bf16.
+    for amx, width, expected in [(True, 768, "bf16"), (True, 1024, "bf16"), (True, 384, "fp32"),
+                                 (True, None, "fp32"), (False, 768, "fp32"), (False, 1024, "fp32")]:
+        monkeypatch.setattr(speed, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        assert resolve_precision(config, CPU, width) == expected, (amx, width)
+    assert resolve_precision(apply_overrides(config, ["precision=fp32"]), CPU, 1024) == "fp32"
     forced = apply_overrides(config, ["precision=bf16", "compile=true"])
     assert resolve_precision(forced, CPU) == "bf16" and resolve_compile(forced, CPU)
     if torch.cuda.is_available():

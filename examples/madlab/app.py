@@ -293,8 +293,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     result = train(model, train_set, dev_set, config, out / "train_log.csv", env.progress, env.say,
                    state_path=out / STATE_FILE, resume=resume)
     dev_labels = np.array([s.label for s in dev_set.samples])
-    dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False,
-                            precision=resolve_precision(config, d.device), num_workers=config.num_workers)
+    precision = resolve_precision(config, d.device, model.spec.hidden_size)
+    dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False, precision=precision,
+                            num_workers=config.num_workers)
     threshold = choose_threshold(dev_scores, dev_labels, config.threshold_rule)
     env.say(f"best epoch {result.best_epoch} (by {config.selection_metric}) restored: dev loss"
             f" {result.best_dev_loss:.4f}, dev D-EER {100 * result.best_dev_eer:.1f}%;"
@@ -406,7 +407,8 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     dataset = _datasets(test, model.spec, config)
     device = current().device
     scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress,
-                        precision=resolve_precision(config, device), num_workers=config.num_workers,
+                        precision=resolve_precision(config, device, model.spec.hidden_size),
+                        num_workers=config.num_workers,
                         net=compiled(model, resolve_compile(config, device)))
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]

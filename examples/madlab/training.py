@@ -153,7 +153,8 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
     if first_epoch and config.use_early_stopping and since_best >= config.patience:
         epochs, stopped = range(0), True  # the checkpointed run had already stopped early
     bar = tqdm(epochs, desc=f"training ({config.strategy})", disable=not (progress and d.main), leave=False)
-    precision = resolve_precision(config, d.device)
+    width = getattr(getattr(model, "spec", None), "hidden_size", None)
+    precision = resolve_precision(config, d.device, width)
     compile_on = resolve_compile(config, d.device)
     say(f"precision {precision}, {'compiled' if compile_on else 'eager'}, {torch.get_num_threads()} threads,"
         f" {train_set.cached}/{len(train_set)} training images cached")
