@@ -361,5 +361,15 @@ def dora_linear(
     Returns:
         ``(*, out_features)``, in the dtype ``F.linear`` gives.
     """
-    out = _DoRALinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, a, scaled_b, row_scale, p)
+    x2 = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x2, weight, bias, a, scaled_b, row_scale)
+    )
+    if p == 0 and not needs_grad and _folds(x2, weight, a, scaled_b, 0.0):
+        # Inference at full precision with many tokens: one matmul with g * (W + Bs A), the
+        # weight merge_lora would store, instead of the hidden, its product and a pass over
+        # the output. No autograd node is built.
+        out = F.linear(x2, _scale_rows(_folded_weight(weight, a, scaled_b), row_scale), bias)
+    else:
+        out = _DoRALinear.apply(x2, weight, bias, a, scaled_b, row_scale, p)
     return out.view(*x.shape[:-1], out.shape[-1])

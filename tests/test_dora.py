@@ -318,3 +318,20 @@ def test_dora_trains_through_parents_that_add_to_its_output_in_place():
     (reference.qkv(x) + reference.q_bias).square().sum().backward()
     for name, _ in model.qkv.adapter_shapes():
         torch.testing.assert_close(getattr(model.qkv, name).grad, getattr(reference.qkv, name).grad, msg=name)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_with_many_tokens_folds_and_matches_the_float64_formula(sliced, dtype, monkeypatch):
+    import lora_vit.functional as functional
+
+    layer = make_layer(sliced, dtype=dtype).eval()
+    x = torch.randn(2, 4 * max(IN, OUT), IN, dtype=dtype)  # tokens >= features: the folded path
+    want, _, _ = dense_reference(layer, x)
+    node = layer(x).detach()  # with gradients on: through the autograd node
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(functional._DoRALinear, "apply", None)  # the folded path must not call it
+        folded = layer(x)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(folded.double(), want.detach(), **tol)
+    torch.testing.assert_close(folded, node, **tol)
