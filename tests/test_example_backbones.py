@@ -394,3 +394,36 @@ def test_a_folder_missing_encoder_weights_is_refused_not_filled_randomly(tmp_pat
               metadata={"format": "pt"})
     with pytest.raises(BackboneError, match=r"lacks \d+ weights of its 'dinov2' vision encoder"):
         load_backbone(tmp_path / "d")
+
+
+def test_compare_overwrite_reaches_train_only_and_every_child_command_parses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compare --overwrite`` once passed ``--overwrite`` to ``test`` too, which has no such flag."""
+    import subprocess
+
+    from madlab import app
+    from madlab.config import Config
+
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"trainable_params": 1, "checkpoint_bytes": 1024, "train_seconds": 1.0, "peak_rss_mb": 1.0,
+                   "train_state_mb": 0.0, "best_epoch": 0}
+        metrics = {"overall": {"d_eer": 0.5, "auc": 0.5}, "worst_case": {"d_eer": {"value": 0.5}}}
+        (out / "train_summary.json").write_text(json.dumps(summary))
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(app.subprocess, "run", fake_run)
+    config = Config(backbone=str(tmp_path / "some-folder"), output_dir=str(tmp_path / "out"))
+    env = app.Env(cache_dir=tmp_path / "cache", progress=False, say=lambda _: None)
+    app.run_compare(config, [], env, Path(morph_detection.__file__), overwrite=True)
+    parser = morph_detection.build_parser()
+    assert [c[2] for c in calls] == ["train", "test"] * len(app.COMPARE_STRATEGIES)
+    for cmd in calls:
+        assert ("--overwrite" in cmd) == (cmd[2] == "train"), cmd
+        parser.parse_args(cmd[2:])  # exits (SystemExit) on an argument the command does not take

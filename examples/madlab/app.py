@@ -489,13 +489,11 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
     for name, preset in COMPARE_STRATEGIES.items():
         sub = out / name
         quiet = [] if env.progress else ["--no_progress"]
-        if overwrite:
-            quiet.append("--overwrite")
-        else:
+        if not overwrite:
             check_output_dir(sub, resume=False, overwrite=False)
         # The parent resolved the cache (flag, $LORA_VIT_CACHE or default); children must use the same one.
         train_cmd = [sys.executable, str(entry), "train", "--cache_dir", str(cache_root(env.cache_dir)),
-                     "--output_dir", str(sub), *quiet]
+                     "--output_dir", str(sub), *quiet, *(["--overwrite"] if overwrite else [])]  # test has no such flag
         for item in [*preset, *overrides]:
             train_cmd += ["--override", item]
         if config.data:
