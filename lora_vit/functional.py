@@ -122,6 +122,11 @@ def _folds(x2: Tensor, weight: Tensor, a: Tensor, scaled_b: Tensor, p: float) ->
     )
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (else no node need be built)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _folded_weight(weight: Tensor, a: Tensor, scaled_b: Tensor) -> Tensor:
     return torch.addmm(weight, scaled_b, a)
 
@@ -206,10 +211,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, scale
         ``(*, out_features)``, in the dtype ``F.linear`` gives (the autocast dtype under autocast).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x2, weight, bias, a, scaled_b)
-    )
-    if p == 0 and not needs_grad:
+    if p == 0 and not _needs_grad(x2, weight, bias, a, scaled_b):
         out = _no_grad_forward(x2, weight, bias, a, scaled_b)  # inference: no autograd node to build
     else:
         out = _LoRALinear.apply(x2, weight, bias, a, scaled_b, p)
@@ -362,10 +364,7 @@ def dora_linear(
         ``(*, out_features)``, in the dtype ``F.linear`` gives.
     """
     x2 = x.reshape(-1, x.shape[-1])
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x2, weight, bias, a, scaled_b, row_scale)
-    )
-    if p == 0 and not needs_grad and _folds(x2, weight, a, scaled_b, 0.0):
+    if p == 0 and not _needs_grad(x2, weight, bias, a, scaled_b, row_scale) and _folds(x2, weight, a, scaled_b, 0.0):
         # Inference at full precision with many tokens: one matmul with g * (W + Bs A), the
         # weight merge_lora would store, instead of the hidden, its product and a pass over
         # the output. No autograd node is built.

@@ -63,6 +63,10 @@ class LoRASlice:
     def scaling(self, use_rslora: bool) -> float:
         return self.alpha / (math.sqrt(self.r) if use_rslora else self.r)
 
+    def config(self) -> dict[str, Any]:
+        """The JSON-ready entry a layer's ``config()`` records for this slice."""
+        return {"name": self.name, "start": self.start, "stop": self.stop, "r": self.r, "alpha": self.alpha}
+
 
 def check_rank(r: object, limit: int, where: str) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -390,10 +394,7 @@ class LoRALinear(nn.Module):
             "use_rslora": self.use_rslora,
             # Only when set, so that configs (and files) of plain LoRA layers stay as before.
             **({"use_dora": True} if self.use_dora else {}),
-            "slices": [
-                {"name": s.name, "start": s.start, "stop": s.stop, "r": s.r, "alpha": s.alpha}
-                for s in self.slices
-            ],
+            "slices": [s.config() for s in self.slices],
         }
 
     @classmethod

@@ -239,10 +239,7 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             "num_heads": self.num_heads,
             "dropout": self.lora_dropout,
             "use_rslora": self.use_rslora,
-            "slices": [
-                {"name": s.name, "start": s.start, "stop": s.stop, "r": s.r, "alpha": s.alpha}
-                for s in self.slices
-            ],
+            "slices": [s.config() for s in self.slices],
         }
 
     @classmethod
