@@ -7,6 +7,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest
 import torch
 from hypothesis import settings
+from torch._dynamo.utils import counters
 from vision_support import define_missing_torchvision_ops
 
 # Before anything imports torchvision (transformers and timm do when it is installed).
@@ -20,3 +21,13 @@ settings.load_profile("ci" if os.environ.get("CI") else "default")
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters empty before the test and its caches emptied after, so
+    graph and graph-break counts belong to this test alone."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

@@ -11,6 +11,8 @@ from torch._dynamo.utils import counters
 
 from lora_vit import LoRALinear, inject_lora, merge_lora
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 FAMILIES = {
     "timm": (TimmStyleViT, lambda: torch.randn(2, 3, 32, 32)),
     "hf4": (HF4StyleViT, lambda: torch.randn(2, 5, 32)),
@@ -20,14 +22,6 @@ FAMILIES = {
 
 def output(result):
     return result if isinstance(result, torch.Tensor) else result.last_hidden_state
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def adapted(build, dropout=0.0):

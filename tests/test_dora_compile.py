@@ -11,18 +11,12 @@ from torch._dynamo.utils import counters
 
 from lora_vit import LoRALinear, inject_lora, merge_lora
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 FAMILIES = {
     "timm": (TimmStyleViT, lambda: torch.randn(2, 3, 32, 32)),  # fused qkv: DoRA on q/v slices
     "hf4": (HF4StyleViT, lambda: torch.randn(2, 5, 32)),
 }
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def adapted(build, dropout=0.0):

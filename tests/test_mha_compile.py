@@ -11,15 +11,9 @@ from torch._dynamo.utils import counters
 
 from lora_vit import LoRALinear, LoRAMultiheadAttention, inject_lora, merge_lora
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 FAMILIES = {"torchvision": TorchvisionStyleViT, "open_clip": OpenClipStyleViT}
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def adapted(build, dropout=0.0):

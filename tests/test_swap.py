@@ -12,13 +12,7 @@ from torch._dynamo.utils import counters
 
 from lora_vit import LoRAError, inject_lora, load_lora, load_lora_state_dict, lora_state_dict, save_lora
 
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def trained(base, seed):

@@ -79,14 +79,6 @@ def test_a_model_without_adapters_is_refused():
         pass
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("family", ["timm", "torchvision"])
 def test_compiled_model_adds_one_graph_for_the_disabled_state_and_no_break(family, fresh_dynamo):
     build, make_input = FAMILIES[family]
