@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAError
-from .functional import dora_linear, dora_row_norms, keep_probability, lora_linear
+from .functional import as_base_weight, dora_linear, dora_row_norms, keep_probability, lora_linear
 
 __all__ = ["INITS", "LoRALinear", "LoRASlice"]
 
@@ -236,6 +236,7 @@ class LoRALinear(nn.Module):
 
         self.weight = base.weight
         self.bias = base.bias
+        self.base_requires_grad = base.weight.requires_grad  # before inject_lora freezes it: see disable_lora
         device, dtype = base.weight.device, base.weight.dtype
         for s in self.slices:
             a = torch.empty(s.r, self.in_features, device=device, dtype=dtype)
@@ -343,7 +344,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._lora_disabled:
-            return F.linear(x, self.weight, self.bias)
+            # Only a non-contiguous batched input lets ATen's kernel depend on requires_grad.
+            folded = x.dim() > 2 and not x.is_contiguous()
+            return F.linear(x, as_base_weight(self.weight, folded and self.base_requires_grad), self.bias)
         # One autograd node (see functional.py): no dropped copy of x is kept for backward.
         p = self.dropout if self.training else 0.0
         a, scaled_b = self.stacked_a(), self.scaled_b()

@@ -41,7 +41,7 @@ from torch.nn.modules.activation import _arg_requires_grad, _check_arg_device, _
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .errors import LoRAError
-from .functional import lora_linear
+from .functional import as_base_weight, lora_linear
 from .layer import LoRALinear, _build_slices, check_dropout, check_init
 
 __all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "qkv_bounds"]
@@ -191,6 +191,8 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         if base.bias_k is None:
             self.bias_k = self.bias_v = None
         self.out_proj = base.out_proj
+        projection = base.in_proj_weight if base._qkv_same_embed_dim else base.q_proj_weight
+        self.base_requires_grad = projection.requires_grad  # before inject_lora freezes it: see disable_lora
         self.in_features = self.embed_dim
         self.out_features = 3 * self.embed_dim
         self.lora_dropout = check_dropout(dropout)
@@ -355,19 +357,26 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
 
-    def _merged_weights(self, adapted: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        in_weight = self.merged_weight() if self.slices and adapted else self.in_proj_weight
+    def _merged_weights(self, adapted: bool) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor | None]:
+        """``((in_proj, q_proj, k_proj, v_proj), out_proj weight, out_proj bias)`` for PyTorch's attention."""
+        projections: tuple[Tensor | None, ...] = (
+            self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        )
+        if not adapted:  # the base module's function: its weights presented as it held them
+            projections = tuple(None if w is None else as_base_weight(w, self.base_requires_grad) for w in projections)
+        elif self.slices:
+            projections = (self.merged_weight(), *projections[1:])
         out_proj = self.out_proj
         out_adapted = adapted and isinstance(out_proj, LoRALinear) and not out_proj._lora_disabled
         out_weight = out_proj.merged_weight() if out_adapted else out_proj.weight  # type: ignore[operator]
-        return in_weight, out_weight, out_proj.bias
+        return projections, out_weight, out_proj.bias
 
     def _merged_forward(
         self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, need_weights: bool,
         attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool, adapted: bool = True,
     ) -> tuple[Tensor, Tensor | None]:
         # nn.MultiheadAttention.forward's own logic, with the merged weights in place of its Parameters.
-        in_weight, out_weight, out_bias = self._merged_weights(adapted)
+        (in_weight, q_weight, k_weight, v_weight), out_weight, out_bias = self._merged_weights(adapted)
         float_mask = (attn_mask is not None and torch.is_floating_point(attn_mask)) or (
             key_padding_mask is not None and torch.is_floating_point(key_padding_mask)
         )
@@ -412,8 +421,8 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             query, key, value, self.embed_dim, self.num_heads, in_weight, self.in_proj_bias, self.bias_k,
             self.bias_v, self.add_zero_attn, self.dropout, out_weight, out_bias, training=self.training,
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
-            k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=q_weight,
+            k_proj_weight=k_weight, v_proj_weight=v_weight,
             average_attn_weights=average_attn_weights, is_causal=is_causal,
         )
         if self.batch_first and batched:
