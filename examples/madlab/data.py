@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from .errors import MadlabError
 from .identities import identities_from_name, leaks, parse_identity_pattern, partition_identities, straddling
 from .morphs import morph
+from .pixels import UNREADABLE, UnreadableImageError, load_pixels
 
 __all__ = [
     "DataError",
@@ -28,8 +28,10 @@ __all__ = [
     "assign_splits",
     "check_splits",
     "embedded_samples",
+    "evaluation_samples",
     "load_samples",
     "read_csv_manifest",
+    "read_source",
     "scan_folder",
 ]
 
@@ -42,10 +44,8 @@ LABEL_NAMES = {
     "0": 0, "bona_fide": 0, "bonafide": 0, "bona fide": 0, "raw": 0, "bf": 0,
     "1": 1, "morph": 1, "attack": 1,
 }
-# Modes that convert to RGB without inventing colour information we do not have.
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B"}  # 16-bit grayscale: scaled by 1/65535, not clipped at 255
-_CONVERTIBLE = {"L", "LA", "P", "RGBA", *_SIXTEEN_BIT}
-TOO_LARGE = "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)"
+TOO_LARGE = UNREADABLE["bomb"]
+CHECK_SIZE = 64  # scanning decodes every file in full, but keeps only a small copy of its pixels
 
 
 class DataError(MadlabError):
@@ -96,9 +96,10 @@ class DataReport:
     def lines(self, samples: list[Sample]) -> list[str]:
         info = self.to_dict(samples)
         out = [f"data: {self.source}"]
-        for split in SPLITS:
+        for split in (*SPLITS, ""):
             if split in info["counts"]:
-                out.append(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["counts"][split].items())))
+                out.append(f"  {split or 'no split'}: "
+                           + ", ".join(f"{k}={v}" for k, v in sorted(info["counts"][split].items())))
         if self.skipped:
             out.append(f"  skipped {sum(self.skipped.values())} files: {dict(self.skipped)}")
             out += [f"    e.g. {e}" for e in self.skipped_examples]
@@ -153,22 +154,15 @@ def embedded_samples(
 
 
 def check_image(path: Path, report: DataReport) -> bool:
-    """Open and fully decode ``path``; count and skip it if it is unreadable or not convertible to RGB."""
+    """Decode ``path`` once (:func:`~.pixels.load_pixels`); count and skip it if it cannot be read,
+    count what had to be converted (grey, palette, CMYK, 16-bit, EXIF-rotated, animated)."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decodes the pixels, so truncated files fail here and not mid-training
-            mode = img.mode
-    except Image.DecompressionBombError:
-        report.skip(str(path), TOO_LARGE)
+        _, converted = load_pixels(path, CHECK_SIZE)
+    except UnreadableImageError as err:
+        report.skip(str(path), err.status)
         return False
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        report.skip(str(path), f"unreadable or corrupt image ({type(err).__name__})")
-        return False
-    if mode != "RGB":
-        if mode not in _CONVERTIBLE:
-            report.skip(str(path), f"image mode {mode} is not RGB or convertible (L, LA, P, RGBA, I;16)")
-            return False
-        report.converted[mode] += 1
+    if converted:
+        report.converted[converted] += 1
     return True
 
 
@@ -459,6 +453,32 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
             )
 
 
+def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
+                fractions: tuple[float, float]) -> tuple[list[Sample], DataReport]:
+    """Every sample a data set holds, as its source gives it: the embedded set (split into pools
+    before pairing), a folder tree or a CSV manifest (splits only where the source names them).
+
+    Raises:
+        DataError: If the source is missing, malformed or holds no readable image.
+    """
+    if data is None:
+        report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
+        report.notes.append(
+            "image pools split 60/20/20 before pairing, but lfw_subset has no identity labels and"
+            " repeats some people, so residual identity leakage is possible"
+        )
+        return embedded_samples(seed, methods, morphs_per_face, fractions), report
+    path = Path(data)
+    report = DataReport(str(path))
+    is_csv = path.suffix.lower() == ".csv"
+    samples = read_csv_manifest(path, report) if is_csv else scan_folder(path, report)
+    if not samples:
+        n_skipped = sum(report.skipped.values())
+        skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
+        raise DataError(f"no readable images under {str(path)!r}{skipped}")
+    return samples, report
+
+
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
                  fractions: tuple[float, float],
                  identity_pattern: str | None = None) -> tuple[list[Sample], DataReport]:
@@ -468,22 +488,8 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         identity_pattern: A regex whose named groups read identities from file names (see
             :func:`~.identities.parse_identity_pattern`); applies to samples without an identity.
     """
-    if data is None:
-        report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
-        report.notes.append(
-            "image pools split 60/20/20 before pairing, but lfw_subset has no identity labels and"
-            " repeats some people, so residual identity leakage is possible"
-        )
-        samples = embedded_samples(seed, methods, morphs_per_face, fractions)
-    else:
-        path = Path(data)
-        report = DataReport(str(path))
-        is_csv = path.suffix.lower() == ".csv"
-        samples = read_csv_manifest(path, report) if is_csv else scan_folder(path, report)
-        if not samples:
-            n_skipped = sum(report.skipped.values())
-            skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
-            raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}{skipped}")
+    samples, report = read_source(data, seed, methods, morphs_per_face, fractions)
+    if data is not None:
         if identity_pattern:
             apply_identity_pattern(samples, identity_pattern, report)
         samples = assign_splits(samples, fractions, seed, report)
@@ -491,34 +497,35 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
     return samples, report
 
 
-# --------------------------------------------------------------------------- tensors
+EVAL_SPLITS = ("all", *SPLITS)
 
 
-def _load_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
-    """HxWx3 float pixels in [0, 1]. Images far larger than ``size`` are first shrunk by an integer
-    box filter (JPEG: in the decoder), so a 50-megapixel photo never becomes a 1 GB float array."""
-    if sample.image is not None:
-        return sample.image
-    try:
-        with Image.open(sample.path) as img:
-            if size and img.format == "JPEG":
-                img.draft("RGB", (2 * size, 2 * size))
-            if img.mode in _SIXTEEN_BIT:  # PIL's convert("RGB") would clip 16-bit values at 255
-                gray = np.asarray(img, dtype=np.float32) / 65535.0
-                return np.repeat(gray[..., None], 3, axis=2)
-            img = img.convert("RGB")
-            factor = min(img.size) // (2 * size) if size else 0
-            if factor >= 2:
-                img = img.reduce(factor)
-            return np.asarray(img, dtype=np.float32) / np.float32(255.0)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"could not read {sample.path!r} (it was readable when scanned): {err}") from None
+def evaluation_samples(data: str | None, split: str, seed: int, methods: list[str], morphs_per_face: int,
+                       fractions: tuple[float, float],
+                       identity_pattern: str | None = None) -> tuple[list[Sample], list[Sample], DataReport]:
+    """The samples ``test`` scores: one split of ``data``, or all of it (``split="all"``: a data set the
+    model was not trained on is scored whole, whatever splits it has and whichever classes they lack).
 
+    Returns:
+        ``(scored, everything, report)``; ``everything`` is the whole data set (with splits
+        where it has them), for the counts and the shortcut baselines' dev images.
 
-def __getattr__(name: str):
-    # ImageDataset moved to images.py (decoding, caching, loaders); old imports keep working.
-    if name == "ImageDataset":
-        from .images import ImageDataset
-
-        return ImageDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    Raises:
+        DataError: For an unknown split, or a scored set without both classes (naming the counts).
+    """
+    if split not in EVAL_SPLITS:
+        raise DataError(f"split {split!r} is not one of {list(EVAL_SPLITS)}")
+    samples, report = read_source(data, seed, methods, morphs_per_face, fractions)
+    if split == "all":
+        scored = samples
+    else:
+        if data is not None:
+            if identity_pattern:
+                apply_identity_pattern(samples, identity_pattern, report)
+            samples = assign_splits(samples, fractions, seed, report)
+        scored = [s for s in samples if s.split == split]
+    n_bf = sum(s.label == 0 for s in scored)
+    if n_bf == 0 or n_bf == len(scored):
+        raise DataError(f"the {split} images of {report.source} are {n_bf} bona fide and {len(scored) - n_bf}"
+                        " morphs; scoring needs both classes")
+    return scored, samples, report

@@ -88,6 +88,9 @@ class BackboneSpec:
         std: Per-channel normalisation std.
         feature: ``"cls"`` or ``"pooled"``.
         hidden_size: Width of the feature.
+        hub_id: The Hugging Face hub id it was resolved from (``source`` is then the snapshot
+            folder in the local cache), or ``None`` for a local folder.
+        revision: The hub commit that snapshot holds, so a later run loads the same weights.
     """
 
     family: str
@@ -98,6 +101,8 @@ class BackboneSpec:
     std: tuple[float, float, float]
     feature: str
     hidden_size: int
+    hub_id: str | None = None
+    revision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
