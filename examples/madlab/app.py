@@ -46,6 +46,7 @@ from .evaluation import (
 )
 from .families import BackboneSpec
 from .files import write_text_atomically
+from .hub import is_hub_id
 from .images import ImageDataset
 from .inference import predict
 from .model import MorphDetector, count_trainable
@@ -139,7 +140,7 @@ def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretr
     read what it wrote.
     """
     if config.backbone:
-        if config.backbone.startswith("timm:"):
+        if config.backbone.startswith("timm:") or is_hub_id(config.backbone):
             return config.backbone
         return str(Path(config.backbone).expanduser().resolve())
     d = current()
