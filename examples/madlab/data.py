@@ -475,7 +475,7 @@ def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face
     if not samples:
         n_skipped = sum(report.skipped.values())
         skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
-        raise DataError(f"no readable images under {str(path)!r}{skipped}")
+        raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}{skipped}")
     return samples, report
 
 

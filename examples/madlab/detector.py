@@ -202,6 +202,7 @@ def _rebuild(stored: dict[str, Any], config: Config, model_path: Path, moved: st
     torch.manual_seed(config.seed)
     if spec is None:  # a file from before backbones were described: a ViT/ViTMAE folder at native size
         backbone, spec = load_backbone(str(where))
+        found = spec
     else:
         backbone, found = load_from_spec(spec, str(where) if moved else None)
         differ = [k for k in ("family", "image_size", "mean", "std", "feature", "hidden_size")
@@ -211,7 +212,7 @@ def _rebuild(stored: dict[str, Any], config: Config, model_path: Path, moved: st
                                 f" trained on ({', '.join(differ)} differ)")
     model = MorphDetector(backbone, spec, config.dropout_p)
     if backbone_fingerprint(model.backbone) != stored["fingerprint"]:
-        raise BackboneError(f"the backbone at {spec.source} differs from the one {model_path} was trained on"
+        raise BackboneError(f"the backbone at {found.source} differs from the one {model_path} was trained on"
                             " (weights fingerprint mismatch)")
     return model
 
