@@ -17,8 +17,8 @@ import morph_detection
 from madlab.backbone import BackboneError, load_backbone
 from madlab.config import Config, apply_overrides
 from madlab.data import embedded_samples
-from madlab.images import ImageDataset
 from madlab.evaluation import read_scores_csv
+from madlab.images import ImageDataset
 from madlab.inference import predict
 from madlab.metrics import apcer_bpcer, auc, d_eer
 from madlab.model import MorphDetector

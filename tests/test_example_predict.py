@@ -201,7 +201,7 @@ def test_unknown_operating_point_is_an_argparse_error(run, tmp_path: Path) -> No
 
 def test_export_is_one_merged_file_whose_logits_equal_the_unmerged_model(run, tmp_path: Path) -> None:
     exported = tmp_path / "merged.safetensors"
-    rc, stdout, err = cli("export", "--model_path", str(run["model"]), "--output", str(exported))
+    rc, _, err = cli("export", "--model_path", str(run["model"]), "--output", str(exported))
     assert rc == 0, err
     with safe_open(str(exported), framework="pt") as handle:
         keys = set(handle.keys())

@@ -15,8 +15,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from madlab.data import Sample
-from madlab.images import ImageDataset
 from madlab.evaluation import SCORE_KIND, choose_threshold
+from madlab.images import ImageDataset
 from madlab.inference import p_morph, predict
 from madlab.metrics import auc
 
