@@ -106,7 +106,6 @@ def test_round_trip_through_dict() -> None:
     ("weight_decay=-0.1", "weight_decay must be >= 0, got -0.1"),
     ("eta_min=-1e-5", "eta_min must be >= 0, got -1e-05"),
     ("eta_min=0.01", "eta_min=0.01 must be below learning_rate=0.0005"),
-    ("min_delta=-0.5", "min_delta must be >= 0, got -0.5"),
     ("patience=0", "patience must be >= 1, got 0"),
     ("freeze_lastN=-2", "freeze_lastN must be >= 0, got -2"),
     ("warmup_epochs=-1", "warmup_epochs must be >= 0, got -1"),

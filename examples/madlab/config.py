@@ -124,7 +124,7 @@ class Config:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("num_workers", "image_cache_mb", "weight_decay", "eta_min", "min_delta", "freeze_lastN",
+        for key in ("num_workers", "image_cache_mb", "weight_decay", "eta_min", "freeze_lastN",
                     "warmup_epochs", "mid_epochs", "seed"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
