@@ -10,15 +10,16 @@ from __future__ import annotations
 import csv
 import itertools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .errors import MadlabError
-from .identities import identities_from_name, leaks, parse_identity_pattern, partition_identities, straddling
+from .identities import identities_from_name, parse_identity_pattern
 from .morphs import morph
 from .pixels import UNREADABLE, UnreadableImageError, load_pixels
+from .splits import STRADDLES, plan_splits
 
 __all__ = [
     "DataError",
@@ -285,15 +286,9 @@ def read_csv_manifest(path: str | Path, report: DataReport) -> list[Sample]:
 
 # --------------------------------------------------------------------------- splitting
 
-STRADDLES = "morph contributors fall into different splits"
-
-
-def _leak_reason(earlier: str) -> str:
-    return f"identity already in the {earlier} split (dropped from the later split)"
-
-
-def apply_identity_pattern(samples: list[Sample], pattern: str, report: DataReport) -> None:
-    """Give every sample without an identity the identities ``pattern`` finds in its file name.
+def apply_identity_pattern(samples: list[Sample], pattern: str, report: DataReport) -> list[Sample]:
+    """Copies of ``samples`` where each one without an identity has the identities ``pattern`` finds in
+    its file name.
 
     Raises:
         DataError: If the pattern is invalid or finds no identity in some file names (naming
@@ -303,135 +298,38 @@ def apply_identity_pattern(samples: list[Sample], pattern: str, report: DataRepo
         compiled = parse_identity_pattern(pattern)
     except MadlabError as err:
         raise DataError(str(err)) from None
-    missing = []
+    missing, named = [], []
     for s in samples:
-        if s.identity:
-            continue
-        found = identities_from_name(compiled, Path(s.path).name, s.label)
+        found = s.identity or identities_from_name(compiled, Path(s.path).name, s.label)
         if found is None:
             missing.append(Path(s.path).name)
         else:
-            s.identity = found
+            named.append(replace(s, identity=found))
     if missing:
         raise DataError(
             f"identity_pattern={pattern!r} finds no identity in {len(missing)} of {len(samples)} file names"
             f" (a bona fide needs exactly one matching named group, a morph at least one), e.g. {missing[:3]}")
     report.notes.append(f"identities read from file names by identity_pattern={pattern!r}")
-
-
-def _split_by_identity(samples: list[Sample], fractions: dict[str, float], seed: int, report: DataReport,
-                       what: str) -> list[Sample]:
-    """Split ``samples`` (all with identities) by :func:`partition_identities`; drop and count the morphs
-    whose contributors land in different splits."""
-    groups = [s.identity for s in samples]
-    where = partition_identities(groups, fractions, seed)
-    cut = set(straddling(groups, where))
-    kept, dropped = [], Counter()
-    for k, s in enumerate(samples):
-        if k in cut:
-            report.skip(s.path, STRADDLES)
-            dropped[s.method] += 1
-            continue
-        s.split = where[s.identity[0]]
-        kept.append(s)
-    sizes = Counter(where.values())
-    n_morph = sum(1 for s in samples if s.label == 1)
-    lost = (f"{sum(dropped.values())} of {n_morph} morphs had contributors in different splits and were dropped"
-            f" (by method: {dict(sorted(dropped.items()))})" if dropped else f"all {n_morph} morphs kept")
-    report.notes.append(
-        f"{what}: {len(where)} identities ({', '.join(f'{k} {sizes[k]}' for k in fractions)}), none shared"
-        f" across splits, identities linked by morphs kept together where possible; {lost}")
-    return kept
-
-
-def _drop_leaks(samples: list[Sample], report: DataReport) -> list[Sample]:
-    """Given splits: drop each sample of a later split whose identity is already in an earlier one, and say so."""
-    n_known = sum(1 for s in samples if s.identity)
-    if n_known == 0:
-        report.notes.append(
-            "WARNING: splits are given but no identities, so nothing checks whether a person appears in more than"
-            " one split; results can be optimistic. Give identities (a CSV identity column, or identity_pattern"
-            " for file names) to check")
-        return samples
-    found = leaks([s.split for s in samples], [s.identity for s in samples])
-    per_split: Counter = Counter()
-    for k, earlier in found.items():
-        report.skip(samples[k].path, _leak_reason(earlier))
-        per_split[f"{samples[k].split}/{'bona_fide' if samples[k].label == 0 else 'morph'}"] += 1
-    if found:
-        report.notes.append(
-            f"identities checked across the given splits: dropped {len(found)} samples whose identity (bona fide)"
-            f" or contributor (morph) is already in an earlier split: {dict(sorted(per_split.items()))}")
-    else:
-        report.notes.append("identities checked across the given splits: no identity is in two splits")
-    if n_known < len(samples):
-        report.notes.append(f"WARNING: {len(samples) - n_known} of {len(samples)} samples have no identity and"
-                            " could not be checked for identities shared across splits")
-    return [s for k, s in enumerate(samples) if k not in found]
-
-
-def _carve_dev(samples: list[Sample], seed: int, report: DataReport) -> list[Sample]:
-    """No dev split given: a quarter of train becomes dev, by identity when every train sample has one."""
-    train = [s for s in samples if s.split == "train"]
-    others = [s for s in samples if s.split != "train"]
-    if train and all(s.identity for s in train):
-        kept = _split_by_identity(train, {"train": 0.75, "dev": 0.25}, seed, report,
-                                  "no dev split given: 25% of the train identities became dev")
-        return others + kept
-    rng = np.random.default_rng(seed)
-    for s in train:
-        if rng.random() < 0.25:
-            s.split = "dev"
-    report.notes.append("WARNING: no dev split given and the train samples have no identities: 25% of train,"
-                        " by image, became dev, so a person may be in both train and dev (dev figures and"
-                        " the threshold can be optimistic)")
-    return samples
+    return named
 
 
 def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: int, report: DataReport) -> list[Sample]:
-    """Check or assign every sample's split, never silently letting an identity into two splits.
-
-    * Splits given: a sample of a later split (train < dev < test) whose identity or morph
-      contributor is already in an earlier split is dropped and counted; without identities
-      a warning says this cannot be checked. Without a dev split, 25 % of train becomes
-      dev, by identity when identities are known.
-    * No splits, every sample with identities: identities are partitioned
-      (:func:`~.identities.partition_identities`) and morphs whose contributors still land in
-      different splits are dropped and counted.
-    * Otherwise by image, stratified by class and method, with a warning.
+    """Samples with their splits, by the plan :func:`~.splits.plan_splits` makes (see there); the
+    dropped ones are counted in ``report`` with their reasons, and the plan's notes added to it.
+    The samples given are not changed: new ones are returned.
 
     Raises:
         DataError: If some samples have a split and others do not.
     """
     with_split = sum(1 for s in samples if s.split)
-    if with_split == len(samples):
-        samples = _drop_leaks(samples, report)
-        if not any(s.split == "dev" for s in samples):
-            samples = _carve_dev(samples, seed, report)
-        return samples
-    if with_split:
+    if with_split and with_split != len(samples):
         raise DataError(f"{with_split} samples have a split and {len(samples) - with_split} do not;"
                         " give a split for all or none")
-    if all(s.identity for s in samples):
-        shares = {"train": fractions[0], "dev": fractions[1], "test": 1.0 - fractions[0] - fractions[1]}
-        return _split_by_identity(samples, shares, seed, report, "split by identity")
-    rng = np.random.default_rng(seed)
-    groups: dict[tuple[int, str], list[Sample]] = {}
-    for s in samples:
-        groups.setdefault((s.label, s.method), []).append(s)
-    for group in groups.values():
-        order = rng.permutation(len(group))
-        n_train = max(1, round(fractions[0] * len(group)))
-        n_dev = max(1, round(fractions[1] * len(group)))
-        for rank, k in enumerate(order):
-            group[k].split = "train" if rank < n_train else "dev" if rank < n_train + n_dev else "test"
-    missing = sum(1 for s in samples if not s.identity)
-    report.notes.append(
-        f"WARNING: {missing} of {len(samples)} samples have no identity: split by image (stratified by class and"
-        " method); the same person may appear in several splits, so results can be optimistic. Give a CSV with an"
-        " identity column, identity_pattern for file names, or split folders, to avoid this"
-    )
-    return samples
+    plan = plan_splits(samples, fractions, seed)
+    for k, reason in sorted(plan.dropped.items()):
+        report.skip(samples[k].path, reason)
+    report.notes += plan.notes
+    return plan.apply(samples)
 
 
 def check_splits(samples: list[Sample], report: DataReport | None = None) -> None:
@@ -491,7 +389,7 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
     samples, report = read_source(data, seed, methods, morphs_per_face, fractions)
     if data is not None:
         if identity_pattern:
-            apply_identity_pattern(samples, identity_pattern, report)
+            samples = apply_identity_pattern(samples, identity_pattern, report)
         samples = assign_splits(samples, fractions, seed, report)
     check_splits(samples, report)
     return samples, report
@@ -521,7 +419,7 @@ def evaluation_samples(data: str | None, split: str, seed: int, methods: list[st
     else:
         if data is not None:
             if identity_pattern:
-                apply_identity_pattern(samples, identity_pattern, report)
+                samples = apply_identity_pattern(samples, identity_pattern, report)
             samples = assign_splits(samples, fractions, seed, report)
         scored = [s for s in samples if s.split == split]
     n_bf = sum(s.label == 0 for s in scored)
