@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from madlab.data import (
     DataError,
     DataReport,
+    Sample,
     embedded_samples,
     load_samples,
     read_csv_manifest,
@@ -214,3 +215,23 @@ def test_csv_manifest_with_split_column_and_bad_rows(tmp_path: Path) -> None:
         read_csv_manifest(manifest, report)
     with pytest.raises(DataError, match="does not exist"):
         read_csv_manifest(tmp_path / "nope.csv", report)
+
+
+def test_every_source_is_read_through_one_interface(tmp_path: Path) -> None:
+    from madlab.data import EmbeddedSource, FolderSource, ManifestSource, open_source
+
+    _tree(tmp_path / "tree", None, n=2, methods=("opencv",))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{'morph' if 'morph' in str(p) else 'bona_fide'}\n"
+                                                 for p in sorted((tmp_path / "tree").rglob("*.*"))))
+    kinds = {None: EmbeddedSource, str(tmp_path / "tree"): FolderSource, str(manifest): ManifestSource}
+    read = {}
+    for data, kind in kinds.items():
+        source = open_source(data, 0, ["blend"], 1, (0.6, 0.2))
+        assert type(source) is kind
+        report = DataReport(source.description)
+        read[kind] = source.read(report)
+        assert read[kind] and all(isinstance(s, Sample) for s in read[kind])
+    # The folder and the manifest listing the same files give the same samples.
+    as_rows = lambda samples: sorted((s.path, s.label) for s in samples)  # noqa: E731
+    assert as_rows(read[FolderSource]) == as_rows(read[ManifestSource])

@@ -12,6 +12,7 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -24,13 +25,18 @@ from .splits import STRADDLES, plan_splits
 __all__ = [
     "DataError",
     "DataReport",
+    "EmbeddedSource",
+    "FolderSource",
+    "ManifestSource",
     "Sample",
+    "Source",
     "apply_identity_pattern",
     "assign_splits",
     "check_splits",
     "embedded_samples",
     "evaluation_samples",
     "load_samples",
+    "open_source",
     "read_csv_manifest",
     "read_source",
     "scan_folder",
@@ -351,29 +357,85 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
             )
 
 
-def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
-                fractions: tuple[float, float]) -> tuple[list[Sample], DataReport]:
-    """Every sample a data set holds, as its source gives it: the embedded set (split into pools
-    before pairing), a folder tree or a CSV manifest (splits only where the source names them).
+class Source(Protocol):
+    """Where samples come from: the embedded set, a folder tree or a CSV manifest, read alike."""
 
-    Raises:
-        DataError: If the source is missing, malformed or holds no readable image.
-    """
-    if data is None:
-        report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
+    description: str
+
+    def read(self, report: DataReport) -> list[Sample]:
+        """Every sample the source holds (splits only where the source names them); skips go in ``report``."""
+        ...
+
+
+@dataclass(frozen=True)
+class EmbeddedSource:
+    """The offline smoke-test faces, with morphs made inside each pool (:func:`embedded_samples`)."""
+
+    seed: int
+    methods: tuple[str, ...]
+    morphs_per_face: int
+    fractions: tuple[float, float]
+    description: str = "embedded skimage lfw_subset (100 faces, morphs generated in-process)"
+
+    def read(self, report: DataReport) -> list[Sample]:
         report.notes.append(
             "image pools split 60/20/20 before pairing, but lfw_subset has no identity labels and"
             " repeats some people, so residual identity leakage is possible"
         )
-        return embedded_samples(seed, methods, morphs_per_face, fractions), report
+        return embedded_samples(self.seed, list(self.methods), self.morphs_per_face, self.fractions)
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """``ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]...`` (:func:`scan_folder`)."""
+
+    root: Path
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
+
+    def read(self, report: DataReport) -> list[Sample]:
+        return scan_folder(self.root, report)
+
+
+@dataclass(frozen=True)
+class ManifestSource:
+    """A CSV manifest ``path,label[,method,identity,split]`` (:func:`read_csv_manifest`)."""
+
+    path: Path
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    def read(self, report: DataReport) -> list[Sample]:
+        return read_csv_manifest(self.path, report)
+
+
+def open_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
+                fractions: tuple[float, float]) -> Source:
+    """The source ``data`` names: ``None`` the embedded set, a ``.csv`` a manifest, else a folder."""
+    if data is None:
+        return EmbeddedSource(seed, tuple(methods), morphs_per_face, fractions)
     path = Path(data)
-    report = DataReport(str(path))
-    is_csv = path.suffix.lower() == ".csv"
-    samples = read_csv_manifest(path, report) if is_csv else scan_folder(path, report)
+    return ManifestSource(path) if path.suffix.lower() == ".csv" else FolderSource(path)
+
+
+def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
+                fractions: tuple[float, float]) -> tuple[list[Sample], DataReport]:
+    """Every sample a data set holds, through its :class:`Source`, and the report of what was read.
+
+    Raises:
+        DataError: If the source is missing, malformed or holds no readable image.
+    """
+    source = open_source(data, seed, methods, morphs_per_face, fractions)
+    report = DataReport(source.description)
+    samples = source.read(report)
     if not samples:
         n_skipped = sum(report.skipped.values())
         skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
-        raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}{skipped}")
+        raise DataError(f"no readable .jpg/.jpeg/.png images under {str(data)!r}{skipped}")
     return samples, report
 
 
