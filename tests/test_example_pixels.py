@@ -144,3 +144,20 @@ def test_every_format_pillow_opens_is_an_image_suffix() -> None:
     suffixes = image_suffixes()
     assert {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"} <= suffixes
     assert ".txt" not in suffixes and ".csv" not in suffixes
+
+
+def test_pixel_loading_is_a_leaf_and_data_does_not_import_images() -> None:
+    """One-way imports: pixels <- data <- images; no module __getattr__ shim in data."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, 'examples'); import madlab.data, madlab.pixels;"
+            " print(sorted(m for m in sys.modules if m.startswith('madlab.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "madlab.images" not in loaded and "madlab.pixels" in loaded
+    import madlab.data
+    import madlab.pixels
+
+    assert not hasattr(madlab.data, "__getattr__")
+    source = Path(madlab.pixels.__file__).read_text()
+    assert [line for line in source.splitlines() if line.startswith("from .")] == ["from .errors import MadlabError"]
