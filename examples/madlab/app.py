@@ -371,8 +371,12 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     for line in data_report.lines(samples):
         env.say(line)
     data_reports.append({**data_report.to_dict(samples), "split": split, "scored": len(test), "found": found})
-    env.say(f"scoring the {split} images: {len(test)} of {found} image files found"
+    what = "all images" if split == "all" else f"the {split} images"
+    env.say(f"scoring {what}: {len(test)} of {found} image files found"
             f"{' (the data set the model was trained on)' if not other_data else ' (another data set)'}")
+    if split in ("all", "train", "dev") and not other_data:
+        env.say(f"note: {what} of the training data include images the model was trained or tuned on;"
+                " their figures are optimistic")
     scores = detector.score(detector.dataset(test), desc=f"scoring {split}", progress=env.progress)
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
