@@ -235,3 +235,16 @@ def test_every_source_is_read_through_one_interface(tmp_path: Path) -> None:
     # The folder and the manifest listing the same files give the same samples.
     as_rows = lambda samples: sorted((s.path, s.label) for s in samples)  # noqa: E731
     assert as_rows(read[FolderSource]) == as_rows(read[ManifestSource])
+
+
+def test_links_in_a_data_folder_are_followed_once_and_loops_counted(tmp_path: Path) -> None:
+    _tree(tmp_path, None, n=2, methods=("opencv",))
+    (tmp_path / "bona_fide" / "self.png").symlink_to(tmp_path / "bona_fide" / "self.png")
+    (tmp_path / "bona_fide" / "up").symlink_to(tmp_path / "bona_fide")  # a folder loop
+    (tmp_path / "bona_fide" / "empty.jpg").write_bytes(b"")
+    report = DataReport("t")
+    samples = scan_folder(tmp_path, report)
+    assert sorted(Path(s.path).name for s in samples if s.label == 0) == ["bf0.png", "bf1.png"]
+    assert report.skipped == {"symlink loop": 2, "empty file (0 bytes)": 1}
+    named = report.to_dict(samples)["skipped_files"]
+    assert sorted(Path(line.split(": ")[0]).name for line in named) == ["empty.jpg", "self.png", "up"]

@@ -19,7 +19,7 @@ import numpy as np
 from .errors import MadlabError
 from .identities import identities_from_name, parse_identity_pattern
 from .morphs import morph
-from .pixels import UNREADABLE, UnreadableImageError, load_pixels
+from .pixels import UNREADABLE, UnreadableImageError, find_images, load_pixels
 from .splits import STRADDLES, plan_splits
 
 __all__ = [
@@ -79,10 +79,12 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # every one, for metrics.json
     converted: Counter = field(default_factory=Counter)
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped[reason] += 1
+        self.skipped_files.append(f"{path}: {reason}")
         if len(self.skipped_examples) < 5:
             self.skipped_examples.append(f"{path}: {reason}")
 
@@ -96,6 +98,7 @@ class DataReport:
             "counts": {k: dict(v) for k, v in counts.items()},
             "skipped": dict(self.skipped),
             "skipped_examples": self.skipped_examples,
+            "skipped_files": self.skipped_files,
             "converted_to_rgb": dict(self.converted),
             "notes": self.notes,
         }
@@ -173,8 +176,16 @@ def check_image(path: Path, report: DataReport) -> bool:
     return True
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _images_under(folder: Path, report: DataReport) -> list[Path]:
+    """The ``.jpg/.jpeg/.png`` files under ``folder`` (following folder links, never around a loop); links
+    that loop or dangle are skipped and counted."""
+    paths = []
+    for path, status in find_images(folder, frozenset(IMAGE_SUFFIXES)):
+        if status is None:
+            paths.append(path)
+        else:
+            report.skip(str(path), status)
+    return paths
 
 
 def _class_dirs(folder: Path) -> dict[int, Path]:
@@ -196,7 +207,7 @@ def _scan_class_tree(folder: Path, split: str, report: DataReport) -> list[Sampl
     classes = _class_dirs(folder)
     samples = []
     for label, class_dir in sorted(classes.items()):
-        for path in _images_under(class_dir):
+        for path in _images_under(class_dir, report):
             if not check_image(path, report):
                 continue
             rel = path.relative_to(class_dir).parts

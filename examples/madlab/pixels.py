@@ -27,7 +27,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import MadlabError
 
-__all__ = ["UNREADABLE", "RejectedImageError", "UnreadableImageError", "image_suffixes", "load_pixels", "mode_label"]
+__all__ = [
+    "UNREADABLE",
+    "RejectedImageError",
+    "UnreadableImageError",
+    "find_images",
+    "image_suffixes",
+    "load_pixels",
+    "mode_label",
+]
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # scaled by 1/65535 (PNG stores 16 bits at most)
 _PLAIN = {"RGB"}
@@ -145,3 +153,54 @@ def load_pixels(path: str | os.PathLike[str], size: int | None = None) -> tuple[
         raise UnreadableImageError(str(path), UNREADABLE["permission"]) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken chunks
         raise UnreadableImageError(str(path), UNREADABLE["corrupt"], type(err).__name__) from None
+
+
+def find_images(folder: Path, suffixes: frozenset[str]) -> list[tuple[Path, str | None]]:
+    """Files under ``folder`` whose extension is in ``suffixes``, sorted by name within each folder,
+    following links to folders.
+
+    A folder reached again through a link (a symlink loop) is not searched twice but listed with
+    the status ``symlink loop``, as is a link that loops on itself; a dangling link is listed as
+    ``broken symlink``, a folder that cannot be listed as ``unreadable (permission denied)``.
+
+    Returns:
+        ``(path, status)`` pairs; ``status`` is ``None`` for a file to be read (reading it may
+        still fail, with its own reason).
+    """
+    found: list[tuple[Path, str | None]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(directory: Path) -> None:
+        info = directory.stat()
+        if (info.st_dev, info.st_ino) in seen:
+            found.append((directory, UNREADABLE["loop"]))
+            return
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            found.append((directory, UNREADABLE["permission"]))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                visit(path)
+            elif path.suffix.lower() in suffixes:
+                found.append((path, None))
+            elif entry.is_symlink() and not path.exists():
+                found.append((path, _link_status(path)))
+
+    visit(Path(folder))
+    return found
+
+
+def _link_status(path: Path) -> str:
+    try:
+        path.stat()
+    except OSError as err:
+        return UNREADABLE["loop"] if err.errno == errno.ELOOP else "broken symlink"
+    return UNREADABLE["missing"]

@@ -16,7 +16,6 @@ detector finding no face, say) marks only that image, with its own status.
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import os
 import time
@@ -34,7 +33,7 @@ from .detector import Detector
 from .errors import MadlabError
 from .files import write_text_atomically
 from .inference import p_morph
-from .pixels import UNREADABLE, RejectedImageError, image_suffixes, load_pixels
+from .pixels import RejectedImageError, find_images, image_suffixes, load_pixels
 
 __all__ = [
     "EXIT_SOME_FAILED",
@@ -74,49 +73,6 @@ class InputError(MadlabError):
     """An ``--input`` that names nothing usable at all (the run stops before scoring)."""
 
 
-def _walk(folder: Path, suffixes: frozenset[str]) -> list[Prediction]:
-    """Image files under ``folder``, sorted, following links. A folder reached again through a
-    link (a symlink loop) is not searched twice but gets a row saying so, as does a link that
-    loops on itself or dangles."""
-    found: list[Prediction] = []
-    seen: set[tuple[int, int]] = set()
-
-    def visit(directory: Path) -> None:
-        info = directory.stat()
-        if (info.st_dev, info.st_ino) in seen:
-            found.append(Prediction(str(directory), UNREADABLE["loop"]))
-            return
-        seen.add((info.st_dev, info.st_ino))
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:
-            found.append(Prediction(str(directory), UNREADABLE["permission"]))
-            return
-        for entry in entries:
-            path = Path(entry.path)
-            try:
-                is_dir = entry.is_dir()  # follows links
-            except OSError:
-                is_dir = False
-            if is_dir:
-                visit(path)
-            elif path.suffix.lower() in suffixes:
-                found.append(Prediction(str(path)))  # loading it names any problem
-            elif entry.is_symlink() and not path.exists():
-                found.append(Prediction(str(path), _link_status(path)))
-
-    visit(folder)
-    return found
-
-
-def _link_status(path: Path) -> str:
-    try:
-        path.stat()
-    except OSError as err:
-        return UNREADABLE["loop"] if err.errno == errno.ELOOP else "broken symlink"
-    return UNREADABLE["missing"]
-
-
 def _read_list(path: Path) -> list[Prediction]:
     """The paths a ``.txt``/``.lst`` (one per line, ``#`` comments) or ``.csv`` (``path`` column) lists."""
     try:
@@ -148,7 +104,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[Prediction]:
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            rows += _walk(path, suffixes)
+            rows += [Prediction(str(f), status or OK) for f, status in find_images(path, suffixes)]
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             rows += _read_list(path)
         else:
