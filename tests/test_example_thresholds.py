@@ -93,8 +93,8 @@ def test_p_morph_is_a_stable_sigmoid() -> None:
 
 
 def test_probability_threshold_of_an_older_model_file_becomes_its_logit(tmp_path: Path) -> None:
-    from madlab.app import _stored_threshold
     from madlab.checkpoint import CheckpointError
+    from madlab.detector import stored_threshold as _stored_threshold
 
     new = {"rule": "dev_eer", "value": 1.5, "score": SCORE_KIND}
     assert _stored_threshold(new, tmp_path / "m") is new

@@ -53,7 +53,7 @@ from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
 from .shortcuts import SHORTCUTS, sample_greys, shortcut_scores
-from .speed import resolve_precision
+from .speed import resolve_precision, threads
 from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
@@ -73,21 +73,6 @@ class Env:
     cache_dir: Path
     progress: bool = True
     say: Callable[[str], None] = print
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the whole machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS/Windows have no affinity masks
-        return os.cpu_count() or 1
-
-
-def threads(config: Config) -> int:
-    """``num_threads``, else one for the embedded smoke model, else every available core."""
-    if config.num_threads is not None:
-        return config.num_threads
-    return 1 if not config.backbone else available_cores()
 
 
 def _seed(config: Config) -> None:

@@ -30,7 +30,7 @@ from .families import BackboneError, BackboneSpec, load_backbone, load_from_spec
 from .images import ImageDataset, normalise
 from .inference import predict
 from .model import MorphDetector
-from .speed import autocast, compiled, resolve_compile, resolve_precision
+from .speed import autocast, compiled, resolve_compile, resolve_precision, threads
 
 __all__ = ["EXPORT_FORMAT", "OPERATING_POINTS", "Detector", "describe_file", "quiet_transformers", "stored_threshold"]
 
@@ -82,6 +82,7 @@ class Detector:
             raise CheckpointError(
                 f"{path} has no training config in its metadata; it was not written by this example")
         config = _check_overrides(Config.from_dict(meta["config"]), list(overrides))
+        torch.set_num_threads(threads(config))
         device = current().device
         if meta.get("format") == EXPORT_FORMAT:
             model = _load_export(meta, path, config)
