@@ -284,3 +284,25 @@ def test_unreadable_file_gets_its_row(run, tmp_path: Path) -> None:
     rc, _, _ = cli("predict", "--model_path", str(run["model"]), "--input", str(locked), "--output", str(output))
     assert rc == EXIT_SOME_FAILED
     assert read_rows(output)[1][0]["status"] == "unreadable (permission denied)"
+
+
+def test_a_failing_per_image_step_costs_only_that_images_row(run, tmp_path: Path) -> None:
+    """The slot for a face crop: a step that rejects an image (no face) or crashes marks that row only."""
+    from madlab.pixels import RejectedImageError
+    from madlab.predict import expand_inputs, run_predictions
+
+    for i in range(3):
+        image(tmp_path / f"{i}.png", 40 + i)
+
+    def step(pixels: np.ndarray, path: str) -> np.ndarray:
+        if path.endswith("0.png"):
+            raise RejectedImageError(path, "no face")
+        if path.endswith("1.png"):
+            raise ZeroDivisionError("a bug in the step")
+        return pixels
+
+    detector = Detector.load(run["model"], ["num_workers=0"])
+    rows = expand_inputs([str(tmp_path)])
+    run_predictions(detector, rows, batch_size=2, num_workers=0, progress=False, steps=[step])
+    assert [(Path(r.path).name, r.status, r.logit is None) for r in rows] == [
+        ("0.png", "no face", True), ("1.png", "could not read (ZeroDivisionError)", True), ("2.png", "ok", False)]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .detector import Detector
 from .errors import MadlabError
 from .files import write_text_atomically
+from .images import resize_pixels
 from .inference import p_morph
 from .pixels import RejectedImageError, find_images, image_suffixes, load_pixels
 
@@ -122,18 +123,18 @@ class _Inputs(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, int]:
-        from .images import resize_pixels
-
         path = self.paths[index]
         try:
             pixels, _ = load_pixels(path, self.size)
             for step in self.steps:
                 pixels = step(pixels, path)
+            return resize_pixels(pixels, self.size), OK, index
         except RejectedImageError as err:
             return None, err.status, index
         except MemoryError:
             return None, "out of memory while decoding", index
-        return resize_pixels(pixels, self.size), OK, index
+        except Exception as err:  # a hostile file must cost its own row, never the run
+            return None, f"could not read ({type(err).__name__})", index
 
 
 def _collate(items: list[tuple[torch.Tensor | None, str, int]]) -> tuple[torch.Tensor | None, list[str], list[int]]:
