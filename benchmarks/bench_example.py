@@ -161,7 +161,7 @@ def predict_section(args: argparse.Namespace, config: Config) -> tuple[list[dict
             detectors = predict_detectors(name, args, config, Path(tmp))
         x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(1))
         steps = {}
-        for variant in PREDICT_VARIANTS:
+        for variant in args.predict_variants:
             kind, mode = variant.split("_")
             detector = detectors[kind]
             net = compiled(detector.model, True) if mode == "compiled" else detector.model
@@ -171,12 +171,13 @@ def predict_section(args: argparse.Namespace, config: Config) -> tuple[list[dict
             steps[variant]()
             print(f"  {name} {variant}: ready", file=sys.stderr)
         timing = common.interleaved_medians(steps, args.reps, args.device)
-        for variant in PREDICT_VARIANTS:
+        for variant in args.predict_variants:
             row = {"model": name, "variant": variant, **timing[variant]}
             row["images_per_s"] = args.batch / row["median_s"]
-            base = timing[f"base_{variant.split('_')[1]}"]
-            row["x_base"] = common.ratio(base, timing[variant])
-            row["x_unmerged_eager"] = common.ratio(timing["unmerged_eager"], timing[variant])
+            base = timing.get(f"base_{variant.split('_')[1]}")
+            row["x_base"] = common.ratio(base, timing[variant]) if base else None
+            row["x_unmerged_eager"] = (common.ratio(timing["unmerged_eager"], timing[variant])
+                                       if "unmerged_eager" in timing else None)
             rows.append(row)
     columns = [("model", "backbone", "s"), ("variant", "variant", "s"), ("median_s", "median s", ".3f"),
                ("images_per_s", "img/s", ".1f"), ("x_base", "speed vs base (same mode)", ".3f"),
@@ -267,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what to measure (default: train, as before; the GPU suite relies on that)")
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--predict-models", nargs="+", default=list(PREDICT_BACKBONES), choices=list(PREDICT_BACKBONES))
+    parser.add_argument("--predict-variants", nargs="+", default=PREDICT_VARIANTS, choices=PREDICT_VARIANTS,
+                        help="a subset of the predict rows (each mode needs its base row for the ratio)")
     parser.add_argument("--peft-precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="example config override, e.g. lora_target_modules=q,v (default: the example's)")
