@@ -18,6 +18,7 @@ import torch
 
 from lora_vit import __version__ as lora_vit_version
 
+from . import hub
 from .backbone import (
     DEFAULT_IMAGE_SIZE,
     BackboneError,
@@ -173,7 +174,8 @@ def run_pretrain(config: Config, env: Env) -> Path:
 
 
 def _adapt_backbone(config: Config, env: Env) -> Path:
-    source = Path(config.backbone or "").expanduser().resolve()
+    given = config.backbone or ""
+    source = hub.resolve(given)[0] if is_hub_id(given) else Path(given).expanduser().resolve()
     _, spec = load_backbone(source, None, config.image_size)
     if spec.family != "vit_mae":
         raise ConfigError(f"pretrain --backbone continues MAE pretraining and needs a vit_mae folder;"
