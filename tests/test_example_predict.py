@@ -306,3 +306,20 @@ def test_a_failing_per_image_step_costs_only_that_images_row(run, tmp_path: Path
     run_predictions(detector, rows, batch_size=2, num_workers=0, progress=False, steps=[step])
     assert [(Path(r.path).name, r.status, r.logit is None) for r in rows] == [
         ("0.png", "no face", True), ("1.png", "could not read (ZeroDivisionError)", True), ("2.png", "ok", False)]
+
+
+def test_predict_shows_a_progress_bar_on_a_terminal(run, tmp_path: Path) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = morph_detection.main(["predict", "--model_path", str(run["model"]), "--input", str(run["data"]),
+                                   "--output", str(tmp_path / "p.csv")])
+    assert rc == 0 and "predict" in err.getvalue() and "img" in err.getvalue()
+    err = Terminal()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = morph_detection.main(["predict", "--model_path", str(run["model"]), "--input", str(run["data"]),
+                                   "--output", str(tmp_path / "p.csv"), "--no_progress"])
+    assert rc == 0 and err.getvalue() == ""
