@@ -162,7 +162,10 @@ def run_predictions(detector: Detector, rows: list[Prediction], *, batch_size: i
         if images is not None:
             logits = detector.score(detector.normalise(images))
             for i, logit in zip(scored, logits):
-                rows[todo[i]].logit = float(logit)
+                if np.isfinite(logit):
+                    rows[todo[i]].logit = float(logit)
+                else:  # a diverged model: no decision can be read from it
+                    rows[todo[i]].status = "non-finite logit"
         bar.update(len(indices))
     bar.close()
     return time.perf_counter() - start
