@@ -323,3 +323,16 @@ def test_predict_shows_a_progress_bar_on_a_terminal(run, tmp_path: Path) -> None
         rc = morph_detection.main(["predict", "--model_path", str(run["model"]), "--input", str(run["data"]),
                                    "--output", str(tmp_path / "p.csv"), "--no_progress"])
     assert rc == 0 and err.getvalue() == ""
+
+
+def test_an_older_model_file_offers_only_its_own_threshold(tmp_path: Path) -> None:
+    from madlab.config import Config, ConfigError
+
+    old = Detector(None, Config(), {"threshold": {"rule": "dev_eer", "value": 0.3, "score": "logit"}},
+                   tmp_path / "old.safetensors", "fp32", None)
+    assert old.threshold()["value"] == 0.3
+    assert old.decide(np.array([0.29, 0.3, 0.31])).tolist() == [False, True, True]
+    with pytest.raises(ConfigError, match="records no 'eer' threshold"):
+        old.threshold("eer")
+    with pytest.raises(ConfigError, match="is not one of"):
+        old.threshold("apcer=0.2")
