@@ -9,13 +9,22 @@ Subcommands:
   pretrain   MAE-pretrain (or find cached) the default small ViT on the bona fide training images;
              with a vit_mae --backbone, continue its MAE pretraining on them (LoRA, merged).
   train      Fine-tune (LoRA by default) and save the model file with its config and dev threshold.
-  test       Rebuild the model from --model_path alone and evaluate on the test split.
+  test       Rebuild the model from --model_path alone and evaluate: the test split of the training
+             data, or every image of another data set (--data OTHER; --split all|train|dev|test).
+  predict    Score unlabelled photos (files, folders, lists) into a CSV of decisions.
+  export     Merge the adapters into the backbone: one self-contained .safetensors file.
   compare    LoRA vs full fine-tuning vs linear probe on the same data, one table.
+
+Exit status: 0 done; 2 an error (one "error:" line); 3 training interrupted (resume it);
+4 predict scored some files but not all (their rows say why).
 
 Examples:
   python examples/morph_detection.py
   python examples/morph_detection.py train --data /data/FRLL --override lora_r=8
   python examples/morph_detection.py test --model_path output/morph_detector.safetensors
+  python examples/morph_detection.py test --model_path output/morph_detector.safetensors --data /data/MAD22
+  python examples/morph_detection.py predict --model_path output/morph_detector.safetensors --input photos/
+  python examples/morph_detection.py export --model_path output/morph_detector.safetensors --output merged.safetensors
   python examples/morph_detection.py compare --override num_epochs=10
   torchrun --nproc_per_node=4 examples/morph_detection.py train --data /data/FRLL   # DDP
 """
@@ -40,8 +49,12 @@ from madlab.app import (
     run_train,
 )
 from madlab.config import Config, ConfigError, apply_overrides
+from madlab.data import EVAL_SPLITS
+from madlab.detector import OPERATING_POINTS, Detector
 from madlab.distributed import Dist, setup, teardown
 from madlab.errors import MadlabError
+from madlab.export import export_detector, summary_line
+from madlab.predict import run_predict
 from madlab.resume import STATE_FILE
 from madlab.training import TrainingInterrupted
 
@@ -91,14 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--resume", action="store_true", help=(
                 "continue the interrupted run in --output_dir from its per-epoch checkpoint"
                 f" ({STATE_FILE}); ends as an uninterrupted run would"))
-    test = sub.add_parser("test", help="evaluate a saved model on the test split",
-                          description="rebuild the model from --model_path alone and evaluate it on the test split")
-    test.add_argument("--model_path", required=True, help="the .safetensors file written by train")
-    test.add_argument("--data", default=None, help="evaluate on this dataset instead of the one trained on")
+    test = sub.add_parser("test", help="evaluate a saved model on the test split or another data set",
+                          description="rebuild the model from --model_path alone and evaluate it")
+    test.add_argument("--model_path", required=True, help="the .safetensors file written by train or export")
+    test.add_argument("--data", default=None, help=(
+        "evaluate on this data set instead of the one trained on (then every image of it by default)"))
+    test.add_argument("--split", choices=EVAL_SPLITS, default=None, help=(
+        "which images to score: default test on the training data, all on another data set"))
     test.add_argument("--backbone", default=None,
                       help="backbone folder (timm: its weights), if it moved since training")
     _common(test, training=False)
+    _predict_parser(sub)
+    export = sub.add_parser("export", help="merge the adapters into the backbone: one self-contained file",
+                            description="write the detector with its LoRA adapters merged (lora_vit.merge_lora),"
+                                        " the head, config and dev thresholds into one .safetensors file that"
+                                        " test and predict accept")
+    export.add_argument("--model_path", required=True, help="the .safetensors file written by train")
+    export.add_argument("--output", required=True, help="the .safetensors file to write")
+    export.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")
     return parser
+
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
+    predict = sub.add_parser("predict", help="score unlabelled photos into a CSV of decisions", description=(
+        "score image files, folders (recursive) or .txt/.csv lists of paths; one CSV row per file, in input"
+        " order: path,status,logit,p_morph,decision. Exit status 0 when every file was scored, 4 when some"
+        " could not be (their status says why), 2 on an error"))
+    predict.add_argument("--model_path", required=True, help="the .safetensors file written by train or export")
+    predict.add_argument("--input", action="append", required=True, metavar="PATH",
+                         help="an image, a folder, or a .txt/.csv list of paths; repeatable")
+    predict.add_argument("--output", default="predictions.csv", help="the CSV to write (default predictions.csv)")
+    predict.add_argument("--operating_point", default="dev", choices=OPERATING_POINTS, help=(
+        "the dev-fixed threshold to decide at: dev (the model's own threshold_rule), eer, or the largest"
+        " threshold with dev APCER <= 1/5/10%%"))
+    predict.add_argument("--batch_size", type=int, default=None, help="images per batch (default: training's)")
+    predict.add_argument("--num_workers", type=int, default=None, help="decoding worker processes")
+    predict.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    predict.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                         help="torch.compile the detector (default: on with CUDA)")
+    predict.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")
+    predict.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    predict.add_argument("--no_progress", action="store_true", help="no progress bar (shown only on a terminal)")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -116,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv if argv else ["train"])
     default_run = not argv
     if args.command is None:
-        parser.error("choose a subcommand: pretrain, train, test or compare (or no arguments for the default run)")
+        parser.error("choose a subcommand: pretrain, train, test, predict, export or compare"
+                     " (or no arguments for the default run)")
     made = not torch.distributed.is_initialized()
     ranks = setup()  # torchrun (WORLD_SIZE > 1): join the process group; one process: nothing
     made = made and ranks.active
     env = Env(cache_dir=Path(args.cache_dir) if getattr(args, "cache_dir", None) else None,
-              progress=not args.no_progress and ranks.main and sys.stderr.isatty())
+              progress=not getattr(args, "no_progress", False) and ranks.main and sys.stderr.isatty())
     if not ranks.main:
         env.say = _silent  # rank 0 alone prints; errors still come from every rank
     try:
@@ -139,7 +186,17 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
     try:
         if args.command == "test":
             extra = [f"data={args.data}"] if args.data else []
-            run_test(args.model_path, [*args.override, *extra], env, args.output_dir, args.backbone)
+            run_test(args.model_path, [*args.override, *extra], env, args.output_dir, args.backbone, args.split)
+            return 0
+        if args.command == "predict":
+            flags = [f"{k}={getattr(args, k)}" for k in ("batch_size", "num_workers", "precision", "compile")
+                     if getattr(args, k) is not None]
+            return run_predict(args.model_path, args.input, args.output, operating_point=args.operating_point,
+                               overrides=[*args.override, *flags], backbone=args.backbone,
+                               progress=env.progress, say=env.say)
+        if args.command == "export":
+            env.say(summary_line(export_detector(Detector.load(args.model_path, backbone=args.backbone),
+                                                 args.output)))
             return 0
         config = _config(args)
         if config.data is None:

@@ -100,3 +100,40 @@ def test_round_trip_through_dict() -> None:
     assert Config.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="unknown config keys"):
         Config.from_dict({**c.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("weight_decay=-0.1", "weight_decay must be >= 0, got -0.1"),
+    ("eta_min=-1e-5", "eta_min must be >= 0, got -1e-05"),
+    ("eta_min=0.01", "eta_min=0.01 must be below learning_rate=0.0005"),
+    ("patience=0", "patience must be >= 1, got 0"),
+    ("freeze_lastN=-2", "freeze_lastN must be >= 0, got -2"),
+    ("warmup_epochs=-1", "warmup_epochs must be >= 0, got -1"),
+    ("mid_epochs=-1", "mid_epochs must be >= 0, got -1"),
+    ("seed=-3", "seed must be >= 0, got -3"),
+    ("lora_alpha=0", "lora_alpha must be positive, got 0.0"),
+    ("output_dir=", "output_dir must name a folder, got an empty string"),
+    ("lr_scheduler=step", "lr_scheduler='step' is not one of ('cosine', 'none')"),
+])
+def test_out_of_range_values_are_config_errors(item: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [item])
+    assert str(err.value).startswith(message)
+
+
+def test_weight_decay_below_zero_is_one_error_line_on_the_command_line(tmp_path: Path, capsys) -> None:
+    import morph_detection
+
+    rc = morph_detection.main(["train", "--output_dir", str(tmp_path), "--override", "weight_decay=-0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "error: weight_decay must be >= 0, got -0.1"
+
+
+@pytest.mark.parametrize("key", sorted(Config.__dataclass_fields__))
+def test_every_key_refuses_a_value_of_the_wrong_type(key: str) -> None:
+    """A config rebuilt from a file (Config.from_dict) bypasses the override parser: validate() checks types."""
+    values = Config().to_dict()
+    values[key] = object()
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict(values)
+    assert str(err.value).startswith(f"{key}=<object object at ")

@@ -14,12 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from madlab.data import (
     DataError,
     DataReport,
-    ImageDataset,
+    Sample,
     embedded_samples,
     load_samples,
     read_csv_manifest,
     scan_folder,
 )
+from madlab.images import ImageDataset
 from madlab.morphs import inner_face_mask, morph
 
 
@@ -120,14 +121,13 @@ def test_bad_and_non_rgb_images_are_counted(tmp_path: Path) -> None:
     _image(tmp_path / "bona_fide" / "cmyk.jpg", mode="CMYK")
     report = DataReport("t")
     samples = scan_folder(tmp_path, report)
-    assert sum(report.skipped.values()) == 3
-    assert any("corrupt" in r for r in report.skipped)
-    assert any("CMYK" in r for r in report.skipped)
-    assert report.converted["L"] == 1
+    assert sum(report.skipped.values()) == 2
+    assert report.skipped == {"not an image": 1, "truncated or corrupt image": 1}
+    assert report.converted == {"L": 1, "CMYK": 1}, "CMYK is converted, not skipped"
     gray = next(s for s in samples if s.path.endswith("gray.png"))
     x, y, _ = ImageDataset([gray], 16)[0]
     assert x.shape == (3, 16, 16) and y.item() == 0.0
-    assert any("skipped 3 files" in line for line in report.lines(samples))
+    assert any("skipped 2 files" in line for line in report.lines(samples))
 
 
 @pytest.mark.parametrize(
@@ -215,3 +215,36 @@ def test_csv_manifest_with_split_column_and_bad_rows(tmp_path: Path) -> None:
         read_csv_manifest(manifest, report)
     with pytest.raises(DataError, match="does not exist"):
         read_csv_manifest(tmp_path / "nope.csv", report)
+
+
+def test_every_source_is_read_through_one_interface(tmp_path: Path) -> None:
+    from madlab.data import EmbeddedSource, FolderSource, ManifestSource, open_source
+
+    _tree(tmp_path / "tree", None, n=2, methods=("opencv",))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{'morph' if 'morph' in str(p) else 'bona_fide'}\n"
+                                                 for p in sorted((tmp_path / "tree").rglob("*.*"))))
+    kinds = {None: EmbeddedSource, str(tmp_path / "tree"): FolderSource, str(manifest): ManifestSource}
+    read = {}
+    for data, kind in kinds.items():
+        source = open_source(data, 0, ["blend"], 1, (0.6, 0.2))
+        assert type(source) is kind
+        report = DataReport(source.description)
+        read[kind] = source.read(report)
+        assert read[kind] and all(isinstance(s, Sample) for s in read[kind])
+    # The folder and the manifest listing the same files give the same samples.
+    as_rows = lambda samples: sorted((s.path, s.label) for s in samples)  # noqa: E731
+    assert as_rows(read[FolderSource]) == as_rows(read[ManifestSource])
+
+
+def test_links_in_a_data_folder_are_followed_once_and_loops_counted(tmp_path: Path) -> None:
+    _tree(tmp_path, None, n=2, methods=("opencv",))
+    (tmp_path / "bona_fide" / "self.png").symlink_to(tmp_path / "bona_fide" / "self.png")
+    (tmp_path / "bona_fide" / "up").symlink_to(tmp_path / "bona_fide")  # a folder loop
+    (tmp_path / "bona_fide" / "empty.jpg").write_bytes(b"")
+    report = DataReport("t")
+    samples = scan_folder(tmp_path, report)
+    assert sorted(Path(s.path).name for s in samples if s.label == 0) == ["bf0.png", "bf1.png"]
+    assert report.skipped == {"symlink loop": 2, "empty file (0 bytes)": 1}
+    named = report.to_dict(samples)["skipped_files"]
+    assert sorted(Path(line.split(": ")[0]).name for line in named) == ["empty.jpg", "self.png", "up"]

@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import morph_detection
 from madlab.backbone import BackboneError, load_backbone
 from madlab.config import Config, apply_overrides
-from madlab.data import ImageDataset, embedded_samples
+from madlab.data import embedded_samples
 from madlab.evaluation import read_scores_csv
+from madlab.images import ImageDataset
 from madlab.inference import predict
 from madlab.metrics import apcer_bpcer, auc, d_eer
 from madlab.model import MorphDetector

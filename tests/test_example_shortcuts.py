@@ -54,7 +54,8 @@ def test_scores_are_oriented_higher_means_morph() -> None:
 
 def test_greys_are_the_pixels_the_detector_sees() -> None:
     # The dataset resizes with antialiased bilinear interpolation; grey() must do the same.
-    from madlab.data import ImageDataset, Sample
+    from madlab.data import Sample
+    from madlab.images import ImageDataset
 
     rng = np.random.default_rng(3)
     pixels = rng.random((25, 25, 3))

@@ -14,13 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
 from madlab import speed
-from madlab.app import available_cores, threads
 from madlab.config import Config, ConfigError, apply_overrides
 from madlab.data import Sample
 from madlab.families import load_backbone
 from madlab.images import ImageDataset, decode, make_loader
 from madlab.model import MorphDetector
-from madlab.speed import autocast, resolve_compile, resolve_precision
+from madlab.speed import autocast, available_cores, resolve_compile, resolve_precision, threads
 from madlab.training import predict
 from PIL import Image
 

@@ -14,8 +14,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from madlab.data import ImageDataset, Sample
+from madlab.data import Sample
 from madlab.evaluation import SCORE_KIND, choose_threshold
+from madlab.images import ImageDataset
 from madlab.inference import p_morph, predict
 from madlab.metrics import auc
 
@@ -92,8 +93,8 @@ def test_p_morph_is_a_stable_sigmoid() -> None:
 
 
 def test_probability_threshold_of_an_older_model_file_becomes_its_logit(tmp_path: Path) -> None:
-    from madlab.app import _stored_threshold
     from madlab.checkpoint import CheckpointError
+    from madlab.detector import stored_threshold as _stored_threshold
 
     new = {"rule": "dev_eer", "value": 1.5, "score": SCORE_KIND}
     assert _stored_threshold(new, tmp_path / "m") is new

@@ -18,6 +18,7 @@ import torch
 
 from lora_vit import __version__ as lora_vit_version
 
+from . import hub
 from .backbone import (
     DEFAULT_IMAGE_SIZE,
     BackboneError,
@@ -28,30 +29,32 @@ from .backbone import (
     load_backbone,
     pretrain_mae,
 )
-from .checkpoint import CheckpointError, load_weights, read_metadata, save_model
-from .config import EVAL_KEYS, Config, ConfigError, parse_override
-from .data import Sample, load_samples
+from .checkpoint import CheckpointError, read_metadata, save_model
+from .config import Config, ConfigError
+from .data import Sample, evaluation_samples, load_samples
+from .detector import Detector, describe_file
 from .distributed import barrier, current
 from .errors import MadlabError
 from .evaluation import (
-    SCORE_KIND,
     choose_threshold,
     format_table,
     iso_report,
+    operating_points,
     shortcut_report,
     shortcut_verdict,
     write_json,
     write_scores_csv,
 )
-from .families import BackboneSpec, load_from_spec
+from .families import BackboneSpec
 from .files import write_text_atomically
+from .hub import is_hub_id
 from .images import ImageDataset
 from .inference import predict
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
 from .shortcuts import SHORTCUTS, sample_greys, shortcut_scores
-from .speed import compiled, resolve_compile, resolve_precision
+from .speed import resolve_precision, threads
 from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
@@ -71,21 +74,6 @@ class Env:
     cache_dir: Path
     progress: bool = True
     say: Callable[[str], None] = print
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the whole machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS/Windows have no affinity masks
-        return os.cpu_count() or 1
-
-
-def threads(config: Config) -> int:
-    """``num_threads``, else one for the embedded smoke model, else every available core."""
-    if config.num_threads is not None:
-        return config.num_threads
-    return 1 if not config.backbone else available_cores()
 
 
 def _seed(config: Config) -> None:
@@ -138,7 +126,7 @@ def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretr
     read what it wrote.
     """
     if config.backbone:
-        if config.backbone.startswith("timm:"):
+        if config.backbone.startswith("timm:") or is_hub_id(config.backbone):
             return config.backbone
         return str(Path(config.backbone).expanduser().resolve())
     d = current()
@@ -186,7 +174,8 @@ def run_pretrain(config: Config, env: Env) -> Path:
 
 
 def _adapt_backbone(config: Config, env: Env) -> Path:
-    source = Path(config.backbone or "").expanduser().resolve()
+    given = config.backbone or ""
+    source = hub.resolve(given)[0] if is_hub_id(given) else Path(given).expanduser().resolve()
     _, spec = load_backbone(source, None, config.image_size)
     if spec.family != "vit_mae":
         raise ConfigError(f"pretrain --backbone continues MAE pretraining and needs a vit_mae folder;"
@@ -297,6 +286,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False, precision=precision,
                             num_workers=config.num_workers)
     threshold = choose_threshold(dev_scores, dev_labels, config.threshold_rule)
+    dev_samples = _split(samples, "dev")
+    shortcut_thresholds = {name: choose_threshold(stat, dev_labels, config.threshold_rule)
+                           for name, stat in shortcut_scores(sample_greys(dev_samples, size)).items()}
     env.say(f"best epoch {result.best_epoch} (by {config.selection_metric}) restored: dev loss"
             f" {result.best_dev_loss:.4f}, dev D-EER {100 * result.best_dev_eer:.1f}%;"
             f" threshold {threshold['value']:.4f} ({config.threshold_rule})")
@@ -309,6 +301,8 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "backbone": {"path": str(backbone_dir), "fingerprint": fingerprint, "image_size": size,
                      "default": not config.backbone, "spec": spec.to_dict()},
         "threshold": threshold,
+        "thresholds": operating_points(dev_scores, dev_labels),  # predict --operating_point
+        "shortcut_thresholds": shortcut_thresholds,  # for test on other data, which has no dev split of its own
         "training": {"best_epoch": result.best_epoch, "best_dev_loss": result.best_dev_loss,
                      "best_dev_eer": result.best_dev_eer, "epochs_run": len(result.history),
                      "stopped_early": result.stopped_early, "seconds": result.seconds},
@@ -339,83 +333,45 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     return summary
 
 
-def _check_test_overrides(stored: Config, overrides: list[str]) -> Config:
-    """Apply evaluation-only overrides; any other override must equal the file's value.
-
-    Raises:
-        ConfigError: For an override that contradicts the file (the seed's
-            ``--override lora_r=8`` on an r=4 file), naming both values.
-    """
-    values = stored.to_dict()
-    for item in overrides:
-        key, value = parse_override(item)
-        if key in EVAL_KEYS:
-            values[key] = value
-        elif values[key] != value and not (isinstance(value, float) and values[key] == value):
-            raise ConfigError(
-                f"--override {item} does not match the model file, which was trained with {key}={values[key]!r}."
-                f" The model is rebuilt from the file, so only {sorted(EVAL_KEYS)} can change at test time"
-            )
-    return Config(**values).validate()
-
-
-def _rebuild(stored: dict[str, Any], config: Config, model_path: Path, moved: str | None) -> MorphDetector:
-    """The detector a model file was trained with: the backbone its metadata describes (found at
-    ``moved`` if given), checked against the stored weights fingerprint and input settings."""
-    spec = BackboneSpec.from_dict(stored["spec"]) if "spec" in stored else None
-    timm = spec is not None and spec.family == "timm"
-    where = Path(moved or (spec.weights if timm and spec else stored["path"])).expanduser()
-    if not where.exists() or (not timm and not (where / "config.json").is_file()):
-        hint = ("run `morph_detection.py pretrain` with the training run's data, seed and --cache_dir to recreate it"
-                if stored.get("default") else
-                f"pass --backbone with the {'weights' if timm else 'checkpoint folder'} it was trained on")
-        raise BackboneError(f"the backbone this model was trained on is not at {where}; {hint}")
-    _seed(config)
-    if spec is None:  # a file from before backbones were described: a ViT/ViTMAE folder at native size
-        backbone, spec = load_backbone(str(where))
-    else:
-        backbone, found = load_from_spec(spec, str(where) if moved else None)
-        differ = [k for k in ("family", "image_size", "mean", "std", "feature", "hidden_size")
-                  if getattr(found, k) != getattr(spec, k)]
-        if differ:
-            raise BackboneError(f"the backbone at {where} is set up differently from the one {model_path} was"
-                                f" trained on ({', '.join(differ)} differ)")
-    model = MorphDetector(backbone, spec, config.dropout_p)
-    if backbone_fingerprint(model.backbone) != stored["fingerprint"]:
-        raise BackboneError(f"the backbone at {where} differs from the one {model_path} was trained on"
-                            " (weights fingerprint mismatch)")
-    return model
-
-
 def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env, output_dir: str | None = None,
-             backbone: str | None = None) -> dict[str, Any]:
-    """Rebuild the detector from ``model_path`` alone, score the test split, write the report."""
+             backbone: str | None = None, split: str | None = None) -> dict[str, Any]:
+    """Rebuild the detector from ``model_path`` alone (a model or export file), score one split of
+    the data (or all of it) and write the report.
+
+    Args:
+        split: ``all``, ``train``, ``dev`` or ``test``. Default: ``test`` on the data the model was
+            trained on, ``all`` on any other data set (``--override data=...``).
+    """
     _quiet_transformers()
-    model_path = Path(model_path)
-    meta = read_metadata(model_path)
-    if "config" not in meta or "backbone" not in meta or "threshold" not in meta:
-        raise CheckpointError(
-            f"{model_path} has no training config in its metadata; it was not written by this example")
-    config = _check_test_overrides(Config.from_dict(meta["config"]), overrides)
+    detector = Detector.load(model_path, overrides, backbone)
+    config, model_path = detector.config, detector.path
+    env.say(describe_file(detector.metadata))
     out = Path(output_dir or config.output_dir)
-    model = _rebuild(meta["backbone"], config, model_path, backbone).to(current().device)
-    load_weights(model, model_path, config.use_lora)
-    threshold = _stored_threshold(meta["threshold"], model_path)
+    other_data = config.data != detector.metadata["config"].get("data")
+    split = split or ("all" if other_data else "test")
+    threshold = detector.threshold("dev")
     data_reports: list[dict[str, Any]] = []
-    samples = _data(config, env, data_reports)
-    test = _split(samples, "test")
-    dataset = _datasets(test, model.spec, config)
-    device = current().device
-    scores, _ = predict(model, dataset, config.batch_size, desc="scoring test", progress=env.progress,
-                        precision=resolve_precision(config, device, model.spec.hidden_size),
-                        num_workers=config.num_workers,
-                        net=compiled(model, resolve_compile(config, device)))
+    test, samples, data_report = evaluation_samples(
+        config.data, split, config.seed, config.morph_methods, config.morphs_per_face,
+        (config.train_val_pct, config.dev_pct), config.identity_pattern)
+    found = len(samples) + sum(data_report.skipped.values())
+    for line in data_report.lines(samples):
+        env.say(line)
+    data_reports.append({**data_report.to_dict(samples), "split": split, "scored": len(test), "found": found})
+    what = "all images" if split == "all" else f"the {split} images"
+    env.say(f"scoring {what}: {len(test)} of the {found} images found"
+            f"{' (the data set the model was trained on)' if not other_data else ' (another data set)'}")
+    if split in ("all", "train", "dev") and not other_data:
+        env.say(f"note: {what} of the training data include images the model was trained or tuned on;"
+                " their figures are optimistic")
+    scores = detector.score(detector.dataset(test), desc=f"scoring {split}", progress=env.progress)
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
     report = iso_report(scores, labels, methods, threshold)
-    report["shortcuts"], shortcut_test = _shortcuts(samples, model.image_size, config.threshold_rule)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, test, split, detector)
     report["shortcut_verdict"] = shortcut_verdict(report)
-    report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
+    report["model"] = {"path": str(model_path), "strategy": config.strategy, "exported": detector.exported,
+                       "training": detector.metadata.get("training")}
     report["smoke_test"] = config.data is None
     report["data"] = data_reports[0]  # counts, skipped files, dropped leaks and warnings, as printed
     if current().main:  # every rank has every score (gathered); one writes them
@@ -431,38 +387,31 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     return report
 
 
-def _stored_threshold(threshold: dict[str, Any], model_path: Path) -> dict[str, Any]:
-    """The model file's dev threshold on the logit scale the scores use now.
-
-    Files written before scores became logits hold τ as a probability; the logit of it is
-    the same operating point.
-
-    Raises:
-        CheckpointError: If an old probability threshold is 0 or 1, which no logit can express.
-    """
-    if threshold.get("score") == SCORE_KIND:
-        return threshold
-    p = float(threshold["value"])
-    if not 0.0 < p < 1.0:
-        raise CheckpointError(f"{model_path} holds the probability threshold {p!r} of an older version, which has"
-                              " no logit; train the model again")
-    return {**threshold, "value": float(np.log(p) - np.log1p(-p)), "score": SCORE_KIND,
-            "converted_from_probability": p}
-
-
-def _shortcuts(samples: list[Sample], size: int, rule: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The shortcut baselines at the detector's input size: each statistic's τ from the dev images, its
-    report on the test images.
+def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
+               detector: Detector) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The shortcut baselines at the detector's input size, each with its τ from dev: the dev images of
+    the data when the test split of the training data is scored, else the τ the model file recorded
+    from its own dev split at training time (another data set has no dev split of its own).
 
     Returns:
-        The report (name -> metrics) and the test scores of each statistic (for the plots).
+        The report (name -> metrics) and the scored images' values of each statistic (for the plots);
+        both empty for an older model file scored on other data.
     """
-    dev, test = _split(samples, "dev"), _split(samples, "test")
-    dev_stats = shortcut_scores(sample_greys(dev, size))
-    test_stats = shortcut_scores(sample_greys(test, size))
-    report = shortcut_report(dev_stats, np.array([s.label for s in dev]), test_stats,
-                             np.array([s.label for s in test]), [s.method for s in test],
-                             rule, {name: s.description for name, s in SHORTCUTS.items()})
+    rule = detector.config.threshold_rule
+    size = detector.image_size
+    stored = detector.metadata.get("shortcut_thresholds")
+    dev = _split(samples, "dev")
+    same_data = detector.config.data == detector.metadata["config"].get("data")
+    if same_data and split == "test" and dev:
+        dev_stats, dev_labels, fixed = shortcut_scores(sample_greys(dev, size)), np.array([s.label for s in dev]), None
+    elif stored:
+        dev_stats, dev_labels, fixed = None, None, stored
+    else:
+        return {}, {}
+    test_stats = shortcut_scores(sample_greys(scored, size))
+    report = shortcut_report(dev_stats, dev_labels, test_stats, np.array([s.label for s in scored]),
+                             [s.method for s in scored], rule, {name: s.description for name, s in SHORTCUTS.items()},
+                             fixed=fixed)
     return report, test_stats
 
 

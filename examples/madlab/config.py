@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
@@ -115,6 +116,7 @@ class Config:
             "lora_init": LORA_INITS,
             "precision": PRECISIONS,
         }
+        _check_types(self)
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not one of {allowed}")
@@ -122,9 +124,23 @@ class Config:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("num_workers", "image_cache_mb"):
+        for key in ("num_workers", "image_cache_mb", "weight_decay", "eta_min", "freeze_lastN",
+                    "warmup_epochs", "mid_epochs", "seed"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("patience",):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        if self.eta_min >= self.learning_rate:
+            raise ConfigError(f"eta_min={self.eta_min!r} must be below learning_rate={self.learning_rate!r}"
+                              " (the cosine schedule's floor)")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir must name a folder, got an empty string")
+        for key in ("data", "backbone", "backbone_weights"):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise ConfigError(f"{key} must be a path (or None), got an empty string")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1 (or None for all cores), got {self.num_threads!r}")
         if self.image_size is not None and self.image_size < 1:
@@ -187,6 +203,32 @@ class Config:
 
     def dumps(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    args = getattr(hint, "__args__", ())
+    if type(None) in args:
+        return value is None or _type_ok(value, next(a for a in args if a is not type(None)))
+    if getattr(hint, "__origin__", None) is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check_types(config: Config) -> None:
+    """Every key holds a value of its declared type (a config file or a caller may bypass ``--override``).
+
+    Raises:
+        ConfigError: Naming the key, its value and the type it needs.
+    """
+    for key, hint in _field_types().items():
+        value = getattr(config, key)
+        if not _type_ok(value, hint):
+            name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise ConfigError(f"{key}={value!r} must be {'a finite ' if hint is float else ''}{name}")
 
 
 _TRUE = {"true", "1", "yes", "y", "on"}

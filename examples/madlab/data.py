@@ -10,26 +10,35 @@ from __future__ import annotations
 import csv
 import itertools
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from .errors import MadlabError
-from .identities import identities_from_name, leaks, parse_identity_pattern, partition_identities, straddling
+from .identities import identities_from_name, parse_identity_pattern
 from .morphs import morph
+from .pixels import UNREADABLE, UnreadableImageError, find_images, load_pixels
+from .splits import STRADDLES, plan_splits
 
 __all__ = [
     "DataError",
     "DataReport",
+    "EmbeddedSource",
+    "FolderSource",
+    "ManifestSource",
     "Sample",
+    "Source",
     "apply_identity_pattern",
     "assign_splits",
     "check_splits",
     "embedded_samples",
+    "evaluation_samples",
     "load_samples",
+    "open_source",
     "read_csv_manifest",
+    "read_source",
     "scan_folder",
 ]
 
@@ -42,10 +51,8 @@ LABEL_NAMES = {
     "0": 0, "bona_fide": 0, "bonafide": 0, "bona fide": 0, "raw": 0, "bf": 0,
     "1": 1, "morph": 1, "attack": 1,
 }
-# Modes that convert to RGB without inventing colour information we do not have.
-_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B"}  # 16-bit grayscale: scaled by 1/65535, not clipped at 255
-_CONVERTIBLE = {"L", "LA", "P", "RGBA", *_SIXTEEN_BIT}
-TOO_LARGE = "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)"
+TOO_LARGE = UNREADABLE["bomb"]
+CHECK_SIZE = 64  # scanning decodes every file in full, but keeps only a small copy of its pixels
 
 
 class DataError(MadlabError):
@@ -72,10 +79,12 @@ class DataReport:
     notes: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # every one, for metrics.json
     converted: Counter = field(default_factory=Counter)
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped[reason] += 1
+        self.skipped_files.append(f"{path}: {reason}")
         if len(self.skipped_examples) < 5:
             self.skipped_examples.append(f"{path}: {reason}")
 
@@ -89,6 +98,7 @@ class DataReport:
             "counts": {k: dict(v) for k, v in counts.items()},
             "skipped": dict(self.skipped),
             "skipped_examples": self.skipped_examples,
+            "skipped_files": self.skipped_files,
             "converted_to_rgb": dict(self.converted),
             "notes": self.notes,
         }
@@ -96,9 +106,10 @@ class DataReport:
     def lines(self, samples: list[Sample]) -> list[str]:
         info = self.to_dict(samples)
         out = [f"data: {self.source}"]
-        for split in SPLITS:
+        for split in (*SPLITS, ""):
             if split in info["counts"]:
-                out.append(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in sorted(info["counts"][split].items())))
+                out.append(f"  {split or 'no split'}: "
+                           + ", ".join(f"{k}={v}" for k, v in sorted(info["counts"][split].items())))
         if self.skipped:
             out.append(f"  skipped {sum(self.skipped.values())} files: {dict(self.skipped)}")
             out += [f"    e.g. {e}" for e in self.skipped_examples]
@@ -153,27 +164,28 @@ def embedded_samples(
 
 
 def check_image(path: Path, report: DataReport) -> bool:
-    """Open and fully decode ``path``; count and skip it if it is unreadable or not convertible to RGB."""
+    """Decode ``path`` once (:func:`~.pixels.load_pixels`); count and skip it if it cannot be read,
+    count what had to be converted (grey, palette, CMYK, 16-bit, EXIF-rotated, animated)."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decodes the pixels, so truncated files fail here and not mid-training
-            mode = img.mode
-    except Image.DecompressionBombError:
-        report.skip(str(path), TOO_LARGE)
+        _, converted = load_pixels(path, CHECK_SIZE)
+    except UnreadableImageError as err:
+        report.skip(str(path), err.status)
         return False
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        report.skip(str(path), f"unreadable or corrupt image ({type(err).__name__})")
-        return False
-    if mode != "RGB":
-        if mode not in _CONVERTIBLE:
-            report.skip(str(path), f"image mode {mode} is not RGB or convertible (L, LA, P, RGBA, I;16)")
-            return False
-        report.converted[mode] += 1
+    if converted:
+        report.converted[converted] += 1
     return True
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _images_under(folder: Path, report: DataReport) -> list[Path]:
+    """The ``.jpg/.jpeg/.png`` files under ``folder`` (following folder links, never around a loop); links
+    that loop or dangle are skipped and counted."""
+    paths = []
+    for path, status in find_images(folder, frozenset(IMAGE_SUFFIXES)):
+        if status is None:
+            paths.append(path)
+        else:
+            report.skip(str(path), status)
+    return paths
 
 
 def _class_dirs(folder: Path) -> dict[int, Path]:
@@ -195,7 +207,7 @@ def _scan_class_tree(folder: Path, split: str, report: DataReport) -> list[Sampl
     classes = _class_dirs(folder)
     samples = []
     for label, class_dir in sorted(classes.items()):
-        for path in _images_under(class_dir):
+        for path in _images_under(class_dir, report):
             if not check_image(path, report):
                 continue
             rel = path.relative_to(class_dir).parts
@@ -291,15 +303,9 @@ def read_csv_manifest(path: str | Path, report: DataReport) -> list[Sample]:
 
 # --------------------------------------------------------------------------- splitting
 
-STRADDLES = "morph contributors fall into different splits"
-
-
-def _leak_reason(earlier: str) -> str:
-    return f"identity already in the {earlier} split (dropped from the later split)"
-
-
-def apply_identity_pattern(samples: list[Sample], pattern: str, report: DataReport) -> None:
-    """Give every sample without an identity the identities ``pattern`` finds in its file name.
+def apply_identity_pattern(samples: list[Sample], pattern: str, report: DataReport) -> list[Sample]:
+    """Copies of ``samples`` where each one without an identity has the identities ``pattern`` finds in
+    its file name.
 
     Raises:
         DataError: If the pattern is invalid or finds no identity in some file names (naming
@@ -309,135 +315,38 @@ def apply_identity_pattern(samples: list[Sample], pattern: str, report: DataRepo
         compiled = parse_identity_pattern(pattern)
     except MadlabError as err:
         raise DataError(str(err)) from None
-    missing = []
+    missing, named = [], []
     for s in samples:
-        if s.identity:
-            continue
-        found = identities_from_name(compiled, Path(s.path).name, s.label)
+        found = s.identity or identities_from_name(compiled, Path(s.path).name, s.label)
         if found is None:
             missing.append(Path(s.path).name)
         else:
-            s.identity = found
+            named.append(replace(s, identity=found))
     if missing:
         raise DataError(
             f"identity_pattern={pattern!r} finds no identity in {len(missing)} of {len(samples)} file names"
             f" (a bona fide needs exactly one matching named group, a morph at least one), e.g. {missing[:3]}")
     report.notes.append(f"identities read from file names by identity_pattern={pattern!r}")
-
-
-def _split_by_identity(samples: list[Sample], fractions: dict[str, float], seed: int, report: DataReport,
-                       what: str) -> list[Sample]:
-    """Split ``samples`` (all with identities) by :func:`partition_identities`; drop and count the morphs
-    whose contributors land in different splits."""
-    groups = [s.identity for s in samples]
-    where = partition_identities(groups, fractions, seed)
-    cut = set(straddling(groups, where))
-    kept, dropped = [], Counter()
-    for k, s in enumerate(samples):
-        if k in cut:
-            report.skip(s.path, STRADDLES)
-            dropped[s.method] += 1
-            continue
-        s.split = where[s.identity[0]]
-        kept.append(s)
-    sizes = Counter(where.values())
-    n_morph = sum(1 for s in samples if s.label == 1)
-    lost = (f"{sum(dropped.values())} of {n_morph} morphs had contributors in different splits and were dropped"
-            f" (by method: {dict(sorted(dropped.items()))})" if dropped else f"all {n_morph} morphs kept")
-    report.notes.append(
-        f"{what}: {len(where)} identities ({', '.join(f'{k} {sizes[k]}' for k in fractions)}), none shared"
-        f" across splits, identities linked by morphs kept together where possible; {lost}")
-    return kept
-
-
-def _drop_leaks(samples: list[Sample], report: DataReport) -> list[Sample]:
-    """Given splits: drop each sample of a later split whose identity is already in an earlier one, and say so."""
-    n_known = sum(1 for s in samples if s.identity)
-    if n_known == 0:
-        report.notes.append(
-            "WARNING: splits are given but no identities, so nothing checks whether a person appears in more than"
-            " one split; results can be optimistic. Give identities (a CSV identity column, or identity_pattern"
-            " for file names) to check")
-        return samples
-    found = leaks([s.split for s in samples], [s.identity for s in samples])
-    per_split: Counter = Counter()
-    for k, earlier in found.items():
-        report.skip(samples[k].path, _leak_reason(earlier))
-        per_split[f"{samples[k].split}/{'bona_fide' if samples[k].label == 0 else 'morph'}"] += 1
-    if found:
-        report.notes.append(
-            f"identities checked across the given splits: dropped {len(found)} samples whose identity (bona fide)"
-            f" or contributor (morph) is already in an earlier split: {dict(sorted(per_split.items()))}")
-    else:
-        report.notes.append("identities checked across the given splits: no identity is in two splits")
-    if n_known < len(samples):
-        report.notes.append(f"WARNING: {len(samples) - n_known} of {len(samples)} samples have no identity and"
-                            " could not be checked for identities shared across splits")
-    return [s for k, s in enumerate(samples) if k not in found]
-
-
-def _carve_dev(samples: list[Sample], seed: int, report: DataReport) -> list[Sample]:
-    """No dev split given: a quarter of train becomes dev, by identity when every train sample has one."""
-    train = [s for s in samples if s.split == "train"]
-    others = [s for s in samples if s.split != "train"]
-    if train and all(s.identity for s in train):
-        kept = _split_by_identity(train, {"train": 0.75, "dev": 0.25}, seed, report,
-                                  "no dev split given: 25% of the train identities became dev")
-        return others + kept
-    rng = np.random.default_rng(seed)
-    for s in train:
-        if rng.random() < 0.25:
-            s.split = "dev"
-    report.notes.append("WARNING: no dev split given and the train samples have no identities: 25% of train,"
-                        " by image, became dev, so a person may be in both train and dev (dev figures and"
-                        " the threshold can be optimistic)")
-    return samples
+    return named
 
 
 def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: int, report: DataReport) -> list[Sample]:
-    """Check or assign every sample's split, never silently letting an identity into two splits.
-
-    * Splits given: a sample of a later split (train < dev < test) whose identity or morph
-      contributor is already in an earlier split is dropped and counted; without identities
-      a warning says this cannot be checked. Without a dev split, 25 % of train becomes
-      dev, by identity when identities are known.
-    * No splits, every sample with identities: identities are partitioned
-      (:func:`~.identities.partition_identities`) and morphs whose contributors still land in
-      different splits are dropped and counted.
-    * Otherwise by image, stratified by class and method, with a warning.
+    """Samples with their splits, by the plan :func:`~.splits.plan_splits` makes (see there); the
+    dropped ones are counted in ``report`` with their reasons, and the plan's notes added to it.
+    The samples given are not changed: new ones are returned.
 
     Raises:
         DataError: If some samples have a split and others do not.
     """
     with_split = sum(1 for s in samples if s.split)
-    if with_split == len(samples):
-        samples = _drop_leaks(samples, report)
-        if not any(s.split == "dev" for s in samples):
-            samples = _carve_dev(samples, seed, report)
-        return samples
-    if with_split:
+    if with_split and with_split != len(samples):
         raise DataError(f"{with_split} samples have a split and {len(samples) - with_split} do not;"
                         " give a split for all or none")
-    if all(s.identity for s in samples):
-        shares = {"train": fractions[0], "dev": fractions[1], "test": 1.0 - fractions[0] - fractions[1]}
-        return _split_by_identity(samples, shares, seed, report, "split by identity")
-    rng = np.random.default_rng(seed)
-    groups: dict[tuple[int, str], list[Sample]] = {}
-    for s in samples:
-        groups.setdefault((s.label, s.method), []).append(s)
-    for group in groups.values():
-        order = rng.permutation(len(group))
-        n_train = max(1, round(fractions[0] * len(group)))
-        n_dev = max(1, round(fractions[1] * len(group)))
-        for rank, k in enumerate(order):
-            group[k].split = "train" if rank < n_train else "dev" if rank < n_train + n_dev else "test"
-    missing = sum(1 for s in samples if not s.identity)
-    report.notes.append(
-        f"WARNING: {missing} of {len(samples)} samples have no identity: split by image (stratified by class and"
-        " method); the same person may appear in several splits, so results can be optimistic. Give a CSV with an"
-        " identity column, identity_pattern for file names, or split folders, to avoid this"
-    )
-    return samples
+    plan = plan_splits(samples, fractions, seed)
+    for k, reason in sorted(plan.dropped.items()):
+        report.skip(samples[k].path, reason)
+    report.notes += plan.notes
+    return plan.apply(samples)
 
 
 def check_splits(samples: list[Sample], report: DataReport | None = None) -> None:
@@ -459,6 +368,88 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
             )
 
 
+class Source(Protocol):
+    """Where samples come from: the embedded set, a folder tree or a CSV manifest, read alike."""
+
+    description: str
+
+    def read(self, report: DataReport) -> list[Sample]:
+        """Every sample the source holds (splits only where the source names them); skips go in ``report``."""
+        ...
+
+
+@dataclass(frozen=True)
+class EmbeddedSource:
+    """The offline smoke-test faces, with morphs made inside each pool (:func:`embedded_samples`)."""
+
+    seed: int
+    methods: tuple[str, ...]
+    morphs_per_face: int
+    fractions: tuple[float, float]
+    description: str = "embedded skimage lfw_subset (100 faces, morphs generated in-process)"
+
+    def read(self, report: DataReport) -> list[Sample]:
+        report.notes.append(
+            "image pools split 60/20/20 before pairing, but lfw_subset has no identity labels and"
+            " repeats some people, so residual identity leakage is possible"
+        )
+        return embedded_samples(self.seed, list(self.methods), self.morphs_per_face, self.fractions)
+
+
+@dataclass(frozen=True)
+class FolderSource:
+    """``ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]...`` (:func:`scan_folder`)."""
+
+    root: Path
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
+
+    def read(self, report: DataReport) -> list[Sample]:
+        return scan_folder(self.root, report)
+
+
+@dataclass(frozen=True)
+class ManifestSource:
+    """A CSV manifest ``path,label[,method,identity,split]`` (:func:`read_csv_manifest`)."""
+
+    path: Path
+
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    def read(self, report: DataReport) -> list[Sample]:
+        return read_csv_manifest(self.path, report)
+
+
+def open_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
+                fractions: tuple[float, float]) -> Source:
+    """The source ``data`` names: ``None`` the embedded set, a ``.csv`` a manifest, else a folder."""
+    if data is None:
+        return EmbeddedSource(seed, tuple(methods), morphs_per_face, fractions)
+    path = Path(data)
+    return ManifestSource(path) if path.suffix.lower() == ".csv" else FolderSource(path)
+
+
+def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
+                fractions: tuple[float, float]) -> tuple[list[Sample], DataReport]:
+    """Every sample a data set holds, through its :class:`Source`, and the report of what was read.
+
+    Raises:
+        DataError: If the source is missing, malformed or holds no readable image.
+    """
+    source = open_source(data, seed, methods, morphs_per_face, fractions)
+    report = DataReport(source.description)
+    samples = source.read(report)
+    if not samples:
+        n_skipped = sum(report.skipped.values())
+        skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
+        raise DataError(f"no readable .jpg/.jpeg/.png images under {str(data)!r}{skipped}")
+    return samples, report
+
+
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
                  fractions: tuple[float, float],
                  identity_pattern: str | None = None) -> tuple[list[Sample], DataReport]:
@@ -468,57 +459,44 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         identity_pattern: A regex whose named groups read identities from file names (see
             :func:`~.identities.parse_identity_pattern`); applies to samples without an identity.
     """
-    if data is None:
-        report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
-        report.notes.append(
-            "image pools split 60/20/20 before pairing, but lfw_subset has no identity labels and"
-            " repeats some people, so residual identity leakage is possible"
-        )
-        samples = embedded_samples(seed, methods, morphs_per_face, fractions)
-    else:
-        path = Path(data)
-        report = DataReport(str(path))
-        is_csv = path.suffix.lower() == ".csv"
-        samples = read_csv_manifest(path, report) if is_csv else scan_folder(path, report)
-        if not samples:
-            n_skipped = sum(report.skipped.values())
-            skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
-            raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}{skipped}")
+    samples, report = read_source(data, seed, methods, morphs_per_face, fractions)
+    if data is not None:
         if identity_pattern:
-            apply_identity_pattern(samples, identity_pattern, report)
+            samples = apply_identity_pattern(samples, identity_pattern, report)
         samples = assign_splits(samples, fractions, seed, report)
     check_splits(samples, report)
     return samples, report
 
 
-# --------------------------------------------------------------------------- tensors
+EVAL_SPLITS = ("all", *SPLITS)
 
 
-def _load_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
-    """HxWx3 float pixels in [0, 1]. Images far larger than ``size`` are first shrunk by an integer
-    box filter (JPEG: in the decoder), so a 50-megapixel photo never becomes a 1 GB float array."""
-    if sample.image is not None:
-        return sample.image
-    try:
-        with Image.open(sample.path) as img:
-            if size and img.format == "JPEG":
-                img.draft("RGB", (2 * size, 2 * size))
-            if img.mode in _SIXTEEN_BIT:  # PIL's convert("RGB") would clip 16-bit values at 255
-                gray = np.asarray(img, dtype=np.float32) / 65535.0
-                return np.repeat(gray[..., None], 3, axis=2)
-            img = img.convert("RGB")
-            factor = min(img.size) // (2 * size) if size else 0
-            if factor >= 2:
-                img = img.reduce(factor)
-            return np.asarray(img, dtype=np.float32) / np.float32(255.0)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"could not read {sample.path!r} (it was readable when scanned): {err}") from None
+def evaluation_samples(data: str | None, split: str, seed: int, methods: list[str], morphs_per_face: int,
+                       fractions: tuple[float, float],
+                       identity_pattern: str | None = None) -> tuple[list[Sample], list[Sample], DataReport]:
+    """The samples ``test`` scores: one split of ``data``, or all of it (``split="all"``: a data set the
+    model was not trained on is scored whole, whatever splits it has and whichever classes they lack).
 
+    Returns:
+        ``(scored, everything, report)``; ``everything`` is the whole data set (with splits
+        where it has them), for the counts and the shortcut baselines' dev images.
 
-def __getattr__(name: str):
-    # ImageDataset moved to images.py (decoding, caching, loaders); old imports keep working.
-    if name == "ImageDataset":
-        from .images import ImageDataset
-
-        return ImageDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    Raises:
+        DataError: For an unknown split, or a scored set without both classes (naming the counts).
+    """
+    if split not in EVAL_SPLITS:
+        raise DataError(f"split {split!r} is not one of {list(EVAL_SPLITS)}")
+    samples, report = read_source(data, seed, methods, morphs_per_face, fractions)
+    if split == "all":
+        scored = samples
+    else:
+        if data is not None:
+            if identity_pattern:
+                samples = apply_identity_pattern(samples, identity_pattern, report)
+            samples = assign_splits(samples, fractions, seed, report)
+        scored = [s for s in samples if s.split == split]
+    n_bf = sum(s.label == 0 for s in scored)
+    if n_bf == 0 or n_bf == len(scored):
+        raise DataError(f"the {split} images of {report.source} are {n_bf} bona fide and {len(scored) - n_bf}"
+                        " morphs; scoring needs both classes")
+    return scored, samples, report

@@ -26,6 +26,7 @@ __all__ = [
     "choose_threshold",
     "format_table",
     "iso_report",
+    "operating_points",
     "read_scores_csv",
     "shortcut_report",
     "shortcut_verdict",
@@ -35,6 +36,7 @@ __all__ = [
 
 SCORE_KIND = "logit"  # what a threshold value means: the detector logit, log(P(morph) / (1 - P(morph)))
 
+OPERATING_APCERS = {"apcer=0.01": 0.01, "apcer=0.05": 0.05, "apcer=0.10": 0.10}
 APCER_TARGETS = {"bpcer@apcer=1%": 0.01, "bpcer@apcer=5%": 0.05, "bpcer@apcer=10%": 0.10}
 SCORE_COLUMNS = ["path", "label", "method", "score", "p_morph"]
 _RULES = {
@@ -67,13 +69,37 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: str) -> dict[
         gap = np.abs(curve.apcer[tied] - curve.bpcer[tied])
         j = int(tied[np.flatnonzero(gap <= gap.min() + 1e-12)[0]])  # thresholds ascend: the lower τ
     else:
-        x = 0.05 if rule == "dev_apcer5" else 0.10
-        j = int(np.nonzero(curve.apcer <= x + 1e-12)[0][-1])
-    tau = float(curve.thresholds[j])
+        j = _largest_with_apcer_at_most(curve, 0.05 if rule == "dev_apcer5" else 0.10)
+    return _threshold(scores, labels, float(curve.thresholds[j]), rule, _RULES[rule])
+
+
+def _largest_with_apcer_at_most(curve: Any, x: float) -> int:
+    return int(np.nonzero(curve.apcer <= x + 1e-12)[0][-1])
+
+
+def _threshold(scores: np.ndarray, labels: np.ndarray, tau: float, rule: str, description: str) -> dict[str, Any]:
     if not math.isfinite(tau):  # everything accepted: keep a finite value for JSON and plots
         tau = float(np.nextafter(np.max(scores), np.inf))
-    return {"rule": rule, "description": _RULES[rule], "value": tau, "score": SCORE_KIND,
+    return {"rule": rule, "description": description, "value": tau, "score": SCORE_KIND,
             "dev": apcer_bpcer(scores, labels, tau)}
+
+
+def operating_points(scores: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, Any]]:
+    """The thresholds ``predict --operating_point`` offers, all fixed on the dev scores.
+
+    Returns:
+        ``{"eer": ..., "apcer=0.01": ..., "apcer=0.05": ..., "apcer=0.10": ...}``, each as
+        :func:`choose_threshold` returns it: ``eer`` by the ``dev_eer`` rule, ``apcer=x`` the
+        largest τ with dev APCER ≤ x.
+    """
+    points = {"eer": choose_threshold(scores, labels, "dev_eer")}
+    curve = operating_curve(scores, labels)
+    for name, x in OPERATING_APCERS.items():
+        j = _largest_with_apcer_at_most(curve, x)
+        points[name] = _threshold(scores, labels, float(curve.thresholds[j]), name,
+                                  f"tau is the largest dev score threshold with dev APCER <= {100 * x:g}%;"
+                                  " a sample is a morph iff score >= tau")
+    return points
 
 
 def _curve_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -125,21 +151,29 @@ def iso_report(scores: np.ndarray, labels: np.ndarray, methods: list[str], thres
     return report
 
 
-def shortcut_report(dev: dict[str, np.ndarray], dev_labels: np.ndarray, test: dict[str, np.ndarray],
+def shortcut_report(dev: dict[str, np.ndarray] | None, dev_labels: np.ndarray | None, test: dict[str, np.ndarray],
                     test_labels: np.ndarray, test_methods: list[str], rule: str,
-                    descriptions: dict[str, str]) -> dict[str, Any]:
+                    descriptions: dict[str, str], fixed: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Each shortcut statistic scored exactly as the detector is: τ on dev by ``rule``, report on test.
 
     Args:
         dev, test: Statistic name -> scores oriented so that higher = morph, one per sample.
         descriptions: Statistic name -> what it measures and why its direction was fixed.
+        fixed: Statistic name -> a τ already fixed on dev (as :func:`choose_threshold` returns it),
+            used instead of ``dev`` (a model file records them for scoring other data sets).
 
     Returns:
         Name -> ``{"description", "threshold", "overall", "per_method", "worst_case"}``.
     """
     out = {}
     for name in test:
-        threshold = choose_threshold(dev[name], dev_labels, rule)
+        if fixed is not None:
+            if name not in fixed:
+                continue
+            threshold = dict(fixed[name])
+        else:
+            assert dev is not None and dev_labels is not None
+            threshold = choose_threshold(dev[name], dev_labels, rule)
         threshold["score"] = f"shortcut statistic {name!r}, oriented so that higher = morph"
         report = iso_report(test[name], test_labels, test_methods, threshold)
         out[name] = {"description": descriptions[name], "threshold": threshold, "overall": report["overall"],

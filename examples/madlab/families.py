@@ -24,14 +24,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import hub
 from .errors import MadlabError
+from .hub import is_hub_id
 
 __all__ = [
     "HF_FAMILIES",
@@ -88,6 +90,9 @@ class BackboneSpec:
         std: Per-channel normalisation std.
         feature: ``"cls"`` or ``"pooled"``.
         hidden_size: Width of the feature.
+        hub_id: The Hugging Face hub id it was resolved from (``source`` is then the snapshot
+            folder in the local cache), or ``None`` for a local folder.
+        revision: The hub commit that snapshot holds, so a later run loads the same weights.
     """
 
     family: str
@@ -98,6 +103,8 @@ class BackboneSpec:
     std: tuple[float, float, float]
     feature: str
     hidden_size: int
+    hub_id: str | None = None
+    revision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -322,6 +329,8 @@ def load_backbone(source: str | os.PathLike[str], weights: str | None = None,
             supported ones), weights that do not fit, or an invalid ``image_size``.
     """
     source = os.fspath(source)
+    if is_hub_id(source):
+        return _load_hub(source, None, image_size)
     if source.startswith(TIMM_PREFIX):
         architecture = source[len(TIMM_PREFIX):].strip()
         if not architecture:
@@ -338,6 +347,14 @@ def load_backbone(source: str | os.PathLike[str], weights: str | None = None,
     return _load_hf(path, model_type, image_size)
 
 
+def _load_hub(repo_id: str, revision: str | None, image_size: int | None) -> tuple[nn.Module, BackboneSpec]:
+    """A hub id, resolved through the Hugging Face cache (:mod:`.hub`), loaded as its folder;
+    the spec records the id and the commit."""
+    folder, commit = hub.resolve(repo_id, revision)
+    model, spec = load_backbone(str(folder), None, image_size)
+    return model, replace(spec, hub_id=repo_id, revision=commit)
+
+
 def load_from_spec(spec: BackboneSpec, source: str | None = None) -> tuple[nn.Module, BackboneSpec]:
     """Rebuild the backbone a model file was trained on, from its stored spec.
 
@@ -346,6 +363,8 @@ def load_from_spec(spec: BackboneSpec, source: str | None = None) -> tuple[nn.Mo
         source: Where the folder (or timm weights) is now, if it moved.
     """
     size = spec.image_size
+    if spec.hub_id and source is None:  # the same commit, from this machine's cache
+        return _load_hub(spec.hub_id, spec.revision, size)
     if spec.family == "timm":
         return load_backbone(TIMM_PREFIX + spec.source, source or spec.weights, size)
     return load_backbone(source or spec.source, None, size)

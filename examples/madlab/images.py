@@ -17,23 +17,50 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import Sample, _load_pixels
+from .data import DataError, Sample
+from .pixels import UnreadableImageError, load_pixels
 
-__all__ = ["ImageDataset", "decode", "make_loader"]
+__all__ = ["ImageDataset", "decode", "make_loader", "normalise", "resize_pixels", "sample_pixels"]
 
 MIB = 2**20
 
 
-def decode(sample: Sample, size: int) -> torch.Tensor:
-    """``3 x size x size`` uint8 pixels of ``sample`` (bilinear with antialiasing, then rounded).
+def resize_pixels(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """``3 x size x size`` uint8 from ``H x W x 3`` float pixels in [0, 1] (bilinear with
+    antialiasing, then rounded): the one resize every command uses, so that ``train``, ``test``
+    and ``predict`` feed the model the very same numbers for the same file."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).float().permute(2, 0, 1).unsqueeze(0)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x.squeeze(0).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 ``... x 3 x S x S`` -> float32, scaled to [0, 1] and normalised by the backbone's
+    ``mean``/``std`` (each ``3 x 1 x 1``)."""
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def sample_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
+    """``H x W x 3`` float pixels in [0, 1] of ``sample``: in memory, or read from its file.
 
     Raises:
         DataError: If the file cannot be read any more.
     """
-    pixels = torch.from_numpy(np.ascontiguousarray(_load_pixels(sample, size))).float()
-    x = pixels.permute(2, 0, 1).unsqueeze(0)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (x.squeeze(0).clamp(0, 1) * 255).round().to(torch.uint8)
+    if sample.image is not None:
+        return sample.image
+    try:
+        return load_pixels(sample.path, size)[0]
+    except UnreadableImageError as err:
+        raise DataError(f"could not read {sample.path!r} (it was readable when scanned): {err.status}") from None
+
+
+def decode(sample: Sample, size: int) -> torch.Tensor:
+    """``3 x size x size`` uint8 pixels of ``sample`` (see :func:`resize_pixels`).
+
+    Raises:
+        DataError: If the file cannot be read any more.
+    """
+    return resize_pixels(sample_pixels(sample, size), size)
 
 
 class _Decoded(Dataset):
@@ -105,7 +132,7 @@ class ImageDataset(Dataset):
         return self._cache[index] if index < self.cached else decode(self.samples[index], self.size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        x = (self.pixels(index).float() / 255.0 - self.mean) / self.std
+        x = normalise(self.pixels(index), self.mean, self.std)
         if self.augment:
             if torch.rand(()) < 0.5:
                 x = x.flip(-1)

@@ -57,11 +57,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def _rng_tensors(generator: torch.Generator) -> dict[str, torch.Tensor]:
     numpy_state = np.random.get_state()
-    return {
+    tensors = {
         "rng.torch": torch.get_rng_state(),
         "rng.loader": generator.get_state(),
         "rng.numpy_keys": torch.from_numpy(np.asarray(numpy_state[1], dtype=np.int64)),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Dropout masks on a CUDA device come from that device's generator, not the CPU one.
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
 
 
 def _numpy_rng_meta() -> list[Any]:
@@ -125,8 +129,11 @@ def read_state(path: Path) -> tuple[TrainState, dict[str, torch.Tensor]]:
 
 
 def restore_rng(rng: dict[str, torch.Tensor], numpy_meta: list[Any], generator: torch.Generator) -> None:
-    """Put the torch, DataLoader and numpy RNGs back where the checkpoint left them."""
+    """Put the torch (CPU and, if it was in use, the current CUDA device's), DataLoader and numpy RNGs
+    back where the checkpoint left them."""
     torch.set_rng_state(rng["rng.torch"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])
     generator.set_state(rng["rng.loader"])
     kind, pos, has_gauss, cached = numpy_meta
     np.random.set_state((kind, rng["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))

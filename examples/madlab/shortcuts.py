@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import Sample, _load_pixels
+from .data import Sample
+from .images import sample_pixels
 
 __all__ = ["SHORTCUTS", "Shortcut", "contrast", "grey", "laplacian_variance", "sample_greys", "shortcut_scores"]
 
@@ -41,7 +42,7 @@ def grey(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
 
 def sample_greys(samples: list[Sample], size: int) -> list[np.ndarray]:
     """The grey ``size x size`` image of every sample (decoded as the dataset decodes it)."""
-    return [grey(_load_pixels(s, size), size) for s in samples]
+    return [grey(sample_pixels(s, size), size) for s in samples]
 
 
 def laplacian_variance(g: np.ndarray) -> float:

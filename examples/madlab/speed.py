@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,16 @@ from torch import nn
 
 from .config import Config
 
-__all__ = ["CPU_BF16_MIN_WIDTH", "autocast", "compiled", "cpu_has_amx_bf16", "resolve_compile", "resolve_precision"]
+__all__ = [
+    "CPU_BF16_MIN_WIDTH",
+    "autocast",
+    "available_cores",
+    "compiled",
+    "cpu_has_amx_bf16",
+    "resolve_compile",
+    "resolve_precision",
+    "threads",
+]
 
 
 # Narrowest backbone (feature width) measured faster in bf16 than fp32 on an AMX CPU: ViT-B.
@@ -36,6 +46,21 @@ def cpu_has_amx_bf16() -> bool:
     except OSError:
         return False
     return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS/Windows have no affinity masks
+        return os.cpu_count() or 1
+
+
+def threads(config: Config) -> int:
+    """``num_threads``, else one for the embedded smoke model, else every available core."""
+    if config.num_threads is not None:
+        return config.num_threads
+    return 1 if not config.backbone else available_cores()
 
 
 def resolve_precision(config: Config, device: torch.device, width: int | None = None) -> str:

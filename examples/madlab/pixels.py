@@ -1,0 +1,206 @@
+"""Reading one image file into RGB pixels: the leaf of the data layer (imports nothing of madlab but errors).
+
+Every image, whatever its mode, goes through :func:`load_pixels` and comes out as ``H x W x 3``
+float32 in [0, 1], so grey and colour photos take the same path. What can be read is
+converted rather than refused:
+
+* EXIF orientation is applied first (a phone photo stored on its side is turned upright);
+* an animated image (GIF, APNG, WebP) gives its first frame;
+* CMYK, YCbCr, LAB, HSV, 1-bit, grey, grey+alpha, palette (with or without transparency)
+  and RGBA become RGB (alpha is dropped: the colour under it is kept);
+* 16-bit and 32-bit grey (``I;16*``, ``I``) are scaled by 1/65535, not clipped at 255.
+
+What cannot be read raises :class:`UnreadableImageError` with a short ``status`` that names why: an
+empty file, a missing or unreadable one, a symlink loop, a file that is no image, a truncated
+or corrupt one, and a decompression bomb, which is refused from its header (Pillow checks the
+declared size when the file is opened, before a pixel is decoded).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import MadlabError
+
+__all__ = [
+    "UNREADABLE",
+    "RejectedImageError",
+    "UnreadableImageError",
+    "find_images",
+    "image_suffixes",
+    "load_pixels",
+    "mode_label",
+]
+
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # scaled by 1/65535 (PNG stores 16 bits at most)
+_PLAIN = {"RGB"}
+
+# Short reasons, one per way a file can fail; they are the ``status`` column of predict's CSV
+# and the keys of the skip counts that train and test print.
+UNREADABLE = {
+    "missing": "file not found",
+    "empty": "empty file (0 bytes)",
+    "permission": "unreadable (permission denied)",
+    "loop": "symlink loop",
+    "not_file": "not a regular file",
+    "not_image": "not an image",
+    "corrupt": "truncated or corrupt image",
+    "bomb": "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)",
+}
+
+
+class RejectedImageError(MadlabError):
+    """One image that cannot be scored; ``status`` is the short reason (a CSV cell).
+
+    A per-image preprocessing step (e.g. a face detector that finds no face) raises this too,
+    so that the image gets its own row with that status and the run goes on.
+    """
+
+    def __init__(self, path: str, status: str, detail: str = "") -> None:
+        super().__init__(f"{path}: {status}{f' ({detail})' if detail else ''}")
+        self.path, self.status, self.detail = path, status, detail
+
+
+class UnreadableImageError(RejectedImageError):
+    """A file that is not a decodable image (see :data:`UNREADABLE` for the statuses)."""
+
+
+def image_suffixes() -> frozenset[str]:
+    """Every file extension Pillow can open here (``.jpg``, ``.png``, ``.webp``, ``.tif``, ...), lower case."""
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse before opening what cannot hold an image: missing, looping, unreadable or empty files."""
+    try:
+        info = path.stat()  # follows links: a loop fails here with ELOOP
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnreadableImageError(str(path), UNREADABLE["loop"]) from None
+        if err.errno in (errno.EACCES, errno.EPERM):
+            raise UnreadableImageError(str(path), UNREADABLE["permission"]) from None
+        raise UnreadableImageError(str(path), UNREADABLE["missing"]) from None
+    if not path.is_file():
+        raise UnreadableImageError(str(path), UNREADABLE["not_file"])
+    if info.st_size == 0:
+        raise UnreadableImageError(str(path), UNREADABLE["empty"])
+    if not os.access(path, os.R_OK):
+        raise UnreadableImageError(str(path), UNREADABLE["permission"])
+
+
+def mode_label(img: Image.Image) -> str | None:
+    """What :func:`load_pixels` converts in ``img``, for the report: its mode, ``animated`` or
+    ``EXIF-rotated``; ``None`` for a still, upright RGB image."""
+    if getattr(img, "n_frames", 1) > 1:
+        return "animated (first frame)"
+    if img.getexif().get(0x0112, 1) not in (1, None):  # 0x0112: the EXIF Orientation tag
+        return "EXIF-rotated"
+    return None if img.mode in _PLAIN else img.mode
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT:  # convert("RGB") would clip 16-bit values at 255 (white)
+        grey = np.asarray(img, dtype=np.float32) / np.float32(65535.0)
+        return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow wants palette transparency expanded first
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # CMYK/YCbCr/LAB/HSV: Pillow's conversions; L, LA, 1: grey copied to R, G, B
+    return np.asarray(img, dtype=np.float32) / np.float32(255.0)
+
+
+def load_pixels(path: str | os.PathLike[str], size: int | None = None) -> tuple[np.ndarray, str | None]:
+    """Decode ``path`` into ``H x W x 3`` float32 RGB pixels in [0, 1].
+
+    Images far larger than ``size`` are first shrunk by an integer box filter (JPEG: in the
+    decoder), so a 50-megapixel photo never becomes a 1 GB float array.
+
+    Args:
+        path: The image file.
+        size: The model's input side, or ``None`` for the full resolution.
+
+    Returns:
+        The pixels and what was converted (:func:`mode_label`), or ``None``.
+
+    Raises:
+        UnreadableImageError: If the file cannot be decoded; ``status`` says why.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as img:  # checks the header's size against the bomb limit
+            label = mode_label(img)
+            img.seek(0)
+            if size and img.format == "JPEG":
+                img.draft("RGB", (2 * size, 2 * size))
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            factor = min(upright.size) // (2 * size) if size else 0
+            if factor >= 2 and upright.mode not in _SIXTEEN_BIT:
+                upright = upright.reduce(factor)
+            return _to_rgb(upright), label
+    except Image.DecompressionBombError:
+        raise UnreadableImageError(str(path), UNREADABLE["bomb"]) from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(str(path), UNREADABLE["not_image"]) from None
+    except PermissionError:
+        raise UnreadableImageError(str(path), UNREADABLE["permission"]) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken chunks
+        raise UnreadableImageError(str(path), UNREADABLE["corrupt"], type(err).__name__) from None
+
+
+def find_images(folder: Path, suffixes: frozenset[str]) -> list[tuple[Path, str | None]]:
+    """Files under ``folder`` whose extension is in ``suffixes``, sorted by name within each folder,
+    following links to folders.
+
+    A folder reached again through a link (a symlink loop) is not searched twice but listed with
+    the status ``symlink loop``, as is a link that loops on itself; a dangling link is listed as
+    ``broken symlink``, a folder that cannot be listed as ``unreadable (permission denied)``.
+
+    Returns:
+        ``(path, status)`` pairs; ``status`` is ``None`` for a file to be read (reading it may
+        still fail, with its own reason).
+    """
+    found: list[tuple[Path, str | None]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(directory: Path) -> None:
+        info = directory.stat()
+        if (info.st_dev, info.st_ino) in seen:
+            found.append((directory, UNREADABLE["loop"]))
+            return
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            found.append((directory, UNREADABLE["permission"]))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                visit(path)
+            elif path.suffix.lower() in suffixes:
+                found.append((path, None))
+            elif entry.is_symlink() and not path.exists():
+                found.append((path, _link_status(path)))
+
+    visit(Path(folder))
+    return found
+
+
+def _link_status(path: Path) -> str:
+    try:
+        path.stat()
+    except OSError as err:
+        return UNREADABLE["loop"] if err.errno == errno.ELOOP else "broken symlink"
+    return UNREADABLE["missing"]
