@@ -23,11 +23,15 @@ __all__ = ["adapter_attention", "canonical_masks", "merged_attention", "seq_firs
 
 
 def merged_attention(
-    self: nn.MultiheadAttention, in_weight: Tensor | None, out_weight: Tensor, out_bias: Tensor | None,
+    self: nn.MultiheadAttention, projections: tuple[Tensor | None, ...], out_weight: Tensor, out_bias: Tensor | None,
     query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, need_weights: bool,
     attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """``nn.MultiheadAttention.forward``'s own logic, with the given weights in place of its Parameters."""
+    """``nn.MultiheadAttention.forward``'s own logic, with the given weights in place of its Parameters.
+
+    ``projections`` is ``(in_proj_weight, q_proj_weight, k_proj_weight, v_proj_weight)``.
+    """
+    in_weight, q_weight, k_weight, v_weight = projections
     float_mask = (attn_mask is not None and torch.is_floating_point(attn_mask)) or (
         key_padding_mask is not None and torch.is_floating_point(key_padding_mask)
     )
@@ -72,8 +76,8 @@ def merged_attention(
         query, key, value, self.embed_dim, self.num_heads, in_weight, self.in_proj_bias, self.bias_k,
         self.bias_v, self.add_zero_attn, self.dropout, out_weight, out_bias, training=self.training,
         key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-        use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
-        k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+        use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=q_weight,
+        k_proj_weight=k_weight, v_proj_weight=v_weight,
         average_attn_weights=average_attn_weights, is_causal=is_causal,
     )
     if self.batch_first and batched:

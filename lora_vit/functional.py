@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dora_linear", "dora_row_norms", "keep_probability", "lora_linear"]
+__all__ = ["as_base_weight", "dora_linear", "dora_row_norms", "keep_probability", "lora_linear"]
 
 _LANE_BITS = 16
 _LANES = 1 << _LANE_BITS
@@ -49,6 +49,25 @@ _SEED_LIMIT = 1 << 62
 def keep_probability(p: float) -> float:
     """The exact probability that an element is kept when dropout ``p`` is requested."""
     return 1.0 - round(p * _LANES) / _LANES
+
+
+def as_base_weight(weight: Tensor, base_requires_grad: bool) -> Tensor:
+    """``weight`` as the base layer held it before :func:`lora_vit.inject_lora` froze it.
+
+    ATen chooses its matmul kernel by whether the weight requires a gradient: a batched input
+    that is not contiguous (``nn.MultiheadAttention`` transposes a batch-first input before its
+    in-projection) is folded into one ``mm`` for a trainable weight and run as a ``bmm`` for a
+    frozen one. The two sum in another order on some CPUs (AMD EPYC: ~3e-7 apart), so the base
+    function of an adapted layer, to be the base layer's function bit for bit, must present its
+    frozen weight as the base layer did. A detached alias that requires grad makes ATen choose as
+    it did for the base; any gradient computed for it is discarded (the base layer computed it too).
+
+    Compiling returns ``weight`` itself: AOTAutograd cannot trace a leaf made inside the graph,
+    and a compiled graph makes no bitwise promise anyway (inductor chooses its own kernels).
+    """
+    if not base_requires_grad or weight.requires_grad or torch.compiler.is_compiling():
+        return weight
+    return weight.detach().requires_grad_()
 
 
 def _hashed_keep_mask(numel: int, drop: int, seed: Tensor, device: torch.device) -> Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAError
-from .functional import dora_linear, dora_row_norms, lora_linear
+from .functional import as_base_weight, dora_linear, dora_row_norms, lora_linear
 from .lowrank import LowRankAdapters, routed_lora, row_scale, scaled_b, stacked_a
 from .spec import (
     DEFAULT_ADAPTER,
@@ -104,6 +104,7 @@ class LoRALinear(LowRankAdapters, nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.base_requires_grad = base.weight.requires_grad  # before inject_lora freezes it: see disable_lora
         self._init_adapters()
         if spec is None:
             spec = AdapterSpec.build(
@@ -119,14 +120,15 @@ class LoRALinear(LowRankAdapters, nn.Module):
         return primary.dropout if primary is not None else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._lora_disabled:
-            return F.linear(x, self.weight, self.bias)
-        if self._lora_route is not None:  # lora_vit.adapter_per_sample
-            out = routed_lora(x, self.weight, self.bias, self, self._lora_route, self.training)
-            return out
         factors = self._lora_running
-        if factors is None:  # the active adapter is not on this layer: the base function
-            return F.linear(x, self.weight, self.bias)
+        if self._lora_disabled or (factors is None and self._lora_route is None):
+            # The base function (disabled, or the running adapter is not on this layer). Only a
+            # non-contiguous batched input lets ATen's kernel depend on requires_grad.
+            folded = x.dim() > 2 and not x.is_contiguous()
+            return F.linear(x, as_base_weight(self.weight, folded and self.base_requires_grad), self.bias)
+        if self._lora_route is not None:  # lora_vit.adapter_per_sample
+            return routed_lora(x, self.weight, self.bias, self, self._lora_route, self.training)
+        assert factors is not None
         # One autograd node (see functional.py): no dropped copy of x is kept for backward.
         spec = factors.spec
         p = spec.dropout if self.training else 0.0

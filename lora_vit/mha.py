@@ -42,7 +42,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._attention import adapter_attention, merged_attention
 from .errors import LoRAError
-from .functional import lora_linear
+from .functional import as_base_weight, lora_linear
 from .layer import LoRALinear
 from .lowrank import AdapterView, LowRankAdapters, routed_lora, scaled_b, stacked_a
 from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
@@ -159,6 +159,8 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         if base.bias_k is None:
             self.bias_k = self.bias_v = None
         self.out_proj = base.out_proj
+        projection = base.in_proj_weight if base._qkv_same_embed_dim else base.q_proj_weight
+        self.base_requires_grad = getattr(base, "base_requires_grad", projection.requires_grad)  # see disable_lora
         self.in_features = self.embed_dim
         self.out_features = 3 * self.embed_dim
         self._init_adapters()
@@ -301,9 +303,12 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         masks = (key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         out_proj = self.out_proj
         if self._lora_disabled:  # lora_vit.disable_lora: exactly the base module's function
-            return merged_attention(
-                self, self.in_proj_weight, out_proj.weight, out_proj.bias, query, key, value, *masks
+            # Its weights presented as the base held them (ATen's kernel choice depends on it).
+            projections = tuple(
+                None if w is None else as_base_weight(w, self.base_requires_grad)
+                for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
             )
+            return merged_attention(self, projections, out_proj.weight, out_proj.bias, query, key, value, *masks)
         running = self._lora_running
         out_running = getattr(out_proj, "_lora_running", None)
         lora_dropout = (out_running is not None and out_running.spec.dropout > 0) or (
@@ -317,7 +322,8 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         in_weight = AdapterView(self, running).merged_weight() if running is not None else self.in_proj_weight
         out_adapted = out_running is not None and not out_proj._lora_disabled
         out_weight = out_proj.merged_weight() if out_adapted else out_proj.weight  # type: ignore[operator]
-        return merged_attention(self, in_weight, out_weight, out_proj.bias, query, key, value, *masks)
+        projections = (in_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        return merged_attention(self, projections, out_weight, out_proj.bias, query, key, value, *masks)
 
     def _out_projection(self, attended: Tensor, length: int, batch: int) -> Tensor:
         """``out_proj`` on ``(L * N, E)``, as ``(L, N, E)``; batch first while routing per sample."""

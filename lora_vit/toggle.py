@@ -19,8 +19,11 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
     Every adapted layer computes its base layer's function (``F.linear`` with the base weight;
     an adapted ``nn.MultiheadAttention`` runs PyTorch's own attention with its base weights),
-    while the adapters stay in place, trainable and untouched: for comparing against the base,
-    or computing a frozen teacher's features in self-distillation. On leaving the block, by the
+    bit for bit on every CPU: the weights are presented as trainable or frozen as they were when
+    the layer was adapted, since ATen picks its kernels by that (see
+    :func:`lora_vit.functional.as_base_weight`). The adapters stay in place, trainable and
+    untouched: for comparing against the base, or computing a frozen teacher's features in
+    self-distillation. On leaving the block, by the
     end of it or by an exception, every layer gets back exactly the state it had on entering,
     so nested blocks (and layers disabled by an outer block) come out as they went in.
 

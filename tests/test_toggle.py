@@ -94,3 +94,27 @@ def test_compiled_model_adds_one_graph_for_the_disabled_state_and_no_break(famil
                 torch.testing.assert_close(compiled(x), base(x), rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 2
     assert dict(counters["graph_break"]) == {}
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("base_trainable", [True, False])
+def test_disabled_layers_compute_the_base_as_it_was_given_frozen_or_trainable(base_trainable, grad):
+    # ATen folds a non-contiguous batched input into one mm when the weight requires grad and runs a
+    # bmm when it does not; on AMD EPYC the two round differently, so the disabled layer must present
+    # its (now frozen) weight as the base layer held it.
+    linear = nn.Linear(64, 96).requires_grad_(base_trainable)
+    mha = nn.MultiheadAttention(64, 4, batch_first=True).requires_grad_(base_trainable)
+    layers = [LoRALinear(copy.deepcopy(linear), r=2, alpha=4), LoRAMultiheadAttention(copy.deepcopy(mha), r=2, alpha=4)]
+    for layer in layers:
+        for name, param in layer.named_parameters():
+            param.requires_grad_("lora_" in name)  # as inject_lora leaves them
+            if "lora_" in name:
+                param.data.normal_(0, 0.1)
+        layer.train()
+    x = torch.randn(2, 17, 64, requires_grad=grad)  # batch first: MHA projects its (17, 2, 64) transpose
+    with torch.set_grad_enabled(grad):
+        with disable_lora(layers[0]):
+            assert torch.equal(layers[0](x.transpose(0, 1)), linear(x.transpose(0, 1)))
+        with disable_lora(layers[1]):
+            assert torch.equal(layers[1](x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
+    assert all(p.grad is None for layer in layers for n, p in layer.named_parameters() if "lora_" not in n)
