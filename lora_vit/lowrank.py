@@ -31,6 +31,8 @@ from .spec import DEFAULT_ADAPTER, AdapterSpec, LoRASlice
 __all__ = ["AdapterView", "LowRankAdapters", "NamedFactors", "routed_lora"]
 
 _NORMAL_INIT_STD = 0.02
+ROUTING_MISMATCH = "adapter_per_sample was given"
+BATCH_FIRST = "(dimension 0, batch first)"
 
 
 def parameter_name(adapter: str, relative: str) -> str:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .layer import LoRALinear
+from .lowrank import BATCH_FIRST, ROUTING_MISMATCH
 from .mha import LoRAMultiheadAttention
 from .registry import (
     active_adapter,
@@ -100,6 +101,18 @@ def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | No
     return list(names)
 
 
+def _routing_error(err: BaseException) -> str | None:
+    """The routing LoRAError's message inside a dynamo error, else None."""
+    if isinstance(err, LoRAError) or type(err).__module__.split(".")[0] != "torch":
+        return None
+    text = str(err).replace("\\'", "'")
+    start = text.find(ROUTING_MISMATCH)
+    if start < 0:
+        return None
+    end = text.find(BATCH_FIRST, start)
+    return text[start : end + len(BATCH_FIRST)] if end >= 0 else text[start:]
+
+
 @contextlib.contextmanager
 def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Within the block, sample ``i`` of each forward call runs through adapter ``names[i]``.
@@ -151,6 +164,13 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
         for layer, route in zip(layers, routes):
             layer._lora_route = route
         yield model
+    except Exception as err:
+        # Under torch.compile(fullgraph=True) dynamo reports the LoRAError a layer raises while
+        # tracing (a batch of the wrong size) as its own "Unsupported"; give the user ours.
+        cause = _routing_error(err)
+        if cause is None:
+            raise
+        raise LoRAError(cause) from None
     finally:
         for layer, route in previous:  # type: ignore[assignment]
             layer._lora_route = route
