@@ -1,6 +1,5 @@
 """adapter_per_sample: each sample through its own adapter, one batch, one graph, gradients kept apart."""
 
-import copy
 
 import pytest
 import torch
@@ -123,9 +122,9 @@ def test_unknown_names_and_bad_sequences_are_refused_on_entry():
 
 def test_a_batch_of_the_wrong_size_is_a_lora_error_before_any_layer_computes():
     model = build("timm").eval()
-    with pytest.raises(LoRAError, match="given 3 adapter names, but this layer's input has shape"):
-        with adapter_per_sample(model, ["a", "b", "c"]):
-            model(FAMILIES["timm"][1](4))
+    message = "given 3 adapter names, but this layer's input has shape"
+    with pytest.raises(LoRAError, match=message), adapter_per_sample(model, ["a", "b", "c"]):
+        model(FAMILIES["timm"][1](4))
 
 
 def test_blocks_nest_and_restore_the_outer_routing():
