@@ -36,7 +36,7 @@ from .loading import load_adapters
 from .lowrank import AdapterView
 from .mha import LoRAMultiheadAttention
 from .registry import adapter_views, find_module, resolve_adapter, trainable_modules, unwrap_model
-from .spec import DEFAULT_ADAPTER, check_adapter_name
+from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
 from .state import lora_state_dict
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
@@ -155,14 +155,11 @@ def _check_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -> No
             )
 
 
-def _lora_dropout(layer: AdapterView) -> float:
-    return layer.dropout  # the LoRA dropout on both layer kinds (a view's dropout is never attention dropout)
-
-
 def _config(model: nn.Module, layers: Mapping[str, AdapterView]) -> dict[str, Any]:
     names = list(layers)
-    ranks = {name: layer.slices[0].r for name, layer in layers.items()}
-    alphas = {name: layer.slices[0].alpha for name, layer in layers.items()}
+    fields = {name: layer.spec.peft_fields() for name, layer in layers.items()}
+    ranks = {name: f["r"] for name, f in fields.items()}
+    alphas = {name: f["lora_alpha"] for name, f in fields.items()}
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
     # PEFT matches target_modules by suffix and patterns by regex suffix, so a name that ends
     # another adapted name could catch it; then spell every layer out, longest first.
@@ -184,7 +181,7 @@ def _config(model: nn.Module, layers: Mapping[str, AdapterView]) -> dict[str, An
         "inference_mode": True,
         "r": r,
         "lora_alpha": _number(alpha),
-        "lora_dropout": _most_common([_lora_dropout(layer) for layer in layers.values()]),
+        "lora_dropout": _most_common([f["lora_dropout"] for f in fields.values()]),
         "use_rslora": first.use_rslora,
         "target_modules": target_modules,
         "rank_pattern": rank_pattern,
@@ -393,14 +390,8 @@ def _mha_configs(
     if out_pair["lora_A"].shape[0] != r or bool(out_pair["lora_B"].ne(0).any()):
         raise LoRAError(f"{where}: {name!r} has a non-zero out_proj adapter: {_PEFT_OUT_PROJ_TWICE}")
     embed = base.embed_dim
-    return {
-        name: {
-            "kind": "multihead_attention", "in_features": embed, "out_features": 3 * embed,
-            "num_heads": base.num_heads, "dropout": config.get("lora_dropout") or 0.0,
-            "use_rslora": bool(config.get("use_rslora", False)),
-            "slices": [{"name": "", "start": 0, "stop": 3 * embed, "r": r, "alpha": alpha}],
-        },
-    }
+    fields = {"kind": "multihead_attention", "num_heads": base.num_heads}
+    return {name: AdapterSpec.peft_record(embed, 3 * embed, r, alpha, config, **fields)}
 
 
 def _layer_configs(
@@ -425,14 +416,7 @@ def _layer_configs(
             in_features, out_features = base.in_features, base.out_features
         else:
             in_features, out_features = int(pair["lora_A"].shape[1]), int(pair["lora_B"].shape[0])
-        configs[name] = {
-            "in_features": in_features,
-            "out_features": out_features,
-            "dropout": config.get("lora_dropout") or 0.0,
-            "use_rslora": bool(config.get("use_rslora", False)),
-            **({"use_dora": True} if config.get("use_dora", False) else {}),
-            "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
-        }
+        configs[name] = AdapterSpec.peft_record(in_features, out_features, r, alpha, config)
     return configs
 
 

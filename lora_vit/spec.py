@@ -321,6 +321,42 @@ class AdapterSpec:
             init=init, use_rslora=config["use_rslora"], use_dora=use_dora,
         )
 
+    @staticmethod
+    def peft_record(
+        in_features: int, out_features: int, r: Any, alpha: Any, peft_config: Mapping[str, Any], **layer_fields: Any
+    ) -> dict[str, Any]:
+        """The :meth:`config` record of PEFT's LoRA over a whole module (one unsliced pair).
+
+        ``lora_dropout``, ``use_rslora`` and ``use_dora`` come from PEFT's ``adapter_config.json``;
+        values are checked when the record becomes a spec (:meth:`from_config`), where the
+        loader names the layer.
+        """
+        use_dora = bool(peft_config.get("use_dora", False))
+        return {
+            **layer_fields,
+            "in_features": in_features,
+            "out_features": out_features,
+            "dropout": peft_config.get("lora_dropout") or 0.0,
+            "use_rslora": bool(peft_config.get("use_rslora", False)),
+            **({"use_dora": True} if use_dora else {}),
+            "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
+        }
+
+    def peft_fields(self) -> dict[str, Any]:
+        """This spec in PEFT's ``LoraConfig`` terms (``r``, ``lora_alpha``, ``lora_dropout``, flags).
+
+        Raises:
+            LoRAError: For fused-projection slices, which PEFT has no form for.
+        """
+        if len(self.slices) != 1 or self.slices[0].name:
+            raise LoRAError("PEFT has no form for adapters on fused q/k/v slices")
+        s = self.slices[0]
+        alpha = int(s.alpha) if float(s.alpha).is_integer() else s.alpha
+        return {
+            "r": s.r, "lora_alpha": alpha, "lora_dropout": self.dropout,
+            "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+        }
+
     def describe(self, out_features: int) -> str:
         """One line such as ``r=8, alpha=16`` or ``q[0:384] r=8, alpha=16, v[768:1152] ...``."""
         dora = ", dora" if self.use_dora else ""
