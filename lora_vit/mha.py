@@ -228,37 +228,12 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
     def merged_module(self) -> nn.MultiheadAttention:
         """A plain ``nn.MultiheadAttention`` with the adapters (here and in ``out_proj``) folded in.
 
-        Merged weights are summed in float32 and rounded once; every other Parameter is shared
-        with this module, and each keeps its ``requires_grad``.
+        See :func:`plain_attention`.
 
         Raises:
             LoRAError: If a merged weight would contain NaN or Inf.
         """
-        plain = nn.MultiheadAttention(
-            self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.in_proj_bias is not None,
-            add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn, kdim=self.kdim, vdim=self.vdim,
-            batch_first=self.batch_first, device="meta",
-        )
-        for name, param in self._parameters.items():
-            if not name.startswith("lora_"):
-                setattr(plain, name, param)
-        if self._lora_adapters:
-            merged = self.merged_weight()
-            if not bool(torch.isfinite(merged).all()):
-                raise LoRAError("merging would put NaN or Inf into in_proj_weight")
-            plain.in_proj_weight = nn.Parameter(merged, requires_grad=self.in_proj_weight.requires_grad)
-        out_proj: nn.Module = self.out_proj
-        if isinstance(out_proj, LoRALinear):
-            out_proj = out_proj.merged_linear() if out_proj.adapter_names else out_proj.plain_linear()
-        if type(out_proj) is nn.Linear:  # PyTorch's own class for it, as in an unmodified model
-            linear = NonDynamicallyQuantizableLinear(
-                out_proj.in_features, out_proj.out_features, bias=out_proj.bias is not None, device="meta"
-            )
-            linear.weight, linear.bias = out_proj.weight, out_proj.bias
-            out_proj = linear
-        plain.out_proj = out_proj  # type: ignore[assignment]
-        plain.train(self.training)
-        return plain
+        return plain_attention(self)
 
     def extra_repr(self) -> str:
         if not self._lora_adapters:
@@ -378,3 +353,41 @@ def check_mha_config(base: nn.Module, config: Mapping[str, Any]) -> None:
     found = (base.embed_dim, base.num_heads)
     if found != expected or config["out_features"] != 3 * base.embed_dim:
         raise LoRAError(f"expected an nn.MultiheadAttention with (embed_dim, num_heads) = {expected}, found {found}")
+
+
+def plain_attention(layer: LoRAMultiheadAttention) -> nn.MultiheadAttention:
+    """A plain ``nn.MultiheadAttention`` computing what ``layer`` runs, its adapters folded in.
+
+    Merged weights are summed in float32 and rounded once; every other Parameter is shared
+    with ``layer``, and each keeps its ``requires_grad``. A layer (or ``out_proj``) without
+    adapters gives its base weights back.
+
+    Raises:
+        LoRAError: If a merged weight would contain NaN or Inf.
+    """
+    plain = nn.MultiheadAttention(
+        layer.embed_dim, layer.num_heads, dropout=layer.dropout, bias=layer.in_proj_bias is not None,
+        add_bias_kv=layer.bias_k is not None, add_zero_attn=layer.add_zero_attn, kdim=layer.kdim, vdim=layer.vdim,
+        batch_first=layer.batch_first, device="meta",
+    )
+    for name, param in layer._parameters.items():
+        if not name.startswith("lora_"):
+            setattr(plain, name, param)
+    if layer._lora_adapters:
+        merged = layer.merged_weight()
+        if not bool(torch.isfinite(merged).all()):
+            raise LoRAError("merging would put NaN or Inf into in_proj_weight")
+        plain.in_proj_weight = nn.Parameter(merged, requires_grad=layer.in_proj_weight.requires_grad)
+    out_proj: nn.Module = layer.out_proj
+    if isinstance(out_proj, LoRALinear):
+        out_proj = out_proj.merged_linear() if out_proj.adapter_names else out_proj.plain_linear()
+    if type(out_proj) is nn.Linear:  # PyTorch's own class for it, as in an unmodified model
+        linear = NonDynamicallyQuantizableLinear(
+            out_proj.in_features, out_proj.out_features, bias=out_proj.bias is not None, device="meta"
+        )
+        linear.weight, linear.bias = out_proj.weight, out_proj.bias
+        out_proj = linear
+    plain.out_proj = out_proj  # type: ignore[assignment]
+    plain.train(layer.training)
+    return plain
+
