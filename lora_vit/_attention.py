@@ -16,10 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.activation import _arg_requires_grad, _check_arg_device, _is_make_fx_tracing
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .errors import LoRAError
 
-__all__ = ["adapter_attention", "canonical_masks", "merged_attention", "seq_first"]
+__all__ = [
+    "NonDynamicallyQuantizableLinear",
+    "adapter_attention",
+    "any_requires_grad",
+    "canonical_masks",
+    "merged_attention",
+    "seq_first",
+]
+
+
+def any_requires_grad(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether autograd will want a gradient of any of ``tensors``, as PyTorch's attention decides it."""
+    return torch.is_grad_enabled() and any(_arg_requires_grad(t) for t in tensors)
 
 
 def merged_attention(

@@ -37,10 +37,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.activation import _arg_requires_grad
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._attention import adapter_attention, merged_attention
+from ._attention import NonDynamicallyQuantizableLinear, adapter_attention, any_requires_grad, merged_attention
 from .errors import LoRAError
 from .functional import as_base_weight, lora_linear
 from .layer import LoRALinear
@@ -289,9 +287,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         lora_dropout = (out_running is not None and out_running.spec.dropout > 0) or (
             running is not None and running.spec.dropout > 0
         )
-        needs_grad = torch.is_grad_enabled() and any(
-            _arg_requires_grad(t) for t in (query, key, value, *self._tensors())
-        )
+        needs_grad = any_requires_grad((query, key, value, *self._tensors()))
         if needs_grad or (self.training and lora_dropout) or self._routed():
             return adapter_attention(self, self._project, self._out_projection, query, key, value, *masks)
         in_weight = AdapterView(self, running).merged_weight() if running is not None else self.in_proj_weight
