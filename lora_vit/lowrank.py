@@ -402,6 +402,9 @@ class LowRankAdapters:
             scales.append(self.weight.new_ones(self.out_features, dtype=dtype))
         return torch.stack(a_list), torch.stack(b_list), torch.stack(scales) if any_dora else None
 
+    def has_dora(self) -> bool:
+        return any(f.spec.use_dora for f in self._lora_adapters.values())
+
     def has_dropout(self) -> bool:
         return any(f.spec.dropout > 0 for f in self._lora_adapters.values())
 
@@ -448,7 +451,10 @@ def routed_lora(
             f"adapter_per_sample was given {n} adapter names, but this layer's input has shape"
             f" {tuple(x.shape)}: the names must be as many as the batch (dimension 0, batch first)"
         )
-    base = F.linear(x, weight)
+    # Without DoRA the bias goes into the base matmul and the update is added by baddbmm in
+    # one pass over the output; DoRA scales base + update per row before the bias.
+    dora = layer.has_dora()
+    base = F.linear(x, weight, None if dora else bias)
     dtype = base.dtype  # the autocast dtype under autocast
     a_all, b_all, scales = layer.stacked_factors(dtype)
     x3 = x.reshape(n, -1, x.shape[-1]).to(dtype)
@@ -456,10 +462,9 @@ def routed_lora(
         keep = (1.0 - layer.dropout_probabilities().to(x.device, dtype))[route][:, None, None]
         x3 = x3 * (torch.rand_like(x3) < keep) / keep
     hidden = torch.bmm(x3, a_all[route].transpose(1, 2))  # (N, T, R)
-    update = torch.bmm(hidden, b_all[route].transpose(1, 2))  # (N, T, out)
-    out = base.reshape(n, -1, base.shape[-1]) + update
+    out = torch.baddbmm(base.reshape(n, -1, base.shape[-1]), hidden, b_all[route].transpose(1, 2))
     if scales is not None:
         out = out * scales[route][:, None, :]
-    if bias is not None:
-        out = out + bias.to(dtype)
+        if bias is not None:
+            out = out + bias.to(dtype)
     return out.view(*x.shape[:-1], base.shape[-1])
