@@ -2,7 +2,9 @@
 
 Adapt a model with :func:`inject_lora`, train it, save only the adapters with
 :func:`save_lora`, load them onto a fresh base model with :func:`load_lora`, or fold them
-into the weights with :func:`merge_lora`.
+into the weights with :func:`merge_lora`. A model may hold several named adapters
+(``inject_lora(..., adapter="name")``, :func:`set_adapter`, :func:`delete_adapter`) and run a
+batch mixed across them with :func:`adapter_per_sample`.
 """
 
 from ._version import __version__
