@@ -3,12 +3,15 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mha_models import OpenClipStyleViT, TorchvisionStyleViT
 from models import HF4StyleViT, TimmStyleViT
+from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from lora_vit import LoRAError, adapter_per_sample, inject_lora, lora_state_dict, set_adapter
+from lora_vit import AdapterSpec, LoRAError, LoRALinear, adapter_per_sample, inject_lora, lora_state_dict, set_adapter
 
 FAMILIES = {  # (model, input of batch n): fused qkv slices, separate Linears, and nn.MultiheadAttention
     "timm": (lambda: TimmStyleViT(dim=32, depth=2, heads=4), lambda n: torch.randn(n, 3, 32, 32)),
@@ -157,3 +160,40 @@ def test_compiled_new_mix_of_the_same_size_does_not_recompile(family, training, 
     assert dict(counters["graph_break"]) == {}
     with pytest.raises(LoRAError, match="given 5 adapter names"), adapter_per_sample(model, MIX[:5]):
         compiled(x)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    ranks=st.lists(st.integers(1, 3), min_size=1, max_size=4),
+    dora=st.lists(st.booleans(), min_size=4, max_size=4),
+    mix=st.lists(st.integers(-1, 3), min_size=1, max_size=6),
+    sliced=st.booleans(),
+)
+def test_any_mix_on_one_layer_equals_the_dense_formula(ranks, dora, mix, sliced):
+    """LoRALinear with adapters of any ranks, slices and DoRA: row i is W_i-adapted x_i, densely."""
+    torch.manual_seed(len(mix))
+    slices = {"q": (0, 3), "v": (6, 9)} if sliced else None
+    names = [f"n{i}" for i in range(len(ranks))]
+    specs = [
+        AdapterSpec.build(9, 6, {"q": r, "v": r} if sliced else r, {"q": 2.0 * r, "v": r} if sliced else 2.0 * r,
+                          0.0, slices=slices, use_dora=use_dora)
+        for r, use_dora in zip(ranks, dora)
+    ]
+    lora = LoRALinear(nn.Linear(6, 9).double(), adapter=names[0], spec=specs[0])
+    for name, spec in zip(names[1:], specs[1:]):
+        lora.add_adapter(name, spec)
+    model = nn.Sequential(lora)
+    with torch.no_grad():
+        for name in names:
+            for value in lora.adapter(name).adapter_parameters():
+                value.add_(0.3 * torch.randn_like(value))
+    routed = [names[i] if 0 <= i < len(names) else None for i in mix]
+    x = torch.randn(len(mix), 2, 6, dtype=torch.float64)
+    with torch.no_grad(), adapter_per_sample(model, routed):
+        got = model(x)
+    for i, name in enumerate(routed):
+        weight = model[0].weight
+        if name is not None:
+            weight = model[0].adapter(name).merged_weight()  # dense W + sBA, DoRA rows rescaled
+        expected = x[i] @ weight.T + model[0].bias
+        torch.testing.assert_close(got[i], expected, rtol=1e-10, atol=1e-10)
