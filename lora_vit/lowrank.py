@@ -459,12 +459,13 @@ def routed_lora(
     a_all, b_all, scales = layer.stacked_factors(dtype)
     x3 = x.reshape(n, -1, x.shape[-1]).to(dtype)
     if training and layer.has_dropout():
-        keep = (1.0 - layer.dropout_probabilities().to(x.device, dtype))[route][:, None, None]
+        keep = (1.0 - layer.dropout_probabilities().to(x.device, dtype)).index_select(0, route)[:, None, None]
         x3 = x3 * (torch.rand_like(x3) < keep) / keep
-    hidden = torch.bmm(x3, a_all[route].transpose(1, 2))  # (N, T, R)
-    out = torch.baddbmm(base.reshape(n, -1, base.shape[-1]), hidden, b_all[route].transpose(1, 2))
+    # index_select, not a_all[route]: the same gather, tens of times faster on CPU (torch 2.13).
+    hidden = torch.bmm(x3, a_all.index_select(0, route).transpose(1, 2))  # (N, T, R)
+    out = torch.baddbmm(base.reshape(n, -1, base.shape[-1]), hidden, b_all.index_select(0, route).transpose(1, 2))
     if scales is not None:
-        out = out * scales[route][:, None, :]
+        out = out * scales.index_select(0, route)[:, None, :]
         if bias is not None:
             out = out + bias.to(dtype)
     return out.view(*x.shape[:-1], base.shape[-1])
