@@ -372,3 +372,21 @@ def test_pad_keeps_float64_factors_for_a_float64_model(tmp_path):
     with torch.no_grad():
         # float32 padding would round the factors: ~1e-8 off; float64 keeps them to ~1e-16.
         torch.testing.assert_close(big(x), small(x), rtol=0, atol=1e-12)
+
+
+def test_compiled_switching_adapters_compiles_once_per_choice_without_breaks(fresh_dynamo):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    model = multi()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    outputs = {}
+    with torch.no_grad():
+        for name in ("a", "b", "a", "b", None):
+            set_adapter(model, name)
+            outputs.setdefault(name, compiled(X))
+            torch.testing.assert_close(compiled(X), model(X), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 3  # a, b and the base: each compiled once, then reused
+    assert dict(counters["graph_break"]) == {}
+    assert not torch.equal(outputs["a"], outputs["b"])
