@@ -24,6 +24,9 @@ Parts, in order of value (a run cut short keeps every part that finished before 
 10. ``train_b_compiled_p0``: the compiled step at dropout 0 (floor, lora_vit, PEFT).
 11. ``mha_b_eager``: ``bench_mha.py`` (LoRA inside ``nn.MultiheadAttention``, torchvision
     layout), training step and inference, eager, where this checkout has it.
+12. ``multi_s``: ``bench_multi.py`` (8 named adapters on ViT-S/16, a mixed batch against one
+    adapter and against PEFT's ``adapter_names=`` forward, inference and training, eager and
+    compiled), where this checkout has it.
 
 Each part runs in its own subprocess under its own time box (clipped to what is left of
 ``--budget``), streams its output prefixed with its name, and writes ``DIR/<part>.json``
@@ -277,6 +280,14 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
         parts.append(Part("mha_b_eager", box(90), f"LoRA in nn.MultiheadAttention (torchvision), {b_model}, eager",
                           [py, str(mha), "--models", b_model, "--batch", str(batch_b), *common_flags,
                            "--mode", "both", "--results-dir", str(results)], results_dir=results))
+    multi = HERE / "bench_multi.py"
+    if multi.exists():
+        results = out / "multi_s"
+        s_model = "vit_micro" if smoke else "vit_s16"
+        parts.append(Part("multi_s", box(150), f"8 named adapters, mixed batch vs one adapter and PEFT, {s_model}",
+                          [py, str(multi), "--models", s_model, *common_flags, "--compile",
+                           "--batch", str(4 if smoke else 128), "--train-batch", str(2 if smoke else 64),
+                           "--results-dir", str(results)], results_dir=results))
     chosen = set(args.parts or [p.name for p in parts])
     return [p for p in parts if p.name in chosen]
 

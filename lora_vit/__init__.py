@@ -2,7 +2,9 @@
 
 Adapt a model with :func:`inject_lora`, train it, save only the adapters with
 :func:`save_lora`, load them onto a fresh base model with :func:`load_lora`, or fold them
-into the weights with :func:`merge_lora`.
+into the weights with :func:`merge_lora`. A model may hold several named adapters
+(``inject_lora(..., adapter="name")``, :func:`set_adapter`, :func:`delete_adapter`) and run a
+batch mixed across them with :func:`adapter_per_sample`.
 """
 
 from ._version import __version__
@@ -12,7 +14,10 @@ from .io import load_lora, read_lora_metadata, save_lora
 from .layer import LoRALinear, LoRASlice
 from .merge import merge_lora
 from .mha import LoRAMultiheadAttention
+from .named import adapter_per_sample, delete_adapter, set_adapter
 from .peft_compat import load_peft_adapter, save_peft_adapter
+from .registry import adapter_names
+from .spec import AdapterSpec
 from .state import LoadResult, load_lora_state_dict, lora_state_dict
 from .targets import LOGICAL_TARGETS, PRESETS, resolve_targets
 from .toggle import disable_lora
@@ -21,6 +26,7 @@ from .verify import verify_lora
 __all__ = [
     "LOGICAL_TARGETS",
     "PRESETS",
+    "AdapterSpec",
     "LoRAError",
     "LoRALinear",
     "LoRAMultiheadAttention",
@@ -28,6 +34,9 @@ __all__ = [
     "LoRASummary",
     "LoadResult",
     "__version__",
+    "adapter_names",
+    "adapter_per_sample",
+    "delete_adapter",
     "disable_lora",
     "inject_lora",
     "load_lora",
@@ -40,5 +49,6 @@ __all__ = [
     "resolve_targets",
     "save_lora",
     "save_peft_adapter",
+    "set_adapter",
     "verify_lora",
 ]

@@ -8,137 +8,61 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .adapters import AdaptedLayer, build_adapter, is_adapted
+from .adapters import build_adapter
 from .errors import LoRAError
-from .layer import LoRALinear, check_dropout, check_init, value_for
+from .layer import LoRALinear
 from .mha import LoRAMultiheadAttention
-from .readers import route_weight_readers
+from .registry import (
+    AdaptedLayer,
+    adapted_layers,
+    adapter_views,
+    apply_adapters,
+    resolve_adapter,
+    trainable_modules,
+)
+from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name, check_dropout, check_flag, check_init, value_for
 from .targets import TargetMatch, resolve_modules, resolve_targets
-from .wrappers import check_not_wrapped, clean_name, is_wrapper, unwrap_model
+from .wrappers import check_not_wrapped, unwrap_model
 
-__all__ = [
-    "LoRASummary",
-    "adapted_layers",
-    "check_routable",
-    "find_module",
-    "inject_lora",
-    "lora_modules",
-    "lora_summary",
-    "trainable_modules",
-    "unwrap_model",
-]
+__all__ = ["LoRASummary", "add_or_build", "inject_lora", "lora_summary"]
 
 logger = logging.getLogger("lora_vit")
 
-# Recorded on the model itself so that state I/O knows which whole modules belong with the
-# adapters; it is a plain attribute, so it never appears in the model's state_dict.
-_TRAINABLE_ATTR = "_lora_vit_trainable"
 
-def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules by their unwrapped dotted names; where a wrapper and its content share a name, the content."""
-    found: dict[str, nn.Module] = {}
-    for name, module in unwrap_model(model).named_modules():
-        if not is_wrapper(module):
-            found[clean_name(name)] = module
-    return found
+def add_or_build(
+    model: nn.Module, plans: Mapping[str, AdapterSpec], adapter: str, where: str
+) -> dict[str, AdaptedLayer]:
+    """Put adapter ``adapter`` with ``plans`` (layer name -> spec) on the layers of ``model``.
 
-
-def adapted_layers(model: nn.Module) -> dict[str, AdaptedLayer]:
-    """Every adapted layer in ``model`` by dotted name, in model order (names as if unwrapped).
-
-    That is every ``LoRALinear`` and every ``LoRAMultiheadAttention`` with in-projection adapters.
-    """
-    return {name: m for name, m in _named_modules(model).items() if is_adapted(m)}  # type: ignore[misc]
-
-
-def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Adapted layers plus routing-only ``LoRAMultiheadAttention`` modules: all that merging replaces."""
-    return {
-        name: m for name, m in _named_modules(model).items() if isinstance(m, (LoRALinear, LoRAMultiheadAttention))
-    }
-
-
-def trainable_modules(model: nn.Module) -> tuple[str, ...]:
-    """Names of the whole modules that ``inject_lora(..., trainable=...)`` left trainable."""
-    return tuple(getattr(unwrap_model(model), _TRAINABLE_ATTR, ()))
-
-
-def find_module(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)`` that also sees through DDP/FSDP/compile wrappers.
+    Layers that already hold adapters gain this one in place; plain layers get a new adapted
+    layer, returned for :func:`~lora_vit.registry.apply_adapters` to swap in. If any step fails,
+    the adapters added so far are removed again, so the model is unchanged.
 
     Raises:
-        AttributeError: If no module has that (unwrapped) name.
+        LoRAError: Naming the layer whose spec does not fit.
     """
-    inner = unwrap_model(model)
+    built: dict[str, AdaptedLayer] = {}
+    added: list[AdaptedLayer] = []
     try:
-        return inner.get_submodule(name)
-    except AttributeError:
-        found = _named_modules(model).get(name)
-        if found is None:
-            raise
-        return found
+        for name, spec in plans.items():
+            module = unwrap_model(model).get_submodule(name)
+            try:
+                if isinstance(module, (LoRALinear, LoRAMultiheadAttention)) and module.adapter_names:
+                    module.add_adapter(adapter, spec)
+                    added.append(module)
+                    built[name] = module
+                else:
+                    built[name] = build_adapter(module, spec, adapter)
+            except LoRAError as err:
+                raise LoRAError(f"{where}, layer {name!r}: {err}") from None
+    except BaseException:
+        for module in added:
+            module.remove_adapter(adapter)
+        raise
+    return built
 
 
-def forget_injection(model: nn.Module) -> None:
-    """Drop the record of trainable modules (after merging, the model is a plain model)."""
-    inner = unwrap_model(model)
-    if hasattr(inner, _TRAINABLE_ATTR):
-        delattr(inner, _TRAINABLE_ATTR)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(find_module(model, parent_name), child, new)
-
-
-def check_routable(model: nn.Module, layers: Mapping[str, AdaptedLayer], where: str) -> None:
-    """Refuse an adapted ``out_proj`` of an ``nn.MultiheadAttention`` that is the model itself.
-
-    :func:`apply_adapters` replaces such a parent by a :class:`LoRAMultiheadAttention` so that it
-    calls ``out_proj``; the model itself cannot be replaced in place.
-
-    Raises:
-        LoRAError: Naming the layer.
-    """
-    if isinstance(unwrap_model(model), nn.MultiheadAttention) and "out_proj" in layers:
-        raise LoRAError(
-            f"{where} adapts 'out_proj' of the nn.MultiheadAttention that is the model itself, which cannot"
-            " be replaced in place; load into the module that holds it"
-        )
-
-
-def apply_adapters(model: nn.Module, layers: Mapping[str, AdaptedLayer], trainable: Iterable[str]) -> None:
-    """Swap ``layers`` into ``model``, then freeze all but adapters and ``trainable`` modules.
-
-    Callers build and validate everything first, so this step cannot fail half-way.
-    """
-    # Parents first: an adapted MultiheadAttention takes over its out_proj child when built, so
-    # an adapted out_proj must go into the new module, not the replaced one.
-    for name in sorted(layers, key=lambda n: n.count(".")):
-        replace_module(model, name, layers[name])
-    # Parents that read a layer's weight instead of calling it (timm EVA/BEiT qkv) must call it.
-    route_weight_readers({name: find_module(model, name.rpartition(".")[0]) for name in layers})
-    # nn.MultiheadAttention reads out_proj.weight itself: route it through its out_proj module.
-    for name in layers:
-        parent_name, _, child = name.rpartition(".")
-        parent = find_module(model, parent_name)
-        routed = isinstance(parent, LoRAMultiheadAttention)
-        if child == "out_proj" and isinstance(parent, nn.MultiheadAttention) and not routed:
-            replace_module(model, parent_name, LoRAMultiheadAttention.routing(parent))
-    recorded = list(trainable_modules(model))
-    recorded += [t for t in trainable if t not in recorded]
-    setattr(unwrap_model(model), _TRAINABLE_ATTR, tuple(recorded))
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for layer in adapted_layers(model).values():
-        for param in layer.adapter_parameters():
-            param.requires_grad_(True)
-    for name in recorded:
-        for param in find_module(model, name).parameters():
-            param.requires_grad_(True)
-
-
-def _build_layer(
+def _layer_spec(
     base: nn.Module,
     matches: list[TargetMatch],
     r: int | Mapping[str, int],
@@ -147,28 +71,20 @@ def _build_layer(
     init: str,
     use_rslora: bool,
     use_dora: bool,
-) -> AdaptedLayer:
+) -> AdapterSpec:
+    out_features = 3 * base.embed_dim if isinstance(base, nn.MultiheadAttention) else base.out_features
+    in_features = base.embed_dim if isinstance(base, nn.MultiheadAttention) else base.in_features
     if matches[0].slice is None:
         target = matches[0].target
-        return build_adapter(
-            base,
-            value_for(r, target, "r", "target"),
-            value_for(alpha, target, "alpha", "target"),
-            dropout,
-            slices=None,
-            init=init,
-            use_rslora=use_rslora,
-            use_dora=use_dora,
-        )
-    return build_adapter(
-        base,
-        {m.slice: value_for(r, m.target, "r", "target") for m in matches},  # type: ignore[misc]
-        {m.slice: value_for(alpha, m.target, "alpha", "target") for m in matches},  # type: ignore[misc]
-        dropout,
-        slices={m.slice: m.bounds for m in matches},  # type: ignore[misc]
-        init=init,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
+        r_value, alpha_value = value_for(r, target, "r", "target"), value_for(alpha, target, "alpha", "target")
+        slices = None
+    else:
+        r_value = {m.slice: value_for(r, m.target, "r", "target") for m in matches}
+        alpha_value = {m.slice: value_for(alpha, m.target, "alpha", "target") for m in matches}
+        slices = {m.slice: m.bounds for m in matches}
+    return AdapterSpec.build(
+        out_features, in_features, r_value, alpha_value, dropout,  # type: ignore[arg-type]
+        slices=slices, init=init, use_rslora=use_rslora, use_dora=use_dora,  # type: ignore[arg-type]
     )
 
 
@@ -183,6 +99,7 @@ def inject_lora(
     init: str = "normal",
     use_rslora: bool = False,
     use_dora: bool = False,
+    adapter: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Replace the targeted layers of ``model`` by :class:`LoRALinear` (or, for an
     ``nn.MultiheadAttention``, :class:`LoRAMultiheadAttention`), in place.
@@ -209,6 +126,12 @@ def inject_lora(
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: DoRA: a trainable magnitude per adapted output row over the normalised
             ``W + dW`` (see :class:`LoRALinear`); on fused projections only the chosen slices' rows.
+        adapter: Name of the adapter to add. A model may hold several named adapters, each
+            with its own targets, ranks, alphas and flags (injecting into layers that already
+            hold others); the first one added is the one the model runs (see
+            :func:`lora_vit.set_adapter`, :func:`lora_vit.adapter_per_sample`). Injecting an
+            existing name again extends that adapter to other layers (as before names existed);
+            a layer that already holds it is an error.
 
     Returns:
         ``model`` itself, adapted. A ``torch.compile`` (or checkpoint) wrapper is seen through:
@@ -216,7 +139,7 @@ def inject_lora(
 
     Raises:
         LoRAError: For a target or trainable name that matches nothing (listing the model's
-            Linear layers), a layer that already has an adapter, an invalid ``r``,
+            Linear layers), a layer that already has an adapter of this name, an invalid ``r``,
             ``alpha``, ``dropout``, ``init`` or ``use_dora``, or a module both adapted and in
             ``trainable``.
 
@@ -228,10 +151,11 @@ def inject_lora(
     """
     check_not_wrapped(model, "inject_lora into")
     wrapper, model = model, unwrap_model(model)  # a torch.compile wrapper: adapt what it runs
+    adapter = check_adapter_name(adapter)
     dropout = check_dropout(dropout)
     init = check_init(init)
-    if not isinstance(use_dora, bool):
-        raise LoRAError(f"use_dora must be True or False, got {use_dora!r}")
+    check_flag(use_dora, "use_dora")
+    check_flag(use_rslora, "use_rslora")
     trainable_names = resolve_modules(model, trainable) if trainable else []
     target_list = [targets] if isinstance(targets, str) else list(targets)
     if not target_list and not trainable_names:
@@ -239,7 +163,7 @@ def inject_lora(
             "targets is empty and nothing is trainable; name targets such as ('q', 'k', 'v'),"
             " or pass only trainable=[...] to train whole modules without adapters (a linear probe)"
         )
-    matches = resolve_targets(model, target_list, exclude=trainable_names) if target_list else []
+    matches = resolve_targets(model, target_list, exclude=trainable_names, adapter=adapter) if target_list else []
     grouped: dict[str, list[TargetMatch]] = {}
     for match in matches:
         grouped.setdefault(match.module, []).append(match)
@@ -247,12 +171,17 @@ def inject_lora(
         owner = next((t for t in trainable_names if name == t or name.startswith(t + ".")), None)
         if owner is not None:
             raise LoRAError(f"{name!r} is both a LoRA target and inside trainable module {owner!r}")
-    layers = {
-        name: _build_layer(model.get_submodule(name), group, r, alpha, dropout, init, use_rslora, use_dora)
+    plans = {
+        name: _layer_spec(model.get_submodule(name), group, r, alpha, dropout, init, use_rslora, use_dora)
         for name, group in grouped.items()
     }
-    apply_adapters(model, layers, trainable_names)
-    logger.info("%s", lora_summary(model))
+    for name in plans:  # refused before anything is built
+        if isinstance(model.get_submodule(name), nn.MultiheadAttention) and plans[name].use_dora:
+            build_adapter(model.get_submodule(name), plans[name], adapter)
+    layers = add_or_build(model, plans, adapter, "inject_lora")
+    apply_adapters(model, layers, trainable_names, adapter)
+    if plans:
+        logger.info("%s", lora_summary(model, adapter=adapter))
     return wrapper
 
 
@@ -291,16 +220,18 @@ class LoRASummary:
         return "\n".join(lines)
 
 
-def _describe(layer: AdaptedLayer) -> str:
-    dora = ", dora" if layer.use_dora else ""
-    if layer.covers_all_rows:
-        s = layer.slices[0]
-        return f"r={s.r}, alpha={s.alpha:g}{dora}"
-    return ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r}, alpha={s.alpha:g}" for s in layer.slices) + dora
-
-
-def lora_summary(model: nn.Module) -> LoRASummary:
+def lora_summary(model: nn.Module, *, adapter: str | None = None) -> LoRASummary:
     """Count what is adapted and what trains in ``model`` right now.
+
+    Args:
+        model: An adapted model.
+        adapter: Which named adapter to describe; may be omitted when the model has one
+            (``adapter_params`` counts that adapter's factors; the trainable and total counts
+            are the whole model's).
+
+    Raises:
+        LoRAError: If the model holds several adapters and ``adapter`` is omitted, or has none
+            of that name.
 
     Example:
         >>> model = inject_lora(nn.Sequential(nn.Linear(8, 8)), targets=["0"], r=2)
@@ -309,12 +240,12 @@ def lora_summary(model: nn.Module) -> LoRASummary:
           0: r=2, alpha=32
         trainable params: 32 of 104 (30.769%), adapters 32
     """
-    layers = adapted_layers(model)
+    views = adapter_views(model, resolve_adapter(model, adapter, "describe")) if adapted_layers(model) else {}
     params = list(unwrap_model(model).parameters())
     return LoRASummary(
-        adapted=tuple((name, _describe(layer)) for name, layer in layers.items()),
+        adapted=tuple((name, view.describe()) for name, view in views.items()),
         trainable_modules=trainable_modules(model),
-        adapter_params=sum(p.numel() for layer in layers.values() for p in layer.adapter_parameters()),
+        adapter_params=sum(p.numel() for view in views.values() for p in view.adapter_parameters()),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params),
     )

@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 from . import fingerprint
 from ._version import __version__
-from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers, trainable_modules
 from .loading import load_adapters
+from .lowrank import AdapterView
+from .registry import adapter_names, adapter_views, resolve_adapter, trainable_modules
+from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
 from .state import lora_state_dict
 
 __all__ = ["FORMAT", "load_lora", "read_lora_metadata", "save_lora", "write_atomically"]
@@ -61,8 +62,14 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> Path:
-    """Save the adapters (and trainable modules) of ``model`` to one ``.safetensors`` file.
+def save_lora(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    adapter: str | None = None,
+) -> Path:
+    """Save one adapter (and the trainable modules) of ``model`` to one ``.safetensors`` file.
 
     The file's metadata records the format, the library version, each adapted layer's base
     shape, slices, ranks, alphas and dropout, the trainable module names, and a fingerprint
@@ -80,15 +87,20 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[
         path: Destination file; missing parent folders are created.
         metadata: Optional JSON-serialisable mapping with string keys (e.g. a training
             config), returned by :func:`read_lora_metadata`.
+        adapter: Which named adapter to save (its name is recorded in the file); may be
+            omitted when the model holds one. A model with several adapters saves each to its
+            own file.
 
     Returns:
         The path written.
 
     Raises:
-        LoRAError: If the model has no adapters or ``metadata`` is not JSON-serialisable.
+        LoRAError: If the model has no adapters, holds several and ``adapter`` is omitted,
+            or ``metadata`` is not JSON-serialisable.
     """
-    state = lora_state_dict(model)
-    layers = adapted_layers(model)
+    state = lora_state_dict(model, adapter=adapter)
+    name = resolve_adapter(model, adapter, "save") if adapter_names(model) else DEFAULT_ADAPTER
+    layers = adapter_views(model, name)
     if metadata is None:
         metadata = {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
@@ -107,6 +119,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[
             {"method": fingerprint.METHOD, "layers": fingerprint.layer_fingerprints(layers)}
         ),
         "user": user,
+        "adapter": name,
     }
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
@@ -115,14 +128,16 @@ def save_lora(model: nn.Module, path: str | os.PathLike[str], metadata: Mapping[
     return path
 
 
-def _read(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str, Tensor]]:
+def _read(path: str | os.PathLike[str], tensors_too: bool = True) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The file's metadata header and (unless ``tensors_too`` is False) its tensors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {str(path)!r}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            keys = list(handle.keys()) if tensors_too else []
+            tensors = {key: handle.get_tensor(key) for key in keys}
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise LoRAError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupt?): {err}") from None
     if header.get("format") != FORMAT:
@@ -144,24 +159,8 @@ def _json_field(header: Mapping[str, str], key: str, kind: type, path: object) -
 
 
 def _layer_config(name: str, config: object, path: object) -> dict[str, Any]:
-    """Check the structure of one layer's recorded config (values are checked by LoRALinear)."""
-    fields: dict[str, Any] = {
-        "in_features": int, "out_features": int, "dropout": (int, float), "use_rslora": bool, "slices": list
-    }
-    slice_fields: dict[str, Any] = {"name": str, "start": int, "stop": int, "r": int, "alpha": (int, float)}
-    ok = isinstance(config, dict) and all(isinstance(config.get(k), t) for k, t in fields.items())
-    # Optional fields (files of LoRALinear layers written before they existed lack them).
-    optional: dict[str, Any] = {"kind": str, "num_heads": int}
-    ok = ok and all(k not in config or isinstance(config[k], t) for k, t in optional.items())  # type: ignore[operator,index]
-    ok = ok and bool(config["slices"]) and all(  # type: ignore[index]
-        isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in slice_fields.items())
-        for s in config["slices"]  # type: ignore[index]
-    )
-    # use_dora is absent from plain LoRA layers' configs (and from files older than DoRA).
-    ok = ok and isinstance(config.get("use_dora", False), bool)  # type: ignore[attr-defined]
-    if not ok:
-        raise LoRAError(f"{str(path)!r}: the recorded config of layer {name!r} is malformed: {config!r}")
-    return config  # type: ignore[return-value]
+    """Check the structure of one layer's recorded config (values are checked by its spec)."""
+    return AdapterSpec.check_config(config, f"{str(path)!r}: the recorded config of layer {name!r}")
 
 
 def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -171,7 +170,7 @@ def read_lora_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: If ``path`` does not exist.
         LoRAError: If the file is not a readable lora-vit adapter file.
     """
-    header, _ = _read(path)
+    header, _ = _read(path, tensors_too=False)  # the header only: no tensor is read
     return _json_field(header, "user", dict, path)
 
 
@@ -198,7 +197,7 @@ def _recorded_fingerprints(header: Mapping[str, str], configs: Mapping[str, Any]
     return layers  # type: ignore[return-value]
 
 
-def _check_base(recorded: Mapping[str, list], layers: Mapping[str, AdaptedLayer], path: object) -> None:
+def _check_base(recorded: Mapping[str, list], layers: Mapping[str, AdapterView], path: object) -> None:
     """Refuse base weights other than those the adapters were trained on.
 
     Raises:
@@ -233,14 +232,22 @@ def _check_trainable_overlap(trainable: list[str], configs: Mapping[str, Any], p
 
 
 def load_lora(
-    model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True, pad: bool = False
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    adapter: str | None = None,
+    check_base: bool = True,
+    pad: bool = False,
 ) -> nn.Module:
-    """Load an adapter file into ``model``, first injecting the adapters it describes if needed.
+    """Load an adapter file into ``model`` under a name, first injecting the adapter it describes if needed.
 
-    On a fresh base model the adapters are created from the file's metadata (no need to
-    repeat ``inject_lora``'s arguments). On an already injected model, its adapters must
-    have the file's layout. Everything is validated before the model is touched, so a
-    failed load leaves it unchanged.
+    The file is loaded as adapter ``adapter``, or under the name recorded in it (files written
+    before names existed: ``"default"``). On a fresh base model the adapter is created from
+    the file's metadata (no need to repeat ``inject_lora``'s arguments); on a model holding
+    other adapters it is added beside them (the running adapter does not change); on a model
+    that already has an adapter of that name, the file's values are swapped into it, which
+    must have the file's layout (or ``pad``). Everything is validated before the model is
+    touched, so a failed load leaves it unchanged.
 
     The file's base fingerprint (sampled values of each adapted layer's base weight, see
     :mod:`lora_vit.fingerprint`) must match the model's weights up to one bfloat16
@@ -253,6 +260,7 @@ def load_lora(
             ``torch.compile`` wrapper is accepted when the model already has the adapters;
             injecting must happen before wrapping.
         path: A file written by :func:`save_lora`.
+        adapter: The name to load it under (default: the name recorded in the file).
         check_base: Compare the base fingerprint (default). ``False`` loads onto any base
             weights of the right shapes, e.g. to study an adapter's transfer on purpose.
         pad: Into a model already adapted on the same layers and slices with higher ranks
@@ -279,8 +287,13 @@ def load_lora(
     configs = {name: _layer_config(name, cfg, path) for name, cfg in layer_configs.items()}
     _check_trainable_overlap(trainable, configs, path)
     recorded = _recorded_fingerprints(header, configs, path)
-
+    if adapter is None:
+        adapter = header.get("adapter", DEFAULT_ADAPTER)
+    try:
+        adapter = check_adapter_name(adapter)
+    except LoRAError as err:
+        raise LoRAError(f"{str(path)!r}: {err}") from None
     return load_adapters(
-        model, configs, trainable, tensors, repr(str(path)),
+        model, configs, trainable, tensors, repr(str(path)), adapter=adapter,
         check_layers=(lambda layers: _check_base(recorded, layers, path)) if check_base else None, pad=pad,
     )

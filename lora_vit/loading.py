@@ -16,19 +16,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .adapters import AdaptedLayer, adapter_from_config
+from .adapters import spec_from_config
 from .errors import LoRAError
-from .inject import (
-    adapted_layers,
+from .inject import add_or_build
+from .lowrank import AdapterView
+from .registry import (
+    adapter_names,
+    adapter_views,
     apply_adapters,
-    check_not_wrapped,
     check_routable,
     find_module,
     trainable_modules,
-    unwrap_model,
 )
-from .layer import LoRASlice
-from .state import adapter_tensors, check_tensors, copy_tensors, lora_state_dict
+from .spec import LoRASlice
+from .state import adapter_tensors, check_tensors, copy_tensors
+from .wrappers import check_not_wrapped, unwrap_model
 
 __all__ = ["load_adapters", "padded_tensors"]
 
@@ -45,80 +47,129 @@ def load_adapters(
     tensors: Mapping[str, Tensor],
     where: str,
     *,
-    check_layers: Callable[[Mapping[str, AdaptedLayer]], None] | None = None,
+    adapter: str,
+    check_layers: Callable[[Mapping[str, AdapterView]], None] | None = None,
     pad: bool = False,
 ) -> nn.Module:
-    """Load adapters described by ``configs`` with values ``tensors`` into ``model``.
+    """Load adapter ``adapter`` described by ``configs`` with values ``tensors`` into ``model``.
 
-    On a model without adapters the layers are built from ``configs``; on an adapted model
-    its adapters must have exactly that layout (values are then swapped in place, so a
-    compiled model does not recompile).
+    If the model has no adapter of that name, it is added (layers are built from ``configs``,
+    beside any other adapters); if it has one, that adapter must have exactly that layout and
+    the values are swapped in place (a compiled model does not recompile, and which
+    parameters train is left as it is).
 
     Args:
-        model: The base model, or one already adapted with the same layout; DDP, DataParallel,
-            FSDP and ``torch.compile`` wrappers are seen through, and refused where new modules
-            would have to be added under them.
-        configs: Dotted layer name -> ``layer.config()``-shaped description.
+        model: The base model, or one already adapted; DDP, DataParallel, FSDP and
+            ``torch.compile`` wrappers are seen through, and refused where new modules or
+            adapters would have to be added under them.
+        configs: Dotted layer name -> ``config()``-shaped description.
         trainable: Whole modules whose state ``tensors`` also holds.
         tensors: Values under :func:`~lora_vit.lora_state_dict` keys.
         where: Names the source in error messages (a file or folder path, quoted).
-        check_layers: Called with the planned (or existing) layers before anything changes,
-            e.g. to compare base-weight fingerprints; raises ``LoRAError`` to refuse.
-        pad: On an adapted model whose slices match but whose ranks are higher (injected with
-            a maximum rank), accept lower ranks: see :func:`padded_tensors`.
+        adapter: The adapter name to load into.
+        check_layers: Called with the planned (or existing) adapter views before anything
+            changes, e.g. to compare base-weight fingerprints; raises ``LoRAError`` to refuse.
+        pad: On an adapter whose slices match but whose ranks are higher (injected with a
+            maximum rank), accept lower ranks: see :func:`padded_tensors`.
 
     Raises:
-        LoRAError: If the layout differs from the model's adapters, a layer or module is
-            missing or of another shape, injecting would happen under a DDP/FSDP wrapper,
-            or a tensor is missing, unexpected, mis-shaped or not finite.
+        LoRAError: If the layout differs from the model's adapter of that name, a layer or
+            module is missing or of another shape, adding would happen under a DDP/FSDP
+            wrapper, or a tensor is missing, unexpected, mis-shaped or not finite.
     """
-    existing = adapted_layers(model)
-    planned: dict[str, AdaptedLayer] = {}
-    if existing:
-        same = {n: _comparable(layer.config()) for n, layer in existing.items()} == {
-            n: _comparable(c) for n, c in configs.items()
-        }
-        if not same and pad and _paddable(existing, configs, where):
-            tensors = padded_tensors(existing, configs, tensors, where)
-        elif not same:
-            only_model = sorted(set(existing) - set(configs))
-            only_source = sorted(set(configs) - set(existing))
-            raise LoRAError(
-                f"the model already has adapters with another layout than {where}"
-                f" (only in the model: {only_model}; only in the source: {only_source}; or ranks,"
-                " slices or alphas differ). Load it into a fresh base model instead, or pass pad=True to swap"
-                " lower ranks into adapters injected with a maximum rank."
-            )
-        layers: Mapping[str, AdaptedLayer] = existing
-    else:
-        if configs or set(trainable) - set(trainable_modules(model)):
-            check_not_wrapped(model, "load adapters (which injects them) into")
-        for name, config in configs.items():
-            try:
-                base = find_module(model, name)
-            except AttributeError:
-                raise LoRAError(f"{where} adapts layer {name!r}, which this model does not have") from None
-            try:
-                planned[name] = adapter_from_config(base, config)
-            except LoRAError as err:
-                raise LoRAError(f"{where}, layer {name!r}: {err}") from None
-        check_routable(model, planned, where)
-        layers = planned
+    if adapter in adapter_names(model):
+        existing = adapter_views(model, adapter)
+        _check_trainable(model, trainable, where)
+        tensors = _swappable(existing, configs, tensors, where, pad)
+        _check_and_copy(model, existing, trainable, tensors, where, check_layers)
+        return model
+    if configs or set(trainable) - set(trainable_modules(model)):
+        check_not_wrapped(model, "load adapters (which injects them) into")
+    plans = {}
+    for name, config in configs.items():
+        try:
+            base = find_module(model, name)
+        except AttributeError:
+            raise LoRAError(f"{where} adapts layer {name!r}, which this model does not have") from None
+        try:
+            plans[name] = spec_from_config(base, config)
+        except LoRAError as err:
+            raise LoRAError(f"{where}, layer {name!r}: {err}") from None
+    check_routable(model, plans, where)
+    _check_trainable(model, trainable, where)
+    layers = add_or_build(model, plans, adapter, where)
+    try:
+        views = {name: layer.adapter(adapter) for name, layer in layers.items()}
+        _check_and_copy(model, views, trainable, tensors, where, check_layers, copy=False)
+    except BaseException:
+        for name, layer in layers.items():
+            if find_module(model, name) is layer:  # added in place: taken out again (new layers were never swapped in)
+                layer.remove_adapter(adapter)
+        raise
+    apply_adapters(unwrap_model(model), layers, trainable, adapter)
+    copy_tensors(adapter_tensors(model, adapter_views(model, adapter), _all_trainable(model, trainable)), tensors)
+    return model
+
+
+def _check_trainable(model: nn.Module, trainable: list[str], where: str) -> None:
     for name in trainable:
         try:
             find_module(model, name)
         except AttributeError:
             raise LoRAError(f"{where} trains module {name!r}, which this model does not have") from None
+
+
+def _all_trainable(model: nn.Module, trainable: list[str]) -> list[str]:
+    return sorted(set(trainable) | set(trainable_modules(model)))
+
+
+def _swappable(
+    existing: Mapping[str, AdapterView],
+    configs: Mapping[str, Mapping[str, Any]],
+    tensors: Mapping[str, Tensor],
+    where: str,
+    pad: bool,
+) -> Mapping[str, Tensor]:
+    """``tensors`` (padded when ``pad`` allows) if they fit the existing adapter's layout.
+
+    Raises:
+        LoRAError: Describing the layout difference.
+    """
+    same = {n: _comparable(view.config()) for n, view in existing.items()} == {
+        n: _comparable(c) for n, c in configs.items()
+    }
+    if same:
+        return tensors
+    if pad and _paddable(existing, configs, where):
+        return padded_tensors(existing, configs, tensors, where)
+    only_model = sorted(set(existing) - set(configs))
+    only_source = sorted(set(configs) - set(existing))
+    raise LoRAError(
+        f"the model already has adapters with another layout than {where}"
+        f" (only in the model: {only_model}; only in the source: {only_source}; or ranks,"
+        " slices or alphas differ). Load it into a fresh base model instead, or under another"
+        " adapter= name, or pass pad=True to swap lower ranks into adapters injected with a maximum rank."
+    )
+
+
+def _check_and_copy(
+    model: nn.Module,
+    views: Mapping[str, AdapterView],
+    trainable: list[str],
+    tensors: Mapping[str, Tensor],
+    where: str,
+    check_layers: Callable[[Mapping[str, AdapterView]], None] | None,
+    copy: bool = True,
+) -> None:
     if check_layers is not None:
-        check_layers(layers)
-    expected = adapter_tensors(model, layers, sorted(set(trainable) | set(trainable_modules(model))))
+        check_layers(views)
+    expected = adapter_tensors(model, views, _all_trainable(model, trainable))
     try:
         check_tensors(expected, tensors, strict=True)
     except LoRAError as err:
         raise LoRAError(f"{where}: {err}") from None
-    apply_adapters(unwrap_model(model), planned, trainable)
-    copy_tensors(lora_state_dict(model), tensors)
-    return model
+    if copy:
+        copy_tensors(expected, tensors)
 
 
 def _slice_layout(config: Mapping[str, Any]) -> tuple:
@@ -127,7 +178,7 @@ def _slice_layout(config: Mapping[str, Any]) -> tuple:
     return tuple(sorted(rest.items())), tuple((s["name"], s["start"], s["stop"]) for s in config["slices"])
 
 
-def _paddable(existing: Mapping[str, AdaptedLayer], configs: Mapping[str, Mapping[str, Any]], where: str) -> bool:
+def _paddable(existing: Mapping[str, AdapterView], configs: Mapping[str, Mapping[str, Any]], where: str) -> bool:
     """Whether ``configs`` fit into ``existing`` by padding ranks; False if the layouts differ otherwise.
 
     Raises:
@@ -152,7 +203,7 @@ def _paddable(existing: Mapping[str, AdaptedLayer], configs: Mapping[str, Mappin
 
 
 def padded_tensors(
-    existing: Mapping[str, AdaptedLayer],
+    existing: Mapping[str, AdapterView],
     configs: Mapping[str, Mapping[str, Any]],
     tensors: Mapping[str, Tensor],
     where: str,
@@ -185,9 +236,11 @@ def padded_tensors(
             r = entry["r"]
             source = LoRASlice(s.name, s.start, s.stop, r, float(entry["alpha"])).scaling(config["use_rslora"])
             a, b = tensors[f"{name}.{s.a_name}"], tensors[f"{name}.{s.b_name}"]
-            a_padded = a.new_zeros(s.r, layer.in_features, dtype=torch.float32)
-            b_padded = b.new_zeros(s.rows, s.r, dtype=torch.float32)
-            a_padded[:r] = a.float()
-            b_padded[:, :r] = b.float() * (source / scaling)
+            # At least float32, and the model's dtype where wider (a float64 model gets float64 factors).
+            wide = torch.promote_types(getattr(layer, s.a_name).dtype, torch.float32)
+            a_padded = a.new_zeros(s.r, layer.in_features, dtype=wide)
+            b_padded = b.new_zeros(s.rows, s.r, dtype=wide)
+            a_padded[:r] = a.to(wide)
+            b_padded[:, :r] = b.to(wide) * (source / scaling)
             padded[f"{name}.{s.a_name}"], padded[f"{name}.{s.b_name}"] = a_padded, b_padded
     return padded

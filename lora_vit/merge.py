@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .adapters import is_adapted, merged_module
+from .adapters import merged_module
 from .errors import LoRAError
-from .inject import forget_injection, lora_modules, replace_module
 from .layer import LoRALinear
 from .mha import LoRAMultiheadAttention
+from .named import delete_adapter
+from .registry import adapter_names, forget_injection, is_adapted, lora_modules, replace_module
 
 __all__ = ["merge_lora"]
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+def merge_lora(model: nn.Module, *, adapter: str | None = None, discard_others: bool = False) -> nn.Module:
     """Fold ``scaling * B @ A`` into each adapted weight and restore plain ``nn.Linear`` layers.
+
+    A model holding several named adapters merges one, ``adapter``; the others would be lost
+    with the adapted layers, so that is an error unless ``discard_others=True`` says to drop
+    them (save them first with :func:`lora_vit.save_lora` to keep them).
 
     An adapted ``nn.MultiheadAttention`` becomes a plain ``nn.MultiheadAttention`` again, its
     in-projection and ``out_proj`` adapters folded into ``in_proj_weight`` and ``out_proj.weight``.
@@ -29,6 +35,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
             :class:`LoRAMultiheadAttention`. A
             DDP or ``torch.compile`` wrapper is seen through (merge after training, for
             inference: the wrapper's registered parameter list is not updated).
+        adapter: The named adapter to merge; may be omitted when the model holds one.
+        discard_others: Drop every other adapter (instead of refusing to merge).
 
     Returns:
         ``model`` with its adapters merged, or the new ``nn.Linear`` (``nn.MultiheadAttention``)
@@ -36,8 +44,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         cannot replace itself in place.
 
     Raises:
-        LoRAError: If the model has no adapters, or any merged weight would contain NaN or
-            Inf; the message names those layers and the model is left untouched.
+        LoRAError: If the model has no adapters, holds others than ``adapter`` (without
+            ``discard_others``), or any merged weight would contain NaN or Inf; the message
+            names those layers and the model is left untouched.
 
     Example:
         >>> from lora_vit import inject_lora
@@ -48,6 +57,25 @@ def merge_lora(model: nn.Module) -> nn.Module:
     modules = lora_modules(model)
     if not any(is_adapted(m) for m in modules.values()):
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to merge")
+    names = adapter_names(model) if not isinstance(model, (LoRALinear, LoRAMultiheadAttention)) else model.adapter_names
+    if adapter is not None and adapter not in names:
+        raise LoRAError(f"the model has no adapter named {adapter!r}; its adapters are {list(names)}")
+    others = [n for n in names if n != adapter]
+    if adapter is None and len(names) > 1:
+        raise LoRAError(f"the model holds several adapters {list(names)}; pass adapter=<name> to merge one")
+    if adapter is not None and others and not discard_others:
+        raise LoRAError(
+            f"merging {adapter!r} would silently drop the model's other adapters {others}; save them"
+            " (save_lora(..., adapter=name)) and pass discard_others=True to merge anyway"
+        )
+    if adapter is not None and others:
+        _check_finite(modules, adapter)
+        for other in others:
+            if isinstance(model, (LoRALinear, LoRAMultiheadAttention)):
+                model.remove_adapter(other)
+            else:
+                delete_adapter(model, other)
+        modules = lora_modules(model)
     # An adapted out_proj is merged by the LoRAMultiheadAttention holding it, as part of it.
     units = {
         name: module
@@ -72,3 +100,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
         replace_module(model, name, module)
     forget_injection(model)
     return model
+
+
+def _check_finite(modules: dict[str, nn.Module], adapter: str) -> None:
+    """Refuse (before other adapters are dropped) an ``adapter`` whose merged weights are not finite.
+
+    Raises:
+        LoRAError: Naming the layers.
+    """
+    bad = [
+        name for name, module in modules.items()
+        if is_adapted(module) and adapter in module.adapter_names  # type: ignore[operator]
+        and not bool(torch.isfinite(module.adapter(adapter).merged_weight()).all())  # type: ignore[operator]
+    ]
+    if bad:
+        raise LoRAError(f"merging would put NaN or Inf into {bad}; the model was left unmerged")

@@ -37,14 +37,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.activation import _arg_requires_grad, _check_arg_device, _is_make_fx_tracing
-from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ._attention import NonDynamicallyQuantizableLinear, adapter_attention, any_requires_grad, merged_attention
 from .errors import LoRAError
 from .functional import as_base_weight, lora_linear
-from .layer import LoRALinear, _build_slices, check_dropout, check_init
+from .layer import LoRALinear
+from .lowrank import AdapterView, LowRankAdapters, routed_lora, scaled_b, stacked_a
+from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
 
-__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "qkv_bounds"]
+__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "check_mha_config", "qkv_bounds"]
 
 _COPIED = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim",
            "add_zero_attn")
@@ -84,7 +85,7 @@ def check_adaptable_mha(mha: nn.MultiheadAttention, name: str) -> None:
         )
 
 
-class LoRAMultiheadAttention(nn.MultiheadAttention):
+class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
     """An ``nn.MultiheadAttention`` with low-rank adapters on its packed in-projection.
 
     ``in_proj(x) = x @ W.T + b + dropout(x) @ A.T @ B.T * scaling`` on the adapted rows of
@@ -110,6 +111,8 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             ``{}`` adapts none.
         init: How ``A`` starts: ``"normal"`` (std 0.02) or ``"kaiming"``.
         use_rslora: Scale by ``alpha / sqrt(r)``.
+        adapter: Name of this first adapter (more are added by ``inject_lora(..., adapter=...)``).
+        spec: A prebuilt :class:`~lora_vit.spec.AdapterSpec` used instead of ``r`` ... ``use_rslora``.
 
     Shape:
         As ``nn.MultiheadAttention``: ``query`` ``(L, N, E)`` (``(N, L, E)`` with
@@ -127,46 +130,6 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         torch.Size([2, 5, 16])
     """
 
-    # The adapter math is LoRALinear's, over ``weight`` (= in_proj_weight): the same functions,
-    # called on this module (it has every attribute they read), so the two layers cannot drift
-    # apart (a test compares them).
-    use_dora = False  # DoRA is refused on the in-projection (lora_vit.adapters.build_adapter)
-
-    def reset_parameters(self) -> None:
-        """Re-initialise the in-projection adapters (A random, B zero); base weights untouched."""
-        LoRALinear.reset_parameters(self)  # type: ignore[arg-type]
-
-    def adapter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        """``(attribute name, shape)`` of every in-projection adapter Parameter, in slice order."""
-        return LoRALinear.adapter_shapes(self)  # type: ignore[arg-type]
-
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        """The in-projection adapter Parameters ``[A, B, ...]`` in slice order."""
-        return LoRALinear.adapter_parameters(self)  # type: ignore[arg-type]
-
-    def stacked_a(self) -> Tensor:
-        """All slices' ``A`` stacked: ``(sum of ranks, embed_dim)``."""
-        return LoRALinear.stacked_a(self)  # type: ignore[arg-type]
-
-    def scaled_b(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Every slice's ``scaling * B`` at its rows: ``(3 * embed_dim, sum of ranks)``."""
-        return LoRALinear.scaled_b(self, dtype)  # type: ignore[arg-type]
-
-    def merge_dtype(self) -> torch.dtype:
-        """Float32, or the base dtype where it is wider."""
-        return LoRALinear.merge_dtype(self)  # type: ignore[arg-type]
-
-    def delta_weight(self) -> Tensor:
-        """The in-projection update ``scaling * B @ A`` in :meth:`merge_dtype`: ``(3 * embed_dim, embed_dim)``."""
-        return LoRALinear.delta_weight(self)  # type: ignore[arg-type]
-
-    def merged_weight(self) -> Tensor:
-        """``in_proj_weight + scaling * B @ A``, summed in float32 and rounded once."""
-        return LoRALinear.merged_weight(self)  # type: ignore[arg-type]
-
-    # Set only by lora_vit.disable_lora: the base module's function, adapters kept in place.
-    _lora_disabled = False
-
     def __init__(
         self,
         base: nn.MultiheadAttention,
@@ -177,6 +140,8 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         slices: Mapping[str, tuple[int, int]] | None = None,
         init: str = "normal",
         use_rslora: bool = False,
+        adapter: str = DEFAULT_ADAPTER,
+        spec: AdapterSpec | None = None,
     ) -> None:
         if not isinstance(base, nn.MultiheadAttention):
             raise LoRAError(f"LoRAMultiheadAttention adapts nn.MultiheadAttention, got {type(base).__name__}")
@@ -184,37 +149,42 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         self.training = base.training
         for attr in _COPIED:
             setattr(self, attr, getattr(base, attr))
+        if isinstance(base, LoRAMultiheadAttention) and base.adapter_names:
+            raise LoRAError("this nn.MultiheadAttention already has in-projection adapters; merge or reload first")
         for name, param in base._parameters.items():
-            if name.startswith("lora_"):
-                continue  # a routing-only LoRAMultiheadAttention has none, an adapted one is refused below
-            self.register_parameter(name, param)
+            if not name.startswith("lora_"):  # a routing-only LoRAMultiheadAttention has none
+                self.register_parameter(name, param)
         if base.bias_k is None:
             self.bias_k = self.bias_v = None
         self.out_proj = base.out_proj
         projection = base.in_proj_weight if base._qkv_same_embed_dim else base.q_proj_weight
-        self.base_requires_grad = projection.requires_grad  # before inject_lora freezes it: see disable_lora
+        self.base_requires_grad = getattr(base, "base_requires_grad", projection.requires_grad)  # see disable_lora
         self.in_features = self.embed_dim
         self.out_features = 3 * self.embed_dim
-        self.lora_dropout = check_dropout(dropout)
-        self.init = check_init(init)
-        self.use_rslora = bool(use_rslora)
-        if isinstance(base, LoRAMultiheadAttention) and base.slices:
-            raise LoRAError("this nn.MultiheadAttention already has in-projection adapters; merge or reload first")
-        if slices is not None and len(slices) == 0:
-            self.slices: tuple = ()
-        else:
+        self._init_adapters()
+        if spec is not None or slices is None or len(slices) > 0:
             check_adaptable_mha(base, type(base).__name__)
-            self.slices = _build_slices(self.out_features, self.in_features, slices, r, alpha)
-        self.scalings = tuple(s.scaling(self.use_rslora) for s in self.slices)
-        self.covers_all_rows = len(self.slices) == 1 and self.slices[0].rows == self.out_features
-        weight = self.in_proj_weight if self.slices else None
-        for s in self.slices:
-            assert weight is not None
-            a = torch.empty(s.r, self.in_features, device=weight.device, dtype=weight.dtype)
-            self.register_parameter(s.a_name, nn.Parameter(a))
-            self.register_parameter(s.b_name, nn.Parameter(torch.empty(s.rows, s.r, device=a.device, dtype=a.dtype)))
-        self.reset_parameters()
+            if spec is None:
+                spec = AdapterSpec.build(
+                    self.out_features, self.in_features, r, alpha, dropout,
+                    slices=slices, init=init, use_rslora=use_rslora,
+                )
+            self.add_adapter(check_adapter_name(adapter), spec)
         self.register_forward_pre_hook(_route_parents_through_forward)
+
+    def add_adapter(self, name: str, spec: AdapterSpec) -> None:
+        """:meth:`LowRankAdapters.add_adapter`, refusing DoRA (not supported on the packed in-projection).
+
+        Raises:
+            LoRAError: For ``spec.use_dora``, or as the base method does.
+        """
+        if spec.use_dora:
+            raise LoRAError(
+                "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
+                " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
+            )
+        check_adaptable_mha(self, type(self).__name__)
+        super().add_adapter(name, spec)
 
     @classmethod
     def routing(cls, base: nn.MultiheadAttention) -> LoRAMultiheadAttention:
@@ -230,103 +200,66 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
     def bias(self) -> Tensor | None:
         return self.in_proj_bias
 
+    @property
+    def lora_dropout(self) -> float:
+        """The primary in-projection adapter's LoRA dropout (``dropout`` is the attention dropout)."""
+        primary = self._primary()
+        return primary.dropout if primary is not None else 0.0
+
+    def layer_fields(self) -> dict[str, Any]:
+        return {"kind": _KIND, "num_heads": self.num_heads}
+
     # ------------------------------------------------------------------ files and merging
 
-    def config(self) -> dict[str, Any]:
-        """A JSON-ready description from which :meth:`from_config` rebuilds this layer's shape."""
-        return {
-            "kind": _KIND,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "num_heads": self.num_heads,
-            "dropout": self.lora_dropout,
-            "use_rslora": self.use_rslora,
-            "slices": [s.config() for s in self.slices],
-        }
-
     @classmethod
-    def from_config(cls, base: nn.Module, config: Mapping[str, Any]) -> LoRAMultiheadAttention:
-        """Adapt ``base`` as described by :meth:`config` (adapters freshly initialised).
+    def from_config(
+        cls, base: nn.Module, config: Mapping[str, Any], adapter: str = DEFAULT_ADAPTER
+    ) -> LoRAMultiheadAttention:
+        """Adapt ``base`` as described by a ``config()`` record (adapters freshly initialised).
 
         Raises:
             LoRAError: If ``base`` is not an ``nn.MultiheadAttention`` of the recorded shape.
         """
-        expected = (config["in_features"], config.get("num_heads"))
-        if not isinstance(base, nn.MultiheadAttention):
-            raise LoRAError(f"expected an nn.MultiheadAttention, found {type(base).__name__}")
-        found = (base.embed_dim, base.num_heads)
-        if found != expected or config["out_features"] != 3 * base.embed_dim:
-            raise LoRAError(
-                f"expected an nn.MultiheadAttention with (embed_dim, num_heads) = {expected}, found {found}"
-            )
-        entries = config["slices"]
-        if len(entries) == 1 and entries[0]["name"] == "":
-            only = entries[0]
-            if (only["start"], only["stop"]) != (0, config["out_features"]):
-                raise LoRAError(f"an unnamed slice must cover all rows, got {only}")
-            return cls(base, only["r"], only["alpha"], config["dropout"], use_rslora=config["use_rslora"])
-        return cls(
-            base,
-            {e["name"]: e["r"] for e in entries},
-            {e["name"]: e["alpha"] for e in entries},
-            config["dropout"],
-            slices={e["name"]: (e["start"], e["stop"]) for e in entries},
-            use_rslora=config["use_rslora"],
-        )
+        check_mha_config(base, config)
+        return cls(base, adapter=adapter, spec=AdapterSpec.from_config(config))  # type: ignore[arg-type]
 
     def merged_module(self) -> nn.MultiheadAttention:
         """A plain ``nn.MultiheadAttention`` with the adapters (here and in ``out_proj``) folded in.
 
-        Merged weights are summed in float32 and rounded once; every other Parameter is shared
-        with this module, and each keeps its ``requires_grad``.
+        See :func:`plain_attention`.
 
         Raises:
             LoRAError: If a merged weight would contain NaN or Inf.
         """
-        plain = nn.MultiheadAttention(
-            self.embed_dim, self.num_heads, dropout=self.dropout, bias=self.in_proj_bias is not None,
-            add_bias_kv=self.bias_k is not None, add_zero_attn=self.add_zero_attn, kdim=self.kdim, vdim=self.vdim,
-            batch_first=self.batch_first, device="meta",
-        )
-        for name, param in self._parameters.items():
-            if not name.startswith("lora_"):
-                setattr(plain, name, param)
-        if self.slices:
-            merged = self.merged_weight()
-            if not bool(torch.isfinite(merged).all()):
-                raise LoRAError("merging would put NaN or Inf into in_proj_weight")
-            plain.in_proj_weight = nn.Parameter(merged, requires_grad=self.in_proj_weight.requires_grad)
-        out_proj: nn.Module = self.out_proj
-        if isinstance(out_proj, LoRALinear):
-            out_proj = out_proj.merged_linear()
-        if type(out_proj) is nn.Linear:  # PyTorch's own class for it, as in an unmodified model
-            linear = NonDynamicallyQuantizableLinear(
-                out_proj.in_features, out_proj.out_features, bias=out_proj.bias is not None, device="meta"
-            )
-            linear.weight, linear.bias = out_proj.weight, out_proj.bias
-            out_proj = linear
-        plain.out_proj = out_proj  # type: ignore[assignment]
-        plain.train(self.training)
-        return plain
+        return plain_attention(self)
 
     def extra_repr(self) -> str:
-        if not self.slices:
+        if not self._lora_adapters:
             return "in_proj: no adapter"
-        if self.covers_all_rows:
-            s = self.slices[0]
-            return f"in_proj: r={s.r}, alpha={s.alpha:g}, lora_dropout={self.lora_dropout}"
-        parts = ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r} alpha={s.alpha:g}" for s in self.slices)
-        return f"in_proj: slices=({parts}), lora_dropout={self.lora_dropout}"
+        parts = []
+        for name in self.adapter_names:
+            view = self.adapter(name)
+            label = "" if self.adapter_names == (DEFAULT_ADAPTER,) else f"{name}: "
+            if view.covers_all_rows:
+                s = view.slices[0]
+                parts.append(f"in_proj: {label}r={s.r}, alpha={s.alpha:g}, lora_dropout={view.dropout}")
+            else:
+                what = ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r} alpha={s.alpha:g}" for s in view.slices)
+                parts.append(f"in_proj: {label}slices=({what}), lora_dropout={view.dropout}")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ forward
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         out_proj = self.out_proj
-        extra = tuple(out_proj.adapter_parameters()) if isinstance(out_proj, LoRALinear) else ()
+        extra = tuple(out_proj.all_adapter_parameters()) if isinstance(out_proj, LoRALinear) else ()
         return (
             self.in_proj_weight, self.in_proj_bias, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight,
-            self.bias_k, self.bias_v, out_proj.weight, out_proj.bias, *self.adapter_parameters(), *extra,
+            self.bias_k, self.bias_v, out_proj.weight, out_proj.bias, *self.all_adapter_parameters(), *extra,
         )
+
+    def _routed(self) -> bool:
+        return self._lora_route is not None or getattr(self.out_proj, "_lora_route", None) is not None
 
     def forward(  # type: ignore[override]
         self,
@@ -340,115 +273,40 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """``nn.MultiheadAttention.forward`` with the adapters applied (same arguments and outputs)."""
-        if self._lora_disabled:  # lora_vit.disable_lora: exactly the base module's function
-            return self._merged_forward(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
-                adapted=False,
-            )
-        lora_dropout = (isinstance(self.out_proj, LoRALinear) and self.out_proj.dropout > 0) or self.lora_dropout > 0
-        needs_grad = torch.is_grad_enabled() and any(
-            _arg_requires_grad(t) for t in (query, key, value, *self._tensors())
-        )
-        if needs_grad or (self.training and lora_dropout):
-            return self._adapter_forward(
-                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-            )
-        return self._merged_forward(
-            query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
-        )
-
-    def _merged_weights(self, adapted: bool) -> tuple[tuple[Tensor | None, ...], Tensor, Tensor | None]:
-        """``((in_proj, q_proj, k_proj, v_proj), out_proj weight, out_proj bias)`` for PyTorch's attention."""
-        projections: tuple[Tensor | None, ...] = (
-            self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        )
-        if not adapted:  # the base module's function: its weights presented as it held them
-            projections = tuple(None if w is None else as_base_weight(w, self.base_requires_grad) for w in projections)
-        elif self.slices:
-            projections = (self.merged_weight(), *projections[1:])
+        masks = (key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         out_proj = self.out_proj
-        out_adapted = adapted and isinstance(out_proj, LoRALinear) and not out_proj._lora_disabled
-        out_weight = out_proj.merged_weight() if out_adapted else out_proj.weight  # type: ignore[operator]
-        return projections, out_weight, out_proj.bias
-
-    def _merged_forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, need_weights: bool,
-        attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool, adapted: bool = True,
-    ) -> tuple[Tensor, Tensor | None]:
-        # nn.MultiheadAttention.forward's own logic, with the merged weights in place of its Parameters.
-        (in_weight, q_weight, k_weight, v_weight), out_weight, out_bias = self._merged_weights(adapted)
-        float_mask = (attn_mask is not None and torch.is_floating_point(attn_mask)) or (
-            key_padding_mask is not None and torch.is_floating_point(key_padding_mask)
-        )
-        batched = query.dim() == 3
-        key_padding_mask, attn_mask = _canonical_masks(key_padding_mask, attn_mask, query)
-        tensors = (query, key, value, in_weight, self.in_proj_bias, out_weight, out_bias)
-        fast = (
-            not float_mask
-            and torch.backends.mha.get_fastpath_enabled()
-            and batched
-            and query is key
-            and key is value
-            and in_weight is not None
-            and self.in_proj_bias is not None
-            and out_bias is not None
-            and query.dtype == self.in_proj_bias.dtype == in_weight.dtype
-            and not self.training
-            and self.num_heads % 2 == 0
-            and self.batch_first
-            and self.bias_k is None
-            and self.bias_v is None
-            and not self.add_zero_attn
-            and self._qkv_same_embed_dim
-            and not (query.is_nested and (key_padding_mask is not None or attn_mask is not None))
-            and not torch.is_autocast_enabled()
-            and not torch.overrides.has_torch_function(tensors)
-            and all(_check_arg_device(t) for t in tensors)
-            and not (torch.is_grad_enabled() and any(_arg_requires_grad(t) for t in tensors))
-        )
-        traced = fast and _is_make_fx_tracing()
-        if fast and not traced:
-            assert in_weight is not None and self.in_proj_bias is not None and out_bias is not None
-            merged_mask, mask_type = self.merge_masks(attn_mask, key_padding_mask, query)
-            return torch._native_multi_head_attention(
-                query, key, value, self.embed_dim, self.num_heads, in_weight, self.in_proj_bias, out_weight,
-                out_bias, merged_mask, need_weights, average_attn_weights, mask_type,
+        if self._lora_disabled:  # lora_vit.disable_lora: exactly the base module's function
+            # Its weights presented as the base held them (ATen's kernel choice depends on it).
+            projections = tuple(
+                None if w is None else as_base_weight(w, self.base_requires_grad)
+                for w in (self.in_proj_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
             )
-        if query.is_nested or key.is_nested or value.is_nested:
-            raise LoRAError("nested tensors are supported only on nn.MultiheadAttention's inference fast path")
-        query, key, value = self._seq_first(query, key, value, batched)
-        output, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, in_weight, self.in_proj_bias, self.bias_k,
-            self.bias_v, self.add_zero_attn, self.dropout, out_weight, out_bias, training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=q_weight,
-            k_proj_weight=k_weight, v_proj_weight=v_weight,
-            average_attn_weights=average_attn_weights, is_causal=is_causal,
+            return merged_attention(self, projections, out_proj.weight, out_proj.bias, query, key, value, *masks)
+        running = self._lora_running
+        out_running = getattr(out_proj, "_lora_running", None)
+        lora_dropout = (out_running is not None and out_running.spec.dropout > 0) or (
+            running is not None and running.spec.dropout > 0
         )
-        if self.batch_first and batched:
-            output = output.transpose(1, 0)
-            if traced:  # the layout PyTorch gives when tracing blocks its fast path
-                output = output.contiguous()
-        return output, weights
+        needs_grad = any_requires_grad((query, key, value, *self._tensors()))
+        if needs_grad or (self.training and lora_dropout) or self._routed():
+            return adapter_attention(self, self._project, self._out_projection, query, key, value, *masks)
+        in_weight = AdapterView(self, running).merged_weight() if running is not None else self.in_proj_weight
+        out_adapted = out_running is not None and not out_proj._lora_disabled
+        out_weight = out_proj.merged_weight() if out_adapted else out_proj.weight  # type: ignore[operator]
+        projections = (in_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        return merged_attention(self, projections, out_weight, out_proj.bias, query, key, value, *masks)
 
-    def _seq_first(self, query: Tensor, key: Tensor, value: Tensor, batched: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """``(N, L, E)`` -> ``(L, N, E)`` when ``batch_first``, keeping which inputs are the same tensor."""
-        if not (self.batch_first and batched):
-            return query, key, value
-        if key is value:
-            if query is key:
-                query = key = value = query.transpose(1, 0)
-            else:
-                query, key = (x.transpose(1, 0) for x in (query, key))
-                value = key
-        else:
-            query, key, value = (x.transpose(1, 0) for x in (query, key, value))
-        return query, key, value
+    def _out_projection(self, attended: Tensor, length: int, batch: int) -> Tensor:
+        """``out_proj`` on ``(L * N, E)``, as ``(L, N, E)``; batch first while routing per sample."""
+        if getattr(self.out_proj, "_lora_route", None) is not None:
+            return self.out_proj(attended.view(length, batch, -1).transpose(0, 1)).transpose(0, 1)
+        return self.out_proj(attended).view(length, batch, -1)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v in-projections ``(L, N, E)``, ``(S, N, E)``, ``(S, N, E)`` with the adapters applied."""
         w, b = self.in_proj_weight, self.in_proj_bias
-        if not self.slices:
+        running, route = self._lora_running, self._lora_route
+        if route is None and running is None:
             if not self._qkv_same_embed_dim:
                 bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
                 return F._in_projection(  # type: ignore[attr-defined,no-any-return]
@@ -456,12 +314,19 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
                 )
             return F._in_projection_packed(query, key, value, w, b)  # type: ignore[attr-defined,no-any-return]
         E = self.embed_dim
-        a, scaled_b = self.stacked_a(), self.scaled_b()
-        p = self.lora_dropout if self.training else 0.0
+        if route is not None:
+            def rows(x: Tensor, start: int, stop: int) -> Tensor:
+                # Seq-first (L, N, E) in; every row of the packed projection, then the block wanted.
+                out = routed_lora(x.transpose(0, 1), w, b, self, route, self.training).transpose(0, 1)
+                return out[..., start:stop]
+        else:
+            assert running is not None
+            a, scaled = stacked_a(self, running), scaled_b(self, running)
+            p = running.spec.dropout if self.training else 0.0
 
-        def rows(x: Tensor, start: int, stop: int) -> Tensor:
-            bias = b[start:stop] if b is not None else None
-            return lora_linear(x, w[start:stop], bias, a, scaled_b[start:stop], p)
+            def rows(x: Tensor, start: int, stop: int) -> Tensor:
+                bias = b[start:stop] if b is not None else None
+                return lora_linear(x, w[start:stop], bias, a, scaled[start:stop], p)
 
         if key is value:
             if query is key:  # self-attention: one projection, one dropout mask for q, k and v
@@ -471,119 +336,54 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             return rows(query, 0, E), k, v
         return rows(query, 0, E), rows(key, E, 2 * E), rows(value, 2 * E, 3 * E)
 
-    def _adapter_forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None, need_weights: bool,
-        attn_mask: Tensor | None, average_attn_weights: bool, is_causal: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        # The steps of F.multi_head_attention_forward, with the in-projection through the LoRA
-        # node and out_proj called as a module.
-        batched_input = query.dim() == 3
-        key_padding_mask, attn_mask = _canonical_masks(key_padding_mask, attn_mask, query)
-        if query.is_nested or key.is_nested or value.is_nested:
-            raise LoRAError("nested tensors are supported only on nn.MultiheadAttention's inference fast path")
-        query, key, value = self._seq_first(query, key, value, batched_input)
-        H = self.num_heads
-        batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, H)  # type: ignore[attr-defined]
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        L, N, E = query.shape
-        if self.embed_dim != E:
-            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {E}")
-        if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method"
-                " `generate_square_subsequent_mask` to create this mask."
-            )
-        if is_causal and key_padding_mask is None and not need_weights:
-            attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
-        elif key_padding_mask is not None:
-            is_causal = False  # the merged mask is no longer causal
-        if self._qkv_same_embed_dim and key.shape != value.shape:
-            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
-        if not self._qkv_same_embed_dim and key.shape[:2] != value.shape[:2]:
-            raise AssertionError(
-                f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}"
-            )
-        q, k, v = self._project(query, key, value)
-        S = key.shape[0]
-        if attn_mask is not None:
-            if attn_mask.dim() == 2:
-                if attn_mask.shape != (L, S):
-                    raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(L, S)}.")
-                attn_mask = attn_mask.unsqueeze(0)
-            elif attn_mask.dim() == 3:
-                if attn_mask.shape != (N * H, L, S):
-                    raise RuntimeError(
-                        f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be {(N * H, L, S)}."
-                    )
-            else:
-                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
-        if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, N, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, N, 1)])
-            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
-            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
-        hd = self.head_dim
-        q = q.view(L, N * H, hd).transpose(0, 1)
-        k = k.view(k.shape[0], N * H, hd).transpose(0, 1)
-        v = v.view(v.shape[0], N * H, hd).transpose(0, 1)
-        if self.add_zero_attn:
-            zeros = torch.zeros((N * H, 1, hd), dtype=k.dtype, device=k.device)
-            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
-            attn_mask = F.pad(attn_mask, (0, 1)) if attn_mask is not None else None
-            key_padding_mask = F.pad(key_padding_mask, (0, 1)) if key_padding_mask is not None else None
-        S = k.size(1)
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != (N, S):
-                raise AssertionError(f"expecting key_padding_mask shape of {(N, S)}, but got {key_padding_mask.shape}")
-            key_padding_mask = key_padding_mask.view(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
-            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
-        dropout_p = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            if is_causal and attn_mask is None:
-                raise AssertionError("FIXME: is_causal not implemented for need_weights")
-            q_scaled = q * (1.0 / hd) ** 0.5
-            if attn_mask is not None:
-                scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
-            else:
-                scores = torch.bmm(q_scaled, k.transpose(-2, -1))
-            weights = F.softmax(scores, dim=-1)
-            if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
-            attended = torch.bmm(weights, v).transpose(0, 1).reshape(L * N, E)
-            weights = weights.view(N, H, L, S)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if not batched:
-                weights = weights.squeeze(0)
-        else:
-            if attn_mask is not None:
-                attn_mask = attn_mask.unsqueeze(0) if attn_mask.size(0) == 1 else attn_mask.view(N, H, -1, S)
-            attended = F.scaled_dot_product_attention(
-                q.view(N, H, L, hd), k.view(N, H, S, hd), v.view(N, H, S, hd), attn_mask, dropout_p, is_causal
-            )
-            attended = attended.permute(2, 0, 1, 3).reshape(L * N, E)
-        output = self.out_proj(attended).view(L, N, -1)
-        if not batched:
-            output = output.squeeze(1)
-        elif self.batch_first:
-            output = output.transpose(1, 0)
-        return output, weights
+
+def check_mha_config(base: nn.Module, config: Mapping[str, Any]) -> None:
+    """Refuse a base that is not an ``nn.MultiheadAttention`` of a record's shape.
+
+    Raises:
+        LoRAError: Naming what was expected and what was found.
+    """
+    expected = (config["in_features"], config.get("num_heads"))
+    if not isinstance(base, nn.MultiheadAttention):
+        raise LoRAError(f"expected an nn.MultiheadAttention, found {type(base).__name__}")
+    found = (base.embed_dim, base.num_heads)
+    if found != expected or config["out_features"] != 3 * base.embed_dim:
+        raise LoRAError(f"expected an nn.MultiheadAttention with (embed_dim, num_heads) = {expected}, found {found}")
 
 
-def _canonical_masks(
-    key_padding_mask: Tensor | None, attn_mask: Tensor | None, query: Tensor
-) -> tuple[Tensor | None, Tensor | None]:
-    """Both masks as float additive masks, checked as ``nn.MultiheadAttention`` checks them."""
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask, mask_name="key_padding_mask", other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask", target_type=query.dtype,
+def plain_attention(layer: LoRAMultiheadAttention) -> nn.MultiheadAttention:
+    """A plain ``nn.MultiheadAttention`` computing what ``layer`` runs, its adapters folded in.
+
+    Merged weights are summed in float32 and rounded once; every other Parameter is shared
+    with ``layer``, and each keeps its ``requires_grad``. A layer (or ``out_proj``) without
+    adapters gives its base weights back.
+
+    Raises:
+        LoRAError: If a merged weight would contain NaN or Inf.
+    """
+    plain = nn.MultiheadAttention(
+        layer.embed_dim, layer.num_heads, dropout=layer.dropout, bias=layer.in_proj_bias is not None,
+        add_bias_kv=layer.bias_k is not None, add_zero_attn=layer.add_zero_attn, kdim=layer.kdim, vdim=layer.vdim,
+        batch_first=layer.batch_first, device="meta",
     )
-    attn_mask = F._canonical_mask(
-        mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="", target_type=query.dtype,
-        check_other=False,
-    )
-    return key_padding_mask, attn_mask
+    for name, param in layer._parameters.items():
+        if not name.startswith("lora_"):
+            setattr(plain, name, param)
+    if layer._lora_adapters:
+        merged = layer.merged_weight()
+        if not bool(torch.isfinite(merged).all()):
+            raise LoRAError("merging would put NaN or Inf into in_proj_weight")
+        plain.in_proj_weight = nn.Parameter(merged, requires_grad=layer.in_proj_weight.requires_grad)
+    out_proj: nn.Module = layer.out_proj
+    if isinstance(out_proj, LoRALinear):
+        out_proj = out_proj.merged_linear() if out_proj.adapter_names else out_proj.plain_linear()
+    if type(out_proj) is nn.Linear:  # PyTorch's own class for it, as in an unmodified model
+        linear = NonDynamicallyQuantizableLinear(
+            out_proj.in_features, out_proj.out_features, bias=out_proj.bias is not None, device="meta"
+        )
+        linear.weight, linear.bias = out_proj.weight, out_proj.bias
+        out_proj = linear
+    plain.out_proj = out_proj  # type: ignore[assignment]
+    plain.train(layer.training)
+    return plain
+

@@ -29,13 +29,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers, find_module, trainable_modules, unwrap_model
 from .io import write_atomically
 from .layer import LoRALinear
 from .loading import load_adapters
+from .lowrank import AdapterView
 from .mha import LoRAMultiheadAttention
+from .registry import adapter_views, find_module, resolve_adapter, trainable_modules, unwrap_model
+from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
 from .state import lora_state_dict
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
@@ -114,7 +115,7 @@ def _mha_parent(model: nn.Module, name: str) -> str | None:
     return parent if isinstance(_module_or_none(model, parent), LoRAMultiheadAttention) else None
 
 
-def _check_mha_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
+def _check_mha_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -> None:
     for name, layer in layers.items():
         parent = _mha_parent(model, name)
         if parent is not None and parent not in layers:
@@ -123,19 +124,20 @@ def _check_mha_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) 
                 " always adapts the in-projection too (target the attention module itself, or 'all-linear',"
                 " with one rank), so it has no form for this; keep save_lora"
             )
-        if not isinstance(layer, LoRAMultiheadAttention):
+        mha = layer.layer
+        if not isinstance(mha, LoRAMultiheadAttention):
             continue
         if not layer.covers_all_rows or layer.slices[0].name:
             raise LoRAError(
                 f"PEFT's MultiheadAttention LoRA adapts the whole in-projection with one pair; {name!r} has"
-                f" {layer.extra_repr()}. Adapt the attention module by name (e.g. '*.self_attention') to"
+                f" {layer.describe()}. Adapt the attention module by name (e.g. '*.self_attention') to"
                 " export, or keep save_lora"
             )
-        if isinstance(layer.out_proj, LoRALinear):
+        if isinstance(mha.out_proj, LoRALinear) and layer.name in mha.out_proj.adapter_names:
             raise LoRAError(f"{name + '.out_proj'!r} has an adapter: {_PEFT_OUT_PROJ_TWICE}; keep save_lora")
 
 
-def _check_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
+def _check_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -> None:
     _check_mha_exportable(model, layers)
     sliced = [name for name, layer in layers.items() if not layer.covers_all_rows or layer.slices[0].name]
     if sliced:
@@ -153,15 +155,11 @@ def _check_exportable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> N
             )
 
 
-def _lora_dropout(layer: AdaptedLayer) -> float:
-    # On LoRAMultiheadAttention, ``dropout`` is PyTorch's attention dropout.
-    return layer.lora_dropout if isinstance(layer, LoRAMultiheadAttention) else layer.dropout
-
-
-def _config(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> dict[str, Any]:
+def _config(model: nn.Module, layers: Mapping[str, AdapterView]) -> dict[str, Any]:
     names = list(layers)
-    ranks = {name: layer.slices[0].r for name, layer in layers.items()}
-    alphas = {name: layer.slices[0].alpha for name, layer in layers.items()}
+    fields = {name: layer.spec.peft_fields() for name, layer in layers.items()}
+    ranks = {name: f["r"] for name, f in fields.items()}
+    alphas = {name: f["lora_alpha"] for name, f in fields.items()}
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
     # PEFT matches target_modules by suffix and patterns by regex suffix, so a name that ends
     # another adapted name could catch it; then spell every layer out, longest first.
@@ -183,7 +181,7 @@ def _config(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> dict[str, A
         "inference_mode": True,
         "r": r,
         "lora_alpha": _number(alpha),
-        "lora_dropout": _most_common([_lora_dropout(layer) for layer in layers.values()]),
+        "lora_dropout": _most_common([f["lora_dropout"] for f in fields.values()]),
         "use_rslora": first.use_rslora,
         "target_modules": target_modules,
         "rank_pattern": rank_pattern,
@@ -205,7 +203,7 @@ def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, adapter: str | None = None) -> Path:
     """Write the adapters of ``model`` as a PEFT LoRA folder.
 
     ``peft.PeftModel.from_pretrained(base, directory)`` then loads it onto the same base model
@@ -218,6 +216,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
         model: A model adapted by :func:`inject_lora` (or loaded with :func:`load_lora`).
         directory: Folder to write ``adapter_config.json`` and ``adapter_model.safetensors``
             into; created if missing.
+        adapter: Which named adapter to write; may be omitted when the model holds one.
 
     Returns:
         The folder written.
@@ -234,11 +233,10 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
         >>> sorted(p.name for p in folder.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    layers = adapted_layers(model)
-    if not layers:
-        raise LoRAError(f"{type(model).__name__} has no LoRA adapters to export; call inject_lora first")
+    name = resolve_adapter(model, adapter, "export")
+    layers = adapter_views(model, name)
     _check_exportable(model, layers)
-    state = lora_state_dict(model)
+    state = lora_state_dict(model, adapter=name)
     tensors = {
         _peft_key(name, peft_name): state.pop(f"{name}.{ours}")
         for name, layer in layers.items()
@@ -246,10 +244,10 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Pa
     }
     tensors.update({_PREFIX + key: value for key, value in state.items()})
     for name, layer in layers.items():
-        if isinstance(layer, LoRAMultiheadAttention):  # PEFT's layer needs out_proj factors: a zero update
-            a = layer.stacked_a()
-            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_A")] = a.new_zeros(a.shape[0], layer.embed_dim)
-            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_B")] = a.new_zeros(layer.embed_dim, a.shape[0])
+        if isinstance(layer.layer, LoRAMultiheadAttention):  # PEFT's layer needs out_proj factors: a zero update
+            a, embed = layer.stacked_a(), layer.layer.embed_dim
+            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_A")] = a.new_zeros(a.shape[0], embed)
+            tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_B")] = a.new_zeros(embed, a.shape[0])
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     config = _config(model, layers)
@@ -392,14 +390,8 @@ def _mha_configs(
     if out_pair["lora_A"].shape[0] != r or bool(out_pair["lora_B"].ne(0).any()):
         raise LoRAError(f"{where}: {name!r} has a non-zero out_proj adapter: {_PEFT_OUT_PROJ_TWICE}")
     embed = base.embed_dim
-    return {
-        name: {
-            "kind": "multihead_attention", "in_features": embed, "out_features": 3 * embed,
-            "num_heads": base.num_heads, "dropout": config.get("lora_dropout") or 0.0,
-            "use_rslora": bool(config.get("use_rslora", False)),
-            "slices": [{"name": "", "start": 0, "stop": 3 * embed, "r": r, "alpha": alpha}],
-        },
-    }
+    fields = {"kind": "multihead_attention", "num_heads": base.num_heads}
+    return {name: AdapterSpec.peft_record(embed, 3 * embed, r, alpha, config, **fields)}
 
 
 def _layer_configs(
@@ -424,14 +416,7 @@ def _layer_configs(
             in_features, out_features = base.in_features, base.out_features
         else:
             in_features, out_features = int(pair["lora_A"].shape[1]), int(pair["lora_B"].shape[0])
-        configs[name] = {
-            "in_features": in_features,
-            "out_features": out_features,
-            "dropout": config.get("lora_dropout") or 0.0,
-            "use_rslora": bool(config.get("use_rslora", False)),
-            **({"use_dora": True} if config.get("use_dora", False) else {}),
-            "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
-        }
+        configs[name] = AdapterSpec.peft_record(in_features, out_features, r, alpha, config)
     return configs
 
 
@@ -453,7 +438,9 @@ def _modules_to_save(model: nn.Module, config: Mapping[str, Any], other: Mapping
     return holders
 
 
-def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pad: bool = False) -> nn.Module:
+def load_peft_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], *, adapter: str | None = None, pad: bool = False
+) -> nn.Module:
     """Load a PEFT LoRA adapter folder into ``model``, injecting the adapters it describes.
 
     Ranks come from the tensors (checked against ``r``/``rank_pattern``), alphas from
@@ -468,6 +455,8 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pa
         model: The base model PEFT wrapped (e.g. a ``ViTForImageClassification``), without
             adapters, or already carrying exactly the adapters the folder describes.
         directory: A folder written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
+        adapter: The name to load it under (default ``"default"``): added beside the model's
+            other adapters, or swapped into the adapter of that name, as :func:`lora_vit.load_lora` does.
         pad: As in :func:`lora_vit.load_lora`: lower ranks into adapters injected with a
             maximum rank, without recompiling.
 
@@ -505,4 +494,5 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, pa
         for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor, value in pair.items()
     }
     given.update(other)
-    return load_adapters(model, configs, trainable, given, where, pad=pad)
+    name = check_adapter_name(DEFAULT_ADAPTER if adapter is None else adapter)
+    return load_adapters(model, configs, trainable, given, where, adapter=name, pad=pad)

@@ -8,9 +8,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers, find_module, trainable_modules
+from .lowrank import AdapterView
+from .registry import adapter_names, adapter_views, find_module, resolve_adapter, trainable_modules
 
 __all__ = ["LoadResult", "adapter_tensors", "check_tensors", "load_lora_state_dict", "lora_state_dict"]
 
@@ -22,16 +22,23 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Every adapter tensor, plus the state of modules ``inject_lora`` made fully trainable.
+def lora_state_dict(model: nn.Module, *, adapter: str | None = None) -> dict[str, Tensor]:
+    """Every tensor of one adapter, plus the state of modules ``inject_lora`` made fully trainable.
 
     Keys are the model's own dotted names (``blocks.0.attn.qkv.lora_A_q``, ``head.weight``),
     values are detached tensors sharing storage with the model, as in ``state_dict()``. A model
     wrapped in DDP, DataParallel, FSDP or ``torch.compile`` gives the same keys as the plain
     model (no ``module.`` prefix); under FSDP call it inside ``FSDP.summon_full_params``.
+    An adapter's factors have the same keys whatever its name (``lora_A``, not ``lora_A__x``),
+    so the state of any named adapter loads into any other of the same layout.
+
+    Args:
+        model: An adapted model.
+        adapter: Which named adapter; may be omitted when the model holds one.
 
     Raises:
-        LoRAError: If the model has no adapters and no trainable modules.
+        LoRAError: If the model has no adapters and no trainable modules, or holds several
+            adapters and ``adapter`` is omitted (the message lists them), or none of that name.
 
     Example:
         >>> from lora_vit import inject_lora
@@ -39,7 +46,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
         >>> sorted(lora_state_dict(model))
         ['0.lora_A', '0.lora_B']
     """
-    state = adapter_tensors(model, adapted_layers(model), trainable_modules(model))
+    trainable = trainable_modules(model)
+    # A head-only model (inject_lora(targets=[], trainable=[...])) has no adapter to name.
+    probe_only = adapter is None and not adapter_names(model) and trainable
+    views = {} if probe_only else adapter_views(model, resolve_adapter(model, adapter, "save"))
+    state = adapter_tensors(model, views, trainable)
     if not state:
         raise LoRAError(
             f"{type(model).__name__} has no LoRA adapters; call inject_lora first, or load_lora"
@@ -49,7 +60,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def adapter_tensors(
-    model: nn.Module, layers: Mapping[str, AdaptedLayer], trainable: Iterable[str]
+    model: nn.Module, layers: Mapping[str, AdapterView], trainable: Iterable[str]
 ) -> dict[str, Tensor]:
     """The adapter Parameters of ``layers`` and the state of the ``trainable`` modules of ``model``.
 
@@ -135,7 +146,7 @@ def copy_tensors(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) ->
 
 
 def load_lora_state_dict(
-    model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True
+    model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True, *, adapter: str | None = None
 ) -> LoadResult:
     """Copy adapter (and trainable-module) tensors into an injected model.
 
@@ -146,6 +157,7 @@ def load_lora_state_dict(
         model: A model adapted by :func:`inject_lora` (or :func:`load_lora`).
         state_dict: As returned by :func:`lora_state_dict`.
         strict: Require exactly the keys of ``lora_state_dict(model)``.
+        adapter: Which named adapter to load into; may be omitted when the model holds one.
 
     Returns:
         The missing and unexpected keys (both empty when ``strict``).
@@ -156,7 +168,7 @@ def load_lora_state_dict(
     """
     if not isinstance(state_dict, Mapping):
         raise LoRAError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    expected = lora_state_dict(model)
+    expected = lora_state_dict(model, adapter=adapter)
     result = check_tensors(expected, state_dict, strict)
     copy_tensors(expected, state_dict)
     return result

@@ -149,11 +149,14 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def _check_adaptable(name: str, module: nn.Module, target: str, parents: dict[str, nn.Module]) -> None:
-    if isinstance(module, LoRALinear) or (isinstance(module, LoRAMultiheadAttention) and module.slices):
+def _check_adaptable(
+    name: str, module: nn.Module, target: str, parents: dict[str, nn.Module], adapter: str
+) -> None:
+    if isinstance(module, (LoRALinear, LoRAMultiheadAttention)) and adapter in module.adapter_names:
         raise LoRAError(
-            f"{name!r} already has a LoRA adapter (target {target!r});"
-            " injecting twice would stack a second adapter. Merge or reload the base model first."
+            f"{name!r} already has a LoRA adapter named {adapter!r} (target {target!r});"
+            " injecting twice would stack a second adapter. Inject under another adapter= name,"
+            " or merge or reload the base model first."
         )
     if isinstance(module, nn.MultiheadAttention):
         check_adaptable_mha(module, name)
@@ -166,7 +169,7 @@ def _check_adaptable(name: str, module: nn.Module, target: str, parents: dict[st
 
 
 def resolve_targets(
-    model: nn.Module, targets: Iterable[str], *, exclude: Iterable[str] = ()
+    model: nn.Module, targets: Iterable[str], *, exclude: Iterable[str] = (), adapter: str = "default"
 ) -> list[TargetMatch]:
     """Find the Linear layers (and fused q/k/v slices) that ``targets`` name in ``model``.
 
@@ -177,13 +180,14 @@ def resolve_targets(
             them (``attention.query``) or glob patterns over full names (``*.attn.qkv``). A
             literal name of an ``nn.MultiheadAttention`` adapts its whole in-projection.
         exclude: Module names whose Linear layers ``all-linear`` skips (trainable modules).
+        adapter: The adapter name to add; a layer that already has one of that name is refused.
 
     Returns:
         One match per adapter to create, in model order.
 
     Raises:
         LoRAError: If a target matches no Linear layer (the message lists the model's
-            Linear layers), a matched layer already has an adapter, is an
+            Linear layers), a matched layer already has an adapter of that name, is an
             ``nn.MultiheadAttention`` with separate q/k/v weights, or is matched both whole and
             as a fused slice.
     """
@@ -219,7 +223,7 @@ def resolve_targets(
     position = {name: i for i, name in enumerate(candidates)}
     ordered = sorted(matches.values(), key=lambda m: position[m.module])  # stable: slices keep their order
     for match in ordered:
-        _check_adaptable(match.module, candidates[match.module], match.target, parents)
+        _check_adaptable(match.module, candidates[match.module], match.target, parents, adapter)
     by_module: dict[str, set[str | None]] = {}
     for match in ordered:
         by_module.setdefault(match.module, set()).add(match.slice)

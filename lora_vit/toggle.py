@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from .errors import LoRAError
-from .inject import lora_modules
+from .registry import lora_modules
 
 __all__ = ["disable_lora"]
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adapters import AdaptedLayer
 from .errors import LoRAError
-from .inject import adapted_layers
+from .lowrank import AdapterView
+from .registry import active_adapter, adapter_views, resolve_adapter, set_active
 
 __all__ = ["verify_lora"]
 
@@ -48,7 +48,7 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             module.training = mode
 
 
-def _perturbation(layer: AdaptedLayer, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _perturbation(layer: AdapterView, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """New ``(A, B)`` for one slice whose update has the RMS of the rows it adapts (at least 1e-2).
 
     So large a change cannot vanish in rounding; an adapter whose output still does not move
@@ -64,7 +64,9 @@ def _perturbation(layer: AdaptedLayer, index: int, generator: torch.Generator) -
     return a.to(like.device, like.dtype), b.to(like.device, like.dtype)
 
 
-def verify_lora(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> dict[str, float]:
+def verify_lora(
+    model: nn.Module, *example_inputs: Any, adapter: str | None = None, **example_kwargs: Any
+) -> dict[str, float]:
     """Check that every adapter changes the model's output, i.e. sits on the forward path.
 
     Each adapter (each slice of a fused projection separately) is replaced by a large random
@@ -79,6 +81,8 @@ def verify_lora(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         model: A model with LoRA adapters (from :func:`inject_lora` or :func:`load_lora`).
         *example_inputs: Positional inputs for ``model(...)``, e.g. an image batch
             ``(batch, channels, height, width)``.
+        adapter: Which named adapter to verify (it runs for the duration); may be omitted
+            when the model holds one.
         **example_kwargs: Keyword inputs for ``model(...)``, e.g. ``pixel_values=...``.
 
     Returns:
@@ -86,8 +90,10 @@ def verify_lora(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         any output element that its perturbation caused.
 
     Raises:
-        LoRAError: If the model has no adapters, produces no floating-point output, or some
-            adapters do not change the output; the message names them and says why.
+        LoRAError: If the model has no adapters (or several and ``adapter`` is omitted),
+            produces no floating-point output, produces NaN or Inf on the example inputs
+            (nothing can be compared then), or some adapters do not change the output; the
+            message names them and says why.
 
     Example:
         >>> import torch.nn.functional as F
@@ -105,9 +111,9 @@ def verify_lora(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         ...     print(str(err).splitlines()[0])
         1 of 2 LoRA adapters do not change the output of ReadsWeight: ['read']
     """
-    layers = adapted_layers(model)
-    if not layers:
-        raise LoRAError(f"{type(model).__name__} has no LoRA adapters to verify; call inject_lora first")
+    name = resolve_adapter(model, adapter, "verify")
+    layers = adapter_views(model, name)
+    running = active_adapter(model)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
     def run() -> list[Tensor]:
@@ -116,27 +122,55 @@ def verify_lora(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -
             return _tensors(model(*example_inputs, **example_kwargs))
 
     generator = torch.Generator().manual_seed(_SEED)
+    set_active(model, name)
+    try:
+        with _evaluating(model):
+            changes = _changes(model, layers, run, generator)
+    finally:
+        set_active(model, running)
+    return _report(model, changes)
+
+
+def _changes(
+    model: nn.Module, layers: Mapping[str, AdapterView], run: Callable[[], list[Tensor]], generator: torch.Generator
+) -> dict[str, float]:
+    """The output change each adapter's perturbation causes, every tensor restored after."""
     changes: dict[str, float] = {}
-    with _evaluating(model):
-        reference = run()
-        if not reference:
-            raise LoRAError(f"{type(model).__name__} returned no floating-point tensor to compare")
-        # Nondeterministic kernels (some CUDA reductions) make two identical runs differ a little.
-        noise = _difference(reference, run())
-        for name, layer in layers.items():
-            for index, s in enumerate(layer.slices):
-                a_param, b_param = getattr(layer, s.a_name), getattr(layer, s.b_name)
-                saved = (a_param.detach().clone(), b_param.detach().clone())
-                a_new, b_new = _perturbation(layer, index, generator)
-                try:
-                    with torch.no_grad():
-                        a_param.copy_(a_new)
-                        b_param.copy_(b_new)
-                    changes[f"{name}[{s.name}]" if s.name else name] = _difference(reference, run())
-                finally:
-                    with torch.no_grad():
-                        a_param.copy_(saved[0])
-                        b_param.copy_(saved[1])
+    reference = run()
+    if not reference:
+        raise LoRAError(f"{type(model).__name__} returned no floating-point tensor to compare")
+    if not all(bool(torch.isfinite(t).all()) for t in reference):
+        raise LoRAError(
+            f"{type(model).__name__} returns NaN or Inf on the example inputs, so no change can be"
+            " measured; verify with inputs on which the model's output is finite"
+        )
+    # Nondeterministic kernels (some CUDA reductions) make two identical runs differ a little.
+    noise = _difference(reference, run())
+    changes[""] = noise  # the run-to-run noise, for _report
+    for name, layer in layers.items():
+        for index, s in enumerate(layer.slices):
+            a_param, b_param = getattr(layer, s.a_name), getattr(layer, s.b_name)
+            saved = (a_param.detach().clone(), b_param.detach().clone())
+            a_new, b_new = _perturbation(layer, index, generator)
+            try:
+                with torch.no_grad():
+                    a_param.copy_(a_new)
+                    b_param.copy_(b_new)
+                changes[f"{name}[{s.name}]" if s.name else name] = _difference(reference, run())
+            finally:
+                with torch.no_grad():
+                    a_param.copy_(saved[0])
+                    b_param.copy_(saved[1])
+    return changes
+
+
+def _report(model: nn.Module, changes: dict[str, float]) -> dict[str, float]:
+    """``changes`` if every adapter moved the output.
+
+    Raises:
+        LoRAError: Naming the adapters that did not.
+    """
+    noise = changes.pop("", 0.0)
     inert = [key for key, change in changes.items() if change <= 10 * noise]
     if inert:
         raise LoRAError(

@@ -1,0 +1,176 @@
+"""Choosing among a model's named adapters: which one runs, per-sample routing, deleting one."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+from .errors import LoRAError
+from .layer import LoRALinear
+from .lowrank import BATCH_FIRST, ROUTING_MISMATCH
+from .mha import LoRAMultiheadAttention
+from .registry import (
+    active_adapter,
+    adapted_layers,
+    adapter_names,
+    lora_modules,
+    replace_module,
+    resolve_adapter,
+    set_active,
+)
+from .wrappers import unwrap_model
+
+__all__ = ["adapter_per_sample", "delete_adapter", "set_adapter"]
+
+
+def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
+    """Make ``model`` run adapter ``name``; ``None`` runs the base model.
+
+    Layers that ``name`` does not adapt compute their base function. Only which adapter runs
+    changes: every adapter stays in place and keeps its ``requires_grad``. Under
+    ``torch.compile``, each choice compiles its own graph once (the choice is guarded).
+
+    Args:
+        model: A model with named adapters (a wrapper is seen through).
+        name: One of the model's adapter names, or ``None``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        LoRAError: If ``name`` is not one of the model's adapters (the message lists them).
+
+    Example:
+        >>> from lora_vit import inject_lora
+        >>> model = inject_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2, adapter="a")
+        >>> model = inject_lora(model, ["0"], r=2, adapter="b")
+        >>> _ = set_adapter(model, "b")
+        >>> model[0]._lora_running.name
+        'b'
+    """
+    if name is not None:
+        resolve_adapter(model, name, "run")
+    set_active(model, name)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` from every layer of ``model``.
+
+    A layer left without adapters becomes its plain base module again (an ``nn.Linear``, or an
+    ``nn.MultiheadAttention`` once neither it nor its ``out_proj`` holds any). If ``name`` was
+    running, the first remaining adapter runs (the base model if none remain).
+
+    Raises:
+        LoRAError: If the model has no adapter ``name`` (the message lists its adapters).
+    """
+    resolve_adapter(model, name, "delete")
+    for layer_name, layer in adapted_layers(model).items():
+        if name not in layer.adapter_names:
+            continue
+        if isinstance(layer, LoRALinear) and layer.adapter_names == (name,):
+            replace_module(model, layer_name, layer.plain_linear())
+        else:
+            layer.remove_adapter(name)
+    for layer_name, module in lora_modules(model).items():
+        plain_out = not isinstance(module.out_proj, LoRALinear) if isinstance(module, LoRAMultiheadAttention) else False
+        if isinstance(module, LoRAMultiheadAttention) and not module.adapter_names and plain_out:
+            replace_module(model, layer_name, module.merged_module())
+    inner = unwrap_model(model)
+    remaining = adapter_names(model)
+    # The running adapter: kept unless it was this one (active_adapter then picks the first left).
+    set_active(model, active_adapter(model) if remaining else None)
+    if hasattr(inner, "_lora_vit_adapters"):
+        inner._lora_vit_adapters = tuple(n for n in inner._lora_vit_adapters if n != name)
+    return model
+
+
+def _check_names(model: nn.Module, names: Sequence[str | None]) -> list[str | None]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise LoRAError(f"names must be a sequence of adapter names (one per sample), got {names!r}")
+    known = adapter_names(model)
+    if not known:
+        raise LoRAError(f"{type(unwrap_model(model)).__name__} has no LoRA adapters to route samples through")
+    if len(names) == 0:
+        raise LoRAError("names is empty; give one adapter name (or None for the base model) per sample")
+    for i, name in enumerate(names):
+        if name is not None and name not in known:
+            raise LoRAError(f"names[{i}] = {name!r} is not an adapter of this model; its adapters are {list(known)}")
+    return list(names)
+
+
+def _routing_error(err: BaseException) -> str | None:
+    """The routing LoRAError's message inside a dynamo error, else None."""
+    if isinstance(err, LoRAError) or type(err).__module__.split(".")[0] != "torch":
+        return None
+    text = str(err).replace("\\'", "'")
+    start = text.find(ROUTING_MISMATCH)
+    if start < 0:
+        return None
+    end = text.find(BATCH_FIRST, start)
+    return text[start : end + len(BATCH_FIRST)] if end >= 0 else text[start:]
+
+
+@contextlib.contextmanager
+def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, sample ``i`` of each forward call runs through adapter ``names[i]``.
+
+    ``None`` runs that sample through the base model. One batch, one graph: every adapted layer
+    stacks its adapters' factors and gathers each sample's pair, so a mixed batch costs two
+    batched matmuls per layer whatever the mix, in training and inference, for
+    :class:`LoRALinear` (whole and fused-slice adapters, LoRA and DoRA) and
+    :class:`LoRAMultiheadAttention`. Gradients reach each adapter only from its own samples:
+    a mixed step equals the per-adapter sub-batch steps summed. Under
+    ``torch.compile(fullgraph=True)`` the routing is a tensor input of the graph, so a new mix
+    of the same batch size neither recompiles nor breaks the graph.
+
+    The batch is dimension 0 of every adapted layer's input (as in ViTs: ``(N, tokens,
+    features)``; an ``nn.MultiheadAttention`` routes by its own batch dimension). A forward
+    whose batch is not ``len(names)`` raises a ``LoRAError`` at the first adapted layer, before
+    that layer computes anything. Blocks nest: leaving one restores the routing it found.
+
+    Args:
+        model: A model with named adapters (a wrapper is seen through).
+        names: One adapter name (or ``None``) per sample.
+
+    Yields:
+        ``model`` itself.
+
+    Raises:
+        LoRAError: If ``names`` is not a non-empty sequence, or names an unknown adapter;
+            raised on entering, before anything runs.
+
+    Example:
+        >>> import torch
+        >>> from lora_vit import inject_lora
+        >>> model = inject_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2, dropout=0.0, adapter="a")
+        >>> model = inject_lora(model, ["0"], r=2, dropout=0.0, adapter="b")
+        >>> _ = nn.init.ones_(model[0].lora_B__b)
+        >>> x = torch.randn(3, 4)
+        >>> with adapter_per_sample(model, ["a", "b", None]):
+        ...     mixed = model(x)
+        >>> _ = set_adapter(model, "b")
+        >>> base = torch.nn.functional.linear(x, model[0].weight, model[0].bias)
+        >>> torch.allclose(mixed[1], model(x)[1]) and torch.allclose(mixed[2], base[2])
+        True
+    """
+    checked = _check_names(model, names)
+    layers = list(adapted_layers(model).values())
+    previous: list[tuple[nn.Module, Tensor | None]] = [(layer, layer._lora_route) for layer in layers]
+    routes = [layer.route_index(checked) for layer in layers]
+    try:
+        for layer, route in zip(layers, routes):
+            layer._lora_route = route
+        yield model
+    except Exception as err:
+        # Under torch.compile(fullgraph=True) dynamo reports the LoRAError a layer raises while
+        # tracing (a batch of the wrong size) as its own "Unsupported"; give the user ours.
+        cause = _routing_error(err)
+        if cause is None:
+            raise
+        raise LoRAError(cause) from None
+    finally:
+        for layer, route in previous:  # type: ignore[assignment]
+            layer._lora_route = route
