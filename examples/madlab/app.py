@@ -58,9 +58,9 @@ __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pre
 
 MODEL_FILE = "morph_detector.safetensors"
 SMOKE_TEST_BANNER = (
-    "NOTE: this run uses the embedded skimage lfw_subset faces (25x25 grayscale) with morphs made"
-    " in-process. It is a smoke test of the pipeline, NOT a MAD benchmark; its numbers say nothing"
-    " about real morphing attacks. Use --data ROOT for real data."
+    "NOTE: this run uses embedded data (by default the ORL faces: 40 people, 92x112 grey, courtesy of AT&T Laboratories"
+    " Cambridge) with morphs made in-process. It is a smoke test of the pipeline, NOT a MAD"
+    " benchmark; its numbers say little about real morphing attacks. Use --data ROOT for real data."
 )
 
 
@@ -115,7 +115,10 @@ def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None)
         reports: If given, the data report (counts, skips, notes) is appended to it, for metrics.json.
     """
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
-                                   (config.train_val_pct, config.dev_pct), config.identity_pattern)
+                                   (config.train_val_pct, config.dev_pct), config.identity_pattern,
+                                   embedded=config.embedded_data, sharpen=config.morph_match_sharpness,
+                                   face_margin=config.face_margin if config.face_crop == "align" else None,
+                                   cache=cache_root(env.cache_dir))
     for line in report.lines(samples):
         env.say(line)
     if reports is not None:
@@ -396,7 +399,11 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     if "config" not in meta or "backbone" not in meta or "threshold" not in meta:
         raise CheckpointError(
             f"{model_path} has no training config in its metadata; it was not written by this example")
-    config = _check_test_overrides(Config.from_dict(meta["config"]), overrides)
+    stored = dict(meta["config"])
+    # Files from before face_crop and ORL saw whole images of the lfw_subset default.
+    stored.setdefault("face_crop", "none")
+    stored.setdefault("embedded_data", "lfw_subset")
+    config = _check_test_overrides(Config.from_dict(stored), overrides)
     out = Path(output_dir or config.output_dir)
     model = _rebuild(meta["backbone"], config, model_path, backbone).to(current().device)
     load_weights(model, model_path, config.use_lora)

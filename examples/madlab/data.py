@@ -12,6 +12,7 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -62,6 +63,8 @@ class Sample:
     split: str = ""
     identity: tuple[str, ...] = ()
     image: np.ndarray | None = field(default=None, repr=False)  # HxWx3 float in [0,1], in memory
+    # A madlab.faces.FaceRef once face_crop=align found the face: pixels are then its aligned crop.
+    face: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -461,14 +464,31 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
 
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
                  fractions: tuple[float, float],
-                 identity_pattern: str | None = None) -> tuple[list[Sample], DataReport]:
+                 identity_pattern: str | None = None, *, embedded: str = "lfw_subset", sharpen: bool = True,
+                 face_margin: float | None = None, cache: Path | None = None) -> tuple[list[Sample], DataReport]:
     """All samples of a run with their splits, from the embedded set, a folder or a CSV.
 
     Args:
         identity_pattern: A regex whose named groups read identities from file names (see
             :func:`~.identities.parse_identity_pattern`); applies to samples without an identity.
+        embedded: Without ``data``: ``orl`` (the ORL faces, landmark morphs) or ``lfw_subset``.
+        sharpen: ORL morphs are sharpened to their contributors' sharpness (``morph_match_sharpness``).
+        face_margin: With a value, ``face_crop=align``: faces are found now (images without
+            one left out and counted) and every image is read as its aligned crop.
+        cache: Folder for the ORL frames, face detections and crops.
     """
-    if data is None:
+    if data is None and embedded == "orl":
+        from .orl import CREDIT, embedded_orl_samples
+
+        report = DataReport(f"embedded {CREDIT}; landmark morphs generated in-process")
+        samples = embedded_orl_samples(seed, methods, morphs_per_face, fractions, sharpen, cache)
+        people = {split: len({s.identity[0] for s in samples if s.split == split and s.label == 0})
+                  for split in SPLITS}
+        report.notes.append(
+            "split by person: " + ", ".join(f"{k} {v} people" for k, v in people.items())
+            + "; morphs pair two people of the same split, so no person is in two splits; morphs "
+            + ("sharpened to their contributors' mean sharpness" if sharpen else "NOT sharpened (blur is a cue)"))
+    elif data is None:
         report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
         report.notes.append(
             "image pools split 60/20/20 before pairing, but lfw_subset has no identity labels and"
@@ -486,9 +506,19 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
             raise DataError(f"no readable .jpg/.jpeg/.png images under {str(path)!r}{skipped}")
         if identity_pattern:
             apply_identity_pattern(samples, identity_pattern, report)
+        if face_margin is not None:
+            samples = _faces(samples, face_margin, cache, report)
         samples = assign_splits(samples, fractions, seed, report)
+    if data is None and face_margin is not None:
+        samples = _faces(samples, face_margin, cache, report)
     check_splits(samples, report)
     return samples, report
+
+
+def _faces(samples: list[Sample], margin: float, cache: Path | None, report: DataReport) -> list[Sample]:
+    from .cropping import find_faces
+
+    return find_faces(samples, margin, cache, report)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -496,7 +526,11 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
 
 def _load_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
     """HxWx3 float pixels in [0, 1]. Images far larger than ``size`` are first shrunk by an integer
-    box filter (JPEG: in the decoder), so a 50-megapixel photo never becomes a 1 GB float array."""
+    box filter (JPEG: in the decoder), so a 50-megapixel photo never becomes a 1 GB float array.
+    A sample whose face was found gives its aligned ``size x size`` crop instead."""
+    if sample.face is not None and size:
+        return sample.face.crop(size, lambda: _load_pixels(Sample(sample.path, sample.label, sample.method,
+                                                                    image=sample.image)))
     if sample.image is not None:
         return sample.image
     try:

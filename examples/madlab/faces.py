@@ -276,7 +276,7 @@ def crop_with(image: np.ndarray, landmarks: np.ndarray, size: int,
     scale = float(np.hypot(*matrix[:, 0]))
     factor = int(min(8, max(1, np.ceil(1.0 / max(scale, 1e-6)))))
     big = matrix.copy()
-    # Pixel centres sit at integers: a pixel-centre point p of the small crop is factor * (p + 0.5) - 0.5 in the big one.
+    # Pixel centres sit at integers: point p of the small crop is factor * (p + 0.5) - 0.5 in the big one.
     big *= factor
     big[:, 2] += (factor - 1) / 2.0
     hi = size * factor
