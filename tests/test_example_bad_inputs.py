@@ -31,7 +31,9 @@ from madlab.resume import STATE_FILE
 from lora_vit import inject_lora, save_lora
 
 MODEL = "morph_detector.safetensors"
-TINY = ["num_epochs=1", "batch_size=8", "use_early_stopping=false", "num_threads=1"]
+# Generated noise images have no faces: whole images (face_crop=none), and the fast embedded fixture.
+TINY = ["num_epochs=1", "batch_size=8", "use_early_stopping=false", "num_threads=1", "embedded_data=lfw_subset",
+        "face_crop=none"]
 
 
 def cli(*args: str) -> tuple[int, str, str]:
