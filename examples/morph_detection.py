@@ -69,7 +69,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
             "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
             " model.safetensors)"))
         parser.add_argument("--cache_dir", default=None, help=(
-            "where pretrained default backbones are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
+            "where pretrained default backbones, face detections and aligned crops are cached (default:"
+            " $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--data", default=None, help="evaluate on this dataset instead of the one trained on")
     test.add_argument("--backbone", default=None,
                       help="backbone folder (timm: its weights), if it moved since training")
+    test.add_argument("--cache_dir", default=None, help=(
+        "where face detections and aligned crops are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
     _common(test, training=False)
     return parser
 

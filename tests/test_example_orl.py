@@ -162,3 +162,43 @@ def test_embedded_orl_is_deterministic_under_seed(orl_sets, tmp_path_factory) ->
     np.testing.assert_array_equal(again[-1].image, first[-1].image)
     other = embedded_orl_samples(43, ["blend"], 1, (0.6, 0.2), True, cache)
     assert {s.path for s in other if s.label == 0} != {s.path for s in first if s.label == 0}
+
+
+def test_the_default_run_on_orl_aligns_counts_people_and_caches(tmp_path, monkeypatch) -> None:
+    """The no-data run end to end on ORL (tiny settings): aligned crops, people per split in the report,
+    face_crop recorded in the model file and enforced by test, and a second test run that detects and crops nothing."""
+    import json
+
+    import morph_detection
+
+    from lora_vit import read_lora_metadata
+
+    tiny = ["pretrain_epochs=1", "num_epochs=1", "morphs_per_face=1", "batch_size=64", "use_early_stopping=false",
+            "num_threads=1"]
+    args = [a for item in tiny for a in ("--override", item)]
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    assert morph_detection.main(["train", "--output_dir", str(out), "--cache_dir", str(cache), "--no_progress",
+                                 *args]) == 0
+    model = out / "morph_detector.safetensors"
+    config = read_lora_metadata(model)["config"]
+    assert config["face_crop"] == "align" and config["face_margin"] == 0.125 and config["embedded_data"] == "orl"
+    assert list((cache / "faces" / "crops").rglob("*.npy")), "crops are cached as uint8 arrays"
+
+    test = ["test", "--model_path", str(model), "--output_dir", str(out), "--no_progress", "--cache_dir", str(cache)]
+    assert morph_detection.main(test) == 0  # crops the test split, which training never read
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a second run must find every face and crop in the cache")
+
+    monkeypatch.setattr("madlab.cropping.detect_faces", refuse)
+    monkeypatch.setattr("madlab.faces.crop_with", refuse)
+    monkeypatch.setattr("madlab.orl.align", refuse)
+    assert morph_detection.main(test) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    notes = " ".join(metrics["data"]["notes"])
+    assert "train 24 people, dev 8 people, test 8 people" in notes
+    assert "1200" not in notes and "800 images aligned" in notes and "every image had a face" in notes
+    assert metrics["data"]["counts"]["test"] == {"bona_fide": 80, "morph/blend": 40, "morph/splice": 40}
+    # The file says align; test may not crop another way.
+    assert morph_detection.main(["test", "--model_path", str(model), "--output_dir", str(tmp_path / "t2"),
+                                 "--override", "face_crop=none"]) == 2
