@@ -18,6 +18,7 @@ from madlab.orl import (
     aligned_orl,
     embedded_orl_samples,
     landmark_morph,
+    match_contributors,
     match_sharpness,
     orl_morph_pairs,
     split_people,
@@ -38,8 +39,8 @@ def orl(tmp_path_factory):
 def orl_sets(tmp_path_factory, orl):
     cache = tmp_path_factory.mktemp("orl-sets")
     aligned_orl(cache)
-    return {sharpen: embedded_orl_samples(42, ["blend", "splice"], 2, (0.6, 0.2), sharpen, cache)
-            for sharpen in (True, False)}
+    return {match: embedded_orl_samples(42, ["blend", "splice"], 2, (0.6, 0.2), match, cache)
+            for match in (True, False)}
 
 
 def _points() -> np.ndarray:
@@ -142,16 +143,29 @@ def test_embedded_orl_is_identity_disjoint_and_counted(orl_sets) -> None:
     assert samples[0].image.shape == (FRAME, FRAME, 3) and samples[0].image.dtype == np.float32
 
 
-def test_sharpening_takes_blur_away_as_a_cue(orl_sets) -> None:
-    """The point of matching: without it sharpness separates morphs; with it, about chance."""
+def test_matching_takes_blur_and_contrast_away_as_cues(orl_sets) -> None:
+    """The point of matching: without it sharpness and contrast separate morphs; with it, about chance."""
 
-    def sharpness_auc(samples):
+    def shortcut_auc(samples, name):
         dev = [s for s in samples if s.split in ("dev", "test")]
-        scores = shortcut_scores([grey(s.image, MATCH_SIZE) for s in dev])["sharpness"]
+        scores = shortcut_scores([grey(s.image, MATCH_SIZE) for s in dev])[name]
         return auc(scores, np.array([s.label for s in dev]))
 
-    assert sharpness_auc(orl_sets[False]) > 0.8
-    assert abs(sharpness_auc(orl_sets[True]) - 0.5) < 0.1
+    assert shortcut_auc(orl_sets[False], "sharpness") > 0.8
+    assert shortcut_auc(orl_sets[False], "contrast") > 0.6
+    assert abs(shortcut_auc(orl_sets[True], "sharpness") - 0.5) < 0.1
+    assert abs(shortcut_auc(orl_sets[True], "contrast") - 0.5) < 0.1
+
+
+def test_match_contributors_reaches_both_targets(orl) -> None:
+    frames, landmarks, _ = orl
+    a, b = frames[40] / 255.0, frames[300] / 255.0
+    morph, _ = landmark_morph("blend", a, landmarks[40], b, landmarks[300])
+    matched = grey(match_contributors(morph, a, b), MATCH_SIZE)
+    ga, gb = grey(a, MATCH_SIZE), grey(b, MATCH_SIZE)
+    assert matched.std() == pytest.approx((ga.std() + gb.std()) / 2, rel=0.02)
+    assert laplacian_variance(matched) == pytest.approx((laplacian_variance(ga) + laplacian_variance(gb)) / 2,
+                                                        rel=0.05)
 
 
 def test_embedded_orl_is_deterministic_under_seed(orl_sets, tmp_path_factory) -> None:

@@ -116,7 +116,7 @@ def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None)
     """
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
                                    (config.train_val_pct, config.dev_pct), config.identity_pattern,
-                                   embedded=config.embedded_data, sharpen=config.morph_match_sharpness,
+                                   embedded=config.embedded_data, match_contributors=config.morph_match_contributors,
                                    face_margin=config.face_margin if config.face_crop == "align" else None,
                                    cache=cache_root(env.cache_dir))
     for line in report.lines(samples):

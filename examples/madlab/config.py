@@ -88,8 +88,8 @@ class Config:
     # "orl": the ORL faces of 40 people with landmark morphs; "lfw_subset": 100 tiny skimage crops
     # (no identities, too small for the face detector: needs face_crop=none; a fast test fixture).
     embedded_data: str = "orl"
-    # ORL morphs are sharpened to their contributors' mean sharpness, so that blur is no cue.
-    morph_match_sharpness: bool = True
+    # ORL morphs get their contributors' mean contrast and sharpness, so that neither is a cue.
+    morph_match_contributors: bool = True
     # "align": detect the face and align its 5 landmarks to a template at the backbone's input
     # size (images without a face are left out and counted); "none": the whole image, resized.
     # Recorded in the model file, so test (and every later command) crops the same way.

@@ -464,7 +464,8 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
 
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
                  fractions: tuple[float, float],
-                 identity_pattern: str | None = None, *, embedded: str = "lfw_subset", sharpen: bool = True,
+                 identity_pattern: str | None = None, *, embedded: str = "lfw_subset",
+                 match_contributors: bool = True,
                  face_margin: float | None = None, cache: Path | None = None) -> tuple[list[Sample], DataReport]:
     """All samples of a run with their splits, from the embedded set, a folder or a CSV.
 
@@ -472,7 +473,8 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         identity_pattern: A regex whose named groups read identities from file names (see
             :func:`~.identities.parse_identity_pattern`); applies to samples without an identity.
         embedded: Without ``data``: ``orl`` (the ORL faces, landmark morphs) or ``lfw_subset``.
-        sharpen: ORL morphs are sharpened to their contributors' sharpness (``morph_match_sharpness``).
+        match_contributors: ORL morphs get their contributors' contrast and sharpness
+            (``morph_match_contributors``).
         face_margin: With a value, ``face_crop=align``: faces are found now (images without
             one left out and counted) and every image is read as its aligned crop.
         cache: Folder for the ORL frames, face detections and crops.
@@ -481,13 +483,14 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         from .orl import CREDIT, embedded_orl_samples
 
         report = DataReport(f"embedded {CREDIT}; landmark morphs generated in-process")
-        samples = embedded_orl_samples(seed, methods, morphs_per_face, fractions, sharpen, cache)
+        samples = embedded_orl_samples(seed, methods, morphs_per_face, fractions, match_contributors, cache)
         people = {split: len({s.identity[0] for s in samples if s.split == split and s.label == 0})
                   for split in SPLITS}
         report.notes.append(
             "split by person: " + ", ".join(f"{k} {v} people" for k, v in people.items())
             + "; morphs pair two people of the same split, so no person is in two splits; morphs "
-            + ("sharpened to their contributors' mean sharpness" if sharpen else "NOT sharpened (blur is a cue)"))
+            + ("given their contributors' mean contrast and sharpness" if match_contributors
+               else "NOT matched to their contributors (blur and contrast are cues)"))
     elif data is None:
         report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
         report.notes.append(

@@ -17,11 +17,12 @@ courtesy of AT&T Laboratories Cambridge, free for research with credit) ships in
    * ``splice``: the blended inner face pasted into the first contributor's warped frame
      through a soft ellipse around the landmarks (a "combined" morph): a seam, sharp hair.
 
-4. Averaging two faces blurs, which a sharpness statistic detects without learning anything
-   about morphs. Unless ``match_sharpness`` is off, each morph is therefore sharpened (or
-   softened) by an unsharp mask until its Laplacian variance at :data:`MATCH_SIZE` px, the
-   default backbone's input size at which the report's sharpness baseline is measured, equals
-   the mean of its two contributors'.
+4. Averaging two faces blurs and flattens them, which a sharpness or a contrast statistic
+   detects without learning anything about morphs. Unless ``morph_match_contributors`` is
+   off, each morph is therefore stretched about its mean to its two contributors' mean
+   contrast (standard deviation) and sharpened (or softened) by an unsharp mask to their mean
+   sharpness (Laplacian variance), both measured at :data:`MATCH_SIZE` px, the default
+   backbone's input size at which the report's shortcut baselines are computed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from scipy.spatial import Delaunay
 from .errors import MadlabError
 from .faces import DEFAULT_MARGIN, align, template
 from .files import write_atomically
-from .shortcuts import grey, laplacian_variance
+from .shortcuts import contrast, grey, laplacian_variance
 
 __all__ = [
     "CREDIT",
@@ -46,6 +47,8 @@ __all__ = [
     "MATCH_SIZE",
     "aligned_orl",
     "landmark_morph",
+    "match_contrast",
+    "match_contributors",
     "match_sharpness",
     "orl_folder",
     "orl_morph_pairs",
@@ -231,6 +234,27 @@ def match_sharpness(morph: np.ndarray, target: float, size: int = MATCH_SIZE) ->
     return np.clip(morph + (low + high) / 2.0 * detail, 0.0, 1.0)
 
 
+def match_contrast(morph: np.ndarray, target: float, size: int = MATCH_SIZE) -> np.ndarray:
+    """Stretch ``morph`` about its mean so that its ``size`` px grey image has standard deviation ``target``."""
+    current = contrast(grey(morph, size))
+    mean = morph.mean()
+    return np.clip(mean + (morph - mean) * (target / max(current, 1e-9)), 0.0, 1.0)
+
+
+def match_contributors(morph: np.ndarray, a: np.ndarray, b: np.ndarray, size: int = MATCH_SIZE) -> np.ndarray:
+    """``morph`` with the mean contrast and sharpness of its contributors ``a`` and ``b`` at ``size`` px.
+
+    Contrast first (stretching scales the Laplacian too), then sharpness, then contrast once
+    more for the little that sharpening moved it.
+    """
+    ga, gb = grey(a, size), grey(b, size)
+    contrast_target = (contrast(ga) + contrast(gb)) / 2.0
+    sharpness_target = (laplacian_variance(ga) + laplacian_variance(gb)) / 2.0
+    out = match_contrast(morph, contrast_target, size)
+    out = match_sharpness(out, sharpness_target, size)
+    return match_contrast(out, contrast_target, size)
+
+
 # --------------------------------------------------------------------------- splits and pairs
 
 
@@ -272,7 +296,7 @@ def template_frame() -> np.ndarray:
 
 
 def embedded_orl_samples(seed: int, methods: list[str], morphs_per_face: int, fractions: tuple[float, float],
-                         sharpen: bool = True, cache: Path | None = None) -> list:
+                         match: bool = True, cache: Path | None = None) -> list:
     """Bona fides and landmark morphs of the ORL people, split by person, deterministic under ``seed``.
 
     Each split gets ``morphs_per_face * bona_fides / len(methods)`` morphs per method, pairs
@@ -304,9 +328,8 @@ def embedded_orl_samples(seed: int, methods: list[str], morphs_per_face: int, fr
                 ka, kb = index[(pa, sa)], index[(pb, sb)]
                 a, b = frames[ka] / 255.0, frames[kb] / 255.0
                 image, _ = landmark_morph(method, a, marks[ka], b, marks[kb])
-                if sharpen:
-                    target = (laplacian_variance(grey(a, MATCH_SIZE)) + laplacian_variance(grey(b, MATCH_SIZE))) / 2
-                    image = match_sharpness(image, target)
+                if match:
+                    image = match_contributors(image, a, b)
                 # Stored as 8 bits like the bona fides, so rounding is no cue either.
                 image = np.round(image * 255.0) / 255.0
                 name = f"orl/{split}/morph/{method}/s{pa}_{sa}+s{pb}_{sb}"
