@@ -510,7 +510,7 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
         if config.backbone_weights:
             train_cmd += ["--backbone_weights", config.backbone_weights]
         test_cmd = [sys.executable, str(entry), "test", "--model_path", str(sub / MODEL_FILE), "--output_dir", str(sub),
-                    *quiet]
+                    "--cache_dir", str(cache_root(env.cache_dir)), *quiet]
         env.say(f"--- compare: {name}")
         for step, cmd in (("train", train_cmd), ("test", test_cmd)):
             done = subprocess.run(cmd, capture_output=True, text=True)
