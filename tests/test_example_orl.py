@@ -10,12 +10,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from madlab.cropping import find_faces
+from madlab.data import DataReport
 from madlab.faces import template
 from madlab.metrics import auc
 from madlab.orl import (
     FRAME,
     MATCH_SIZE,
     aligned_orl,
+    as_seen,
     embedded_orl_samples,
     landmark_morph,
     match_contributors,
@@ -24,7 +27,7 @@ from madlab.orl import (
     split_people,
     warp_to,
 )
-from madlab.shortcuts import grey, laplacian_variance, shortcut_scores
+from madlab.shortcuts import laplacian_variance, sample_greys, shortcut_scores
 from skimage.transform import PiecewiseAffineTransform, warp
 
 pytest.importorskip("cv2")
@@ -108,10 +111,10 @@ def test_match_sharpness_reaches_the_target(orl) -> None:
     frames, landmarks, _ = orl
     a, b = frames[3] / 255.0, frames[200] / 255.0
     morph, _ = landmark_morph("blend", a, landmarks[3], b, landmarks[200])
-    target = (laplacian_variance(grey(a, MATCH_SIZE)) + laplacian_variance(grey(b, MATCH_SIZE))) / 2
-    before = laplacian_variance(grey(morph, MATCH_SIZE))
+    target = (laplacian_variance(as_seen(a)) + laplacian_variance(as_seen(b))) / 2
+    before = laplacian_variance(as_seen(morph))
     assert before < 0.8 * target, "a blend is blurrier than its contributors"
-    after = laplacian_variance(grey(match_sharpness(morph, target), MATCH_SIZE))
+    after = laplacian_variance(as_seen(match_sharpness(morph, target)))
     assert after == pytest.approx(target, rel=0.03)
 
 
@@ -143,12 +146,16 @@ def test_embedded_orl_is_identity_disjoint_and_counted(orl_sets) -> None:
     assert samples[0].image.shape == (FRAME, FRAME, 3) and samples[0].image.dtype == np.float32
 
 
-def test_matching_takes_blur_and_contrast_away_as_cues(orl_sets) -> None:
-    """The point of matching: without it sharpness and contrast separate morphs; with it, about chance."""
+def test_matching_takes_blur_and_contrast_away_as_cues(orl_sets, tmp_path) -> None:
+    """The point of matching: without it sharpness and contrast separate morphs; with it, about chance.
+
+    Measured as the report measures them: on the 32 px crops face_crop=align cuts (faces detected
+    again in every frame and morph), for the dev split (the test split is left alone).
+    """
 
     def shortcut_auc(samples, name):
-        dev = [s for s in samples if s.split in ("dev", "test")]
-        scores = shortcut_scores([grey(s.image, MATCH_SIZE) for s in dev])[name]
+        dev = find_faces([s for s in samples if s.split == "dev"], 0.125, tmp_path, DataReport("dev"))
+        scores = shortcut_scores(sample_greys(dev, MATCH_SIZE))[name]
         return auc(scores, np.array([s.label for s in dev]))
 
     assert shortcut_auc(orl_sets[False], "sharpness") > 0.8
@@ -161,8 +168,8 @@ def test_match_contributors_reaches_both_targets(orl) -> None:
     frames, landmarks, _ = orl
     a, b = frames[40] / 255.0, frames[300] / 255.0
     morph, _ = landmark_morph("blend", a, landmarks[40], b, landmarks[300])
-    matched = grey(match_contributors(morph, a, b), MATCH_SIZE)
-    ga, gb = grey(a, MATCH_SIZE), grey(b, MATCH_SIZE)
+    matched = as_seen(match_contributors(morph, a, b))
+    ga, gb = as_seen(a), as_seen(b)
     assert matched.std() == pytest.approx((ga.std() + gb.std()) / 2, rel=0.02)
     assert laplacian_variance(matched) == pytest.approx((laplacian_variance(ga) + laplacian_variance(gb)) / 2,
                                                         rel=0.05)

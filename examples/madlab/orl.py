@@ -21,8 +21,9 @@ courtesy of AT&T Laboratories Cambridge, free for research with credit) ships in
    detects without learning anything about morphs. Unless ``morph_match_contributors`` is
    off, each morph is therefore stretched about its mean to its two contributors' mean
    contrast (standard deviation) and sharpened (or softened) by an unsharp mask to their mean
-   sharpness (Laplacian variance), both measured at :data:`MATCH_SIZE` px, the default
-   backbone's input size at which the report's shortcut baselines are computed.
+   sharpness (Laplacian variance), both measured on the :data:`MATCH_SIZE` px crop that
+   ``face_crop=align`` cuts from the frame for the default backbone, the image on which the
+   report's shortcut baselines are computed.
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial import Delaunay
 
 from .errors import MadlabError
-from .faces import DEFAULT_MARGIN, align, template
+from .faces import DEFAULT_MARGIN, align, crop_with, template
 from .files import write_atomically
-from .shortcuts import contrast, grey, laplacian_variance
+from .shortcuts import contrast, laplacian_variance
 
 __all__ = [
     "CREDIT",
     "FRAME",
     "MATCH_SIZE",
     "aligned_orl",
+    "as_seen",
     "landmark_morph",
     "match_contrast",
     "match_contributors",
@@ -210,8 +212,19 @@ def landmark_morph(method: str, a: np.ndarray, la: np.ndarray, b: np.ndarray, lb
     return np.clip(mixed, 0.0, 1.0), shape
 
 
+def as_seen(frame: np.ndarray, size: int = MATCH_SIZE) -> np.ndarray:
+    """The grey ``size`` px image the detector gets of a frame: its aligned crop, as uint8, in [0, 1].
+
+    A frame is already on the template, so this is the crop ``face_crop=align`` cuts from it
+    (area-averaged, rounded to 8 bits); the statistics are matched on it because the
+    Laplacian's variance depends on exactly how an image was resampled.
+    """
+    crop, _, _ = crop_with(frame, template(frame.shape[0], DEFAULT_MARGIN), size)
+    return crop[..., 0].astype(np.float64) / 255.0
+
+
 def match_sharpness(morph: np.ndarray, target: float, size: int = MATCH_SIZE) -> np.ndarray:
-    """Unsharp-mask ``morph`` until the Laplacian variance of its ``size`` px grey image equals ``target``.
+    """Unsharp-mask ``morph`` until the Laplacian variance of :func:`as_seen` equals ``target``.
 
     ``morph + k (morph - gaussian(morph))`` with the Gaussian at one ``size``-pixel (so the
     added detail is at the scale the statistic sees), ``k`` in [-0.9, 6] found by bisection
@@ -221,7 +234,7 @@ def match_sharpness(morph: np.ndarray, target: float, size: int = MATCH_SIZE) ->
     detail = morph - gaussian_filter(morph, sigma)
 
     def sharpness(k: float) -> float:
-        return laplacian_variance(grey(np.clip(morph + k * detail, 0, 1), size))
+        return laplacian_variance(as_seen(np.clip(morph + k * detail, 0, 1), size))
 
     low, high = -0.9, 6.0
     if sharpness(high) <= target:
@@ -235,8 +248,8 @@ def match_sharpness(morph: np.ndarray, target: float, size: int = MATCH_SIZE) ->
 
 
 def match_contrast(morph: np.ndarray, target: float, size: int = MATCH_SIZE) -> np.ndarray:
-    """Stretch ``morph`` about its mean so that its ``size`` px grey image has standard deviation ``target``."""
-    current = contrast(grey(morph, size))
+    """Stretch ``morph`` about its mean so that :func:`as_seen` has standard deviation ``target``."""
+    current = contrast(as_seen(morph, size))
     mean = morph.mean()
     return np.clip(mean + (morph - mean) * (target / max(current, 1e-9)), 0.0, 1.0)
 
@@ -247,7 +260,7 @@ def match_contributors(morph: np.ndarray, a: np.ndarray, b: np.ndarray, size: in
     Contrast first (stretching scales the Laplacian too), then sharpness, then contrast once
     more for the little that sharpening moved it.
     """
-    ga, gb = grey(a, size), grey(b, size)
+    ga, gb = as_seen(a, size), as_seen(b, size)
     contrast_target = (contrast(ga) + contrast(gb)) / 2.0
     sharpness_target = (laplacian_variance(ga) + laplacian_variance(gb)) / 2.0
     out = match_contrast(morph, contrast_target, size)
