@@ -1,7 +1,9 @@
 """Support package for ``examples/morph_detection.py``: a face morphing attack detector.
 
 One module per job: ``config`` (defaults and ``--override``), ``morphs`` and ``data``
-(samples and splits), ``identities`` (identities from file names, identity-safe splits,
+(samples and splits), ``faces`` (face detection and 5-point alignment), ``cropping`` (``face_crop=align``
+for a run's samples: no-face counts, cached crops), ``orl`` (the embedded ORL faces and landmark
+morphs), ``identities`` (identities from file names, identity-safe splits,
 leak checks), ``images`` (decoding once, the uint8 cache, loaders), ``families`` (loading the
 backbones users bring: HF folders and timm), ``backbone`` (the small ViT, MAE pretraining and
 domain adaptation), ``model`` (detector and freezing strategies), ``speed`` (precision and

@@ -41,6 +41,8 @@ __all__ = [
     "FaceCropError",
     "FaceRef",
     "align",
+    "as_uint8_rgb",
+    "content_key",
     "crop_with",
     "detect_faces",
     "save_crop",

@@ -37,6 +37,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from scipy.spatial import Delaunay
 
+from .data import Sample
 from .errors import MadlabError
 from .faces import DEFAULT_MARGIN, align, crop_with, template
 from .files import write_atomically
@@ -46,8 +47,10 @@ __all__ = [
     "CREDIT",
     "FRAME",
     "MATCH_SIZE",
+    "OrlError",
     "aligned_orl",
     "as_seen",
+    "embedded_orl_samples",
     "landmark_morph",
     "match_contrast",
     "match_contributors",
@@ -303,13 +306,9 @@ def orl_morph_pairs(people: list[int], count: int, rng: np.random.Generator) -> 
     return chosen
 
 
-def template_frame() -> np.ndarray:
-    """The template landmarks of a :data:`FRAME` px frame (for checks)."""
-    return template(FRAME, DEFAULT_MARGIN)
-
 
 def embedded_orl_samples(seed: int, methods: list[str], morphs_per_face: int, fractions: tuple[float, float],
-                         match: bool = True, cache: Path | None = None) -> list:
+                         match: bool = True, cache: Path | None = None) -> list[Sample]:
     """Bona fides and landmark morphs of the ORL people, split by person, deterministic under ``seed``.
 
     Each split gets ``morphs_per_face * bona_fides / len(methods)`` morphs per method, pairs
@@ -319,8 +318,6 @@ def embedded_orl_samples(seed: int, methods: list[str], morphs_per_face: int, fr
         :class:`~madlab.data.Sample` rows with the image in memory (``FRAME x FRAME x 3`` float32),
         identities ``("s<person>",)`` for bona fides and both contributors for morphs.
     """
-    from .data import Sample
-
     frames, marks, people = aligned_orl(cache)
     index = {(int(p), s + 1): k for k, p in enumerate(people) for s in [k % N_SHOTS]}
     rng = np.random.default_rng(seed)
