@@ -61,9 +61,9 @@ __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pre
 
 MODEL_FILE = "morph_detector.safetensors"
 SMOKE_TEST_BANNER = (
-    "NOTE: this run uses the embedded skimage lfw_subset faces (25x25 grayscale) with morphs made"
-    " in-process. It is a smoke test of the pipeline, NOT a MAD benchmark; its numbers say nothing"
-    " about real morphing attacks. Use --data ROOT for real data."
+    "NOTE: this run uses embedded data (by default the ORL faces: 40 people, 92x112 grey, courtesy of AT&T Laboratories"
+    " Cambridge) with morphs made in-process. It is a smoke test of the pipeline, NOT a MAD"
+    " benchmark; its numbers say little about real morphing attacks. Use --data ROOT for real data."
 )
 
 
@@ -96,6 +96,14 @@ def _split(samples: list[Sample], split: str) -> list[Sample]:
     return [s for s in samples if s.split == split]
 
 
+def _data_settings(config: Config, env: Env) -> dict[str, Any]:
+    """How the run's data are read and cropped: the embedded set, contributor matching, and
+    ``face_margin`` when ``face_crop=align`` (else ``None``: whole images)."""
+    return {"embedded": config.embedded_data, "match_contributors": config.morph_match_contributors,
+            "face_margin": config.face_margin if config.face_crop == "align" else None,
+            "cache": cache_root(env.cache_dir)}
+
+
 def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None) -> list[Sample]:
     """Load the run's samples and print what was loaded, skipped, dropped and warned about.
 
@@ -103,7 +111,8 @@ def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None)
         reports: If given, the data report (counts, skips, notes) is appended to it, for metrics.json.
     """
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
-                                   (config.train_val_pct, config.dev_pct), config.identity_pattern)
+                                   (config.train_val_pct, config.dev_pct), config.identity_pattern,
+                                   **_data_settings(config, env))
     for line in report.lines(samples):
         env.say(line)
     if reports is not None:
@@ -353,7 +362,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     data_reports: list[dict[str, Any]] = []
     test, samples, data_report = evaluation_samples(
         config.data, split, config.seed, config.morph_methods, config.morphs_per_face,
-        (config.train_val_pct, config.dev_pct), config.identity_pattern)
+        (config.train_val_pct, config.dev_pct), config.identity_pattern, **_data_settings(config, env))
     found = len(samples) + sum(data_report.skipped.values())
     for line in data_report.lines(samples):
         env.say(line)
@@ -452,7 +461,7 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
         if config.backbone_weights:
             train_cmd += ["--backbone_weights", config.backbone_weights]
         test_cmd = [sys.executable, str(entry), "test", "--model_path", str(sub / MODEL_FILE), "--output_dir", str(sub),
-                    *quiet]
+                    "--cache_dir", str(cache_root(env.cache_dir)), *quiet]
         env.say(f"--- compare: {name}")
         for step, cmd in (("train", train_cmd), ("test", test_cmd)):
             done = subprocess.run(cmd, capture_output=True, text=True)
