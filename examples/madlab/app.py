@@ -18,6 +18,7 @@ import torch
 
 from lora_vit import __version__ as lora_vit_version
 
+from .attacks import FixedAttackSet, drop_methods, required_morphs, training_sets
 from .backbone import (
     DEFAULT_IMAGE_SIZE,
     BackboneError,
@@ -30,7 +31,7 @@ from .backbone import (
 )
 from .checkpoint import CheckpointError, load_weights, read_metadata, save_model
 from .config import EVAL_KEYS, Config, ConfigError, parse_override
-from .data import Sample, load_samples
+from .data import Sample, check_splits, load_samples
 from .distributed import barrier, current
 from .errors import MadlabError
 from .evaluation import (
@@ -50,8 +51,9 @@ from .inference import predict
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
-from .shortcuts import SHORTCUTS, sample_greys, shortcut_scores
+from .shortcuts import SHORTCUTS, grey, sample_greys, shortcut_scores
 from .speed import compiled, resolve_compile, resolve_precision
+from .synthcheck import format_separability, separability, served_pairs
 from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
@@ -108,14 +110,19 @@ def _split(samples: list[Sample], split: str) -> list[Sample]:
     return [s for s in samples if s.split == split]
 
 
-def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None) -> list[Sample]:
+def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None, testing: bool = False) -> list[Sample]:
     """Load the run's samples and print what was loaded, skipped, dropped and warned about.
 
     Args:
         reports: If given, the data report (counts, skips, notes) is appended to it, for metrics.json.
+        testing: Whether the test split is needed (it must hold morphs even when training synthesises them).
     """
+    need = required_morphs(config.attacks, testing)
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
-                                   (config.train_val_pct, config.dev_pct), config.identity_pattern)
+                                   (config.train_val_pct, config.dev_pct), config.identity_pattern, need)
+    if config.exclude_methods:
+        samples = drop_methods(samples, config.exclude_methods, report)
+        check_splits(samples, report, need)
     for line in report.lines(samples):
         env.say(line)
     if reports is not None:
@@ -290,6 +297,13 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     size = model.image_size
     train_set = _datasets(_split(samples, "train"), spec, config, augment=config.use_cls_aug)
     dev_set = _datasets(_split(samples, "dev"), spec, config)
+    train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed)
+    env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
+    separable = None
+    if config.attacks != "given":
+        real, made = served_pairs(train_set)
+        separable = separability(real, made)
+        env.say(format_separability(separable, len(real)))
     result = train(model, train_set, dev_set, config, out / "train_log.csv", env.progress, env.say,
                    state_path=out / STATE_FILE, resume=resume)
     dev_labels = np.array([s.label for s in dev_set.samples])
@@ -311,7 +325,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "threshold": threshold,
         "training": {"best_epoch": result.best_epoch, "best_dev_loss": result.best_dev_loss,
                      "best_dev_eer": result.best_dev_eer, "epochs_run": len(result.history),
-                     "stopped_early": result.stopped_early, "seconds": result.seconds},
+                     "stopped_early": result.stopped_early, "seconds": result.seconds,
+                     "attacks": config.attacks, "dev_attacks": dev_note, "exclude_methods": config.exclude_methods,
+                     "synthetic_separability_auc": separable},
         "lora_vit_version": lora_vit_version,
     }
     model_path = out / MODEL_FILE
@@ -332,6 +348,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "best_dev_loss": result.best_dev_loss,
         "best_dev_eer": result.best_dev_eer,
         "threshold": threshold["value"],
+        "attacks": config.attacks,
+        "dev_attacks": dev_note,
+        "synthetic_separability_auc": separable,
     }
     if d.main:
         write_json(out / "train_summary.json", summary)
@@ -402,7 +421,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     load_weights(model, model_path, config.use_lora)
     threshold = _stored_threshold(meta["threshold"], model_path)
     data_reports: list[dict[str, Any]] = []
-    samples = _data(config, env, data_reports)
+    samples = _data(config, env, data_reports, testing=True)
     test = _split(samples, "test")
     dataset = _datasets(test, model.spec, config)
     device = current().device
@@ -413,7 +432,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
     report = iso_report(scores, labels, methods, threshold)
-    report["shortcuts"], shortcut_test = _shortcuts(samples, model.image_size, config.threshold_rule)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, model.image_size, config.threshold_rule, config.seed)
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "training": meta.get("training")}
     report["smoke_test"] = config.data is None
@@ -427,6 +446,10 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
         save_plots(out, scores, labels, methods, threshold["value"], baselines)
     barrier()
     env.say(format_table(report))
+    training = meta.get("training") or {}
+    env.say(f"trained with attacks={training.get('attacks', 'given')}"
+            + (f", without the methods {training['exclude_methods']}" if training.get("exclude_methods") else "")
+            + (f"; {training['dev_attacks']}" if training.get("dev_attacks") else ""))
     env.say(f"wrote {out / 'scores.csv'}, {out / 'metrics.json'}, roc.png, det.png, score_histogram.png")
     return report
 
@@ -450,15 +473,23 @@ def _stored_threshold(threshold: dict[str, Any], model_path: Path) -> dict[str, 
             "converted_from_probability": p}
 
 
-def _shortcuts(samples: list[Sample], size: int, rule: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _shortcuts(samples: list[Sample], size: int, rule: str,
+               seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The shortcut baselines at the detector's input size: each statistic's τ from the dev images, its
-    report on the test images.
+    report on the test images. A dev split without morphs gets the run's seeded synthetic dev
+    attacks, as the detector's threshold did.
 
     Returns:
         The report (name -> metrics) and the test scores of each statistic (for the plots).
     """
     dev, test = _split(samples, "dev"), _split(samples, "test")
-    dev_stats = shortcut_scores(sample_greys(dev, size))
+    if any(s.label == 1 for s in dev):
+        dev_greys = sample_greys(dev, size)
+    else:
+        fixed = FixedAttackSet(ImageDataset(dev, size), seed)
+        dev = fixed.samples
+        dev_greys = [grey(fixed.pixels(k).permute(1, 2, 0).numpy() / 255.0) for k in range(len(fixed))]
+    dev_stats = shortcut_scores(dev_greys)
     test_stats = shortcut_scores(sample_greys(test, size))
     report = shortcut_report(dev_stats, np.array([s.label for s in dev]), test_stats,
                              np.array([s.label for s in test]), [s.method for s in test],

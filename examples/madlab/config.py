@@ -17,6 +17,7 @@ SELECTION_METRICS = ("dev_loss", "dev_eer")
 THRESHOLD_RULES = ("dev_eer", "dev_apcer5", "dev_apcer10")
 LORA_INITS = ("normal", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
+ATTACK_MODES = ("given", "synthetic", "both")  # where training attacks come from (see attacks.py)
 
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
 EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir",
@@ -87,6 +88,12 @@ class Config:
     dev_pct: float = 0.2
     morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
     morphs_per_face: int = 2
+    # Training attacks: the data's morphs ("given"), made from each training bona fide every
+    # epoch ("synthetic": bona fides alone train), or both. See attacks.py and synthesis.py.
+    attacks: str = "given"
+    # Morph methods kept out of the train and dev splits (the test split keeps them): the
+    # leave-one-method-out protocol trains without a method and tests on it.
+    exclude_methods: list[str] = field(default_factory=list)
     image_size: int | None = None
     # Regex over file names whose named groups are identities (bona fide: one; morph: its
     # contributors), so folder data can split by identity; FRLL: ^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\.
@@ -114,6 +121,7 @@ class Config:
             "lr_scheduler": ("cosine", "none"),
             "lora_init": LORA_INITS,
             "precision": PRECISIONS,
+            "attacks": ATTACK_MODES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

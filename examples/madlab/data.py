@@ -440,8 +440,11 @@ def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: i
     return samples
 
 
-def check_splits(samples: list[Sample], report: DataReport | None = None) -> None:
-    """Refuse to go on when a split lacks either class.
+def check_splits(samples: list[Sample], report: DataReport | None = None,
+                 need_morphs: tuple[str, ...] = SPLITS) -> None:
+    """Refuse to go on when a split lacks bona fides, or morphs where ``need_morphs`` names it.
+
+    A run with synthetic attacks (``attacks=synthetic``) needs no morphs in train and dev.
 
     Raises:
         DataError: Naming the split and its counts, and how many samples identity checks dropped.
@@ -452,21 +455,22 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
     for split in SPLITS:
         n_bf = sum(1 for s in samples if s.split == split and s.label == 0)
         n_m = sum(1 for s in samples if s.split == split and s.label == 1)
-        if n_bf == 0 or n_m == 0:
-            raise DataError(
-                f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; every split"
-                " needs both classes"
-            )
+        if n_bf == 0 or (n_m == 0 and split in need_morphs):
+            needs = ("every split needs both classes" if set(need_morphs) == set(SPLITS) else
+                     f"every split needs bona fides, and {'/'.join(need_morphs) or 'no split'} also morphs")
+            raise DataError(f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; {needs}")
 
 
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
                  fractions: tuple[float, float],
-                 identity_pattern: str | None = None) -> tuple[list[Sample], DataReport]:
+                 identity_pattern: str | None = None,
+                 need_morphs: tuple[str, ...] = SPLITS) -> tuple[list[Sample], DataReport]:
     """All samples of a run with their splits, from the embedded set, a folder or a CSV.
 
     Args:
         identity_pattern: A regex whose named groups read identities from file names (see
             :func:`~.identities.parse_identity_pattern`); applies to samples without an identity.
+        need_morphs: The splits that must hold morphs (every split needs bona fides).
     """
     if data is None:
         report = DataReport("embedded skimage lfw_subset (100 faces, morphs generated in-process)")
@@ -487,7 +491,7 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         if identity_pattern:
             apply_identity_pattern(samples, identity_pattern, report)
         samples = assign_splits(samples, fractions, seed, report)
-    check_splits(samples, report)
+    check_splits(samples, report, need_morphs)
     return samples, report
 
 
