@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -21,6 +22,7 @@ from madlab.checkpoint import read_metadata
 from madlab.data import DataError, DataReport, Sample, embedded_samples
 from madlab.images import ImageDataset
 from madlab.synthcheck import STATISTICS, separability, served_pairs
+from madlab.training import STOP_AFTER_ENV
 
 TINY = ["pretrain_epochs=2", "num_epochs=2", "morphs_per_face=1", "batch_size=32", "use_early_stopping=false"]
 
@@ -145,3 +147,22 @@ def test_a_folder_of_bona_fides_alone_trains_with_synthetic_attacks(tmp_path, ca
     assert set(summary["synthetic_separability_auc"]) == set(STATISTICS)
     training = read_metadata(out / "morph_detector.safetensors")["training"]
     assert training["attacks"] == "synthetic" and training["dev_attacks"] == summary["dev_attacks"]
+
+
+def test_a_synthetic_run_resumed_ends_bit_identical_and_is_deterministic(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    settings = _overrides([*TINY, "num_epochs=3", "attacks=synthetic"])
+
+    def train(out: Path, *extra: str) -> int:
+        return morph_detection.main(["train", "--output_dir", str(out), "--cache_dir", str(cache), "--no_progress",
+                                     *settings, *extra])
+
+    assert train(tmp_path / "whole") == 0
+    assert train(tmp_path / "again") == 0
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    assert train(tmp_path / "resumed") == 3
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert train(tmp_path / "resumed", "--resume") == 0
+    files = [load_file(str(tmp_path / run / "morph_detector.safetensors")) for run in ("whole", "again", "resumed")]
+    for other in files[1:]:
+        assert all(torch.equal(files[0][k], other[k]) for k in files[0])
