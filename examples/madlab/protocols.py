@@ -22,11 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from . import app
+from .checkpoint import load_weights, read_metadata
 from .config import Config, apply_overrides
 from .data import DataError, DataReport, Sample, read_csv_manifest, scan_folder
+from .distributed import current
 from .errors import MadlabError
 from .evaluation import APCER_TARGETS, iso_report, write_json
 from .files import write_text_atomically
+from .inference import predict
+from .speed import resolve_precision
 
 __all__ = ["PROTOCOLS", "ProtocolRow", "format_protocol", "format_unseen", "load_whole", "run_protocol"]
 
@@ -105,10 +110,8 @@ def _write_csv(path: Path, rows: list[ProtocolRow]) -> None:
     write_text_atomically(path, buffer.getvalue())
 
 
-def _training_methods(config: Config, env) -> list[str]:
-    from .app import _data
-
-    samples = _data(config, env)
+def _training_methods(config: Config, env: app.Env) -> list[str]:
+    samples = app._data(config, env)
     return sorted({s.method for s in samples if s.label == 1 and s.split == "train"})
 
 
@@ -118,7 +121,7 @@ def _seen(config: Config, methods: list[str]) -> set[str]:
     return set(methods) - set(config.exclude_methods)
 
 
-def run_protocol(kind: str, config: Config, overrides: list[str], env, out: Path, attack_modes: list[str],
+def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, out: Path, attack_modes: list[str],
                  test_data: str | None = None, overwrite: bool = False) -> list[ProtocolRow]:
     """Run a protocol end to end (train, test, tabulate) and write ``protocol.{json,csv}`` into ``out``.
 
@@ -133,13 +136,11 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env, out: Path
         MadlabError: For an unknown protocol, a missing ``test_data``, or data with under two methods
             for leave-one-method-out.
     """
-    from .app import run_test, run_train
-
     if kind not in PROTOCOLS:
         raise MadlabError(f"protocol {kind!r} is not one of {PROTOCOLS}")
     if kind == "cross-dataset" and not test_data:
         raise MadlabError("the cross-dataset protocol needs --test_data (the data set B to test on, all of it)")
-    quiet = type(env)(cache_dir=env.cache_dir, progress=False, say=lambda _: None)
+    quiet = app.Env(cache_dir=env.cache_dir, progress=False, say=lambda _: None)
     methods = _training_methods(config, quiet)
     rows: list[ProtocolRow] = []
     a_name = config.data or "embedded lfw_subset"
@@ -162,11 +163,11 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env, out: Path
         items = [*overrides, f"attacks={mode}", f"exclude_methods={','.join(held_out)}", f"output_dir={sub}"]
         run_config = apply_overrides(config, items)
         env.say(f"--- protocol {kind}: attacks={mode}" + (f", without {', '.join(held_out)}" if held_out else ""))
-        run_train(run_config, quiet, overwrite=overwrite)
+        app.run_train(run_config, quiet, overwrite=overwrite)
         model_path = sub / "morph_detector.safetensors"
         seen = _seen(run_config, methods)
         if kind == "leave-one-method-out":
-            report = run_test(model_path, [], quiet, str(sub))
+            report = app.run_test(model_path, [], quiet, str(sub))
             never = ", ".join(sorted(set(methods) - seen)) or "-"
             trained_on = f"{a_name} ({', '.join(sorted(seen)) or 'bona fides + synthetic attacks only'})"
         else:
@@ -186,13 +187,11 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env, out: Path
 
 def _cross_test(model_path: Path, config: Config, test_data: str, out: Path) -> dict[str, Any]:
     """Score all of ``test_data`` with the model; threshold from the model file, shortcut thresholds from
-    the training data's dev split. Writes ``cross_metrics.json``."""
-    from . import app
-    from .checkpoint import load_weights, read_metadata
-    from .distributed import current
-    from .inference import predict
-    from .speed import resolve_precision
+    the training data's dev split. Writes ``cross_metrics.json``.
 
+    It rebuilds and scores through the ``test`` command's own steps (``app``), so the
+    detector is the one ``test`` would load.
+    """
     meta = read_metadata(model_path)
     model = app._rebuild(meta["backbone"], config, model_path, None).to(current().device)
     load_weights(model, model_path, config.use_lora)

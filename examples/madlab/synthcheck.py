@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .attacks import SYNTHETIC_METHOD
 from .metrics import auc
 from .shortcuts import contrast, laplacian_variance
 
@@ -88,7 +89,7 @@ def served_pairs(dataset, limit: int = 256) -> tuple[list[np.ndarray], list[np.n
         dataset: A :class:`~.attacks.SyntheticTrainSet`.
     """
     real = [k for k, s in enumerate(dataset.samples) if s.label == 0][:limit]
-    made = [k for k, s in enumerate(dataset.samples) if s.label == 1 and "#" in s.path][:limit]
+    made = [k for k, s in enumerate(dataset.samples) if s.method == SYNTHETIC_METHOD][:limit]
     mean = dataset.base.mean.numpy().reshape(1, 1, 3)
     std = dataset.base.std.numpy().reshape(1, 1, 3)
 

@@ -264,9 +264,7 @@ def _alter_quality(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def grey_sharpness(image: np.ndarray) -> float:
     """The variance of the 4-neighbour Laplacian of the grey image (interior pixels): the ``sharpness`` shortcut."""
-    g = _grey(np.asarray(image, dtype=np.float64))
-    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
-    return float(lap.var())
+    return float(_laplacian(_grey(np.asarray(image, dtype=np.float64))).var())
 
 
 def _laplacian(g: np.ndarray) -> np.ndarray:
