@@ -15,7 +15,9 @@ Three measurements in one run:
    slowdown is the median over rounds of (b) / (a).
 3. **Separability.** The AUC of each statistic of ``madlab/synthcheck.py`` (the shortcut
    statistics and four more) between the 64 faces and a synthetic attack from each, both as
-   ``SyntheticTrainSet`` serves them (0.5 = the statistic cannot tell them apart).
+   ``SyntheticTrainSet`` serves them (0.5 = the statistic cannot tell them apart), and, for
+   contrast, of the raw attacks (``synthesise`` alone: no matching, no shared processing)
+   against the unprocessed faces.
 
     python benchmarks/bench_synthesis.py                     # 224 px, batch 8, CPU
     python benchmarks/bench_synthesis.py --image-size 32 --reps 1 --batches 1   # a smoke run
@@ -84,8 +86,14 @@ def build_detector(size: int, config: Config) -> MorphDetector:
     return MorphDetector(model, spec, config.dropout_p)
 
 
-def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, config: Config):
-    """One timed unit per variant: ``batches`` training batches, loading included, from each data source."""
+def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, config: Config,
+                loading: dict[str, list[float]]):
+    """One timed unit per variant: ``batches`` training batches, loading included, from each data source.
+
+    The seconds each unit spends getting its batches (decoding, synthesis, augmentation) are
+    appended to ``loading[variant]``: measured directly, they are far less noisy on a shared
+    machine than the difference of two whole-unit times.
+    """
     model = build_detector(size, config)
     params, _ = apply_strategy(model, config)
     model.train()
@@ -98,21 +106,25 @@ def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, c
     sources = {"given": given, "synthetic": SyntheticTrainSet(bona_fides, "synthetic")}
     assert len(sources["given"]) == len(sources["synthetic"])
 
-    def unit(dataset) -> callable:
+    def unit(name: str, dataset) -> callable:
         loader = itertools.cycle(make_loader(dataset, batch, 0, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(0)))
 
         def run() -> None:
+            waited = 0.0
             for _ in range(batches):
+                start = time.perf_counter()
                 x, y, _ = next(loader)
+                waited += time.perf_counter() - start
                 loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
+            loading.setdefault(name, []).append(waited)
 
         return run
 
-    return {name: unit(dataset) for name, dataset in sources.items()}
+    return {name: unit(name, dataset) for name, dataset in sources.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,18 +146,28 @@ def main(argv: list[str] | None = None) -> dict:
     served = ImageDataset([Sample(f"f{i}", 0, "bona_fide", "train", image=x) for i, x in enumerate(images)],
                           args.image_size, augment=True)
     aucs = separability(*served_pairs(SyntheticTrainSet(served, "synthetic")))
-    auc_rows = [{"what": f"separability AUC: {name}", "value": value, "unit": "AUC"} for name, value in aucs.items()]
+    rng = np.random.default_rng(0)
+    raw = separability(images, [synthesise(x, rng).image for x in images])
+    auc_rows = [{"what": f"separability AUC as served: {name}", "value": value, "unit": "AUC"}
+                for name, value in aucs.items()]
+    auc_rows += [{"what": f"separability AUC raw (unmatched): {name}", "value": value, "unit": "AUC"}
+                 for name, value in raw.items()]
     if args.separability_only:
         table = common.Table([("what", "measurement", "s"), ("value", "value", ".3f"), ("unit", "unit", "s")],
                              auc_rows)
         print(table.text())
         return {"rows": auc_rows}
     rates = synthesis_rate(images[:32], args.reps)
-    units = epoch_units(images, args.image_size, args.batch, args.batches, config)
+    loading: dict[str, list[float]] = {}
+    units = epoch_units(images, args.image_size, args.batch, args.batches, config, loading)
     for run in units.values():  # warm-up
         run()
+    loading.clear()
     timing = common.interleaved_medians(units, args.reps, "cpu")
     slowdown = common.ratio(timing["synthetic"], timing["given"])
+    # What synthesis adds to an epoch: the extra loading time per unit over a unit's time with given attacks.
+    added = statistics.median(s - g for s, g in zip(loading["synthetic"], loading["given"]))
+    added_share = added / timing["given"]["median_s"]
     per_item = args.batch * args.batches
     rows = [
         {"what": "one synthetic attack (synthesise + match + augment)", "value": rates["attack_per_s"],
@@ -155,6 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
         {"what": "training, attacks=synthetic", "value": per_item / timing["synthetic"]["median_s"],
          "unit": "images/s"},
         {"what": "epoch time synthetic / given (median of per-round ratios)", "value": slowdown, "unit": "x"},
+        {"what": "loading s per unit, given (median)", "value": statistics.median(loading["given"]), "unit": "s"},
+        {"what": "loading s per unit, synthetic (median)", "value": statistics.median(loading["synthetic"]),
+         "unit": "s"},
+        {"what": "synthesis adds to an epoch (extra loading / given unit time)", "value": 100 * added_share,
+         "unit": "%"},
         *auc_rows,
     ]
     table = common.Table([("what", "measurement", "s"), ("value", "value", ".3f"), ("unit", "unit", "s")], rows)
@@ -164,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
              f" {torch.get_num_threads()} threads")
     env = common.environment("cpu")
     path = common.write_results("synthesis", {"environment": env, "args": {k: str(v) for k, v in vars(args).items()},
-                                              "note": args.note, "rows": rows, "timing": timing}, {title: table},
+                                              "note": args.note, "rows": rows, "timing": timing,
+                                              "loading_s": loading}, {title: table},
                                 args.results_dir)
     print(f"results: {path}")
     return {"rows": rows, "timing": timing}

@@ -93,7 +93,12 @@ class SyntheticTrainSet(Dataset):
 
     @property
     def fully_cached(self) -> bool:
-        return self.base.fully_cached
+        """Whether the loader may serve items from the main process (see :func:`~.images.make_loader`).
+
+        On CUDA the synthesis is the loader's work and the step is fast, so items are made in
+        ``num_workers`` processes beside the training step; on CPU the step needs the cores.
+        """
+        return self.base.fully_cached and not torch.cuda.is_available()
 
     @property
     def cached(self) -> int:
