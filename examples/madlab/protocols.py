@@ -172,9 +172,12 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
             trained_on = f"{a_name} ({', '.join(sorted(seen)) or 'bona fides + synthetic attacks only'})"
         else:
             report = _cross_test(model_path, run_config, test_data or "", sub)
-            never = f"all of {test_data} (another data set); its methods are never seen"
+            # A method of B with the name of one trained on A counts as seen (made by the same
+            # tool, on other people and photos); the images themselves are all unseen.
+            b_methods = set(report["per_method"])
+            never = (f"every image of {test_data} (another data set); methods: "
+                     + (", ".join(sorted(b_methods - seen)) or "none unseen by name"))
             trained_on = f"{a_name} ({', '.join(sorted(seen)) or 'bona fides + synthetic attacks only'})"
-            seen = set()
         base = {"protocol": kind, "attacks": mode, "trained_on": trained_on, "never_seen": never}
         rows += _rows(report, base, seen)
     write_json(out / "protocol.json", rows)
