@@ -166,3 +166,21 @@ def test_a_synthetic_run_resumed_ends_bit_identical_and_is_deterministic(tmp_pat
     files = [load_file(str(tmp_path / run / "morph_detector.safetensors")) for run in ("whole", "again", "resumed")]
     for other in files[1:]:
         assert all(torch.equal(files[0][k], other[k]) for k in files[0])
+
+
+def test_landmarks_reach_the_synthesis_for_their_own_sample(embedded):
+    base = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0][:3], 32)
+    asked = []
+
+    def landmarks(sample: Sample) -> np.ndarray:
+        asked.append(sample.path)
+        return np.array([[10.0, 12.0], [22.0, 12.0], [16.0, 17.0], [12.0, 22.0], [20.0, 22.0]])
+
+    FixedAttackSet(base, 0, landmarks)
+    assert asked == [s.path for s in base.samples]
+    synthetic = SyntheticTrainSet(base, "synthetic", landmarks)
+    asked.clear()
+    synthetic[len(synthetic) - 1]
+    assert asked == [base.samples[-1].path]
+    synthetic[0]  # a bona fide: no attack, no landmarks needed
+    assert len(asked) == 1
