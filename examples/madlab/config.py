@@ -20,6 +20,7 @@ LORA_INITS = ("normal", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
 FACE_CROPS = ("align", "none")
 EMBEDDED_SETS = ("orl", "lfw_subset")
+ATTACK_MODES = ("given", "synthetic", "both")  # where training attacks come from (see attacks.py)
 
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
 EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir",
@@ -100,6 +101,12 @@ class Config:
     dev_pct: float = 0.2
     morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
     morphs_per_face: int = 2
+    # Training attacks: the data's morphs ("given"), made from each training bona fide every
+    # epoch ("synthetic": bona fides alone train), or both. See attacks.py and synthesis.py.
+    attacks: str = "given"
+    # Morph methods kept out of the train and dev splits (the test split keeps them): the
+    # leave-one-method-out protocol trains without a method and tests on it.
+    exclude_methods: list[str] = field(default_factory=list)
     image_size: int | None = None
     # Regex over file names whose named groups are identities (bona fide: one; morph: its
     # contributors), so folder data can split by identity; FRLL: ^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\.
@@ -129,6 +136,7 @@ class Config:
             "precision": PRECISIONS,
             "face_crop": FACE_CROPS,
             "embedded_data": EMBEDDED_SETS,
+            "attacks": ATTACK_MODES,
         }
         _check_types(self)
         for key, allowed in choices.items():

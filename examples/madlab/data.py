@@ -352,8 +352,11 @@ def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: i
     return plan.apply(samples)
 
 
-def check_splits(samples: list[Sample], report: DataReport | None = None) -> None:
-    """Refuse to go on when a split lacks either class.
+def check_splits(samples: list[Sample], report: DataReport | None = None,
+                 need_morphs: tuple[str, ...] = SPLITS) -> None:
+    """Refuse to go on when a split lacks bona fides, or morphs where ``need_morphs`` names it.
+
+    A run with synthetic attacks (``attacks=synthetic``) needs no morphs in train and dev.
 
     Raises:
         DataError: Naming the split and its counts, and how many samples identity checks dropped.
@@ -364,11 +367,10 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
     for split in SPLITS:
         n_bf = sum(1 for s in samples if s.split == split and s.label == 0)
         n_m = sum(1 for s in samples if s.split == split and s.label == 1)
-        if n_bf == 0 or n_m == 0:
-            raise DataError(
-                f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; every split"
-                " needs both classes"
-            )
+        if n_bf == 0 or (n_m == 0 and split in need_morphs):
+            needs = ("every split needs both classes" if set(need_morphs) == set(SPLITS) else
+                     f"every split needs bona fides, and {'/'.join(need_morphs) or 'no split'} also morphs")
+            raise DataError(f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; {needs}")
 
 
 class Source(Protocol):
@@ -501,8 +503,8 @@ def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
                  fractions: tuple[float, float],
                  identity_pattern: str | None = None, *, embedded: str = "lfw_subset",
-                 match_contributors: bool = True,
-                 face_margin: float | None = None, cache: Path | None = None) -> tuple[list[Sample], DataReport]:
+                 match_contributors: bool = True, face_margin: float | None = None, cache: Path | None = None,
+                 need_morphs: tuple[str, ...] = SPLITS) -> tuple[list[Sample], DataReport]:
     """All samples of a run with their splits, from the embedded set, a folder or a CSV.
 
     Args:
@@ -514,6 +516,7 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         face_margin: With a value, ``face_crop=align``: faces are found now (images without
             one left out and counted) and every image is read as its aligned crop.
         cache: Folder for the ORL frames, face detections and crops.
+        need_morphs: The splits that must hold morphs (every split needs bona fides).
     """
     samples, report = read_source(data, seed, methods, morphs_per_face, fractions, embedded=embedded,
                                   match_contributors=match_contributors, cache=cache)
@@ -523,7 +526,7 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
         samples = _faces(samples, face_margin, cache, report)
     if data is not None:
         samples = assign_splits(samples, fractions, seed, report)
-    check_splits(samples, report)
+    check_splits(samples, report, need_morphs)
     return samples, report
 
 
