@@ -1,4 +1,4 @@
-"""``face_crop=align`` for a run's samples: find each face once, count what has none, crop on use.
+"""``face_crop=align`` for a run's samples and for ``predict``'s photos: the same aligned crop everywhere.
 
 When the data are loaded, every image is searched for faces (the result cached by the
 image's content, so a second run detects nothing). An image without a face is left out and
@@ -6,16 +6,24 @@ counted, with the reason, in the data report; an image with several faces keeps 
 and is counted too. Each kept sample then carries a :class:`~madlab.faces.FaceRef`, so every
 reader of its pixels (training, scoring, the shortcut baselines, MAE pretraining) gets the
 same aligned crop at the size it asks for, made once and cached as uint8.
+
+``predict`` scores photos that are no data set: :class:`AlignStep` is its per-image step,
+which detects and crops each photo as :func:`find_faces` and :class:`~madlab.faces.FaceRef` do
+(full-resolution pixels, the largest face, the same template and margin), and raises
+:class:`~madlab.pixels.RejectedImageError` with status ``no face`` for a photo without one.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from .config import Config
 from .data import DataReport, Sample
 from .faces import (
     DETECT_MAX_SIDE,
@@ -23,16 +31,19 @@ from .faces import (
     SCORE_THRESHOLD,
     YUNET_FILE,
     FaceRef,
+    align,
     content_key,
     detect_faces,
     save_crop,
 )
 from .files import write_text_atomically
 from .images import sample_pixels
+from .pixels import RejectedImageError
 
-__all__ = ["NO_FACE", "find_faces", "save_crops"]
+__all__ = ["NO_FACE", "NO_FACE_STATUS", "AlignStep", "find_faces", "predict_steps", "save_crops"]
 
 NO_FACE = "no face found by the detector (face_crop=align)"
+NO_FACE_STATUS = "no face"  # predict's status column
 _DETECTOR_KEY = f"{YUNET_FILE}-{SCORE_THRESHOLD}-{DETECT_MIN_SIDE}-{DETECT_MAX_SIDE}"
 
 
@@ -109,3 +120,37 @@ def save_crops(samples: list[Sample], size: int, folder: str | Path) -> list[Pat
         pixels = sample_pixels(sample, size)
         written.append(save_crop(pixels, Path(sample.path).name, folder))
     return written
+
+
+@dataclass(frozen=True)
+class AlignStep:
+    """``predict``'s per-image step for ``face_crop=align``: full-resolution pixels in, the aligned crop out.
+
+    Args:
+        size: The model's input side.
+        margin: ``face_margin`` of the model file.
+
+    Raises:
+        RejectedImageError: With status ``no face`` when the detector finds none (that image's
+            row says so; the run goes on).
+    """
+
+    size: int
+    margin: float
+    # The crop is made from the full-resolution photo, as train and test make it; predict reads this.
+    full_resolution: ClassVar[bool] = True
+
+    def __call__(self, pixels: np.ndarray, path: str) -> np.ndarray:
+        crop, _ = align(pixels, self.size, self.margin)
+        if crop is None:
+            raise RejectedImageError(path, NO_FACE_STATUS)
+        return crop.astype(np.float32) / np.float32(255.0)
+
+
+def predict_steps(config: Config, size: int) -> list[AlignStep]:
+    """The per-image steps ``predict`` runs for a model trained with ``config``: the face crop it was
+    trained on (``face_crop=align``), or none."""
+    if config.face_crop != "align":
+        return []
+    return [AlignStep(size, config.face_margin)]
+
