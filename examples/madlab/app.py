@@ -32,6 +32,7 @@ from .backbone import (
 )
 from .checkpoint import CheckpointError, read_metadata, save_model
 from .config import Config, ConfigError
+from .cropping import CropLandmarks
 from .data import Sample, check_splits, evaluation_samples, load_samples
 from .detector import Detector, describe_file
 from .distributed import barrier, current
@@ -295,8 +296,14 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     size = model.image_size
     train_set = _datasets(_split(samples, "train"), spec, config, augment=config.use_cls_aug)
     dev_set = _datasets(_split(samples, "dev"), spec, config)
-    train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed)
+    # Aligned faces give the synthetic attacks' masks their 5 landmarks; whole images a centred ellipse.
+    landmarks = CropLandmarks(size) if config.face_crop == "align" else None
+    train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed, landmarks)
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
+    if config.attacks != "given":
+        env.say("synthetic attacks: face masks from "
+                + ("the 5 landmarks of each aligned crop (face_crop=align)" if landmarks else
+                   "a centred ellipse (face_crop=none: no landmarks)"))
     separable = None
     if config.attacks != "given":
         real, made = served_pairs(train_set)

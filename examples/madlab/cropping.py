@@ -11,7 +11,8 @@ same aligned crop at the size it asks for, made once and cached as uint8.
 which detects and crops each photo as :func:`find_faces` and :class:`~madlab.faces.FaceRef` do
 (full-resolution pixels, the largest face, the same template and margin), raises
 :class:`~madlab.pixels.RejectedImageError` with status ``no face`` for a photo without one, and
-can write each crop (``--save_crops``).
+can write each crop (``--save_crops``). :class:`CropLandmarks` hands a sample's 5 landmarks, in
+its crop's pixel coordinates, to the synthetic attacks (``attacks=synthetic``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .files import write_text_atomically
 from .images import sample_pixels
 from .pixels import RejectedImageError
 
-__all__ = ["NO_FACE", "NO_FACE_STATUS", "AlignStep", "find_faces", "predict_steps", "save_crops"]
+__all__ = ["NO_FACE", "NO_FACE_STATUS", "AlignStep", "CropLandmarks", "find_faces", "predict_steps", "save_crops"]
 
 NO_FACE = "no face found by the detector (face_crop=align)"
 NO_FACE_STATUS = "no face"  # predict's status column
@@ -166,3 +167,18 @@ def predict_steps(config: Config, size: int, save_crops: str | Path | None = Non
         return []
     return [AlignStep(size, config.face_margin, None if save_crops is None else str(save_crops))]
 
+
+@dataclass(frozen=True)
+class CropLandmarks:
+    """A sample's 5 landmarks (eyes, nose tip, mouth corners) in the pixel coordinates of its
+    ``size x size`` aligned crop, or None for a sample without a found face: the ``landmarks``
+    callable of :class:`~madlab.attacks.SyntheticTrainSet` and :class:`~madlab.attacks.FixedAttackSet`.
+
+    Shapes:
+        returns ``(5, 2)`` as ``(x, y)``.
+    """
+
+    size: int
+
+    def __call__(self, sample: Sample) -> np.ndarray | None:
+        return None if sample.face is None else sample.face.crop_landmarks(self.size)
