@@ -37,6 +37,7 @@ def test_leave_one_method_out_holds_each_method_out_and_says_so(tmp_path, cache,
     rows = json.loads((out / "protocol.json").read_text())
     runs = {(r["attacks"], r["never_seen"]) for r in rows}
     assert runs == {("given", "blend"), ("given", "splice"), ("synthetic", "blend, splice")}
+    assert all(r["trained_on"].startswith("embedded lfw_subset (") for r in rows)  # the embedded set it ran on
     for r in rows:
         if r["subset"] in ("blend", "splice"):
             assert (r["seen_in_training"] == "NO") == (r["subset"] in r["never_seen"]), r

@@ -120,7 +120,7 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
     quiet = app.Env(cache_dir=env.cache_dir, progress=False, say=lambda _: None)
     methods = _training_methods(config, quiet)
     rows: list[ProtocolRow] = []
-    a_name = config.data or "embedded lfw_subset"
+    a_name = config.data or f"embedded {config.embedded_data}"
     plans = []
     for mode in attack_modes:
         if kind == "leave-one-method-out" and mode == "synthetic":
