@@ -300,12 +300,11 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     landmarks = CropLandmarks(size) if config.face_crop == "align" else None
     train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed, landmarks)
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
+    separable = None
     if config.attacks != "given":
         env.say("synthetic attacks: face masks from "
                 + ("the 5 landmarks of each aligned crop (face_crop=align)" if landmarks else
                    "a centred ellipse (face_crop=none: no landmarks)"))
-    separable = None
-    if config.attacks != "given":
         real, made = served_pairs(train_set)
         separable = separability(real, made)
         env.say(format_separability(separable, len(real)))
