@@ -14,6 +14,7 @@ Subcommands:
   predict    Score unlabelled photos (files, folders, lists) into a CSV of decisions.
   export     Merge the adapters into the backbone: one self-contained .safetensors file.
   compare    LoRA vs full fine-tuning vs linear probe on the same data, one table.
+  protocol   leave-one-method-out or cross-dataset: train, test on what training never saw, one table.
 
 Exit status: 0 done; 2 an error (one "error:" line); 3 training interrupted (resume it);
 4 predict scored some files but not all (their rows say why).
@@ -26,6 +27,9 @@ Examples:
   python examples/morph_detection.py predict --model_path output/morph_detector.safetensors --input photos/
   python examples/morph_detection.py export --model_path output/morph_detector.safetensors --output merged.safetensors
   python examples/morph_detection.py compare --override num_epochs=10
+  python examples/morph_detection.py train --data /data/bona_fides --override attacks=synthetic
+  python examples/morph_detection.py protocol leave-one-method-out --attacks given,synthetic,both
+  python examples/morph_detection.py protocol cross-dataset --data /data/A --test_data /data/B
   torchrun --nproc_per_node=4 examples/morph_detection.py train --data /data/FRLL   # DDP
 """
 
@@ -48,13 +52,14 @@ from madlab.app import (
     run_test,
     run_train,
 )
-from madlab.config import Config, ConfigError, apply_overrides
+from madlab.config import ATTACK_MODES, Config, ConfigError, apply_overrides
 from madlab.data import EVAL_SPLITS
 from madlab.detector import OPERATING_POINTS, Detector
 from madlab.distributed import Dist, setup, teardown
 from madlab.errors import MadlabError
 from madlab.export import export_detector, summary_line
 from madlab.predict import run_predict
+from madlab.protocols import PROTOCOLS, run_protocol
 from madlab.resume import STATE_FILE
 from madlab.training import TrainingInterrupted
 
@@ -82,7 +87,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
             "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
             " model.safetensors)"))
         parser.add_argument("--cache_dir", default=None, help=(
-            "where pretrained default backbones are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
+            "where pretrained default backbones, face detections and aligned crops are cached (default:"
+            " $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--resume", action="store_true", help=(
                 "continue the interrupted run in --output_dir from its per-epoch checkpoint"
                 f" ({STATE_FILE}); ends as an uninterrupted run would"))
+    protocol = sub.add_parser("protocol", help="leave-one-method-out or cross-dataset evaluation, one table",
+                              description="train without what is tested: leave-one-method-out (each morph method"
+                                          " held out of train and dev in turn) or cross-dataset (train on --data,"
+                                          " test on all of --test_data); tables with shortcut rows")
+    protocol.add_argument("kind", choices=PROTOCOLS)
+    protocol.add_argument("--test_data", default=None, help="cross-dataset: the data set B to test on (all of it)")
+    protocol.add_argument("--attacks", default=None, help=(
+        "comma-separated attacks modes to train with, one run each, e.g. given,synthetic,both"
+        " (default: the config's attacks)"))
+    protocol.add_argument("--overwrite", action="store_true", help="replace previous protocol runs")
+    _common(protocol, training=True)
     test = sub.add_parser("test", help="evaluate a saved model on the test split or another data set",
                           description="rebuild the model from --model_path alone and evaluate it")
     test.add_argument("--model_path", required=True, help="the .safetensors file written by train or export")
@@ -113,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "which images to score: default test on the training data, all on another data set"))
     test.add_argument("--backbone", default=None,
                       help="backbone folder (timm: its weights), if it moved since training")
+    test.add_argument("--cache_dir", default=None, help=(
+        "where face detections and aligned crops are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
     _common(test, training=False)
     _predict_parser(sub)
     export = sub.add_parser("export", help="merge the adapters into the backbone: one self-contained file",
@@ -145,6 +164,9 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")
     predict.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     predict.add_argument("--no_progress", action="store_true", help="no progress bar (shown only on a terminal)")
+    predict.add_argument("--save_crops", default=None, metavar="DIR", help=(
+        "write each photo's aligned face crop (what the model scores) as DIR/<input file stem>.png;"
+        " needs a model trained with face_crop=align"))
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -162,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv if argv else ["train"])
     default_run = not argv
     if args.command is None:
-        parser.error("choose a subcommand: pretrain, train, test, predict, export or compare"
+        parser.error("choose a subcommand: pretrain, train, test, predict, export, compare or protocol"
                      " (or no arguments for the default run)")
     made = not torch.distributed.is_initialized()
     ranks = setup()  # torchrun (WORLD_SIZE > 1): join the process group; one process: nothing
@@ -193,7 +215,7 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
                      if getattr(args, k) is not None]
             return run_predict(args.model_path, args.input, args.output, operating_point=args.operating_point,
                                overrides=[*args.override, *flags], backbone=args.backbone,
-                               progress=env.progress, say=env.say)
+                               progress=env.progress, say=env.say, save_crops=args.save_crops)
         if args.command == "export":
             env.say(summary_line(export_detector(Detector.load(args.model_path, backbone=args.backbone),
                                                  args.output)))
@@ -214,6 +236,14 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
                 run_test(summary["model_path"], [], env, config.output_dir)
         elif args.command == "compare":
             run_compare(config, args.override, env, Path(__file__).resolve(), overwrite=args.overwrite)
+        elif args.command == "protocol":
+            modes = [m.strip() for m in (args.attacks or config.attacks).split(",") if m.strip()]
+            if not modes or set(modes) - set(ATTACK_MODES):
+                raise ConfigError(f"--attacks {args.attacks!r} must list modes from {ATTACK_MODES}")
+            if ranks.active:
+                raise ConfigError("protocol runs its training runs one after another; run it without torchrun")
+            out = Path(config.output_dir) / "protocol" / args.kind
+            run_protocol(args.kind, config, args.override, env, out, modes, args.test_data, args.overwrite)
     except TrainingInterrupted as err:
         print(f"{tag}interrupted: {err}", file=sys.stderr)
         return 3

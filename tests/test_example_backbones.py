@@ -23,7 +23,7 @@ from lora_vit import inject_lora, read_lora_metadata
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 MEAN, STD = [0.41, 0.45, 0.52], [0.21, 0.26, 0.31]
 RUN = ["num_epochs=1", "morphs_per_face=1", "batch_size=64", "use_early_stopping=false", "num_threads=1",
-       "lora_target_modules=q,v", "lora_r=2"]
+       "lora_target_modules=q,v", "lora_r=2", "embedded_data=lfw_subset", "face_crop=none"]
 
 
 def _processor(folder: Path, size: int, **extra) -> None:
@@ -342,7 +342,8 @@ def test_pretrain_continues_mae_on_a_vit_mae_folder(tmp_path: Path, quiet) -> No
     out = tmp_path / "adapt"
     rc = morph_detection.main(["pretrain", "--backbone", str(tmp_path / "mae"), "--output_dir", str(out),
                                "--no_progress", *_overrides(["pretrain_epochs=20", "pretrain_lr=3e-3",
-                                                             "num_threads=1", "lora_r=4"])])
+                                                             "num_threads=1", "lora_r=4", "embedded_data=lfw_subset",
+                                                             "face_crop=none"])])
     assert rc == 0
     adapted = out / "mae_backbone"
     info = json.loads((adapted / "pretrain.json").read_text())

@@ -31,7 +31,7 @@ SCRIPT = ROOT / "examples" / "morph_detection.py"
 # No dropout and no augmentation: the only randomness left is the data order, which the
 # DistributedSampler fixes from the seed, so 1 and 2 processes see the same global batches.
 SETTINGS = ["num_epochs=2", "batch_size=8", "use_early_stopping=false", "use_cls_aug=false", "lora_dropout=0",
-            "dropout_p=0", "learning_rate=1e-2", "num_threads=1"]
+            "dropout_p=0", "learning_rate=1e-2", "num_threads=1", "face_crop=none"]
 SIZES = {"train": (8, 8), "dev": (5, 5), "test": (7, 6)}  # 13 test images: the sampler pads one on 2 ranks
 OUTPUTS = {"morph_detector.safetensors", "train_state.safetensors", "train_log.csv", "train_summary.json",
            "scores.csv", "metrics.json", "roc.png", "det.png", "score_histogram.png"}

@@ -25,7 +25,8 @@ from madlab.families import load_backbone
 from madlab.hub import HubError, is_hub_id, resolve
 
 MODEL = "morph_detector.safetensors"
-TRAIN = ["num_epochs=1", "batch_size=8", "use_early_stopping=false", "num_threads=1", "num_workers=0"]
+# Generated noise images have no faces: they are read whole (face_crop=none).
+TRAIN = ["num_epochs=1", "batch_size=8", "use_early_stopping=false", "num_threads=1", "num_workers=0", "face_crop=none"]
 FIRST, SECOND = "1" * 40, "2" * 40
 
 

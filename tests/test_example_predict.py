@@ -34,8 +34,9 @@ from madlab.predict import EXIT_SOME_FAILED, PREDICT_COLUMNS
 from lora_vit import disable_lora
 
 MODEL = "morph_detector.safetensors"
+# Generated noise images have no faces: they are read whole (face_crop=none).
 TRAIN = ["num_epochs=3", "batch_size=8", "use_early_stopping=false", "num_threads=1", "learning_rate=2e-2",
-         "num_workers=0"]
+         "num_workers=0", "face_crop=none"]
 
 
 def cli(*args: str) -> tuple[int, str, str]:

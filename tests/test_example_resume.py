@@ -17,7 +17,7 @@ from madlab.resume import STATE_FILE
 from madlab.training import STOP_AFTER_ENV
 
 TINY = ["pretrain_epochs=2", "num_epochs=4", "morphs_per_face=1", "batch_size=32", "learning_rate=3e-3",
-        "use_early_stopping=false", "min_delta=0"]
+        "use_early_stopping=false", "min_delta=0", "embedded_data=lfw_subset", "face_crop=none"]
 
 
 def train(out: Path, cache: Path, *extra: str, overrides: list[str] = TINY) -> int:

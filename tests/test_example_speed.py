@@ -128,7 +128,8 @@ def test_log_file_gets_one_line_per_epoch(tmp_path: Path, capsys: pytest.Capture
     rc = morph_detection.main(["train", "--backbone", str(vit), "--output_dir",
                                str(tmp_path / "out"), *_overrides(["num_epochs=2", "morphs_per_face=1",
                                                                    "use_early_stopping=false", "precision=bf16",
-                                                                   "num_threads=1"])])
+                                                                   "num_threads=1", "embedded_data=lfw_subset",
+                                                                   "face_crop=none"])])
     assert rc == 0
     out, err = capsys.readouterr()
     assert "\r" not in err and "\r" not in out
@@ -146,7 +147,8 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
         rc = morph_detection.main(["train", "--backbone", str(vit), "--output_dir", str(out), "--no_progress",
                                    *_overrides(["num_epochs=2", "morphs_per_face=1", "use_early_stopping=false",
                                                 "dropout_p=0", "lora_dropout=0", "use_cls_aug=false",
-                                                f"compile={mode}", "num_threads=1"])])
+                                                f"compile={mode}", "num_threads=1", "embedded_data=lfw_subset",
+                                                "face_crop=none"])])
         assert rc == 0
         logs[mode] = (out / "train_log.csv").read_text().splitlines()
     eager = [list(map(float, line.split(",")[1:4])) for line in logs["false"][1:]]

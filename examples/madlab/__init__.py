@@ -2,7 +2,9 @@
 
 One module per job: ``config`` (defaults and ``--override``), ``pixels`` (reading one image
 file into RGB pixels: the data layer's leaf), ``morphs`` and ``data`` (samples and their
-sources), ``splits`` (the split plan), ``identities`` (identities from file names,
+sources), ``faces`` (face detection and 5-point alignment), ``cropping`` (``face_crop=align`` for a
+run's samples: no-face counts, cached crops), ``orl`` (the embedded ORL faces and landmark
+morphs), ``splits`` (the split plan), ``identities`` (identities from file names,
 identity-safe splits, leak checks), ``images`` (decoding once, the uint8 cache, loaders),
 ``families`` (loading the backbones users bring: HF folders and timm), ``hub`` (hub ids through
 the Hugging Face cache), ``architecture`` (a backbone's architecture as JSON, for exports),

@@ -19,6 +19,7 @@ import torch
 from lora_vit import __version__ as lora_vit_version
 
 from . import hub
+from .attacks import FixedAttackSet, drop_methods, required_morphs, training_sets
 from .backbone import (
     DEFAULT_IMAGE_SIZE,
     BackboneError,
@@ -31,7 +32,8 @@ from .backbone import (
 )
 from .checkpoint import CheckpointError, read_metadata, save_model
 from .config import Config, ConfigError
-from .data import Sample, evaluation_samples, load_samples
+from .cropping import CropLandmarks
+from .data import Sample, check_splits, evaluation_samples, load_samples
 from .detector import Detector, describe_file
 from .distributed import barrier, current
 from .errors import MadlabError
@@ -53,17 +55,18 @@ from .inference import predict
 from .model import MorphDetector, count_trainable
 from .plots import save_plots
 from .resume import STATE_FILE
-from .shortcuts import SHORTCUTS, sample_greys, shortcut_scores
+from .shortcuts import SHORTCUTS, grey, sample_greys, shortcut_scores
 from .speed import resolve_precision, threads
+from .synthcheck import format_separability, separability, served_pairs
 from .training import train
 
 __all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_pretrain", "run_test", "run_train"]
 
 MODEL_FILE = "morph_detector.safetensors"
 SMOKE_TEST_BANNER = (
-    "NOTE: this run uses the embedded skimage lfw_subset faces (25x25 grayscale) with morphs made"
-    " in-process. It is a smoke test of the pipeline, NOT a MAD benchmark; its numbers say nothing"
-    " about real morphing attacks. Use --data ROOT for real data."
+    "NOTE: this run uses embedded data (by default the ORL faces: 40 people, 92x112 grey, courtesy of AT&T Laboratories"
+    " Cambridge) with morphs made in-process. It is a smoke test of the pipeline, NOT a MAD"
+    " benchmark; its numbers say little about real morphing attacks. Use --data ROOT for real data."
 )
 
 
@@ -96,14 +99,28 @@ def _split(samples: list[Sample], split: str) -> list[Sample]:
     return [s for s in samples if s.split == split]
 
 
-def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None) -> list[Sample]:
+def _data_settings(config: Config, env: Env) -> dict[str, Any]:
+    """How the run's data are read and cropped: the embedded set, contributor matching, and
+    ``face_margin`` when ``face_crop=align`` (else ``None``: whole images)."""
+    return {"embedded": config.embedded_data, "match_contributors": config.morph_match_contributors,
+            "face_margin": config.face_margin if config.face_crop == "align" else None,
+            "cache": cache_root(env.cache_dir)}
+
+
+def _data(config: Config, env: Env, reports: list[dict[str, Any]] | None = None, testing: bool = False) -> list[Sample]:
     """Load the run's samples and print what was loaded, skipped, dropped and warned about.
 
     Args:
         reports: If given, the data report (counts, skips, notes) is appended to it, for metrics.json.
+        testing: Whether the test split is needed (it must hold morphs even when training synthesises them).
     """
+    need = required_morphs(config.attacks, testing)
     samples, report = load_samples(config.data, config.seed, config.morph_methods, config.morphs_per_face,
-                                   (config.train_val_pct, config.dev_pct), config.identity_pattern)
+                                   (config.train_val_pct, config.dev_pct), config.identity_pattern,
+                                   need_morphs=need, **_data_settings(config, env))
+    if config.exclude_methods:
+        samples = drop_methods(samples, config.exclude_methods, report)
+        check_splits(samples, report, need)
     for line in report.lines(samples):
         env.say(line)
     if reports is not None:
@@ -279,6 +296,18 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     size = model.image_size
     train_set = _datasets(_split(samples, "train"), spec, config, augment=config.use_cls_aug)
     dev_set = _datasets(_split(samples, "dev"), spec, config)
+    # Aligned faces give the synthetic attacks' masks their 5 landmarks; whole images a centred ellipse.
+    landmarks = CropLandmarks(size) if config.face_crop == "align" else None
+    train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed, landmarks)
+    env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
+    separable = None
+    if config.attacks != "given":
+        env.say("synthetic attacks: face masks from "
+                + ("the 5 landmarks of each aligned crop (face_crop=align)" if landmarks else
+                   "a centred ellipse (face_crop=none: no landmarks)"))
+        real, made = served_pairs(train_set)
+        separable = separability(real, made)
+        env.say(format_separability(separable, len(real)))
     result = train(model, train_set, dev_set, config, out / "train_log.csv", env.progress, env.say,
                    state_path=out / STATE_FILE, resume=resume)
     dev_labels = np.array([s.label for s in dev_set.samples])
@@ -286,9 +315,8 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     dev_scores, _ = predict(model, dev_set, config.batch_size, progress=False, precision=precision,
                             num_workers=config.num_workers)
     threshold = choose_threshold(dev_scores, dev_labels, config.threshold_rule)
-    dev_samples = _split(samples, "dev")
     shortcut_thresholds = {name: choose_threshold(stat, dev_labels, config.threshold_rule)
-                           for name, stat in shortcut_scores(sample_greys(dev_samples, size)).items()}
+                           for name, stat in shortcut_scores(_dev_greys(dev_set, size)).items()}
     env.say(f"best epoch {result.best_epoch} (by {config.selection_metric}) restored: dev loss"
             f" {result.best_dev_loss:.4f}, dev D-EER {100 * result.best_dev_eer:.1f}%;"
             f" threshold {threshold['value']:.4f} ({config.threshold_rule})")
@@ -305,7 +333,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "shortcut_thresholds": shortcut_thresholds,  # for test on other data, which has no dev split of its own
         "training": {"best_epoch": result.best_epoch, "best_dev_loss": result.best_dev_loss,
                      "best_dev_eer": result.best_dev_eer, "epochs_run": len(result.history),
-                     "stopped_early": result.stopped_early, "seconds": result.seconds},
+                     "stopped_early": result.stopped_early, "seconds": result.seconds,
+                     "attacks": config.attacks, "dev_attacks": dev_note, "exclude_methods": config.exclude_methods,
+                     "synthetic_separability_auc": separable},
         "lora_vit_version": lora_vit_version,
     }
     model_path = out / MODEL_FILE
@@ -326,11 +356,22 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "best_dev_loss": result.best_dev_loss,
         "best_dev_eer": result.best_dev_eer,
         "threshold": threshold["value"],
+        "attacks": config.attacks,
+        "dev_attacks": dev_note,
+        "synthetic_separability_auc": separable,
     }
     if d.main:
         write_json(out / "train_summary.json", summary)
     env.say(f"saved {model_path} ({summary['checkpoint_bytes'] / 1024:.1f} KiB)")
     return summary
+
+
+def _dev_greys(dev_set: Any, size: int) -> list[np.ndarray]:
+    """The grey image of every dev item, for the shortcut thresholds: decoded as the dataset decodes a
+    given image, or the served pixels of a seeded synthetic dev attack (:class:`~.attacks.FixedAttackSet`)."""
+    if isinstance(dev_set, FixedAttackSet):
+        return [grey(dev_set.pixels(k).permute(1, 2, 0).numpy() / 255.0) for k in range(len(dev_set))]
+    return sample_greys(dev_set.samples, size)
 
 
 def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env, output_dir: str | None = None,
@@ -353,7 +394,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     data_reports: list[dict[str, Any]] = []
     test, samples, data_report = evaluation_samples(
         config.data, split, config.seed, config.morph_methods, config.morphs_per_face,
-        (config.train_val_pct, config.dev_pct), config.identity_pattern)
+        (config.train_val_pct, config.dev_pct), config.identity_pattern, **_data_settings(config, env))
     found = len(samples) + sum(data_report.skipped.values())
     for line in data_report.lines(samples):
         env.say(line)
@@ -383,6 +424,10 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
         save_plots(out, scores, labels, methods, threshold["value"], baselines)
     barrier()
     env.say(format_table(report))
+    training = detector.metadata.get("training") or {}
+    env.say(f"trained with attacks={training.get('attacks', 'given')}"
+            + (f", without the methods {training['exclude_methods']}" if training.get("exclude_methods") else "")
+            + (f"; {training['dev_attacks']}" if training.get("dev_attacks") else ""))
     env.say(f"wrote {out / 'scores.csv'}, {out / 'metrics.json'}, roc.png, det.png, score_histogram.png")
     return report
 
@@ -400,9 +445,11 @@ def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
     rule = detector.config.threshold_rule
     size = detector.image_size
     stored = detector.metadata.get("shortcut_thresholds")
-    dev = _split(samples, "dev")
+    # Methods held out of training (exclude_methods) were held out of dev too; a dev split without
+    # morphs (attacks=synthetic) had seeded synthetic attacks, whose τ the model file recorded.
+    dev = [s for s in _split(samples, "dev") if not (s.label == 1 and s.method in detector.config.exclude_methods)]
     same_data = detector.config.data == detector.metadata["config"].get("data")
-    if same_data and split == "test" and dev:
+    if same_data and split == "test" and any(s.label == 1 for s in dev):
         dev_stats, dev_labels, fixed = shortcut_scores(sample_greys(dev, size)), np.array([s.label for s in dev]), None
     elif stored:
         dev_stats, dev_labels, fixed = None, None, stored
@@ -452,7 +499,7 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
         if config.backbone_weights:
             train_cmd += ["--backbone_weights", config.backbone_weights]
         test_cmd = [sys.executable, str(entry), "test", "--model_path", str(sub / MODEL_FILE), "--output_dir", str(sub),
-                    *quiet]
+                    "--cache_dir", str(cache_root(env.cache_dir)), *quiet]
         env.say(f"--- compare: {name}")
         for step, cmd in (("train", train_cmd), ("test", test_cmd)):
             done = subprocess.run(cmd, capture_output=True, text=True)

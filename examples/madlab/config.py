@@ -18,6 +18,9 @@ SELECTION_METRICS = ("dev_loss", "dev_eer")
 THRESHOLD_RULES = ("dev_eer", "dev_apcer5", "dev_apcer10")
 LORA_INITS = ("normal", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
+FACE_CROPS = ("align", "none")
+EMBEDDED_SETS = ("orl", "lfw_subset")
+ATTACK_MODES = ("given", "synthetic", "both")  # where training attacks come from (see attacks.py)
 
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
 EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir",
@@ -82,12 +85,28 @@ class Config:
     precision: str = "auto"
     # torch.compile the detector; None = on with CUDA, off on CPU (see examples/README.md).
     compile: bool | None = None
-    # Data: None = the embedded lfw_subset smoke test; else a folder root or a CSV manifest.
+    # Data: None = the embedded smoke test (embedded_data); else a folder root or a CSV manifest.
     data: str | None = None
+    # "orl": the ORL faces of 40 people with landmark morphs; "lfw_subset": 100 tiny skimage crops
+    # (no identities, too small for the face detector: needs face_crop=none; a fast test fixture).
+    embedded_data: str = "orl"
+    # ORL morphs get their contributors' mean contrast and sharpness, so that neither is a cue.
+    morph_match_contributors: bool = True
+    # "align": detect the face and align its 5 landmarks to a template at the backbone's input
+    # size (images without a face are left out and counted); "none": the whole image, resized.
+    # Recorded in the model file, so test (and every later command) crops the same way.
+    face_crop: str = "align"
+    face_margin: float = 0.125  # share of the face square added on each side of the crop
     train_val_pct: float = 0.6
     dev_pct: float = 0.2
     morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
     morphs_per_face: int = 2
+    # Training attacks: the data's morphs ("given"), made from each training bona fide every
+    # epoch ("synthetic": bona fides alone train), or both. See attacks.py and synthesis.py.
+    attacks: str = "given"
+    # Morph methods kept out of the train and dev splits (the test split keeps them): the
+    # leave-one-method-out protocol trains without a method and tests on it.
+    exclude_methods: list[str] = field(default_factory=list)
     image_size: int | None = None
     # Regex over file names whose named groups are identities (bona fide: one; morph: its
     # contributors), so folder data can split by identity; FRLL: ^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\.
@@ -115,6 +134,9 @@ class Config:
             "lr_scheduler": ("cosine", "none"),
             "lora_init": LORA_INITS,
             "precision": PRECISIONS,
+            "face_crop": FACE_CROPS,
+            "embedded_data": EMBEDDED_SETS,
+            "attacks": ATTACK_MODES,
         }
         _check_types(self)
         for key, allowed in choices.items():
@@ -153,6 +175,12 @@ class Config:
                 f"train_val_pct={self.train_val_pct} and dev_pct={self.dev_pct} must be in (0, 1)"
                 " and leave a test share (sum < 1)"
             )
+        if not 0.0 <= self.face_margin <= 1.0:
+            raise ConfigError(f"face_margin must be in [0, 1] (0.125 = 12.5 % of the face on each side),"
+                              f" got {self.face_margin!r}")
+        if self.data is None and self.embedded_data == "lfw_subset" and self.face_crop == "align":
+            raise ConfigError("embedded_data=lfw_subset holds 25 x 25 px face crops, too small for the face"
+                              " detector; use it with face_crop=none")
         if self.learning_rate <= 0 or self.pretrain_lr <= 0:
             raise ConfigError("learning_rate and pretrain_lr must be positive")
         if self.class_weights is not None and (

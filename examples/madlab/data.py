@@ -12,7 +12,7 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,6 +28,7 @@ __all__ = [
     "EmbeddedSource",
     "FolderSource",
     "ManifestSource",
+    "OrlSource",
     "Sample",
     "Source",
     "apply_identity_pattern",
@@ -69,6 +70,8 @@ class Sample:
     split: str = ""
     identity: tuple[str, ...] = ()
     image: np.ndarray | None = field(default=None, repr=False)  # HxWx3 float in [0,1], in memory
+    # A madlab.faces.FaceRef once face_crop=align found the face: pixels are then its aligned crop.
+    face: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -349,8 +352,11 @@ def assign_splits(samples: list[Sample], fractions: tuple[float, float], seed: i
     return plan.apply(samples)
 
 
-def check_splits(samples: list[Sample], report: DataReport | None = None) -> None:
-    """Refuse to go on when a split lacks either class.
+def check_splits(samples: list[Sample], report: DataReport | None = None,
+                 need_morphs: tuple[str, ...] = SPLITS) -> None:
+    """Refuse to go on when a split lacks bona fides, or morphs where ``need_morphs`` names it.
+
+    A run with synthetic attacks (``attacks=synthetic``) needs no morphs in train and dev.
 
     Raises:
         DataError: Naming the split and its counts, and how many samples identity checks dropped.
@@ -361,11 +367,10 @@ def check_splits(samples: list[Sample], report: DataReport | None = None) -> Non
     for split in SPLITS:
         n_bf = sum(1 for s in samples if s.split == split and s.label == 0)
         n_m = sum(1 for s in samples if s.split == split and s.label == 1)
-        if n_bf == 0 or n_m == 0:
-            raise DataError(
-                f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; every split"
-                " needs both classes"
-            )
+        if n_bf == 0 or (n_m == 0 and split in need_morphs):
+            needs = ("every split needs both classes" if set(need_morphs) == set(SPLITS) else
+                     f"every split needs bona fides, and {'/'.join(need_morphs) or 'no split'} also morphs")
+            raise DataError(f"the {split} split has {n_bf} bona fide and {n_m} morph images{why}; {needs}")
 
 
 class Source(Protocol):
@@ -424,9 +429,51 @@ class ManifestSource:
         return read_csv_manifest(self.path, report)
 
 
+@dataclass(frozen=True)
+class OrlSource:
+    """The embedded ORL faces (40 people), split by person, with landmark morphs made inside each
+    split (:func:`~.orl.embedded_orl_samples`)."""
+
+    seed: int
+    methods: tuple[str, ...]
+    morphs_per_face: int
+    fractions: tuple[float, float]
+    match_contributors: bool = True
+    cache: Path | None = None
+
+    @property
+    def description(self) -> str:
+        from .orl import CREDIT
+
+        return f"embedded {CREDIT}; landmark morphs generated in-process"
+
+    def read(self, report: DataReport) -> list[Sample]:
+        from .orl import embedded_orl_samples  # orl builds on Sample: imported on use, one way
+
+        samples = embedded_orl_samples(self.seed, list(self.methods), self.morphs_per_face, self.fractions,
+                                       self.match_contributors, self.cache)
+        people = {split: len({s.identity[0] for s in samples if s.split == split and s.label == 0})
+                  for split in SPLITS}
+        report.notes.append(
+            "split by person: " + ", ".join(f"{k} {v} people" for k, v in people.items())
+            + "; morphs pair two people of the same split, so no person is in two splits; morphs "
+            + ("given their contributors' mean contrast and sharpness" if self.match_contributors
+               else "NOT matched to their contributors (blur and contrast are cues)"))
+        return samples
+
+
 def open_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
-                fractions: tuple[float, float]) -> Source:
-    """The source ``data`` names: ``None`` the embedded set, a ``.csv`` a manifest, else a folder."""
+                fractions: tuple[float, float], *, embedded: str = "lfw_subset", match_contributors: bool = True,
+                cache: Path | None = None) -> Source:
+    """The source ``data`` names: ``None`` the embedded set (``embedded``: ``orl`` or ``lfw_subset``),
+    a ``.csv`` a manifest, else a folder.
+
+    Args:
+        match_contributors: ORL morphs get their contributors' contrast and sharpness.
+        cache: Folder for the ORL frames.
+    """
+    if data is None and embedded == "orl":
+        return OrlSource(seed, tuple(methods), morphs_per_face, fractions, match_contributors, cache)
     if data is None:
         return EmbeddedSource(seed, tuple(methods), morphs_per_face, fractions)
     path = Path(data)
@@ -434,13 +481,16 @@ def open_source(data: str | None, seed: int, methods: list[str], morphs_per_face
 
 
 def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
-                fractions: tuple[float, float]) -> tuple[list[Sample], DataReport]:
+                fractions: tuple[float, float], **embedded: Any) -> tuple[list[Sample], DataReport]:
     """Every sample a data set holds, through its :class:`Source`, and the report of what was read.
+
+    Args:
+        embedded: ``embedded``, ``match_contributors`` and ``cache`` of :func:`open_source`.
 
     Raises:
         DataError: If the source is missing, malformed or holds no readable image.
     """
-    source = open_source(data, seed, methods, morphs_per_face, fractions)
+    source = open_source(data, seed, methods, morphs_per_face, fractions, **embedded)
     report = DataReport(source.description)
     samples = source.read(report)
     if not samples:
@@ -452,20 +502,38 @@ def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face
 
 def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
                  fractions: tuple[float, float],
-                 identity_pattern: str | None = None) -> tuple[list[Sample], DataReport]:
+                 identity_pattern: str | None = None, *, embedded: str = "lfw_subset",
+                 match_contributors: bool = True, face_margin: float | None = None, cache: Path | None = None,
+                 need_morphs: tuple[str, ...] = SPLITS) -> tuple[list[Sample], DataReport]:
     """All samples of a run with their splits, from the embedded set, a folder or a CSV.
 
     Args:
         identity_pattern: A regex whose named groups read identities from file names (see
             :func:`~.identities.parse_identity_pattern`); applies to samples without an identity.
+        embedded: Without ``data``: ``orl`` (the ORL faces, landmark morphs) or ``lfw_subset``.
+        match_contributors: ORL morphs get their contributors' contrast and sharpness
+            (``morph_match_contributors``).
+        face_margin: With a value, ``face_crop=align``: faces are found now (images without
+            one left out and counted) and every image is read as its aligned crop.
+        cache: Folder for the ORL frames, face detections and crops.
+        need_morphs: The splits that must hold morphs (every split needs bona fides).
     """
-    samples, report = read_source(data, seed, methods, morphs_per_face, fractions)
+    samples, report = read_source(data, seed, methods, morphs_per_face, fractions, embedded=embedded,
+                                  match_contributors=match_contributors, cache=cache)
+    if data is not None and identity_pattern:
+        samples = apply_identity_pattern(samples, identity_pattern, report)
+    if face_margin is not None:
+        samples = _faces(samples, face_margin, cache, report)
     if data is not None:
-        if identity_pattern:
-            samples = apply_identity_pattern(samples, identity_pattern, report)
         samples = assign_splits(samples, fractions, seed, report)
-    check_splits(samples, report)
+    check_splits(samples, report, need_morphs)
     return samples, report
+
+
+def _faces(samples: list[Sample], margin: float, cache: Path | None, report: DataReport) -> list[Sample]:
+    from .cropping import find_faces  # cropping reads pixels through images, which imports this module
+
+    return find_faces(samples, margin, cache, report)
 
 
 EVAL_SPLITS = ("all", *SPLITS)
@@ -473,9 +541,15 @@ EVAL_SPLITS = ("all", *SPLITS)
 
 def evaluation_samples(data: str | None, split: str, seed: int, methods: list[str], morphs_per_face: int,
                        fractions: tuple[float, float],
-                       identity_pattern: str | None = None) -> tuple[list[Sample], list[Sample], DataReport]:
+                       identity_pattern: str | None = None, *, embedded: str = "lfw_subset",
+                       match_contributors: bool = True, face_margin: float | None = None,
+                       cache: Path | None = None) -> tuple[list[Sample], list[Sample], DataReport]:
     """The samples ``test`` scores: one split of ``data``, or all of it (``split="all"``: a data set the
     model was not trained on is scored whole, whatever splits it has and whichever classes they lack).
+
+    Args:
+        embedded, match_contributors, face_margin, cache: As for :func:`load_samples`; with
+            ``face_margin`` (``face_crop=align``) images without a face are left out and counted.
 
     Returns:
         ``(scored, everything, report)``; ``everything`` is the whole data set (with splits
@@ -486,7 +560,10 @@ def evaluation_samples(data: str | None, split: str, seed: int, methods: list[st
     """
     if split not in EVAL_SPLITS:
         raise DataError(f"split {split!r} is not one of {list(EVAL_SPLITS)}")
-    samples, report = read_source(data, seed, methods, morphs_per_face, fractions)
+    samples, report = read_source(data, seed, methods, morphs_per_face, fractions, embedded=embedded,
+                                  match_contributors=match_contributors, cache=cache)
+    if face_margin is not None:
+        samples = _faces(samples, face_margin, cache, report)
     if split == "all":
         scored = samples
     else:

@@ -81,7 +81,11 @@ class Detector:
         if "config" not in meta or "backbone" not in meta or "threshold" not in meta:
             raise CheckpointError(
                 f"{path} has no training config in its metadata; it was not written by this example")
-        config = _check_overrides(Config.from_dict(meta["config"]), list(overrides))
+        stored = dict(meta["config"])
+        # Files from before face_crop and ORL saw whole images of the lfw_subset default.
+        stored.setdefault("face_crop", "none")
+        stored.setdefault("embedded_data", "lfw_subset")
+        config = _check_overrides(Config.from_dict(stored), list(overrides))
         torch.set_num_threads(threads(config))
         device = current().device
         if meta.get("format") == EXPORT_FORMAT:

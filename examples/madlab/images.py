@@ -11,6 +11,7 @@ augmentation run on the cached pixels, so they cost almost nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -41,11 +42,14 @@ def normalise(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def sample_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
-    """``H x W x 3`` float pixels in [0, 1] of ``sample``: in memory, or read from its file.
+    """``H x W x 3`` float pixels in [0, 1] of ``sample``: in memory, or read from its file. A sample
+    whose face was found (``face_crop=align``, :mod:`.cropping`) gives its aligned ``size x size`` crop.
 
     Raises:
         DataError: If the file cannot be read any more.
     """
+    if sample.face is not None and size:
+        return sample.face.crop(size, lambda: sample_pixels(replace(sample, face=None)))
     if sample.image is not None:
         return sample.image
     try:

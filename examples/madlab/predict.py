@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .cropping import predict_steps
 from .detector import Detector
 from .errors import MadlabError
 from .files import write_text_atomically
@@ -118,6 +119,8 @@ class _Inputs(Dataset):
 
     def __init__(self, paths: list[str], size: int, steps: Sequence[Step]) -> None:
         self.paths, self.size, self.steps = paths, size, list(steps)
+        # A step that crops (the face aligner) works on the photo as train and test saw it: whole.
+        self.decode_size = None if any(getattr(step, "full_resolution", False) for step in self.steps) else size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -125,7 +128,7 @@ class _Inputs(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, int]:
         path = self.paths[index]
         try:
-            pixels, _ = load_pixels(path, self.size)
+            pixels, _ = load_pixels(path, self.decode_size)
             for step in self.steps:
                 pixels = step(pixels, path)
             return resize_pixels(pixels, self.size), OK, index
@@ -193,8 +196,13 @@ def summary(rows: list[Prediction], threshold: float, seconds: float) -> str:
 
 def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLike[str], *,
                 operating_point: str = "dev", overrides: Sequence[str] = (), backbone: str | None = None,
-                progress: bool = False, say: Callable[[str], None] = print, steps: Sequence[Step] = ()) -> int:
+                progress: bool = False, say: Callable[[str], None] = print, steps: Sequence[Step] = (),
+                save_crops: str | os.PathLike[str] | None = None) -> int:
     """The ``predict`` command: score every input file, write the CSV, print one summary line.
+
+    A model trained with ``face_crop=align`` scores each photo's aligned face crop, as ``train``
+    and ``test`` did (:func:`~.cropping.predict_steps`); a photo without a face gets status
+    ``no face``. ``save_crops`` writes each crop as ``<folder>/<input stem>.png``.
 
     Returns:
         The exit status: 0 when every file was scored, :data:`EXIT_SOME_FAILED` when any was not.
@@ -205,10 +213,15 @@ def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLik
     """
     detector = Detector.load(model_path, list(overrides), backbone)
     threshold = detector.threshold(operating_point)
+    steps = [*predict_steps(detector.config, detector.image_size, save_crops), *steps]
     rows = expand_inputs(inputs)
     say(f"predict: {len(rows)} files from {len(inputs)} input(s); operating point {operating_point}"
         f" (tau = {threshold['value']:.4f}, rule {threshold['rule']}); {detector.precision},"
         f" {'compiled' if detector.net is not detector.model else 'eager'}, batch {detector.config.batch_size}")
+    if detector.config.face_crop == "align":
+        say(f"predict: each photo's largest face aligned by 5 landmarks (face_margin {detector.config.face_margin:g}),"
+            f" as in training; photos without a face get status 'no face'"
+            + (f"; crops written to {save_crops}/" if save_crops is not None else ""))
     seconds = run_predictions(detector, rows, batch_size=detector.config.batch_size,
                               num_workers=detector.config.num_workers, progress=progress, steps=steps)
     write_predictions(Path(output), rows, threshold["value"])

