@@ -8,8 +8,6 @@ run that then trains to the end. No row may end in a traceback.
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import re
 import struct
 import sys
@@ -23,6 +21,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
+from example_cli import cli as run_cli
+from example_cli import overrides
 from madlab.checkpoint import CheckpointError, load_weights
 from madlab.data import TOO_LARGE, DataReport, scan_folder
 from madlab.images import ImageDataset, sample_pixels
@@ -38,21 +38,11 @@ TINY = ["num_epochs=1", "batch_size=8", "use_early_stopping=false", "num_threads
 
 
 def cli(*args: str) -> tuple[int, str, str]:
-    """Run the example's main() and return (exit code, stdout, stderr); never a traceback.
-
-    The generated images are noise, without faces, so every run reads them whole (face_crop=none)
-    unless the test says otherwise.
-    """
+    """:func:`example_cli.cli`, reading the generated noise images (no faces) whole (face_crop=none)
+    unless the test says otherwise."""
     if args and args[0] in ("train", "pretrain", "compare", "test") and not any("face_crop=" in a for a in args):
         args = (*args, "--override", "face_crop=none")
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = morph_detection.main(list(args))
-        except SystemExit as exit_:  # argparse
-            rc = exit_.code if isinstance(exit_.code, int) else 1
-    assert "Traceback" not in err.getvalue() + out.getvalue()
-    return rc, out.getvalue(), err.getvalue()
+    return run_cli(*args)
 
 
 def fails(*args: str) -> str:
@@ -64,8 +54,6 @@ def fails(*args: str) -> str:
     return lines[-1]
 
 
-def overrides(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--override", item)]
 
 
 def image(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 12), value: int = 0) -> Path:

@@ -9,9 +9,7 @@ the crop the data path makes, an ``export`` crops the same way, and synthetic at
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import sys
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from skimage import data as skdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import morph_detection
+from example_cli import cli, overrides
 from madlab import app, attacks, faces
 from madlab.cropping import NO_FACE, CropLandmarks, find_faces
 from madlab.data import DataReport, Sample
@@ -38,19 +36,8 @@ TRAIN = ["num_epochs=2", "batch_size=8", "use_early_stopping=false", "num_thread
          "face_crop=align", "face_margin=0.125"]
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = morph_detection.main(list(args))
-        except SystemExit as exit_:
-            rc = exit_.code if isinstance(exit_.code, int) else 1
-    assert "Traceback" not in err.getvalue() + out.getvalue()
-    return rc, out.getvalue(), err.getvalue()
 
 
-def overrides(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--override", item)]
 
 
 def orl(person: int, shot: int) -> np.ndarray:

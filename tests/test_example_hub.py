@@ -7,8 +7,6 @@ filled cache is read offline.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import morph_detection
+from example_cli import cli, overrides
 from madlab.checkpoint import read_metadata
 from madlab.families import load_backbone
 from madlab.hub import HubError, is_hub_id, resolve
@@ -30,16 +28,8 @@ TRAIN = ["num_epochs=1", "batch_size=8", "use_early_stopping=false", "num_thread
 FIRST, SECOND = "1" * 40, "2" * 40
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = morph_detection.main(list(args))
-    assert "Traceback" not in err.getvalue()
-    return rc, out.getvalue(), err.getvalue()
 
 
-def overrides(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--override", item)]
 
 
 def snapshot(cache: Path, repo_id: str, commit: str, seed: int, main: bool = True) -> Path:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
+from example_cli import cli, overrides
 from madlab.checkpoint import read_metadata
 from madlab.detector import Detector
 from madlab.evaluation import read_scores_csv
@@ -39,19 +40,8 @@ TRAIN = ["num_epochs=3", "batch_size=8", "use_early_stopping=false", "num_thread
          "num_workers=0", "face_crop=none"]
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = morph_detection.main(list(args))
-        except SystemExit as exit_:
-            rc = exit_.code if isinstance(exit_.code, int) else 1
-    assert "Traceback" not in err.getvalue() + out.getvalue()
-    return rc, out.getvalue(), err.getvalue()
 
 
-def overrides(items: list[str]) -> list[str]:
-    return [arg for item in items for arg in ("--override", item)]
 
 
 def image(path: Path, seed: int, smooth: bool = False, size: tuple[int, int] = (20, 24)) -> Path:
