@@ -148,10 +148,10 @@ def test_whole_images_would_score_differently(run, tmp_path) -> None:
     whole = [Prediction(p) for p in paths]
     run_predictions(detector, whole, batch_size=8, num_workers=0, progress=False)  # no steps: whole images
     aligned = [Prediction(p) for p in paths]
-    from madlab.cropping import predict_steps
+    from madlab.cropping import predict_reader
 
     run_predictions(detector, aligned, batch_size=8, num_workers=0, progress=False,
-                    steps=predict_steps(detector.config, detector.image_size))
+                    read=predict_reader(detector.config, detector.image_size))
     assert all(r.status == "ok" for r in whole + aligned)
     assert max(abs(a.logit - w.logit) for a, w in zip(aligned, whole)) > 1e-3
 
