@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from madlab import cropping, faces
+from face_counts import Counts
+from madlab import faces
 from madlab.cropping import NO_FACE, crop_names, find_faces, save_crops
 from madlab.data import DataReport, Sample, load_samples
 from madlab.faces import TEMPLATE_112, FaceCropError, align, crop_with, detect_faces, similarity_matrix, template
@@ -202,32 +203,6 @@ def test_find_faces_counts_images_without_a_face_and_caches_everything(tmp_path,
     monkeypatch.setattr("madlab.faces.crop_with", refuse)
     np.testing.assert_array_equal(sample_pixels(again[0], 48), first)
     np.testing.assert_allclose(again[0].face.landmarks, kept[0].face.landmarks)
-
-
-class Counts:
-    """How often the run decodes a file (``PIL.Image.open``), detects faces and cuts a crop."""
-
-    def __init__(self, monkeypatch) -> None:
-        self.opened: list[str] = []
-        self.detected = 0
-        self.cropped = 0
-        real_open, real_detect, real_crop = Image.open, cropping.detect_faces, faces.crop_with
-
-        def open_(path, *args, **kwargs):
-            self.opened.append(str(path))
-            return real_open(path, *args, **kwargs)
-
-        def detect(*args, **kwargs):
-            self.detected += 1
-            return real_detect(*args, **kwargs)
-
-        def crop(*args, **kwargs):
-            self.cropped += 1
-            return real_crop(*args, **kwargs)
-
-        monkeypatch.setattr(Image, "open", open_)
-        monkeypatch.setattr(cropping, "detect_faces", detect)
-        monkeypatch.setattr(faces, "crop_with", crop)
 
 
 def _tree(root: Path) -> Path:
