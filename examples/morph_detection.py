@@ -88,8 +88,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
             "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
             " model.safetensors)"))
         parser.add_argument("--cache_dir", default=None, help=(
-            "where pretrained default backbones, face detections and aligned crops are cached (default:"
-            " $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
+            "where pretrained default backbones, the data files' checks, face detections and aligned crops are"
+            " cached, by file content (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--backbone", default=None,
                       help="backbone folder (timm: its weights), if it moved since training")
     test.add_argument("--cache_dir", default=None, help=(
-        "where face detections and aligned crops are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
+        "where the data files' checks, face detections and aligned crops are cached, by file content (default:"
+        " $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
     _common(test, training=False)
     _predict_parser(sub)
     export = sub.add_parser("export", help="merge the adapters into the backbone: one self-contained file",
