@@ -52,6 +52,7 @@ from madlab.app import (
     run_test,
     run_train,
 )
+from madlab.backbone import cache_root
 from madlab.config import ATTACK_MODES, Config, ConfigError, apply_overrides
 from madlab.data import EVAL_SPLITS
 from madlab.detector import OPERATING_POINTS, Detector
@@ -87,8 +88,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
             "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
             " model.safetensors)"))
         parser.add_argument("--cache_dir", default=None, help=(
-            "where pretrained default backbones, face detections and aligned crops are cached (default:"
-            " $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
+            "where pretrained default backbones, the data files' checks, face detections and aligned crops are"
+            " cached, by file content (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--backbone", default=None,
                       help="backbone folder (timm: its weights), if it moved since training")
     test.add_argument("--cache_dir", default=None, help=(
-        "where face detections and aligned crops are cached (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
+        "where the data files' checks, face detections and aligned crops are cached, by file content (default:"
+        " $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
     _common(test, training=False)
     _predict_parser(sub)
     export = sub.add_parser("export", help="merge the adapters into the backbone: one self-contained file",
@@ -165,8 +167,12 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     predict.add_argument("--no_progress", action="store_true", help="no progress bar (shown only on a terminal)")
     predict.add_argument("--save_crops", default=None, metavar="DIR", help=(
-        "write each photo's aligned face crop (what the model scores) as DIR/<input file stem>.png;"
-        " needs a model trained with face_crop=align"))
+        "write each photo's aligned face crop (what the model scores) as DIR/<input file stem>.png; an input"
+        " whose stem an earlier input has gets DIR/<stem>-2.png (-3, ...), so none is overwritten; needs a model"
+        " trained with face_crop=align"))
+    predict.add_argument("--cache_dir", default=None, help=(
+        "where face detections and aligned crops are cached, shared with train and test (default:"
+        " $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -215,7 +221,8 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
                      if getattr(args, k) is not None]
             return run_predict(args.model_path, args.input, args.output, operating_point=args.operating_point,
                                overrides=[*args.override, *flags], backbone=args.backbone,
-                               progress=env.progress, say=env.say, save_crops=args.save_crops)
+                               progress=env.progress, say=env.say, save_crops=args.save_crops,
+                               cache=cache_root(env.cache_dir))
         if args.command == "export":
             env.say(summary_line(export_detector(Detector.load(args.model_path, backbone=args.backbone),
                                                  args.output)))

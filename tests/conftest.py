@@ -18,6 +18,19 @@ settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The example's cache (file checks, face detections, crops, pretrained backbones) in this
+    session's temporary folder unless ``$LORA_VIT_CACHE`` names one: commands a test runs without
+    ``--cache_dir`` never write into the user's ``~/.cache/lora-vit``."""
+    given = os.environ.get("LORA_VIT_CACHE")
+    if not given:
+        os.environ["LORA_VIT_CACHE"] = str(tmp_path_factory.mktemp("lora-vit-cache"))
+    yield
+    if not given:
+        os.environ.pop("LORA_VIT_CACHE", None)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

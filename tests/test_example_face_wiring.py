@@ -10,6 +10,7 @@ the crop the data path makes, an ``export`` crops the same way, and synthetic at
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from skimage import data as skdata
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from example_cli import cli, overrides
+from face_counts import Counts
 from madlab import app, attacks, faces
 from madlab.cropping import NO_FACE, CropLandmarks, find_faces
 from madlab.data import DataReport, Sample
@@ -127,7 +129,7 @@ def test_predict_scores_the_aligned_crop_test_scores_and_marks_no_face(run, tmp_
     expected = dict(zip(paths, scores))
     output = tmp_path / "pred.csv"
     rc, stdout, err = cli("predict", "--model_path", str(run["model"]), "--input", str(run["other"]), "--output",
-                          str(output), "--no_progress")
+                          str(output), "--cache_dir", str(tmp_path / "cache"), "--no_progress")
     assert rc == 4, err  # some file (the coffee photo) got no score
     rows = rows_of(output)
     assert set(rows) == set(expected) | {str(run["other"] / "bona_fide" / "coffee.png")}
@@ -148,10 +150,10 @@ def test_whole_images_would_score_differently(run, tmp_path) -> None:
     whole = [Prediction(p) for p in paths]
     run_predictions(detector, whole, batch_size=8, num_workers=0, progress=False)  # no steps: whole images
     aligned = [Prediction(p) for p in paths]
-    from madlab.cropping import predict_steps
+    from madlab.cropping import predict_reader
 
     run_predictions(detector, aligned, batch_size=8, num_workers=0, progress=False,
-                    steps=predict_steps(detector.config, detector.image_size))
+                    read=predict_reader(detector.config, detector.image_size))
     assert all(r.status == "ok" for r in whole + aligned)
     assert max(abs(a.logit - w.logit) for a, w in zip(aligned, whole)) > 1e-3
 
@@ -159,7 +161,8 @@ def test_whole_images_would_score_differently(run, tmp_path) -> None:
 def test_save_crops_writes_the_crop_the_data_path_makes_named_by_stem(run, tmp_path) -> None:
     crops = tmp_path / "crops"
     rc, _, err = cli("predict", "--model_path", str(run["model"]), "--input", str(run["other"]), "--output",
-                     str(tmp_path / "pred.csv"), "--save_crops", str(crops), "--no_progress")
+                     str(tmp_path / "pred.csv"), "--save_crops", str(crops), "--cache_dir", str(tmp_path / "cache"),
+                     "--no_progress")
     assert rc == 4, err
     written = sorted(p.name for p in crops.iterdir())
     assert written == ["scene_s20.png", "scene_s21.png", "scene_s22.png", "scene_s23_s24.png", "scene_s25_s26.png"]
@@ -171,6 +174,60 @@ def test_save_crops_writes_the_crop_the_data_path_makes_named_by_stem(run, tmp_p
         reference = (sample_pixels(sample, size) * 255).round().astype(np.uint8)
         saved = np.asarray(Image.open(crops / f"{Path(sample.path).stem}.png"))
         np.testing.assert_array_equal(saved, reference)
+
+
+def predict(run, inputs: list[Path], output: Path, *extra: str) -> tuple[int, str, dict[str, dict[str, str]]]:
+    args = [a for path in inputs for a in ("--input", str(path))]
+    rc, stdout, err = cli("predict", "--model_path", str(run["model"]), *args, "--output", str(output),
+                          "--no_progress", *extra)
+    assert rc in (0, 4), err
+    return rc, stdout, rows_of(output)
+
+
+def test_predict_reads_the_face_cache_test_made_and_a_changed_file_is_detected_again(run, tmp_path,
+                                                                                      monkeypatch) -> None:
+    other, cache = tmp_path / "other", tmp_path / "cache"
+    shutil.copytree(run["other"], other)
+    rc, _, err = cli("test", "--model_path", str(run["model"]), "--data", str(other), "--output_dir",
+                     str(tmp_path / "test"), "--cache_dir", str(cache), "--no_progress")
+    assert rc == 0, err
+    paths, _, _, scores = read_scores_csv(tmp_path / "test" / "scores.csv")
+    counts = Counts(monkeypatch)
+    _, _, rows = predict(run, [other], tmp_path / "p1.csv", "--cache_dir", str(cache), "--save_crops",
+                         str(tmp_path / "crops"))
+    assert (counts.opened, counts.detected, counts.cropped) == ([], 0, 0)  # test's detections and crops
+    for path, logit in zip(paths, scores):
+        assert abs(float(rows[path]["logit"]) - logit) <= 1e-5, path
+    assert rows[str(other / "bona_fide" / "coffee.png")]["status"] == "no face"  # cached as no face
+    assert len(list((tmp_path / "crops").iterdir())) == 5  # written from the cached crops
+
+    face, faceless = other / "bona_fide" / "scene_s20.png", other / "bona_fide" / "scene_s21.png"
+    save(face, in_scene(orl(27, 5)))  # same paths, new bytes
+    save(faceless, skdata.coffee()[::-1].copy())
+    counts = Counts(monkeypatch)
+    _, _, again = predict(run, [other], tmp_path / "p2.csv", "--cache_dir", str(cache))
+    assert counts.detected == 2 and sorted(counts.opened) == sorted([str(face), str(faceless)])
+    assert again[str(faceless)]["status"] == "no face" and again[str(face)]["status"] == "ok"
+    assert abs(float(again[str(face)]["logit"]) - float(rows[str(face)]["logit"])) > 1e-4
+    reference = predict(run, [face], tmp_path / "p3.csv", "--cache_dir", str(tmp_path / "fresh"))[2]
+    assert abs(float(again[str(face)]["logit"]) - float(reference[str(face)]["logit"])) <= 1e-5
+    assert all(again[p] == rows[p] for p in rows if p not in (str(face), str(faceless)))
+
+
+def test_save_crops_keeps_both_inputs_of_one_stem(run, tmp_path) -> None:
+    first = save(tmp_path / "in" / "a" / "x.png", in_scene(orl(20, 3)))
+    second = save(tmp_path / "in" / "b" / "x.png", in_scene(orl(22, 3)))
+    crops = tmp_path / "crops"
+    rc, stdout, rows = predict(run, [tmp_path / "in"], tmp_path / "p.csv", "--save_crops", str(crops),
+                               "--cache_dir", str(tmp_path / "cache"))
+    assert rc == 0 and list(rows) == [str(first), str(second)]
+    assert sorted(p.name for p in crops.iterdir()) == ["x-2.png", "x.png"]
+    assert "1 share a stem with an earlier input" in stdout
+    kept = find_faces([Sample(str(first), 0, "bona_fide"), Sample(str(second), 0, "bona_fide")], 0.125, None,
+                      DataReport("t"))
+    for sample, name in zip(kept, ("x.png", "x-2.png")):
+        reference = (sample_pixels(sample, 16) * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(Image.open(crops / name)), reference)
 
 
 def test_save_crops_needs_a_model_that_crops(run, tmp_path) -> None:
@@ -190,7 +247,7 @@ def test_an_export_crops_as_the_model_file_does(run, tmp_path) -> None:
     results = {}
     for name, model in (("file", run["model"]), ("export", exported)):
         rc, _, err = cli("predict", "--model_path", str(model), "--input", str(run["other"]), "--output",
-                         str(tmp_path / f"{name}.csv"), "--no_progress")
+                         str(tmp_path / f"{name}.csv"), "--cache_dir", str(tmp_path / "cache"), "--no_progress")
         assert rc == 4, err
         results[name] = rows_of(tmp_path / f"{name}.csv")
     assert {p: r["status"] for p, r in results["export"].items()} == {

@@ -8,6 +8,7 @@ scenes at a known rotation and scale, and photos without any face (``chelsea``, 
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from face_counts import Counts
 from madlab import faces
-from madlab.cropping import NO_FACE, find_faces, save_crops
+from madlab.cropping import NO_FACE, crop_names, find_faces, save_crops
 from madlab.data import DataReport, Sample, load_samples
 from madlab.faces import TEMPLATE_112, FaceCropError, align, crop_with, detect_faces, similarity_matrix, template
+from madlab.images import sample_pixels
 from PIL import Image
 from skimage import data as skdata
 from skimage.transform import SimilarityTransform
@@ -187,8 +190,6 @@ def test_find_faces_counts_images_without_a_face_and_caches_everything(tmp_path,
     assert [Path(s.path).name for s in kept] == ["hopper.jpg", "astro.png"]
     assert report.skipped == {NO_FACE: 1} and "cat.png" in report.skipped_examples[0]
     assert "2 images aligned" in report.notes[0] and "{'morph/opencv': 1}" in report.notes[0]
-    from madlab.images import sample_pixels
-
     first = sample_pixels(kept[0], 48)
     assert first.shape == (48, 48, 3) and first.dtype == np.float32
 
@@ -204,12 +205,140 @@ def test_find_faces_counts_images_without_a_face_and_caches_everything(tmp_path,
     np.testing.assert_allclose(again[0].face.landmarks, kept[0].face.landmarks)
 
 
+def _tree(root: Path) -> Path:
+    """Split folders of ORL faces (one grey PNG among them), a cat (no face) and a truncated file."""
+    for k, split in enumerate(("train", "dev", "test")):
+        _write(root / split / "bona_fide" / "a.png", _orl(1 + 2 * k, 1))
+        _write(root / split / "morph" / "m" / "b.png", _orl(2 + 2 * k, 1))
+    _write(root / "train" / "bona_fide" / "cat.png", skdata.chelsea())
+    Image.fromarray(_orl(7, 2)[..., 0]).save(root / "dev" / "bona_fide" / "grey.png")
+    whole = (root / "test" / "bona_fide" / "a.png").read_bytes()
+    (root / "test" / "bona_fide" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def _load(data: Path, cache: Path) -> tuple[list[Sample], DataReport, dict[str, np.ndarray]]:
+    """``load_samples`` with ``face_crop=align`` and every sample's 32 px crop, as a run reads them."""
+    samples, report = load_samples(str(data), 0, [], 1, (0.6, 0.2), face_margin=0.125, cache=cache)
+    return samples, report, {s.path: sample_pixels(s, 32) for s in samples}
+
+
+def test_a_second_run_decodes_no_image_and_detects_nothing(tmp_path, monkeypatch) -> None:
+    data, cache = _tree(tmp_path / "data"), tmp_path / "cache"
+    first = Counts(monkeypatch)
+    samples, report, crops = _load(data, cache)
+    assert first.detected == 8 and first.cropped == 7 and len(first.opened) >= 9  # cut.png: no detection
+    assert report.skipped == {NO_FACE: 1, "truncated or corrupt image": 1} and report.converted == {"L": 1}
+
+    again = Counts(monkeypatch)
+    samples2, report2, crops2 = _load(data, cache)
+    assert (again.opened, again.detected, again.cropped) == ([], 0, 0)
+    assert [s.path for s in samples2] == [s.path for s in samples]
+    assert (report2.skipped, report2.converted, report2.notes) == (report.skipped, report.converted, report.notes)
+    for path, crop in crops.items():
+        np.testing.assert_array_equal(crops2[path], crop)
+
+
+def test_a_file_changed_under_the_same_path_is_read_and_detected_again(tmp_path, monkeypatch) -> None:
+    data, cache = _tree(tmp_path / "data"), tmp_path / "cache"
+    _load(data, cache)
+    changed = data / "dev" / "bona_fide" / "a.png"
+    _write(changed, _orl(30, 4))  # another person's photo, same path
+    counts = Counts(monkeypatch)
+    samples, _, crops = _load(data, cache)
+    assert counts.detected == 1 and counts.cropped == 1 and set(counts.opened) == {str(changed)}
+    reference = find_faces([Sample(str(changed), 0, "bona_fide")], 0.125, None, DataReport("t"))
+    np.testing.assert_array_equal(crops[str(changed)], sample_pixels(reference[0], 32))
+
+    _write(changed, skdata.chelsea())  # now no face at all: counted, not kept from the cache
+    samples, report, _ = _load(data, cache)
+    assert str(changed) not in {s.path for s in samples} and report.skipped[NO_FACE] == 2
+
+
+DAMAGE = {
+    "empty": b"",
+    "cut short": b'{"faces": 1, "landm',
+    "not an object": b"[1, 2]",
+    "wrong values": b'{"faces": 1, "landmarks": [[1, 2], [3]], "status": 5, "converted": []}',
+    "not UTF-8": bytes(range(256)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_cache_entry_is_made_again(tmp_path, monkeypatch, damage: str) -> None:
+    data, cache = _tree(tmp_path / "data"), tmp_path / "cache"
+    _, report, crops = _load(data, cache)
+    entries = sorted(cache.rglob("*.json")) + sorted(cache.rglob("*.npy"))
+    assert {p.parent.parent.name for p in entries} == {"checks", "detections", "crops"}
+    for entry in entries:
+        entry.write_bytes(DAMAGE[damage][:-5] if entry.suffix == ".npy" else DAMAGE[damage])
+    counts = Counts(monkeypatch)
+    _, report2, crops2 = _load(data, cache)
+    assert counts.detected == 8 and counts.cropped == 7  # every damaged entry was made again
+    assert (report2.skipped, report2.converted) == (report.skipped, report.converted)
+    for path, crop in crops.items():
+        np.testing.assert_array_equal(crops2[path], crop)
+    counts = Counts(monkeypatch)
+    _load(data, cache)  # and the remade entries are good ones
+    assert (counts.opened, counts.detected, counts.cropped) == ([], 0, 0)
+
+
+def test_a_damaged_orl_frame_cache_is_made_again(tmp_path, monkeypatch) -> None:
+    from madlab import orl
+
+    photos = [(p, 1, _orl(p, 1)[..., 0]) for p in (1, 2)]
+    monkeypatch.setattr(orl, "_read_photos", lambda: photos)
+    stored = tmp_path / "embedded" / f"orl-aligned-{orl.FRAME}-{faces.DEFAULT_MARGIN}.npz"
+    for damage in (b"", b"PK\x03\x04 cut", b"not a zip"):
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        stored.write_bytes(damage)
+        frames, marks, people = orl.aligned_orl(tmp_path)
+        assert frames.shape == (2, orl.FRAME, orl.FRAME) and list(people) == [1, 2] and marks.shape == (2, 5, 2)
+        assert stored.stat().st_size > 1000  # written again
+
+
+def test_crop_names_keep_the_stem_and_never_share_a_name() -> None:
+    assert crop_names(["a/x.jpg", "b/x.png", "c/y.jpg"]) == {"a/x.jpg": "x.png", "b/x.png": "x-2.png",
+                                                            "c/y.jpg": "y.png"}
+    # A suffixed name never takes another input's own stem; case is ignored (macOS, Windows).
+    assert crop_names(["a/x.jpg", "b/x.jpg", "x-2.jpg", "X.png"]) == {
+        "a/x.jpg": "x.png", "b/x.jpg": "x-3.png", "x-2.jpg": "x-2.png", "X.png": "X-4.png"}
+    assert crop_names(["a/x.jpg", "a/x.jpg"]) == {"a/x.jpg": "x.png"}  # one input given twice
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b/c", "d"]), st.sampled_from(["x", "X", "x-2", "y", "x-3"]),
+                          st.sampled_from([".jpg", ".png"])), max_size=12))
+def test_crop_names_are_distinct_for_any_inputs(parts) -> None:
+    paths = [f"{folder}/{stem}{suffix}" for folder, stem, suffix in parts]
+    names = crop_names(paths)
+    assert set(names) == set(paths)
+    assert len({n.casefold() for n in names.values()}) == len(names)
+    for path, name in names.items():
+        stem = Path(path).stem
+        assert name == f"{stem}.png" or re.fullmatch(re.escape(stem) + r"-\d+\.png", name)
+    first = {}
+    for path in paths:  # the first input of each stem keeps it
+        first.setdefault(Path(path).stem.casefold(), path)
+    assert all(names[p] == f"{Path(p).stem}.png" for p in first.values())
+
+
 def test_save_crops_names_each_crop_after_its_input(tmp_path) -> None:
     samples = [Sample(str(_write(tmp_path / "in" / "portrait.jpg", _hopper())), 0, "bona_fide")]
     kept = find_faces(samples, 0.125, None, DataReport("t"))
     written = save_crops(kept, 40, tmp_path / "crops")
     assert [p.name for p in written] == ["portrait.png"]
     assert Image.open(written[0]).size == (40, 40)
+
+
+def test_save_crops_keeps_both_inputs_of_one_stem(tmp_path) -> None:
+    samples = [Sample(str(_write(tmp_path / "a" / "x.jpg", _hopper())), 0, "bona_fide"),
+               Sample(str(_write(tmp_path / "b" / "x.png", skdata.astronaut())), 0, "bona_fide")]
+    kept = find_faces(samples, 0.125, None, DataReport("t"))
+    written = save_crops(kept, 40, tmp_path / "crops")
+    assert [p.name for p in written] == ["x.png", "x-2.png"]
+    for sample, path in zip(kept, written):
+        expected = (sample_pixels(sample, 40) * 255).round().astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
 
 
 def test_folder_data_with_face_crop_leave_out_faceless_images(tmp_path) -> None:

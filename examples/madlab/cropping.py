@@ -1,48 +1,60 @@
 """``face_crop=align`` for a run's samples and for ``predict``'s photos: the same aligned crop everywhere.
 
-When the data are loaded, every image is searched for faces (the result cached by the
-image's content, so a second run detects nothing). An image without a face is left out and
-counted, with the reason, in the data report; an image with several faces keeps the largest
-and is counted too. Each kept sample then carries a :class:`~madlab.faces.FaceRef`, so every
-reader of its pixels (training, scoring, the shortcut baselines, MAE pretraining) gets the
-same aligned crop at the size it asks for, made once and cached as uint8.
+When the data are loaded, every image is searched for faces. An image without a face is left
+out and counted, with the reason, in the data report; an image with several faces keeps the
+largest and is counted too. Each kept sample then carries a :class:`~madlab.faces.FaceRef`, so
+every reader of its pixels (training, scoring, the shortcut baselines, MAE pretraining) gets
+the same aligned crop at the size it asks for, made once and cached as uint8.
 
-``predict`` scores photos that are no data set: :class:`AlignStep` is its per-image step,
-which detects and crops each photo as :func:`find_faces` and :class:`~madlab.faces.FaceRef` do
-(full-resolution pixels, the largest face, the same template and margin), raises
+What the detector found is cached under the image's content (:mod:`.keyed`: the SHA-256 of a
+file's bytes, which are read but not decoded) and the detector's settings, and the crops under
+the content, landmarks, size and margin. A second run over the same files therefore decodes
+no image and runs no detector; a file whose bytes changed is detected again, and a damaged
+entry is made again.
+
+``predict`` scores photos that are no data set: :class:`AlignedReader` turns each photo's path
+into its crop the same way and through the same cache (:func:`predict_reader`), raises
 :class:`~madlab.pixels.RejectedImageError` with status ``no face`` for a photo without one, and
-can write each crop (``--save_crops``). :class:`CropLandmarks` hands a sample's 5 landmarks, in
-its crop's pixel coordinates, to the synthetic attacks (``attacks=synthetic``).
+can write each crop (``--save_crops``, named by :func:`crop_names`). :class:`CropLandmarks`
+hands a sample's 5 landmarks, in its crop's pixel coordinates, to the synthetic attacks
+(``attacks=synthetic``).
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 
 from .config import Config, ConfigError
-from .data import DataReport, Sample
+from .data import DataError, DataReport, Sample
 from .faces import (
     DETECT_MAX_SIDE,
     DETECT_MIN_SIDE,
     SCORE_THRESHOLD,
     YUNET_FILE,
     FaceRef,
-    align,
-    content_key,
     detect_faces,
     save_crop,
 )
-from .files import write_text_atomically
 from .images import sample_pixels
-from .pixels import RejectedImageError
+from .keyed import content_key, entry_path, file_key, read_entry, write_entry
+from .pixels import RejectedImageError, load_pixels
 
-__all__ = ["NO_FACE", "NO_FACE_STATUS", "AlignStep", "CropLandmarks", "find_faces", "predict_steps", "save_crops"]
+__all__ = [
+    "NO_FACE",
+    "NO_FACE_STATUS",
+    "AlignedReader",
+    "CropLandmarks",
+    "crop_names",
+    "detection",
+    "find_faces",
+    "predict_reader",
+    "save_crops",
+]
 
 NO_FACE = "no face found by the detector (face_crop=align)"
 NO_FACE_STATUS = "no face"  # predict's status column
@@ -50,26 +62,48 @@ _DETECTOR_KEY = f"{YUNET_FILE}-{SCORE_THRESHOLD}-{DETECT_MIN_SIDE}-{DETECT_MAX_S
 
 
 def _sample_key(sample: Sample) -> str:
+    """The content key of ``sample``: of its pixels in memory, else of its file's bytes (not decoded).
+
+    Raises:
+        DataError: If the file cannot be read any more (it was readable when scanned).
+    """
     if sample.image is not None:
         return content_key(sample.image)
-    return content_key(Path(sample.path).read_bytes())
+    key = file_key(sample.path)
+    if key is None:
+        raise DataError(f"could not read {sample.path!r} (it was readable when scanned)")
+    return key
 
 
-def _detection(sample: Sample, key: str, cache: Path | None) -> dict:
-    """``{"faces": n, "landmarks": 5 x 2 list or None}`` for ``sample``, from the cache or detected now."""
-    path = None if cache is None else cache / "faces" / "detections" / key[:2] / f"{key}-{_DETECTOR_KEY}.json"
-    if path is not None and path.is_file():
-        try:
-            found = json.loads(path.read_text())
-            if isinstance(found.get("faces"), int):
-                return found
-        except (OSError, ValueError):
-            pass  # a damaged entry is detected again
-    faces = detect_faces(sample_pixels(sample))
+def _valid_detection(entry: dict) -> bool:
+    """An entry :func:`detection` may trust: a face count, and 5 finite landmarks when it is not 0."""
+    faces = entry["faces"]
+    if not isinstance(faces, int) or isinstance(faces, bool) or faces < 0:
+        return False
+    marks = np.asarray(entry["landmarks"], dtype=np.float64) if faces else np.zeros((5, 2))
+    return marks.shape == (5, 2) and bool(np.isfinite(marks).all())
+
+
+def detection(key: str, pixels: Callable[[], np.ndarray], cache: Path | None) -> dict:
+    """What the detector finds in the image of content ``key``: from the cache, or detected now.
+
+    Args:
+        key: The image's content key (:func:`~madlab.keyed.file_key` or
+            :func:`~madlab.keyed.content_key`).
+        pixels: Gives the full-resolution image; called only when the cache has no valid entry.
+        cache: The cache root (entries under ``<cache>/faces/detections/``), or ``None``.
+
+    Returns:
+        ``{"faces": n, "landmarks": 5 x 2 list (x, y) of the largest face or None, "score": ...}``.
+    """
+    entry = None if cache is None else entry_path(Path(cache) / "faces", "detections", key, _DETECTOR_KEY)
+    if entry is not None and (found := read_entry(entry, _valid_detection)) is not None:
+        return found
+    faces = detect_faces(pixels())
     found = {"faces": len(faces), "landmarks": faces[0].landmarks.tolist() if faces else None,
              "score": faces[0].score if faces else None}
-    if path is not None:
-        write_text_atomically(path, json.dumps(found))
+    if entry is not None:
+        write_entry(entry, found)
     return found
 
 
@@ -89,7 +123,7 @@ def find_faces(samples: list[Sample], margin: float, cache: str | Path | None, r
     kept, missing, several = [], Counter(), 0
     for sample in samples:
         key = _sample_key(sample)
-        found = _detection(sample, key, root)
+        found = detection(key, lambda: sample_pixels(sample), root)  # noqa: B023 (called at once)
         if not found["faces"]:
             report.skip(sample.path, NO_FACE)
             missing["bona_fide" if sample.label == 0 else f"morph/{sample.method}"] += 1
@@ -106,8 +140,36 @@ def find_faces(samples: list[Sample], margin: float, cache: str | Path | None, r
     return kept
 
 
+def crop_names(paths: Sequence[str]) -> dict[str, str]:
+    """The file name each input's crop gets in a ``--save_crops`` folder: never one for two inputs.
+
+    Each input keeps its stem (``a/x.jpg`` -> ``x.png``). An input whose stem an earlier one (in
+    the order given) already has gets the first free ``<stem>-2.png``, ``<stem>-3.png``, ...
+    that is no input's own stem, so ``a/x.jpg`` and ``b/x.png`` give ``x.png`` and ``x-2.png``.
+    Names are compared ignoring case, as macOS and Windows file systems do. The same path
+    given twice is one input and gets one name.
+
+    Returns:
+        ``path -> file name`` for every distinct path.
+    """
+    stems = {Path(p).stem.casefold() for p in paths}
+    taken: set[str] = set()
+    names: dict[str, str] = {}
+    for path in paths:
+        if path in names:
+            continue
+        stem = name = Path(path).stem
+        number = 1
+        while name.casefold() in taken or (number > 1 and name.casefold() in stems):
+            number += 1
+            name = f"{stem}-{number}"
+        taken.add(name.casefold())
+        names[path] = f"{name}.png"
+    return names
+
+
 def save_crops(samples: list[Sample], size: int, folder: str | Path) -> list[Path]:
-    """Write the aligned crop of every sample that has one as ``<folder>/<input stem>.png``.
+    """Write the aligned crop of every sample that has one into ``folder``, named by :func:`crop_names`.
 
     For ``predict --save_crops DIR``: users see what the detector saw. Samples without a face
     (no :class:`~madlab.faces.FaceRef`) are not written.
@@ -115,47 +177,79 @@ def save_crops(samples: list[Sample], size: int, folder: str | Path) -> list[Pat
     Returns:
         The written paths, in sample order.
     """
-    written = []
-    for sample in samples:
-        if sample.face is None:
-            continue
-        pixels = sample_pixels(sample, size)
-        written.append(save_crop(pixels, Path(sample.path).name, folder))
-    return written
+    with_face = [sample for sample in samples if sample.face is not None]
+    names = crop_names([sample.path for sample in with_face])
+    return [save_crop(sample_pixels(sample, size), names[sample.path], folder) for sample in with_face]
+
+
+class _Once:
+    """A photo decoded at most once, and only if asked for (a cached detection and crop need none)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.pixels = path, None
+
+    def __call__(self) -> np.ndarray:
+        if self.pixels is None:
+            self.pixels = load_pixels(self.path)[0]  # full resolution, as the data path reads it
+        return self.pixels
 
 
 @dataclass(frozen=True)
-class AlignStep:
-    """``predict``'s per-image step for ``face_crop=align``: full-resolution pixels in, the aligned crop out.
+class AlignedReader:
+    """``predict``'s reader for ``face_crop=align``: a photo's path in, its aligned crop out.
+
+    The crop is made as for a data set's sample (:func:`find_faces`, then
+    :meth:`~madlab.faces.FaceRef.crop`: full-resolution pixels, the largest face, the same
+    template and margin) and through the same cache, so a photo that ``train``, ``test`` or an
+    earlier ``predict`` saw is neither decoded nor detected again, and its crop is the same.
 
     Args:
         size: The model's input side.
         margin: ``face_margin`` of the model file.
-        save_to: A folder to write each crop to as ``<input stem>.png`` (``--save_crops``), or None.
+        cache: The cache root (``--cache_dir``, ``$LORA_VIT_CACHE``), or ``None``: no cache.
+        save_to: A folder to write each crop to (``--save_crops``), or ``None``.
+        names: ``path -> file name`` in ``save_to`` (:func:`crop_names`); a path not in it is
+            named after its own stem.
 
     Raises:
-        RejectedImageError: With status ``no face`` when the detector finds none (that image's
-            row says so; the run goes on).
+        RejectedImageError: With status ``no face`` when the detector finds none, or an
+            :class:`~madlab.pixels.UnreadableImageError` for a file that cannot be decoded
+            (that image's row says so; the run goes on).
     """
 
     size: int
     margin: float
+    cache: str | None = None
     save_to: str | None = None
-    # The crop is made from the full-resolution photo, as train and test make it; predict reads this.
-    full_resolution: ClassVar[bool] = True
+    names: Mapping[str, str] = field(default_factory=dict, repr=False)
 
-    def __call__(self, pixels: np.ndarray, path: str) -> np.ndarray:
-        crop, _ = align(pixels, self.size, self.margin)
-        if crop is None:
+    def __call__(self, path: str) -> np.ndarray:
+        """``size x size x 3`` float32 crop in [0, 1] of the photo at ``path``."""
+        decode = _Once(path)
+        key = file_key(path)
+        if key is None:  # not readable: let the decoder say why (missing, folder, permission, loop)
+            key = content_key(decode())
+        cache = None if self.cache is None else Path(self.cache)
+        found = detection(key, decode, cache)
+        if not found["faces"]:
             raise RejectedImageError(path, NO_FACE_STATUS)
+        face = FaceRef(key, np.asarray(found["landmarks"], dtype=np.float64), self.margin,
+                       None if cache is None else str(cache / "faces"))
+        crop = face.crop(self.size, decode)
         if self.save_to is not None:
-            save_crop(crop, Path(path).name, self.save_to)
-        return crop.astype(np.float32) / np.float32(255.0)
+            save_crop(crop, self.names.get(path, Path(path).name), self.save_to)
+        return crop
 
 
-def predict_steps(config: Config, size: int, save_crops: str | Path | None = None) -> list[AlignStep]:
-    """The per-image steps ``predict`` runs for a model trained with ``config``: the face crop it was
-    trained on (``face_crop=align``), or none.
+def predict_reader(config: Config, size: int, cache: str | Path | None = None,
+                   save_crops: str | Path | None = None, paths: Sequence[str] = ()) -> AlignedReader | None:
+    """How ``predict`` reads each photo for a model trained with ``config``: its aligned face crop
+    (``face_crop=align``), or ``None`` for the whole image.
+
+    Args:
+        cache: The cache root for detections and crops, or ``None``.
+        save_crops: A folder to write each crop to, or ``None``.
+        paths: The inputs, in order, for the crops' names (:func:`crop_names`).
 
     Raises:
         ConfigError: If crops are to be saved but the model reads whole images (``face_crop=none``).
@@ -164,8 +258,9 @@ def predict_steps(config: Config, size: int, save_crops: str | Path | None = Non
         if save_crops is not None:
             raise ConfigError(f"--save_crops {save_crops} writes aligned face crops, but this model was trained with"
                               " face_crop=none (whole images): there are no crops to save")
-        return []
-    return [AlignStep(size, config.face_margin, None if save_crops is None else str(save_crops))]
+        return None
+    return AlignedReader(size, config.face_margin, None if cache is None else str(cache),
+                         None if save_crops is None else str(save_crops), crop_names(list(paths)))
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import PIL
+import PIL.Image
 
 from .errors import MadlabError
 from .identities import identities_from_name, parse_identity_pattern
+from .keyed import entry_path, file_key, read_entry, write_entry
 from .morphs import morph
 from .pixels import UNREADABLE, UnreadableImageError, find_images, load_pixels
 from .splits import STRADDLES, plan_splits
@@ -54,6 +57,8 @@ LABEL_NAMES = {
 }
 TOO_LARGE = UNREADABLE["bomb"]
 CHECK_SIZE = 64  # scanning decodes every file in full, but keeps only a small copy of its pixels
+# The scan's outcomes that depend on a file's bytes alone, so they can be kept under its content.
+_CONTENT_STATUSES = {None, UNREADABLE["empty"], UNREADABLE["not_image"], UNREADABLE["corrupt"], UNREADABLE["bomb"]}
 
 
 class DataError(MadlabError):
@@ -166,17 +171,50 @@ def embedded_samples(
 # --------------------------------------------------------------------------- images on disk
 
 
-def check_image(path: Path, report: DataReport) -> bool:
+def check_image(path: Path, report: DataReport, cache: Path | None = None) -> bool:
     """Decode ``path`` once (:func:`~.pixels.load_pixels`); count and skip it if it cannot be read,
-    count what had to be converted (grey, palette, CMYK, 16-bit, EXIF-rotated, animated)."""
-    try:
-        _, converted = load_pixels(path, CHECK_SIZE)
-    except UnreadableImageError as err:
-        report.skip(str(path), err.status)
+    count what had to be converted (grey, palette, CMYK, 16-bit, EXIF-rotated, animated).
+
+    Args:
+        cache: Folder where the outcome is kept under the file's content (:func:`_checked`),
+            so a later scan of the same bytes decodes nothing; ``None``: always decode.
+    """
+    status, converted = _checked(path, cache)
+    if status is not None:
+        report.skip(str(path), status)
         return False
     if converted:
         report.converted[converted] += 1
     return True
+
+
+def _check_settings() -> str:
+    # What else decides a file's outcome besides its bytes: the decoder and its size limit.
+    return f"{CHECK_SIZE}-pillow{PIL.__version__}-{PIL.Image.MAX_IMAGE_PIXELS}"
+
+
+def _valid_check(entry: dict) -> bool:
+    return all(entry.get(k) is None or isinstance(entry[k], str) for k in ("status", "converted"))
+
+
+def _checked(path: Path, cache: Path | None) -> tuple[str | None, str | None]:
+    """``(status, converted)`` of decoding ``path``: the cached outcome for its bytes, or decoded now.
+
+    Only outcomes the bytes decide are cached (readable, not an image, corrupt, too large,
+    empty); a file that cannot even be read is not keyed and :func:`~.pixels.load_pixels` says why.
+    """
+    key = None if cache is None else file_key(path)
+    entry = None if key is None else entry_path(Path(cache) / "scan", "checks", key, _check_settings())
+    if entry is not None and (found := read_entry(entry, _valid_check)) is not None:
+        return found.get("status"), found.get("converted")
+    try:
+        _, converted = load_pixels(path, CHECK_SIZE)
+        status = None
+    except UnreadableImageError as err:
+        status, converted = err.status, None
+    if entry is not None and status in _CONTENT_STATUSES:
+        write_entry(entry, {"status": status, "converted": converted})
+    return status, converted
 
 
 def _images_under(folder: Path, report: DataReport) -> list[Path]:
@@ -206,12 +244,12 @@ def _class_dirs(folder: Path) -> dict[int, Path]:
     return found
 
 
-def _scan_class_tree(folder: Path, split: str, report: DataReport) -> list[Sample]:
+def _scan_class_tree(folder: Path, split: str, report: DataReport, cache: Path | None) -> list[Sample]:
     classes = _class_dirs(folder)
     samples = []
     for label, class_dir in sorted(classes.items()):
         for path in _images_under(class_dir, report):
-            if not check_image(path, report):
+            if not check_image(path, report, cache):
                 continue
             rel = path.relative_to(class_dir).parts
             # The first folder under morph/ names the morphing method (PAIS).
@@ -220,11 +258,13 @@ def _scan_class_tree(folder: Path, split: str, report: DataReport) -> list[Sampl
     return samples
 
 
-def scan_folder(root: str | Path, report: DataReport) -> list[Sample]:
+def scan_folder(root: str | Path, report: DataReport, cache: Path | None = None) -> list[Sample]:
     """Read ``ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]...`` recursively.
 
     Split folders are ``train``, ``dev`` (or ``val``/``validation``) and ``test``. Without
     them the returned samples have an empty split, to be assigned by :func:`assign_splits`.
+    Every file is decoded once to check it (:func:`check_image`), unless ``cache`` holds the
+    outcome for its bytes.
 
     Raises:
         DataError: If ``root`` is missing, has neither class folders nor split folders, or
@@ -244,23 +284,24 @@ def scan_folder(root: str | Path, report: DataReport) -> list[Sample]:
         found = sorted(c.name for c in root.iterdir())[:10]
         raise DataError(f"{root} has no class or split folders (found {found}); expected {layout}")
     if not splits:
-        return _scan_class_tree(root, "", report)
+        return _scan_class_tree(root, "", report, cache)
     if "train" not in splits or "test" not in splits:
         raise DataError(f"{root} has split folders {sorted(splits)}; train and test are required (dev optional)")
     samples = []
     for split, folder in splits.items():
         if not _class_dirs(folder):
             raise DataError(f"split folder {folder} has no bona_fide/bonafide/raw or morph/attack folder")
-        samples += _scan_class_tree(folder, split, report)
+        samples += _scan_class_tree(folder, split, report, cache)
     return samples
 
 
-def read_csv_manifest(path: str | Path, report: DataReport) -> list[Sample]:
+def read_csv_manifest(path: str | Path, report: DataReport, cache: Path | None = None) -> list[Sample]:
     """Read a manifest with header ``path,label[,method,identity,split]``.
 
     Relative paths are relative to the CSV's folder. ``label`` is 0/1 or
     bona_fide/bonafide/raw/morph/attack. ``identity`` may list a morph's contributors
-    joined by ``+``. ``split`` is train/dev/val/test or empty.
+    joined by ``+``. ``split`` is train/dev/val/test or empty. Each listed file is checked as
+    :func:`scan_folder` checks it (``cache`` as there).
 
     Raises:
         DataError: For a missing file or column, or an unknown label or split (naming the row).
@@ -292,7 +333,7 @@ def read_csv_manifest(path: str | Path, report: DataReport) -> list[Sample]:
             if not image_path.is_file():
                 report.skip(str(image_path), "file listed in the manifest does not exist")
                 continue
-            if not check_image(image_path, report):
+            if not check_image(image_path, report, cache):
                 continue
             method = (row.get("method") or "").strip() or ("bona_fide" if label == 0 else "morph")
             identity = tuple(i for i in (row.get("identity") or "").strip().split("+") if i)
@@ -406,13 +447,14 @@ class FolderSource:
     """``ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]...`` (:func:`scan_folder`)."""
 
     root: Path
+    cache: Path | None = None  # keeps each file's check under its content (see check_image)
 
     @property
     def description(self) -> str:
         return str(self.root)
 
     def read(self, report: DataReport) -> list[Sample]:
-        return scan_folder(self.root, report)
+        return scan_folder(self.root, report, self.cache)
 
 
 @dataclass(frozen=True)
@@ -420,13 +462,14 @@ class ManifestSource:
     """A CSV manifest ``path,label[,method,identity,split]`` (:func:`read_csv_manifest`)."""
 
     path: Path
+    cache: Path | None = None  # keeps each file's check under its content (see check_image)
 
     @property
     def description(self) -> str:
         return str(self.path)
 
     def read(self, report: DataReport) -> list[Sample]:
-        return read_csv_manifest(self.path, report)
+        return read_csv_manifest(self.path, report, self.cache)
 
 
 @dataclass(frozen=True)
@@ -470,14 +513,14 @@ def open_source(data: str | None, seed: int, methods: list[str], morphs_per_face
 
     Args:
         match_contributors: ORL morphs get their contributors' contrast and sharpness.
-        cache: Folder for the ORL frames.
+        cache: Folder for the ORL frames and for the checks of data files (:func:`check_image`).
     """
     if data is None and embedded == "orl":
         return OrlSource(seed, tuple(methods), morphs_per_face, fractions, match_contributors, cache)
     if data is None:
         return EmbeddedSource(seed, tuple(methods), morphs_per_face, fractions)
     path = Path(data)
-    return ManifestSource(path) if path.suffix.lower() == ".csv" else FolderSource(path)
+    return ManifestSource(path, cache) if path.suffix.lower() == ".csv" else FolderSource(path, cache)
 
 
 def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face: int,
@@ -515,7 +558,7 @@ def load_samples(data: str | None, seed: int, methods: list[str], morphs_per_fac
             (``morph_match_contributors``).
         face_margin: With a value, ``face_crop=align``: faces are found now (images without
             one left out and counted) and every image is read as its aligned crop.
-        cache: Folder for the ORL frames, face detections and crops.
+        cache: Folder for the ORL frames, the files' checks, face detections and crops.
         need_morphs: The splits that must hold morphs (every split needs bona fides).
     """
     samples, report = read_source(data, seed, methods, morphs_per_face, fractions, embedded=embedded,

@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import MadlabError
 from .files import write_atomically
+from .keyed import content_key
 
 __all__ = [
     "DEFAULT_MARGIN",
@@ -318,6 +319,9 @@ def align(image: np.ndarray, size: int, margin: float = DEFAULT_MARGIN) -> tuple
 def save_crop(crop: np.ndarray, source_name: str, folder: str | Path) -> Path:
     """Write ``crop`` as ``<folder>/<stem of source_name>.png`` (atomically), for ``predict --save_crops``.
 
+    Which name each input gets, so that two inputs never share one, is
+    :func:`madlab.cropping.crop_names`'s choice.
+
     Returns:
         The written path.
     """
@@ -329,17 +333,6 @@ def save_crop(crop: np.ndarray, source_name: str, folder: str | Path) -> Path:
 
 
 # --------------------------------------------------------------------------- cached crops of samples
-
-
-def content_key(data: bytes | np.ndarray) -> str:
-    """A hex digest of a file's bytes or an in-memory image (shape, dtype and pixels)."""
-    h = hashlib.sha256()
-    if isinstance(data, np.ndarray):
-        h.update(f"{data.shape}{data.dtype}".encode())
-        h.update(np.ascontiguousarray(data).tobytes())
-    else:
-        h.update(data)
-    return h.hexdigest()[:32]
 
 
 def _settings_key(*parts: object) -> str:
@@ -372,7 +365,7 @@ class FaceRef:
                     pixels = np.load(path, allow_pickle=False)
                     if pixels.shape == (size, size, 3) and pixels.dtype == np.uint8:
                         return pixels.astype(np.float32) / np.float32(255.0)
-                except (OSError, ValueError):
+                except (OSError, ValueError, EOFError):  # EOFError: an empty file
                     pass  # a damaged cache entry is made again
         pixels, _, _ = crop_with(decode(), self.landmarks, size, self.margin)
         if path is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import itertools
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,19 @@ def _read_photos() -> list[tuple[int, int, np.ndarray]]:
     return photos
 
 
+def _read_frames(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The cached frames, landmarks and people at ``path``, or ``None`` if the file is damaged
+    (cut short, not a zip, missing an array or of the wrong shapes): it is then made again."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            found = stored["frames"], stored["landmarks"], stored["people"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    n = N_PEOPLE * N_SHOTS
+    shapes = ((n, FRAME, FRAME), (n, 5, 2), (n,))
+    return found if all(a.shape == s for a, s in zip(found, shapes)) and found[0].dtype == np.uint8 else None
+
+
 def aligned_orl(cache: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every ORL photo aligned to the template at :data:`FRAME` px, cached in ``cache``.
 
@@ -109,12 +123,8 @@ def aligned_orl(cache: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]
         OrlError: If a photo has no detectable face (all 400 are found by YuNet).
     """
     path = None if cache is None else Path(cache) / "embedded" / f"orl-aligned-{FRAME}-{DEFAULT_MARGIN}.npz"
-    if path is not None and path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as stored:
-                return stored["frames"], stored["landmarks"], stored["people"]
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is made again
+    if path is not None and path.is_file() and (stored := _read_frames(path)) is not None:
+        return stored
     frames, marks, people = [], [], []
     for person, shot, photo in _read_photos():
         crop, info = align(photo, FRAME)

@@ -3,13 +3,14 @@
 Inputs are image files, folders (searched recursively for every extension Pillow opens,
 following links but never around a loop) and list files (``.txt``: one path a line;
 ``.csv``: a ``path`` column, else the first column), relative paths taken from the list's
-folder. Each file is decoded, resized and normalised exactly as ``test`` does it
-(:func:`~.images.resize_pixels`, :meth:`~.detector.Detector.normalise`), then scored in batches
-by the one :class:`~.detector.Detector`.
+folder. Each file is read (decoded, or for a ``face_crop=align`` model turned into its aligned
+face crop through the face cache, :class:`~.cropping.AlignedReader`), resized and normalised
+exactly as ``test`` does it (:func:`~.images.resize_pixels`, :meth:`~.detector.Detector.normalise`),
+then scored in batches by the one :class:`~.detector.Detector`.
 
 A file that cannot be scored gets a row with its ``status`` (see :data:`~.pixels.UNREADABLE`)
-and empty score cells; it never stops the run. A per-image step may be put before scoring
-(``steps``: pixels in, pixels out); one that raises :class:`~.pixels.RejectedImageError` (a face
+and empty score cells; it never stops the run. A reader or a per-image step (``steps``: pixels
+in, pixels out, after reading) that raises :class:`~.pixels.RejectedImageError` (a face
 detector finding no face, say) marks only that image, with its own status.
 """
 
@@ -29,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .cropping import predict_steps
+from .cropping import predict_reader
 from .detector import Detector
 from .errors import MadlabError
 from .files import write_text_atomically
@@ -54,6 +55,7 @@ LIST_SUFFIXES = (".txt", ".csv", ".lst")
 OK = "ok"
 
 Step = Callable[[np.ndarray, str], np.ndarray]
+Reader = Callable[[str], np.ndarray]  # a path in, H x W x 3 float pixels in [0, 1] out
 
 
 @dataclass
@@ -115,12 +117,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[Prediction]:
 
 
 class _Inputs(Dataset):
-    """Decode, run the per-image steps, resize: ``(uint8 3 x S x S or None, status, index)``."""
+    """Read, run the per-image steps, resize: ``(uint8 3 x S x S or None, status, index)``."""
 
-    def __init__(self, paths: list[str], size: int, steps: Sequence[Step]) -> None:
-        self.paths, self.size, self.steps = paths, size, list(steps)
-        # A step that crops (the face aligner) works on the photo as train and test saw it: whole.
-        self.decode_size = None if any(getattr(step, "full_resolution", False) for step in self.steps) else size
+    def __init__(self, paths: list[str], size: int, steps: Sequence[Step], read: Reader | None) -> None:
+        self.paths, self.size, self.steps, self.read = paths, size, list(steps), read
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -128,7 +128,7 @@ class _Inputs(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str, int]:
         path = self.paths[index]
         try:
-            pixels, _ = load_pixels(path, self.decode_size)
+            pixels = self.read(path) if self.read is not None else load_pixels(path, self.size)[0]
             for step in self.steps:
                 pixels = step(pixels, path)
             return resize_pixels(pixels, self.size), OK, index
@@ -146,16 +146,18 @@ def _collate(items: list[tuple[torch.Tensor | None, str, int]]) -> tuple[torch.T
 
 
 def run_predictions(detector: Detector, rows: list[Prediction], *, batch_size: int, num_workers: int,
-                    progress: bool, steps: Sequence[Step] = ()) -> float:
+                    progress: bool, steps: Sequence[Step] = (), read: Reader | None = None) -> float:
     """Score every row that is still ``ok`` in place; return the seconds scoring took.
 
     Args:
-        steps: Per-image preprocessing run after decoding and before resizing (see the module
+        steps: Per-image preprocessing run after reading and before resizing (see the module
             docstring); each takes ``(pixels H x W x 3 float in [0, 1], path)``.
+        read: Turns a path into pixels (``H x W x 3`` float in [0, 1]), e.g. the aligned face
+            crop (:func:`~.cropping.predict_reader`); ``None``: the decoded image.
     """
     todo = [k for k, r in enumerate(rows) if r.status == OK]
-    loader = DataLoader(_Inputs([rows[k].path for k in todo], detector.image_size, steps), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
+    inputs = _Inputs([rows[k].path for k in todo], detector.image_size, steps, read)
+    loader = DataLoader(inputs, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), desc="predict", unit="img", disable=not progress, leave=False)
     for images, statuses, indices in loader:
@@ -197,12 +199,14 @@ def summary(rows: list[Prediction], threshold: float, seconds: float) -> str:
 def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLike[str], *,
                 operating_point: str = "dev", overrides: Sequence[str] = (), backbone: str | None = None,
                 progress: bool = False, say: Callable[[str], None] = print, steps: Sequence[Step] = (),
-                save_crops: str | os.PathLike[str] | None = None) -> int:
+                save_crops: str | os.PathLike[str] | None = None, cache: str | os.PathLike[str] | None = None) -> int:
     """The ``predict`` command: score every input file, write the CSV, print one summary line.
 
     A model trained with ``face_crop=align`` scores each photo's aligned face crop, as ``train``
-    and ``test`` did (:func:`~.cropping.predict_steps`); a photo without a face gets status
-    ``no face``. ``save_crops`` writes each crop as ``<folder>/<input stem>.png``.
+    and ``test`` did (:func:`~.cropping.predict_reader`), through the face cache in ``cache``
+    (``None``: none); a photo without a face gets status ``no face``. ``save_crops`` writes each
+    crop into that folder as ``<input stem>.png``, ``<input stem>-2.png`` for a second input of
+    the same stem, and so on (:func:`~.cropping.crop_names`).
 
     Returns:
         The exit status: 0 when every file was scored, :data:`EXIT_SOME_FAILED` when any was not.
@@ -213,17 +217,27 @@ def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLik
     """
     detector = Detector.load(model_path, list(overrides), backbone)
     threshold = detector.threshold(operating_point)
-    steps = [*predict_steps(detector.config, detector.image_size, save_crops), *steps]
     rows = expand_inputs(inputs)
+    read = predict_reader(detector.config, detector.image_size, cache, save_crops,
+                          [r.path for r in rows if r.status == OK])
     say(f"predict: {len(rows)} files from {len(inputs)} input(s); operating point {operating_point}"
         f" (tau = {threshold['value']:.4f}, rule {threshold['rule']}); {detector.precision},"
         f" {'compiled' if detector.net is not detector.model else 'eager'}, batch {detector.config.batch_size}")
     if detector.config.face_crop == "align":
         say(f"predict: each photo's largest face aligned by 5 landmarks (face_margin {detector.config.face_margin:g}),"
             f" as in training; photos without a face get status 'no face'"
-            + (f"; crops written to {save_crops}/" if save_crops is not None else ""))
+            + (f"; crops written to {save_crops}/{_renamed(read.names)}" if save_crops is not None else ""))
     seconds = run_predictions(detector, rows, batch_size=detector.config.batch_size,
-                              num_workers=detector.config.num_workers, progress=progress, steps=steps)
+                              num_workers=detector.config.num_workers, progress=progress, steps=steps, read=read)
     write_predictions(Path(output), rows, threshold["value"])
     say(summary(rows, threshold["value"], seconds) + f"; wrote {output}")
     return EXIT_SOME_FAILED if any(r.logit is None for r in rows) else 0
+
+
+def _renamed(names: dict[str, str]) -> str:
+    """`` (n named <stem>-2.png etc. ...)`` when some inputs share a stem, else nothing."""
+    renamed = [name for path, name in names.items() if Path(name).stem != Path(path).stem]
+    if not renamed:
+        return ""
+    return (f" ({len(renamed)} share a stem with an earlier input and are named <stem>-2.png etc.,"
+            f" e.g. {renamed[0]})")
