@@ -36,7 +36,7 @@ from .loading import load_adapters
 from .lowrank import AdapterView
 from .mha import LoRAMultiheadAttention
 from .registry import adapter_views, find_module, resolve_adapter, trainable_modules, unwrap_model
-from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
+from .spec import DEFAULT_ADAPTER, PEFT_MAGNITUDE, AdapterSpec, check_adapter_name
 from .state import lora_state_dict
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
@@ -67,19 +67,13 @@ _PLAIN_INITS = (True, False, "gaussian")
 
 
 # PEFT saves the DoRA magnitude without PEFT's inner ``.weight``; other versions may carry it.
-_MAGNITUDE = "lora_magnitude_vector"
+_MAGNITUDE = PEFT_MAGNITUDE
 
 
 def _peft_key(name: str, factor: str) -> str:
     if factor == _MAGNITUDE:
         return f"{_PREFIX}{name}.{factor}"
     return f"{_PREFIX}{name}.{factor}.weight"
-
-
-def _factor_names(use_dora: bool) -> list[tuple[str, str]]:
-    """``(lora-vit attribute, PEFT tensor name)`` of an unsliced layer's adapter tensors."""
-    pairs = [("lora_A", "lora_A"), ("lora_B", "lora_B")]
-    return [*pairs, ("lora_magnitude", _MAGNITUDE)] if use_dora else pairs
 
 
 def _pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
@@ -233,14 +227,14 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
         >>> sorted(p.name for p in folder.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    name = resolve_adapter(model, adapter, "export")
-    layers = adapter_views(model, name)
+    adapter_name = resolve_adapter(model, adapter, "export")
+    layers = adapter_views(model, adapter_name)
     _check_exportable(model, layers)
-    state = lora_state_dict(model, adapter=name)
+    state = lora_state_dict(model, adapter=adapter_name)
     tensors = {
         _peft_key(name, peft_name): state.pop(f"{name}.{ours}")
         for name, layer in layers.items()
-        for ours, peft_name in _factor_names(layer.use_dora)
+        for ours, peft_name in layer.spec.peft_tensor_names(layer.use_dora)
     }
     tensors.update({_PREFIX + key: value for key, value in state.items()})
     for name, layer in layers.items():
@@ -344,7 +338,7 @@ def _split_keys(
         else:
             other[rest] = value
     for name, pair in lora.items():
-        needed = {ours for ours, _ in _factor_names(use_dora and not name.endswith(_BASE_OUT_PROJ))}
+        needed = {ours for ours, _ in AdapterSpec.peft_tensor_names(use_dora and not name.endswith(_BASE_OUT_PROJ))}
         if set(pair) != needed:
             dora = f" and {_MAGNITUDE} (use_dora)" if "lora_magnitude" in needed else ""
             raise LoRAError(f"{where}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B{dora}")

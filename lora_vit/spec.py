@@ -36,6 +36,8 @@ INITS = ("normal", "kaiming")
 """Valid values of ``init``: A ~ N(0, 0.02^2), or Kaiming-uniform as in the LoRA paper's code."""
 
 DEFAULT_ADAPTER = "default"
+# PEFT's name of the DoRA magnitude tensor (see AdapterSpec.peft_tensor_names).
+PEFT_MAGNITUDE = "lora_magnitude_vector"
 """The adapter name used when none is given (its parameters keep their historical names)."""
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
@@ -341,6 +343,16 @@ class AdapterSpec:
             **({"use_dora": True} if use_dora else {}),
             "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
         }
+
+    @staticmethod
+    def peft_tensor_names(use_dora: bool) -> list[tuple[str, str]]:
+        """``(lora-vit factor, PEFT tensor)`` names of an unsliced adapter: A, B(, DoRA magnitude).
+
+        PEFT stores ``<module>.lora_A.weight`` and ``<module>.lora_B.weight``, and DoRA's
+        magnitude as ``<module>.lora_magnitude_vector`` (without its inner ``.weight``).
+        """
+        pairs = [("lora_A", "lora_A"), ("lora_B", "lora_B")]
+        return [*pairs, ("lora_magnitude", PEFT_MAGNITUDE)] if use_dora else pairs
 
     def peft_fields(self) -> dict[str, Any]:
         """This spec in PEFT's ``LoraConfig`` terms (``r``, ``lora_alpha``, ``lora_dropout``, flags).
