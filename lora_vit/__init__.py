@@ -14,7 +14,7 @@ from .io import load_lora, read_lora_metadata, save_lora
 from .layer import LoRALinear, LoRASlice
 from .merge import merge_lora
 from .mha import LoRAMultiheadAttention
-from .named import adapter_per_sample, delete_adapter, set_adapter
+from .named import adapter_parameters, adapter_per_sample, delete_adapter, set_adapter
 from .peft_compat import load_peft_adapter, save_peft_adapter
 from .registry import adapter_names
 from .spec import AdapterSpec
@@ -35,6 +35,7 @@ __all__ = [
     "LoadResult",
     "__version__",
     "adapter_names",
+    "adapter_parameters",
     "adapter_per_sample",
     "delete_adapter",
     "disable_lora",

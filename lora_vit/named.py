@@ -15,6 +15,7 @@ from .registry import (
     active_adapter,
     adapted_layers,
     adapter_names,
+    adapter_views,
     lora_modules,
     replace_module,
     resolve_adapter,
@@ -22,7 +23,7 @@ from .registry import (
 )
 from .wrappers import unwrap_model
 
-__all__ = ["adapter_per_sample", "delete_adapter", "set_adapter"]
+__all__ = ["adapter_parameters", "adapter_per_sample", "delete_adapter", "set_adapter"]
 
 
 def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
@@ -54,6 +55,37 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
         resolve_adapter(model, name, "run")
     set_active(model, name)
     return model
+
+
+def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
+    """The factors of one named adapter on every layer that has it, in model order.
+
+    For an optimiser (or parameter group) of one adapter, or to freeze the adapters a run does
+    not train: under ``DistributedDataParallel`` a parameter that requires a gradient but gets
+    none (an adapter :func:`set_adapter` does not run) stalls the gradient reduction, so freeze
+    those (``p.requires_grad_(False)``) before wrapping. Mixed batches
+    (:func:`adapter_per_sample`) need nothing: every adapter of a layer gets a gradient, zero
+    where no sample used it.
+
+    Args:
+        model: A model with named adapters (a wrapper is seen through).
+        adapter: Which adapter; may be omitted when the model holds one.
+
+    Returns:
+        Its ``A``, ``B`` (and DoRA magnitude) Parameters, layer by layer, in slice order.
+
+    Raises:
+        LoRAError: If the model has no adapter of that name, or several and none was named.
+
+    Example:
+        >>> from lora_vit import inject_lora
+        >>> model = inject_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2, adapter="a")
+        >>> model = inject_lora(model, ["0"], r=1, adapter="b")
+        >>> [tuple(p.shape) for p in adapter_parameters(model, "b")]
+        [(1, 4), (4, 1)]
+    """
+    name = resolve_adapter(model, adapter, "list the parameters of")
+    return [p for view in adapter_views(model, name).values() for p in view.adapter_parameters()]
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:

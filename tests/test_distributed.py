@@ -4,6 +4,7 @@ The training code is the recipe in docs/distributed.md, extracted and run as wri
 documentation cannot drift from what works.
 """
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -23,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_vit import (
     LoRAError,
+    adapter_parameters,
+    adapter_per_sample,
     inject_lora,
     load_lora,
     load_lora_state_dict,
@@ -30,6 +33,7 @@ from lora_vit import (
     lora_summary,
     merge_lora,
     save_lora,
+    set_adapter,
 )
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -37,6 +41,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 WORLD = 2
 GLOBAL_BATCH = 8
 STEPS = 3
+# Each rank's share of the global batch of 8, per sample; rank 1 never routes through "b".
+ROUTES = [["a", "b", None, "b"], ["a", None, "a", "a"]]
 DOC = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 
@@ -92,6 +98,9 @@ def _worker(rank, port, folder):
             assert "Inject (or load_lora) into the plain model first, then wrap it" in str(err)
         else:
             raise AssertionError("inject_lora into a DDP wrapper must be refused")
+
+        recipe.train_one_of_several(rank, make_model, make_data, out / "one_of_two.safetensors", steps=STEPS)
+        recipe.train_mixed(rank, make_model, make_data, ROUTES[rank], out, steps=STEPS)
 
         fsdp, state = recipe.train_fsdp(rank, make_model, make_data, out / "fsdp.safetensors", steps=STEPS)
         try:
@@ -205,3 +214,44 @@ def test_save_lora_through_a_data_parallel_wrapper_has_plain_keys(tmp_path):
     path = save_lora(torch.nn.DataParallel(model), tmp_path / "dp.safetensors")
     loaded = load_lora(make_model(), path)
     assert list(lora_state_dict(loaded)) == list(lora_state_dict(model))
+
+
+def _two_adapters():
+    model = inject_lora(make_model(), targets=["q", "v"], r=2, dropout=0.0, adapter="a")
+    return inject_lora(model, targets=["q", "v"], r=2, dropout=0.0, adapter="b")
+
+
+def _train_alone(model, parameters, routes=None):
+    optimiser = torch.optim.AdamW(parameters, lr=1e-2)
+    for x, y in make_data(0, 1)[:STEPS]:
+        routing = adapter_per_sample(model, routes) if routes else contextlib.nullcontext()
+        with routing:
+            loss = torch.nn.functional.mse_loss(model(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return model
+
+
+def test_ddp_trains_one_adapter_of_two_like_one_process_and_leaves_the_other(two_rank_run):
+    reference = set_adapter(_two_adapters(), "b")
+    initial_a = {k: v.clone() for k, v in lora_state_dict(reference, adapter="a").items()}
+    _train_alone(reference, adapter_parameters(reference, "b"))
+    got = load_lora(make_model(), two_rank_run / "one_of_two.safetensors")
+    assert list(lora_state_dict(got)) == list(lora_state_dict(reference, adapter="b"))
+    for key, value in lora_state_dict(reference, adapter="b").items():
+        torch.testing.assert_close(lora_state_dict(got)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in lora_state_dict(reference, adapter="a").items():
+        assert torch.equal(value, initial_a[key])  # the frozen adapter did not move in the reference either
+
+
+def test_ddp_mixed_batches_train_every_adapter_like_one_process(two_rank_run):
+    global_routes = ROUTES[0] + ROUTES[1]
+    reference = _two_adapters()
+    initial = {name: {k: v.clone() for k, v in lora_state_dict(reference, adapter=name).items()} for name in ("a", "b")}
+    _train_alone(reference, [p for p in reference.parameters() if p.requires_grad], global_routes)
+    for name in ("a", "b"):
+        got = lora_state_dict(load_lora(make_model(), two_rank_run / f"{name}.safetensors"))
+        for key, value in lora_state_dict(reference, adapter=name).items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            assert not torch.equal(value, initial[name][key]), f"adapter {name} {key} did not train"

@@ -390,3 +390,19 @@ def test_compiled_switching_adapters_compiles_once_per_choice_without_breaks(fre
     assert counter.frame_count == 3  # a, b and the base: each compiled once, then reused
     assert dict(counters["graph_break"]) == {}
     assert not torch.equal(outputs["a"], outputs["b"])
+
+
+def test_adapter_parameters_are_exactly_one_adapters_factors():
+    from lora_vit import adapter_parameters
+
+    model = inject_lora(TimmStyleViT(dim=16, depth=2, heads=2), ["q", "v"], r=2, adapter="a")
+    inject_lora(model, ["fc1"], r=3, adapter="b", use_dora=True)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    a_names = [by_id[id(p)] for p in adapter_parameters(model, "a")]
+    b_names = [by_id[id(p)] for p in adapter_parameters(model, "b")]
+    assert len(a_names) == 2 * 2 * 2 and all(n.endswith("__a") and ".qkv." in n for n in a_names)
+    assert len(b_names) == 2 * 3 and all(n.endswith("__b") and ".fc1." in n for n in b_names)
+    every = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert every == set(a_names) | set(b_names)
+    with pytest.raises(LoRAError, match=r"'a'.*'b'"):
+        adapter_parameters(model)
