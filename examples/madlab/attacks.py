@@ -14,12 +14,12 @@ the same images. :func:`dev_attacks` returns the set and the sentence the report
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .config import ATTACK_MODES
 from .data import SPLITS, DataError, DataReport, Sample
@@ -29,6 +29,7 @@ from .synthesis import match_statistics, matched_augment, synthesise
 __all__ = [
     "ATTACK_MODES",
     "SYNTHETIC_METHOD",
+    "EpochSeeds",
     "FixedAttackSet",
     "SyntheticTrainSet",
     "dev_attacks",
@@ -97,6 +98,7 @@ class SyntheticTrainSet(Dataset):
 
         On CUDA the synthesis is the loader's work and the step is fast, so items are made in
         ``num_workers`` processes beside the training step; on CPU the step needs the cores.
+        Served through :class:`EpochSeeds`, the items are the same either way.
         """
         return self.base.fully_cached and not torch.cuda.is_available()
 
@@ -108,10 +110,15 @@ class SyntheticTrainSet(Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Item ``index``, made anew: ``(index, epoch_seed)`` (from :class:`EpochSeeds`) fixes every random
+        choice by that pair alone; a plain ``index`` draws its seed from torch's global generator."""
+        if isinstance(index, tuple):
+            index, epoch_seed = index
+            rng = np.random.default_rng([epoch_seed, index])
+        else:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
         i, made = self._items[index]
-        # Drawn from torch's generator, so a seed, DataLoader workers and --resume all fix it.
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
         photo = _photo(self.base.pixels(i))
         if made:
             points = self.landmarks(self.base.samples[i]) if self.landmarks else None
@@ -119,12 +126,36 @@ class SyntheticTrainSet(Dataset):
         x = torch.from_numpy(matched_augment(photo, rng).transpose(2, 0, 1).astype(np.float32))
         x = (x - self.base.mean) / self.base.std
         if self.base.augment:
-            if torch.rand(()) < 0.5:
+            if rng.random() < 0.5:
                 x = x.flip(-1)
             shift = max(1, self.base.size // 16)
-            dy, dx = torch.randint(-shift, shift + 1, (2,)).tolist()
+            dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
             x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
         return x, torch.tensor(float(self.samples[index].label)), index
+
+
+class EpochSeeds(Sampler):
+    """The indices of ``sampler``, each paired with one seed drawn from ``generator`` per epoch.
+
+    :class:`SyntheticTrainSet` makes item ``(index, seed)`` from ``[seed, index]`` alone, so
+    what a loader serves depends on ``generator`` and nothing else: not on how many worker
+    processes make the items or which worker makes which (no two share a random stream),
+    and a run resumed with ``generator``'s saved state serves what the uninterrupted run
+    would. The seed is drawn in the main process when an epoch's iteration starts, after the
+    previous epoch's indices were all drawn.
+    """
+
+    def __init__(self, sampler: Sampler, generator: torch.Generator) -> None:
+        self.sampler = sampler
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        for index in self.sampler:
+            yield int(index), seed
 
 
 class FixedAttackSet(Dataset):

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
+from .attacks import EpochSeeds, SyntheticTrainSet
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 from .data import DataError
@@ -177,10 +178,26 @@ def make_train_loader(train_set: ImageDataset, config: Config, generator: torch.
             raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly"
                               f" among the {d.world} processes")
         sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
+        if isinstance(train_set, SyntheticTrainSet):
+            return _seeded_loader(train_set, sampler, config.batch_size // d.world, config, generator), sampler
         return make_loader(train_set, config.batch_size // d.world, config.num_workers, sampler=sampler), sampler
     # drop_last only when it drops a lone sample: a batch of one still works, but adds noise.
+    drop_last = len(train_set) % config.batch_size == 1
+    if isinstance(train_set, SyntheticTrainSet):
+        shuffled = RandomSampler(train_set, generator=generator)
+        return _seeded_loader(train_set, shuffled, config.batch_size, config, generator, drop_last), None
     return make_loader(train_set, config.batch_size, config.num_workers, shuffle=True, generator=generator,
-                       drop_last=len(train_set) % config.batch_size == 1), None
+                       drop_last=drop_last), None
+
+
+def _seeded_loader(train_set: SyntheticTrainSet, sampler: Sampler, batch_size: int, config: Config,
+                   generator: torch.Generator, drop_last: bool = False) -> DataLoader:
+    """A loader whose items are seeded from ``generator`` (:class:`~.attacks.EpochSeeds`), whatever
+    ``num_workers`` is. The DataLoader's own generator only seeds its worker processes, which
+    draw nothing: a private one, so that starting workers takes no number from ``generator``
+    or torch's global generator."""
+    return make_loader(train_set, batch_size, config.num_workers, sampler=EpochSeeds(sampler, generator),
+                       generator=torch.Generator().manual_seed(config.seed), drop_last=drop_last)
 
 
 def run_epoch(model: nn.Module, net: nn.Module, loader: DataLoader, optimiser: torch.optim.Optimizer,
