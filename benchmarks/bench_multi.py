@@ -5,6 +5,8 @@ HF ``ViTForImageClassification`` from a config (ViT-S/16 by default), ``--adapte
 randomised. The mix spreads the batch evenly over the adapters (sample ``i`` through adapter
 ``i mod n``). Variants:
 
+- ``base``: the base model (``set_adapter(model, None)``), the floor of any mixed batch: its
+  ``x PEFT`` is the lowest ratio to PEFT that any LoRA forward could reach.
 - ``one``: the whole batch through one adapter (``set_adapter``): the single-adapter fused path.
 - ``mixed``: the batch mixed with ``adapter_per_sample`` (stacked factors, one gather and two
   batched matmuls per layer); ``x one`` is its time over ``one``'s in the same round.
@@ -35,7 +37,7 @@ from torch import nn
 
 import lora_vit
 
-INFER = ["one", "mixed", "peft_mixed"]
+INFER = ["base", "one", "mixed", "peft_mixed"]
 TRAIN = ["train_one", "train_mixed"]
 
 
@@ -106,6 +108,8 @@ def make_call(variant: str, args: argparse.Namespace, factors: dict, compiled: b
     routing = contextlib.ExitStack()
     if variant.endswith("mixed"):
         routing.enter_context(lora_vit.adapter_per_sample(model, names))
+    elif variant == "base":
+        lora_vit.set_adapter(model, None)
     run: Callable = torch.compile(model, fullgraph=True) if compiled else model
     if training:
 
@@ -143,6 +147,8 @@ def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
         row["batch"] = args.train_batch if training else args.batch
         row["images_per_s"] = row["batch"] / row["median_s"]
         suffix = "+c" if variant.endswith("+c") else ""
+        if variant.removesuffix("+c") == "base" and "peft_mixed" in by_key:
+            row["x_peft"] = common.ratio(row, by_key["peft_mixed"])
         if variant.removesuffix("+c").endswith("mixed") and not variant.startswith("peft"):
             one = by_key.get(("train_one" if training else "one") + suffix)
             if one:
