@@ -66,12 +66,8 @@ _MUST_BE = {
 _PLAIN_INITS = (True, False, "gaussian")
 
 
-# PEFT saves the DoRA magnitude without PEFT's inner ``.weight``; other versions may carry it.
-_MAGNITUDE = PEFT_MAGNITUDE
-
-
 def _peft_key(name: str, factor: str) -> str:
-    if factor == _MAGNITUDE:
+    if factor == PEFT_MAGNITUDE:  # saved without PEFT's inner ``.weight``
         return f"{_PREFIX}{name}.{factor}"
     return f"{_PREFIX}{name}.{factor}.weight"
 
@@ -234,7 +230,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
     tensors = {
         _peft_key(name, peft_name): state.pop(f"{name}.{ours}")
         for name, layer in layers.items()
-        for ours, peft_name in layer.spec.peft_tensor_names(layer.use_dora)
+        for ours, peft_name in AdapterSpec.peft_tensor_names(layer.use_dora)
     }
     tensors.update({_PREFIX + key: value for key, value in state.items()})
     for name, layer in layers.items():
@@ -323,7 +319,8 @@ def _split_keys(
             raise LoRAError(f"{where}: tensor {key!r} does not start with {_PREFIX!r}, PEFT's prefix")
         rest = key[len(_PREFIX):]
         match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", rest)
-        magnitude = re.fullmatch(rf"(.+)\.{_MAGNITUDE}(\.weight)?", rest)
+        # Other PEFT versions may save the magnitude with an inner ``.weight``.
+        magnitude = re.fullmatch(rf"(.+)\.{PEFT_MAGNITUDE}(\.weight)?", rest)
         if match:
             lora.setdefault(match[1], {})[match[2]] = value
         elif magnitude and use_dora:
@@ -340,7 +337,7 @@ def _split_keys(
     for name, pair in lora.items():
         needed = {ours for ours, _ in AdapterSpec.peft_tensor_names(use_dora and not name.endswith(_BASE_OUT_PROJ))}
         if set(pair) != needed:
-            dora = f" and {_MAGNITUDE} (use_dora)" if "lora_magnitude" in needed else ""
+            dora = f" and {PEFT_MAGNITUDE} (use_dora)" if "lora_magnitude" in needed else ""
             raise LoRAError(f"{where}: module {name!r} has {sorted(pair)} but needs both lora_A and lora_B{dora}")
     return lora, other
 

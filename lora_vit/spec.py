@@ -36,9 +36,10 @@ INITS = ("normal", "kaiming")
 """Valid values of ``init``: A ~ N(0, 0.02^2), or Kaiming-uniform as in the LoRA paper's code."""
 
 DEFAULT_ADAPTER = "default"
-# PEFT's name of the DoRA magnitude tensor (see AdapterSpec.peft_tensor_names).
-PEFT_MAGNITUDE = "lora_magnitude_vector"
 """The adapter name used when none is given (its parameters keep their historical names)."""
+
+PEFT_MAGNITUDE = "lora_magnitude_vector"
+"""PEFT's name of the DoRA magnitude tensor (see :meth:`AdapterSpec.peft_tensor_names`)."""
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _SLICE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
