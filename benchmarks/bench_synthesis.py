@@ -80,7 +80,8 @@ def synthesis_rate(images: list[np.ndarray], reps: int) -> dict[str, float]:
     for _ in range(reps):
         start = time.perf_counter()
         for x in images:
-            matched_augment(match_statistics(synthesise(x, rng).image, x), rng)
+            attack = synthesise(x, rng)
+            matched_augment(match_statistics(attack.image, x, attack.weight), rng)
         attack_s.append((time.perf_counter() - start) / len(images))
         start = time.perf_counter()
         for x in images:

@@ -27,7 +27,7 @@ from madlab.distributed import Dist
 from madlab.images import ImageDataset
 from madlab.orl import aligned_orl, split_people
 from madlab.synthcheck import STATISTICS, separability, served_pairs
-from madlab.synthesis import match_statistics, synthesise
+from madlab.synthesis import face_mask, match_statistics, synthesise
 from madlab.training import STOP_AFTER_ENV, make_train_loader
 
 # The fast embedded fixture and 25 x 25 lfw faces, too small for the face detector: whole images.
@@ -78,6 +78,29 @@ def test_fixed_dev_attacks_are_the_same_for_a_seed_and_differ_across_seeds(embed
     assert any(not torch.equal(a.pixels(k), c.pixels(k)) for k in range(n, 2 * n))
     assert all(torch.equal(a.pixels(k), dev.pixels(k)) for k in range(n)), "bona fides are served as they are"
     assert set(a.methods()) <= {"self_blend", "self_morph", "self_blend+frequency", "self_morph+frequency"}
+
+
+@pytest.mark.parametrize("match", ["face", "whole"])
+def test_fixed_dev_attacks_differ_from_their_bona_fide_only_inside_the_mask_when_matched_there(embedded, match):
+    dev = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32)
+    fixed, n = FixedAttackSet(dev, 42, match=match), len(dev)
+    outside_equal = []
+    for k in range(n):
+        photo = dev.pixels(k).permute(1, 2, 0).numpy() / 255.0
+        weight = synthesise(photo, np.random.default_rng([42, k])).weight  # the attack's own mask
+        outside = torch.from_numpy(weight == 0)
+        assert outside.any()
+        outside_equal.append(torch.equal(fixed.pixels(n + k)[:, outside], dev.pixels(k)[:, outside]))
+    # Matched over the whole image, the background is re-sharpened and re-scaled too (mostly
+    # visibly: the 8-bit rounding hides a small change).
+    assert all(outside_equal) if match == "face" else not all(outside_equal)
+
+
+def test_an_unknown_match_region_is_refused(embedded):
+    with pytest.raises(ValueError, match="match must be one of \\('face', 'whole'\\), got 'all'"):
+        SyntheticTrainSet(_split(embedded, "train"), "synthetic", match="all")
+    with pytest.raises(ValueError, match="got 'all'"):
+        FixedAttackSet(ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32), 0, match="all")
 
 
 def test_dev_attacks_prefer_given_dev_morphs_and_say_which(embedded):
@@ -260,5 +283,28 @@ def test_synthetic_attacks_on_the_orl_default_with_landmark_masks_are_not_separa
     bona_fides = [served.base.pixels(k).permute(1, 2, 0).numpy() / 255.0 for k in range(len(found))]
     raw = [synthesise(x, rng, landmarks(s)).image for x, s in zip(bona_fides, found)]
     assert separability(bona_fides, raw)["sharpness"] < 0.42
-    matched = separability(bona_fides, [match_statistics(a, x) for a, x in zip(raw, bona_fides)])
-    assert abs(matched["sharpness"] - 0.5) < 0.03 and abs(matched["contrast"] - 0.5) < 0.03, matched
+    attacks = [synthesise(x, np.random.default_rng(k), landmarks(s)) for k, (x, s) in enumerate(zip(bona_fides, found))]
+    matched = [match_statistics(a.image, x, a.weight) for a, x in zip(attacks, bona_fides)]
+    whole = [match_statistics(a.image, x) for a, x in zip(attacks, bona_fides)]
+    for images in (matched, whole):
+        aucs = separability(bona_fides, images)
+        assert abs(aucs["sharpness"] - 0.5) < 0.03 and abs(aucs["contrast"] - 0.5) < 0.03, aucs
+    # Whole-image matching hides the blurred face from whole-image statistics by sharpening
+    # the background, so "face softer than its surroundings" separates the attacks; matching
+    # inside the mask leaves no such cue.
+    face = [face_mask(32, 32, np.random.default_rng(0), landmarks(s))[1:-1, 1:-1] >= 0.5 for s in found]
+
+    def softness(images: list[np.ndarray]) -> np.ndarray:
+        ratios = []
+        for image, inside in zip(images, face):
+            g = image.mean(axis=2).astype(np.float64)
+            lap = np.abs(g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1])
+            ratios.append(lap[~inside].mean() / lap[inside].mean())  # higher = face softer than the rest
+        return np.array(ratios)
+
+    def auc_of(real: np.ndarray, made: np.ndarray) -> float:
+        return float((made[:, None] > real[None]).mean())
+
+    real_softness = softness(bona_fides)
+    assert auc_of(real_softness, softness(whole)) > 0.6
+    assert abs(auc_of(real_softness, softness(matched)) - 0.5) < 0.06

@@ -163,6 +163,45 @@ def test_matching_gives_the_attack_its_photos_sharpness_and_colour_statistics(se
         assert np.ptp(matched, axis=2).max() < 1e-6
 
 
+@settings(deadline=None, max_examples=25)
+@given(seeds, use_landmarks, st.booleans())
+def test_matching_inside_the_mask_gives_the_face_its_photos_statistics_and_leaves_the_rest(seed, with_points,
+                                                                                           grey):
+    photo = _photo(seed % 1000, 48, 48, grey=grey)
+    points = _landmarks(48, 48) if with_points else None
+    attack = S.synthesise(photo, np.random.default_rng(seed), points, frequency_p=0.0)
+    matched = S.match_statistics(attack.image, photo, attack.weight)
+    outside = attack.weight == 0
+    np.testing.assert_array_equal(matched[outside], photo[outside])
+    assert matched.dtype == np.float32 and matched.min() >= 0 and matched.max() <= 1
+    region = attack.weight >= 0.5 * attack.weight.max()
+    interior = region[1:-1, 1:-1]
+
+    def face_sharpness(image: np.ndarray) -> float:
+        g = image.mean(axis=2).astype(np.float64)
+        lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
+        return float(lap[interior].var())
+
+    assert face_sharpness(matched) == pytest.approx(face_sharpness(photo), rel=0.1)
+    np.testing.assert_allclose(matched[region].mean(axis=0), photo[region].mean(axis=0), atol=0.01)
+    np.testing.assert_allclose(matched[region].std(axis=0), photo[region].std(axis=0), rtol=0.1, atol=0.005)
+    if grey:
+        assert np.ptp(matched, axis=2).max() < 1e-6
+
+
+def test_matching_leaves_an_image_whose_mask_region_is_too_small_unchanged():
+    photo, other = _photo(3), _photo(4)
+    weight = np.zeros(photo.shape[:2], dtype=np.float32)
+    weight[10:12, 10:12] = 1.0  # no interior pixel: nothing to measure the sharpness on
+    np.testing.assert_array_equal(S.match_statistics(other, photo, weight), other)
+
+
+@pytest.mark.parametrize("weight", [np.ones((5, 5)), np.full((40, 36), np.nan), -np.ones((40, 36))])
+def test_a_bad_weight_is_refused_with_its_shape(weight):
+    with pytest.raises(ValueError, match="weight must be a finite non-negative 40 x 36 array"):
+        S.match_statistics(_photo(0), _photo(1), weight)
+
+
 def test_grey_sharpness_is_the_shortcut_statistic():
     photo = _photo(2)
     assert S.grey_sharpness(photo) == pytest.approx(laplacian_variance(photo.mean(axis=2)))

@@ -24,10 +24,11 @@ from torch.utils.data import Dataset, Sampler
 from .config import ATTACK_MODES
 from .data import SPLITS, DataError, DataReport, Sample
 from .images import ImageDataset
-from .synthesis import match_statistics, matched_augment, synthesise
+from .synthesis import Attack, match_statistics, matched_augment, synthesise
 
 __all__ = [
     "ATTACK_MODES",
+    "MATCH_REGIONS",
     "SYNTHETIC_METHOD",
     "EpochSeeds",
     "FixedAttackSet",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 SYNTHETIC_METHOD = "synthetic"
+# Where an attack is matched to its photo's statistics (see synthesis.match_statistics): inside
+# its face mask (what training uses), or over the whole image (kept to measure what it leaves).
+MATCH_REGIONS = ("face", "whole")
 
 Landmarks = Callable[[Sample], "np.ndarray | None"]
 
@@ -58,6 +62,17 @@ def _pseudo_sample(bona_fide: Sample) -> Sample:
                    image=None)
 
 
+def _check_match(match: str) -> str:
+    if match not in MATCH_REGIONS:
+        raise ValueError(f"match must be one of {MATCH_REGIONS}, got {match!r}")
+    return match
+
+
+def _matched(attack: Attack, photo: np.ndarray, match: str) -> np.ndarray:
+    """``attack`` given ``photo``'s statistics inside its mask (``face``) or over the whole image."""
+    return match_statistics(attack.image, photo, attack.weight if match == "face" else None)
+
+
 def _bona_fide_indices(base: ImageDataset, what: str) -> list[int]:
     found = [i for i, s in enumerate(base.samples) if s.label == 0]
     if not found:
@@ -74,6 +89,8 @@ class SyntheticTrainSet(Dataset):
         mode: ``synthetic`` (bona fides and their synthetic attacks) or ``both`` (also the given morphs).
         landmarks: Returns a sample's five landmarks in the pixel coordinates of its ``size x size``
             image, or None for the centred-ellipse mask; None = no landmarks for any sample.
+        match: ``face``: each attack gets its photo's statistics inside its mask; ``whole``: over
+            the whole image (see :func:`~.synthesis.match_statistics`).
 
     Shapes:
         ``dataset[i]``: ``(3 x size x size float32, scalar label, i)``, as :class:`~.images.ImageDataset`.
@@ -82,10 +99,12 @@ class SyntheticTrainSet(Dataset):
         DataError: If the split has no bona fides.
     """
 
-    def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None) -> None:
+    def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None,
+                 match: str = "face") -> None:
         if mode not in ("synthetic", "both"):
             raise ValueError(f"mode must be 'synthetic' or 'both', got {mode!r}")
         self.base = base
+        self.match = _check_match(match)
         self.landmarks = landmarks
         bona_fides = _bona_fide_indices(base, "training split")
         given = [i for i, s in enumerate(base.samples) if s.label == 1] if mode == "both" else []
@@ -122,7 +141,7 @@ class SyntheticTrainSet(Dataset):
         photo = _photo(self.base.pixels(i))
         if made:
             points = self.landmarks(self.base.samples[i]) if self.landmarks else None
-            photo = match_statistics(synthesise(photo, rng, points).image, photo)
+            photo = _matched(synthesise(photo, rng, points), photo, self.match)
         x = torch.from_numpy(matched_augment(photo, rng).transpose(2, 0, 1).astype(np.float32))
         x = (x - self.base.mean) / self.base.std
         if self.base.augment:
@@ -163,14 +182,23 @@ class FixedAttackSet(Dataset):
 
     Attack ``k`` depends only on ``seed`` and the position of its bona fide, so every epoch
     and every resumed run is judged on the same images. Attacks are matched to their bona
-    fide's statistics (:func:`~.synthesis.match_statistics`) but not augmented, like the bona fides.
+    fide's face (:func:`~.synthesis.match_statistics` inside the attack's mask) but not augmented,
+    like the bona fides.
+
+    Args:
+        base: The dev split.
+        seed: Fixes every attack.
+        landmarks: As for :class:`SyntheticTrainSet`.
+        match: As for :class:`SyntheticTrainSet`.
 
     Raises:
         DataError: If ``base`` has no bona fides.
     """
 
-    def __init__(self, base: ImageDataset, seed: int, landmarks: Landmarks | None = None) -> None:
+    def __init__(self, base: ImageDataset, seed: int, landmarks: Landmarks | None = None,
+                 match: str = "face") -> None:
         self.base = base
+        _check_match(match)
         self._bona_fides = _bona_fide_indices(base, "dev split")
         self.attacks = []
         for k, i in enumerate(self._bona_fides):
@@ -178,7 +206,7 @@ class FixedAttackSet(Dataset):
             photo = _photo(base.pixels(i))
             points = landmarks(base.samples[i]) if landmarks else None
             attack = synthesise(photo, rng, points)
-            self.attacks.append((_uint8(match_statistics(attack.image, photo)), attack.method))
+            self.attacks.append((_uint8(_matched(attack, photo, match)), attack.method))
         self.samples = ([base.samples[i] for i in self._bona_fides]
                         + [_pseudo_sample(base.samples[i]) for i in self._bona_fides])
         self.fully_cached = True

@@ -271,15 +271,16 @@ def _laplacian(g: np.ndarray) -> np.ndarray:
     return g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
 
 
-def _sharpness_amount(image: np.ndarray, target: float) -> float:
-    """The unsharp amount ``k`` in [-1, 4] that gives ``image`` the Laplacian variance ``target``.
+def _sharpness_amount(image: np.ndarray, weight: np.ndarray, interior: np.ndarray, target: float) -> float:
+    """The unsharp amount ``k`` in [-1, 4] for which ``image + k * weight * (image - blur(image))``
+    has the Laplacian variance ``target`` over the ``interior`` pixels.
 
-    The Laplacian is linear, so ``var(L(x) + k L(x - blur(x)))`` is a quadratic in ``k``;
-    its root nearest 0 is taken (or its minimum when the target cannot be reached).
+    The Laplacian is linear, so that variance is a quadratic in ``k``; its root nearest 0 is
+    taken (or its minimum when the target cannot be reached).
     """
     g = _grey(image)
-    lx = _laplacian(g)
-    ly = _laplacian(g - gaussian_filter(g, _UNSHARP_SIGMA, truncate=_TRUNCATE))
+    lx = _laplacian(g)[interior]
+    ly = _laplacian(weight * (g - gaussian_filter(g, _UNSHARP_SIGMA, truncate=_TRUNCATE)))[interior]
     lx, ly = lx - lx.mean(), ly - ly.mean()
     a, b, c = float((ly * ly).mean()), 2.0 * float((lx * ly).mean()), float((lx * lx).mean()) - target
     if a <= 1e-18:
@@ -293,24 +294,60 @@ def _sharpness_amount(image: np.ndarray, target: float) -> float:
     return float(np.clip(k, -1.0, 4.0))
 
 
-def match_statistics(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``image`` with the per-channel mean and std and the grey Laplacian variance of ``reference``.
+def _check_weight(weight: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    if weight is None:
+        return np.ones(shape, dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32)
+    if w.shape != shape or not np.isfinite(w).all() or w.min() < 0:
+        raise ValueError(f"weight must be a finite non-negative {shape[0]} x {shape[1]} array (the attack's"
+                         f" mask), got shape {w.shape}")
+    peak = float(w.max())
+    return w / peak if peak > 0 else w
 
-    Applied to a synthetic attack with its own bona fide as ``reference``, it removes the
-    global blur, flatness and colour-cast cues blending leaves, and keeps the local ones
-    (seams, double contours), as tools that sharpen morphs to their contributors' sharpness do.
+
+def match_statistics(image: np.ndarray, reference: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """``image`` given the per-channel mean and std and the grey Laplacian variance of ``reference``
+    over the region where ``weight`` is at least half its maximum, the change blended in through ``weight``.
+
+    Applied to a synthetic attack with its own bona fide as ``reference`` and the attack's mask
+    as ``weight``, it gives the altered face the colour, contrast and sharpness of the photo's
+    face, as tools that sharpen morphs to their contributors' sharpness do, and leaves every
+    pixel outside the mask as the photo has it. What stays are the local cues (seams, double
+    contours, texture). Matching the whole image instead (``weight=None``) hides a blurred face
+    from whole-image statistics by sharpening the background, which leaves a cue of its own, "face
+    softer than its surroundings", that sharpened morphs do not carry (see examples/README.md).
     Three rounds, clipped to [0, 1] each time: sharpening moves the contrast a little, the
     contrast moves the sharpness, and clipping moves both.
+
+    Args:
+        image: ``H x W x 3`` in [0, 1].
+        reference: ``H x W x 3`` in [0, 1].
+        weight: ``H x W`` non-negative (scaled to a maximum of 1); None = the whole image.
+
+    Returns:
+        ``H x W x 3`` float32, equal to ``image`` wherever ``weight`` is 0; ``image`` unchanged
+        when the region has fewer than 9 interior pixels.
+
+    Raises:
+        ValueError: For images that are not ``H x W x 3`` or a weight of another shape.
     """
     x = _check_image(image).copy()
     ref = _check_image(reference).astype(np.float64)
-    target = grey_sharpness(ref)
-    ref_mean, ref_std = ref.mean(axis=(0, 1)), ref.std(axis=(0, 1))
+    w = _check_weight(weight, x.shape[:2])
+    region = w >= 0.5
+    interior = region[1:-1, 1:-1]
+    if interior.sum() < 9:
+        return x
+    target = float(_laplacian(_grey(ref))[interior].var())
+    ref_mean, ref_std = ref[region].mean(axis=0), ref[region].std(axis=0)
+    blend = w[..., None]
     for _ in range(3):
-        mean, std = x.mean(axis=(0, 1)), x.std(axis=(0, 1))
+        inside = x[region].astype(np.float64)
+        mean, std = inside.mean(axis=0), inside.std(axis=0)
         gain = np.where(std > 1e-8, ref_std / np.maximum(std, 1e-8), 1.0)
-        x = ((x - mean) * gain + ref_mean).astype(np.float32)
-        x = np.clip(_unsharp(x, _sharpness_amount(x, target)), 0.0, 1.0)
+        x = (x + blend * ((x - mean) * gain + ref_mean - x)).astype(np.float32)
+        amount = _sharpness_amount(x, w, interior, target)
+        x = np.clip(x + amount * blend * (x - _blur(x, _UNSHARP_SIGMA)), 0.0, 1.0)
     return x
 
 
