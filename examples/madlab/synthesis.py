@@ -21,10 +21,13 @@ Blending averages pixels, so raw attacks are blurrier and flatter than their pho
 detector would learn "blurred = attack" and pass every sharpened morph (the failure the
 issue describes). Two steps take these cues away:
 
-* :func:`match_statistics` gives each attack the per-channel mean and standard deviation
-  and the sharpness (variance of the Laplacian of the grey image, the ``sharpness`` shortcut)
-  of the photo it was made from, as morphing tools sharpen their morphs to their
-  contributors' sharpness;
+* :func:`match_statistics` gives each attack's face (the region its mask covers) the
+  per-channel mean and standard deviation and the sharpness (variance of the Laplacian of the
+  grey image, the ``sharpness`` shortcut) of the same region of the photo it was made from,
+  as morphing tools sharpen their morphs to their contributors' sharpness, and leaves the
+  background as the photo has it. Matching the whole image instead would sharpen the
+  background to make up for a blurred face: "face softer than its surroundings" would then
+  mark the attacks, and sharpened morphs carry the opposite cue;
 * :func:`matched_augment` then applies the same random colour jitter, blur or sharpening and
   JPEG compression to **both** classes, so neither is marked by its processing.
 
