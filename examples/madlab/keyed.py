@@ -26,6 +26,8 @@ from .files import write_text_atomically
 __all__ = ["content_key", "entry_path", "file_key", "read_entry", "write_entry"]
 
 _CHUNK = 1 << 20
+_KNOWN: dict[tuple, str] = {}  # file identity -> key, for this process
+_KNOWN_MAX = 1_000_000
 
 
 def content_key(data: bytes | np.ndarray) -> str:
@@ -42,10 +44,30 @@ def content_key(data: bytes | np.ndarray) -> str:
 def file_key(path: str | os.PathLike[str]) -> str | None:
     """:func:`content_key` of the bytes of the file at ``path``, read in chunks; nothing is decoded.
 
+    A run meets each file more than once (the file check, then face detection), so the key is
+    remembered for the file's identity, size and modification time: a file rewritten since is
+    read again.
+
     Returns:
         The key, or ``None`` when the file cannot be read (missing, a folder, a link loop, no
         permission): the caller's own reader then says why.
     """
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    identity = (os.fspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if identity in _KNOWN:
+        return _KNOWN[identity]
+    key = _hash_file(path)
+    if key is not None:
+        if len(_KNOWN) >= _KNOWN_MAX:
+            _KNOWN.clear()
+        _KNOWN[identity] = key
+    return key
+
+
+def _hash_file(path: str | os.PathLike[str]) -> str | None:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
