@@ -26,7 +26,6 @@ Three measurements in one run:
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import time
@@ -100,6 +99,13 @@ def build_detector(size: int, config: Config) -> MorphDetector:
     return MorphDetector(model, spec, config.dropout_p)
 
 
+def _forever(loader):
+    """The loader's batches, pass after pass. Not ``itertools.cycle``: it replays the first pass's
+    batches from memory, so later passes would load (and synthesise) nothing."""
+    while True:
+        yield from loader
+
+
 def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, config: Config,
                 loading: dict[str, list[float]]):
     """One timed unit per variant: ``batches`` training batches, loading included, from each data source.
@@ -121,7 +127,7 @@ def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, c
     assert len(sources["given"]) == len(sources["synthetic"])
 
     def unit(name: str, dataset) -> callable:
-        loader = itertools.cycle(make_loader(dataset, batch, 0, shuffle=True, drop_last=True,
+        loader = _forever(make_loader(dataset, batch, 0, shuffle=True, drop_last=True,
                                              generator=torch.Generator().manual_seed(0)))
 
         def run() -> None:
