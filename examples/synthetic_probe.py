@@ -131,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         history.append(row)
         print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
               + f" ({time.perf_counter() - start:.1f} s)", flush=True)
-    last = history[-3:]
+    # Single epochs swing by several standard errors: the summary is the mean of the last
+    # quarter of the epochs (at least 3).
+    last = history[-max(3, args.epochs // 4):]
     summary = {k: round(float(np.mean([r[k] for r in last])), 3) for k in last[0] if k != "epoch"}
     print(json.dumps({"image_size": size, "train": args.train, "match": args.match, "epochs": args.epochs,
-                      "mean_of_last_3_epochs": summary}))
+                      f"mean_of_last_{len(last)}_epochs": summary}))
     return 0
 
 

@@ -133,6 +133,16 @@ def test_the_separability_check_does_find_a_blur_cue(embedded):
     assert aucs["sharpness"] < 0.1 and aucs["high_frequency"] < 0.1
 
 
+def test_the_separability_check_finds_a_face_softer_than_its_surroundings(embedded):
+    faces = [np.asarray(s.image, dtype=np.float64) for s in embedded if s.label == 0][:60]
+    centre = np.zeros(faces[0].shape[:2], dtype=bool)
+    h, w = centre.shape
+    centre[int(0.35 * h):int(0.75 * h), int(0.35 * w):int(0.65 * w)] = True  # inside the statistic's ellipse
+    soft_face = [np.where(centre[..., None], gaussian_filter(x, sigma=(1.0, 1.0, 0)), x) for x in faces]
+    aucs = separability(faces, soft_face)
+    assert aucs["face_softness"] > 0.9, aucs
+
+
 def test_served_pairs_do_not_change_the_random_numbers_training_uses(embedded):
     base = _split(embedded, "train")
     torch.manual_seed(1)
@@ -276,6 +286,10 @@ def test_synthetic_attacks_on_the_orl_default_with_landmark_masks_are_not_separa
     torch.manual_seed(0)
     aucs = separability(*served_pairs(served))
     assert all(abs(value - 0.5) < 0.1 for value in aucs.values()), aucs
+    # The check sees the local cue that matching the whole image leaves (face softer than the rest).
+    matched_whole = SyntheticTrainSet(served.base, "synthetic", landmarks, match="whole")
+    torch.manual_seed(0)
+    assert separability(*served_pairs(matched_whole))["face_softness"] > 0.6
     # The shared processing alone hides much of the raw blur at 32 px (served without matching,
     # sharpness gives about 0.45), so the bound above guards against new cues; the matching itself
     # is checked on the same crops unprocessed: raw attacks are blurrier, matched ones are not.

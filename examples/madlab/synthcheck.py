@@ -4,8 +4,9 @@ A detector learns the easiest cue that separates its training classes. If synthe
 were blurrier, flatter, differently coloured or differently compressed than the bona fides
 they are trained against, it would learn that cue, and real morphs without it (sharpened
 ones) would pass. This module scores both classes *as the model sees them in training* with
-the example's shortcut statistics (:mod:`.shortcuts`: sharpness, contrast) and four more
-(brightness, saturation, high-frequency energy, JPEG blockiness) and reports the AUC of each.
+the example's shortcut statistics (:mod:`.shortcuts`: sharpness, contrast) and five more
+(brightness, saturation, high-frequency energy, JPEG blockiness, and face softness: how much
+softer the centre of the crop, where the face is, is than the rest) and reports the AUC of each.
 0.5 means the statistic cannot tell the classes apart; the direction is not fixed here, so
 an AUC far from 0.5 either way is a cue.
 """
@@ -55,6 +56,23 @@ def _blockiness(image: np.ndarray) -> float:
     return float(steps[:, border].mean() / inside) if inside > 0 else 1.0
 
 
+def _face_softness(image: np.ndarray) -> float:
+    """Mean absolute Laplacian outside a centred face ellipse over the mean inside it.
+
+    A local cue no whole-image statistic sees: attacks whose blended face is softer than its
+    surroundings (or whose surroundings were sharpened to hide it) score higher. The ellipse
+    (centre at 55 % of the height, radii 30 % and 25 % of the sides) lies inside the inner face
+    of a centred face crop.
+    """
+    g = _grey(image)
+    height, width = g.shape
+    yy, xx = np.mgrid[1:height - 1, 1:width - 1].astype(np.float64)
+    inside = ((yy - 0.55 * (height - 1)) / (0.30 * height)) ** 2 + ((xx - 0.5 * (width - 1)) / (0.25 * width)) ** 2 <= 1
+    lap = np.abs(g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1])
+    face = lap[inside].mean() if inside.any() else 0.0
+    return float(lap[~inside].mean() / face) if face > 0 else 0.0
+
+
 STATISTICS: dict[str, Callable[[np.ndarray], float]] = {
     "sharpness": lambda x: laplacian_variance(_grey(x)),
     "contrast": lambda x: contrast(_grey(x)),
@@ -62,6 +80,7 @@ STATISTICS: dict[str, Callable[[np.ndarray], float]] = {
     "saturation": _saturation,
     "high_frequency": _high_frequency,
     "jpeg_blockiness": _blockiness,
+    "face_softness": _face_softness,
 }
 
 
