@@ -97,6 +97,7 @@ class SyntheticTrainSet(Dataset):
 
     Raises:
         DataError: If the split has no bona fides.
+        ValueError: If ``mode`` or ``match`` is not one of its choices.
     """
 
     def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None,
@@ -193,6 +194,7 @@ class FixedAttackSet(Dataset):
 
     Raises:
         DataError: If ``base`` has no bona fides.
+        ValueError: If ``match`` is not one of :data:`MATCH_REGIONS`.
     """
 
     def __init__(self, base: ImageDataset, seed: int, landmarks: Landmarks | None = None,
