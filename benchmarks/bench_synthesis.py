@@ -128,7 +128,7 @@ def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, c
 
     def unit(name: str, dataset) -> callable:
         loader = _forever(make_loader(dataset, batch, 0, shuffle=True, drop_last=True,
-                                             generator=torch.Generator().manual_seed(0)))
+                                      generator=torch.Generator().manual_seed(0)))
 
         def run() -> None:
             waited = 0.0

@@ -192,7 +192,7 @@ def test_matching_inside_the_mask_gives_the_face_its_photos_statistics_and_leave
 def test_matching_leaves_an_image_whose_mask_region_is_too_small_unchanged():
     photo, other = _photo(3), _photo(4)
     weight = np.zeros(photo.shape[:2], dtype=np.float32)
-    weight[10:12, 10:12] = 1.0  # no interior pixel: nothing to measure the sharpness on
+    weight[10:12, 10:12] = 1.0  # 4 interior pixels: too few to measure a sharpness on
     np.testing.assert_array_equal(S.match_statistics(other, photo, weight), other)
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .data import Sample
 from .images import sample_pixels
 
-__all__ = ["SHORTCUTS", "Shortcut", "contrast", "grey", "laplacian_variance", "sample_greys", "shortcut_scores"]
+__all__ = ["SHORTCUTS", "Shortcut", "contrast", "grey", "laplacian", "laplacian_variance", "sample_greys",
+           "shortcut_scores"]
 
 
 def grey(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
@@ -45,17 +46,24 @@ def sample_greys(samples: list[Sample], size: int) -> list[np.ndarray]:
     return [grey(sample_pixels(s, size), size) for s in samples]
 
 
-def laplacian_variance(g: np.ndarray) -> float:
-    """Sharpness: the variance of the 4-neighbour Laplacian over the interior pixels of a grey image.
+def laplacian(g: np.ndarray) -> np.ndarray:
+    """The 4-neighbour Laplacian of a grey image over its interior pixels: ``(H-2) x (W-2)``.
 
     ``L[i, j] = g[i-1, j] + g[i+1, j] + g[i, j-1] + g[i, j+1] - 4 g[i, j]`` for every pixel
     with four neighbours (no padding, so borders add no artificial edges).
+
+    Raises:
+        ValueError: If ``g`` is not a 2-D image of at least 3 x 3 pixels.
     """
     g = np.asarray(g, dtype=np.float64)
     if g.ndim != 2 or min(g.shape) < 3:
         raise ValueError(f"need a grey image of at least 3 x 3 pixels, got shape {g.shape}")
-    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
-    return float(lap.var())
+    return g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
+
+
+def laplacian_variance(g: np.ndarray) -> float:
+    """Sharpness: the variance of :func:`laplacian` over the interior pixels of a grey image."""
+    return float(laplacian(g).var())
 
 
 def contrast(g: np.ndarray) -> float:
