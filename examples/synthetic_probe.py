@@ -11,19 +11,22 @@ carry the other way round (the "blurred = attack" failure on sharpened morphs).
 
 It uses the embedded ORL default (``face_crop=align``, landmark masks, the run's 60/20/20
 split of people): training bona fides from the train people, held-out synthetic attacks
-from the dev people (one fixed attack per bona fide), and the test split's bona fides and
-landmark morphs. The CNN is a diagnostic, not the detector: the detector is the LoRA ViT
+from the dev people (one fixed attack per bona fide), the dev people's landmark morphs
+(what a change to the synthesis may be chosen on), and the test split's bona fides and
+landmark morphs (which only report). The CNN is a diagnostic, not the detector: the detector is the LoRA ViT
 of ``morph_detection.py``.
 
 Examples:
   python examples/synthetic_probe.py                          # 32 px, attacks matched inside the face
   python examples/synthetic_probe.py --match whole            # matched over the whole image, as before
+  python examples/synthetic_probe.py --morph-regions face     # self-morphs of the inner face only, as before
   python examples/synthetic_probe.py --image-size 64 --train blend   # supervised on blend morphs, for scale
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -35,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
+from madlab import attacks
 from madlab.attacks import MATCH_REGIONS, FixedAttackSet, SyntheticTrainSet
 from madlab.backbone import cache_root
 from madlab.config import Config
@@ -42,6 +46,7 @@ from madlab.cropping import CropLandmarks
 from madlab.data import Sample, load_samples
 from madlab.images import ImageDataset
 from madlab.metrics import auc
+from madlab.synthesis import MORPH_REGIONS
 
 
 def _cnn() -> nn.Module:
@@ -78,9 +83,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="where attacks get their photo's statistics (default: face, as training does)")
     parser.add_argument("--train", default="synthetic",
                         help="'synthetic' (bona fides and their synthetic attacks) or a morph method of the data")
+    parser.add_argument("--morph-regions", default=",".join(MORPH_REGIONS),
+                        help="comma-separated regions a self-morph may blend (default: all of"
+                             f" {','.join(MORPH_REGIONS)}; 'face' alone is the synthesis before 2026-12-04)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
+    regions = tuple(args.morph_regions.split(","))
+    if not regions or not set(regions) <= set(MORPH_REGIONS):
+        parser.error(f"--morph-regions {args.morph_regions!r}: expected a comma-separated subset of {MORPH_REGIONS}")
+    # The attack sets call attacks.synthesise; this diagnostic narrows its self-morph regions
+    # there for the run, and puts it back after.
+    previous = attacks.synthesise
+    attacks.synthesise = functools.partial(previous, morph_regions=regions)
+    try:
+        _run(args, parser)
+    finally:
+        attacks.synthesise = previous
+    return 0
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     torch.manual_seed(args.seed)
     config = Config()
     samples, _ = load_samples(None, config.seed, config.morph_methods, config.morphs_per_face,
@@ -105,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             return [train[k] for k in range(len(train))]
     dev = ImageDataset([s for s in split["dev"] if s.label == 0], size, **norm)
     held = FixedAttackSet(dev, config.seed, landmarks, match=args.match)
+    # The dev people's given morphs: what a change to the synthesis may be chosen on; the
+    # test split's morphs only report.
+    dev_morphs = ImageDataset(split["dev"], size, **norm)
+    dev_items = [dev_morphs[k] for k in range(len(dev_morphs))]
     held_items = [held[k] for k in range(len(held))]
     held_labels = np.array([s.label for s in held.samples])
     test = ImageDataset(split["test"], size, **norm)
@@ -127,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             total += loss.item() * len(batch)
         row = {"epoch": epoch + 1, "train_loss": total / len(items),
                "held_out_synthetic_auc": auc(_scores(net, held_items), held_labels),
+               **{f"dev_{m}_auc": v for m, v in _method_aucs(_scores(net, dev_items), dev_morphs.samples).items()},
                **{f"test_{m}_auc": v for m, v in _method_aucs(_scores(net, test_items), test.samples).items()}}
         history.append(row)
         print(" ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
@@ -136,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     last = history[-max(3, args.epochs // 4):]
     summary = {k: round(float(np.mean([r[k] for r in last])), 3) for k in last[0] if k != "epoch"}
     print(json.dumps({"image_size": size, "train": args.train, "match": args.match, "epochs": args.epochs,
+                      "morph_regions": args.morph_regions.split(","), "seed": args.seed,
                       f"mean_of_last_{len(last)}_epochs": summary}))
-    return 0
 
 
 if __name__ == "__main__":

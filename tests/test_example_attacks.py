@@ -3,6 +3,7 @@ separability check, leave-methods-out, and a folder of bona fides alone training
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import replace
@@ -18,6 +19,7 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
+from madlab import attacks as attacks_module
 from madlab.attacks import FixedAttackSet, SyntheticTrainSet, dev_attacks, drop_methods, training_sets
 from madlab.checkpoint import read_metadata
 from madlab.config import Config, apply_overrides
@@ -89,8 +91,9 @@ def test_fixed_dev_attacks_differ_from_their_bona_fide_only_inside_the_mask_when
         photo = dev.pixels(k).permute(1, 2, 0).numpy() / 255.0
         weight = synthesise(photo, np.random.default_rng([42, k])).weight  # the attack's own mask
         outside = torch.from_numpy(weight == 0)
-        assert outside.any()
-        outside_equal.append(torch.equal(fixed.pixels(n + k)[:, outside], dev.pixels(k)[:, outside]))
+        if outside.any():  # a self-morph of the whole image (or a head filling it) has no outside
+            outside_equal.append(torch.equal(fixed.pixels(n + k)[:, outside], dev.pixels(k)[:, outside]))
+    assert len(outside_equal) > n / 2
     # Matched over the whole image, the background is re-sharpened and re-scaled too (mostly
     # visibly: the 8-bit rounding hides a small change).
     assert all(outside_equal) if match == "face" else not all(outside_equal)
@@ -287,9 +290,14 @@ def test_synthetic_attacks_on_the_orl_default_with_landmark_masks_are_not_separa
     aucs = separability(*served_pairs(served))
     assert all(abs(value - 0.5) < 0.1 for value in aucs.values()), aucs
     # The check sees the local cue that matching the whole image leaves (face softer than the rest).
+    # The cue came from self-blends and inner-face self-morphs; head and whole-image self-morphs
+    # soften the periphery instead and would hide it in the mixture, so the control uses those two.
     matched_whole = SyntheticTrainSet(served.base, "synthetic", landmarks, match="whole")
-    torch.manual_seed(0)
-    assert separability(*served_pairs(matched_whole))["face_softness"] > 0.6
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attacks_module, "synthesise", functools.partial(synthesise, morph_regions=("face",)))
+        torch.manual_seed(0)
+        whole_aucs = separability(*served_pairs(matched_whole))
+    assert whole_aucs["face_softness"] > 0.6, whole_aucs
     # The shared processing alone hides much of the raw blur at 32 px (served without matching,
     # sharpness gives about 0.45), so the bound above guards against new cues; the matching itself
     # is checked on the same crops unprocessed: raw attacks are blurrier, matched ones are not.
@@ -302,6 +310,10 @@ def test_synthetic_attacks_on_the_orl_default_with_landmark_masks_are_not_separa
     for images in (matched, whole):
         aucs = separability(bona_fides, images)
         assert abs(aucs["sharpness"] - 0.5) < 0.03 and abs(aucs["contrast"] - 0.5) < 0.03, aucs
+    # The softness cue, as above, with self-blends and inner-face self-morphs.
+    inner = [synthesise(x, rng, landmarks(s), morph_regions=("face",)) for x, s in zip(bona_fides, found)]
+    matched = [match_statistics(a.image, x, a.weight) for a, x in zip(inner, bona_fides)]
+    whole = [match_statistics(a.image, x) for a, x in zip(inner, bona_fides)]
     # Whole-image matching hides the blurred face from whole-image statistics by sharpening
     # the background, so "face softer than its surroundings" separates the attacks; matching
     # inside the mask leaves no such cue.

@@ -27,9 +27,36 @@ def test_the_probe_learns_the_given_blend_morphs_and_reports_every_method(capsys
     assert len(epochs) == 4 and epochs[0].startswith("epoch 1 train_loss")
     assert summary["train"] == "blend" and summary["image_size"] == 32
     figures = summary["mean_of_last_3_epochs"]  # a quarter of 4 epochs, at least 3
-    assert set(figures) == {"train_loss", "held_out_synthetic_auc", "test_blend_auc", "test_splice_auc"}
+    assert set(figures) == {"train_loss", "held_out_synthetic_auc", "dev_blend_auc", "dev_splice_auc",
+                            "test_blend_auc", "test_splice_auc"}
     assert figures["train_loss"] < 0.6
     assert figures["test_blend_auc"] > 0.75, figures  # the method it saw, on people it never saw
+    assert figures["dev_blend_auc"] > 0.6, figures  # and on the dev people (0.69 seen at 4 epochs)
+
+
+def test_the_probe_narrows_the_self_morph_regions_for_its_run_only(capsys, monkeypatch):
+    from madlab import attacks
+
+    seen = []
+    real = attacks.synthesise
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("morph_regions"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attacks, "synthesise", spy)
+    _, summary = _summary(capsys, ["--morph-regions", "face", "--epochs", "1", "--image-size", "16"])
+    assert summary["morph_regions"] == ["face"]
+    assert seen and set(seen) == {("face",)}  # every attack it made, training and held out
+    assert attacks.synthesise is spy  # put back: later runs synthesise as training does
+
+
+def test_the_probe_refuses_unknown_self_morph_regions(capsys):
+    with pytest.raises(SystemExit) as stop:
+        synthetic_probe.main(["--morph-regions", "face,neck"])
+    assert stop.value.code == 2
+    assert "--morph-regions 'face,neck': expected a comma-separated subset of ('face', 'head', 'image')" in \
+        capsys.readouterr().err
 
 
 def test_the_probe_refuses_a_morph_method_the_data_lacks(capsys):

@@ -47,7 +47,9 @@ def test_attack_differs_from_its_photo_only_inside_its_mask(seed, with_points, m
     points = _landmarks(*photo.shape[:2]) if with_points else None
     attack = make(photo, np.random.default_rng(seed), points)
     outside = attack.weight == 0
-    assert outside.any() and (~outside).any()
+    assert (~outside).any()
+    if attack.region == "face":  # a head mask may fill a small image, an image one always does
+        assert outside.any()
     np.testing.assert_array_equal(attack.image[outside], photo[outside])
     assert attack.weight.min() >= 0 and attack.weight.max() <= 1
     # The change per pixel is bounded by its weight: |out - photo| = w |copy - photo| <= w.
@@ -85,6 +87,26 @@ def test_self_morph_is_the_beta_blend_with_a_zoomed_copy(seed, with_points):
     np.testing.assert_allclose(attack.image, expected, atol=1e-5)
     if points is not None:  # zoomed about the nose tip
         np.testing.assert_allclose(attack.centre, points[2, ::-1])
+
+
+def test_self_morph_regions_grow_from_the_inner_face_to_the_whole_image():
+    height, width = 64, 64
+    points = _landmarks(height, width)
+    masks = {region: S.face_mask(height, width, np.random.default_rng(3), points, region)
+             for region in S.MASK_REGIONS}
+    face, head = masks["face"] > 0.5, masks["head"] > 0.5
+    assert (face & ~head).sum() == 0 and head.sum() > 1.8 * face.sum()
+    np.testing.assert_array_equal(masks["image"], 1.0)
+    # The head region reaches the outline beside the eyes (1.3 eye gaps out from the eye
+    # middle), which the inner face does not.
+    eye_mid = points[:2].mean(axis=0)
+    beside = np.round(eye_mid + np.array([-1.3 * (points[1, 0] - points[0, 0]), 0.0])).astype(int)
+    assert masks["head"][beside[1], beside[0]] > 0.9 and masks["face"][beside[1], beside[0]] == 0
+    assert masks["head"].min() < 0.01  # not the whole image
+    drawn = [S.self_morph(_photo(1, 24, 24), np.random.default_rng(k)).region for k in range(300)]
+    assert all(70 <= drawn.count(region) <= 130 for region in S.MORPH_REGIONS)  # 100 +- 4 sigma each
+    with pytest.raises(ValueError, match=r"region must be one of .*got 'neck'"):
+        S.face_mask(height, width, np.random.default_rng(0), points, "neck")
 
 
 @settings(deadline=None, max_examples=30)

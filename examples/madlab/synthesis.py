@@ -10,8 +10,9 @@ be trained on bona fides alone:
   elastically warped, blended back into the photo through a blurred face mask. It leaves
   the blending seams and colour mismatch of a spliced morph.
 * :func:`self_morph`: the photo blended with a copy of itself zoomed 1.0-1.1x about the
-  face centre, with weight ``beta`` in [0.125, 0.5] inside the mask: double contours and
-  ghosting, as a landmark morph of two people leaves them.
+  face centre, with weight ``beta`` in [0.125, 0.5] inside a mask over the inner face, the
+  whole head or the whole image: double contours and ghosting, as a landmark morph of two
+  people leaves them (most of all on the face outline, the hairline and the ears).
 * :func:`frequency_artifact`: a periodic pattern mixed into the Fourier magnitude inside the
   mask (the phase is kept), as generative morphs leave spectral traces.
 
@@ -53,7 +54,9 @@ from scipy.ndimage import gaussian_filter
 __all__ = [
     "BETA_RANGE",
     "FREQUENCY_P",
+    "MASK_REGIONS",
     "METHODS",
+    "MORPH_REGIONS",
     "ZOOM_RANGE",
     "Attack",
     "face_mask",
@@ -70,6 +73,12 @@ METHODS = ("self_blend", "self_morph")
 BETA_RANGE = (0.125, 0.5)  # self-morph weight of the zoomed copy (SelfMAD's set spans the same interval)
 ZOOM_RANGE = (1.0, 1.1)
 FREQUENCY_P = 0.1
+# Where a self-morph blends its zoomed copy, with even odds: the inner face, the whole head
+# (outline, hairline, ears) or the whole image. Landmark morphs of two people leave their
+# double contours mostly on the outline and the hair, so the inner face alone would miss them;
+# SelfMAD's face-parser masks likewise range from the skin alone to the full image.
+MORPH_REGIONS = ("face", "head", "image")
+MASK_REGIONS = MORPH_REGIONS
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's self-blend ratios: mostly a full paste
 _TRUNCATE = 3.0  # Gaussian kernels end at 3 sigma, so a blurred mask is exactly 0 far from the face
 _UNSHARP_SIGMA = 1.0
@@ -87,6 +96,7 @@ class Attack:
         beta: The blend weight (self-morph: of the zoomed copy; self-blend: the blend ratio).
         zoom: Self-morph: the magnification of the blended copy (None for self-blend).
         centre: Self-morph: the ``(y, x)`` pixel it was magnified about (None for self-blend).
+        region: Where the mask lies: ``face``, ``head`` or ``image`` (see :func:`face_mask`).
     """
 
     image: np.ndarray
@@ -95,6 +105,7 @@ class Attack:
     beta: float
     zoom: float | None = None
     centre: tuple[float, float] | None = None
+    region: str = "face"
 
 
 # --------------------------------------------------------------------------- masks
@@ -130,41 +141,56 @@ def _ellipse(height: int, width: int, centre: tuple[float, float], radii: tuple[
 
 
 def _face_ellipse(height: int, width: int, landmarks: np.ndarray | None,
-                  rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float]]:
-    """The hard face region and its centre ``(y, x)``: from the landmarks, or the centred inner face."""
+                  rng: np.random.Generator, region: str = "face") -> tuple[np.ndarray, tuple[float, float]]:
+    """The hard region and its centre ``(y, x)``: the inner face (``face``) or the whole head
+    with its outline and hairline (``head``), from the landmarks or centred in the crop."""
     jitter = rng.uniform(0.9, 1.1, size=2)
+    head = region == "head"
     if landmarks is None:
-        centre = (0.55 * (height - 1), 0.5 * (width - 1))
-        radii = (0.36 * height * jitter[0], 0.30 * width * jitter[1])
-        return _ellipse(height, width, centre, radii), centre
+        centre = (0.5 * (height - 1), 0.5 * (width - 1)) if head else (0.55 * (height - 1), 0.5 * (width - 1))
+        radii = (0.58 * height, 0.48 * width) if head else (0.36 * height, 0.30 * width)
+        return _ellipse(height, width, centre, (radii[0] * jitter[0], radii[1] * jitter[1])), centre
     eyes, nose, mouth = landmarks[:2], landmarks[2], landmarks[3:]
     eye_mid, mouth_mid = eyes.mean(axis=0), mouth.mean(axis=0)
     eye_gap = max(float(np.linalg.norm(eyes[1] - eyes[0])), 1.0)
     span = max(float(np.linalg.norm(mouth_mid - eye_mid)), 1.0)
-    # From the eyes to below the mouth and just past the outer eye corners: the inner face a
-    # morph blends, with cheeks and chin, but not hair or ears.
-    centre_xy = 0.5 * (eye_mid + mouth_mid) + 0.1 * (nose - 0.5 * (eye_mid + mouth_mid))
     angle = float(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))
-    radii = (1.25 * span * jitter[0], 0.95 * eye_gap * jitter[1])
+    if head:
+        # From the chin to above the hairline and past the ears: the outline, hair edge and
+        # ears, where a landmark morph of two people leaves its strongest double contours.
+        centre_xy = eye_mid + 0.2 * (mouth_mid - eye_mid)
+        radii = (2.2 * span * jitter[0], 1.6 * eye_gap * jitter[1])
+    else:
+        # From the eyes to below the mouth and just past the outer eye corners: the inner face a
+        # morph blends, with cheeks and chin, but not hair or ears.
+        centre_xy = 0.5 * (eye_mid + mouth_mid) + 0.1 * (nose - 0.5 * (eye_mid + mouth_mid))
+        radii = (1.25 * span * jitter[0], 0.95 * eye_gap * jitter[1])
     return _ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, angle), (centre_xy[1], centre_xy[0])
 
 
-def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> np.ndarray:
-    """A soft face mask in [0, 1], 1 inside the face, exactly 0 away from it.
+def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.ndarray | None = None,
+              region: str = "face") -> np.ndarray:
+    """A soft mask in [0, 1] over a region of the face, exactly 0 away from it.
 
-    The hard region is an ellipse over the inner face, from the five landmarks or (without
-    them) centred in the crop; its radii are jittered by ±10 %. It is blurred twice with
-    random Gaussian widths (1-4 % of the image side, as SBI blurs with random kernels), then
-    rescaled so its maximum is 1.
+    ``face``: an ellipse over the inner face (eyes to chin, the cheeks within the outline);
+    ``head``: a larger one over the whole head with its outline, hairline and ears; both from
+    the five landmarks or (without them) centred in the crop, with radii jittered by ±10 %,
+    blurred twice with random Gaussian widths (1-4 % of the image side, as SBI blurs with
+    random kernels) and rescaled so that the maximum is 1. ``image``: 1 everywhere.
 
     Args:
         landmarks: ``5 x 2`` ``(x, y)`` pixel coordinates (eyes, nose tip, mouth corners), or None.
+        region: One of :data:`MASK_REGIONS`.
 
     Raises:
-        ValueError: If ``landmarks`` is not a finite 5 x 2 array.
+        ValueError: If ``landmarks`` is not a finite 5 x 2 array or ``region`` is not a known region.
     """
+    if region not in MASK_REGIONS:
+        raise ValueError(f"region must be one of {MASK_REGIONS}, got {region!r}")
     points = _check_landmarks(landmarks)
-    hard, _ = _face_ellipse(height, width, points, rng)
+    if region == "image":
+        return np.ones((height, width), dtype=np.float32)
+    hard, _ = _face_ellipse(height, width, points, rng, region)
     # Two Gaussian blurs in a row are one Gaussian blur whose variance is the sum of theirs.
     widths = rng.uniform(0.01, 0.04, size=2) * min(height, width)
     soft = gaussian_filter(hard.astype(np.float32), sigma=float(np.hypot(*widths)), truncate=_TRUNCATE)
@@ -402,29 +428,31 @@ def self_blend(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarra
     return Attack(np.clip(out, 0.0, 1.0), weight, "self_blend", ratio)
 
 
-def self_morph(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> Attack:
+def self_morph(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None,
+               regions: tuple[str, ...] = MORPH_REGIONS) -> Attack:
     """``image`` blended with itself zoomed 1.0-1.1x about the face centre, weight ``beta`` in [0.125, 0.5].
 
-    The centre is the nose tip when landmarks are given, else the centre of the face ellipse.
+    The blend covers one of ``regions`` (even odds; see :func:`face_mask`): the inner face, the
+    whole head, or the whole image. The centre is the nose tip when landmarks are given, else
+    the centre of the inner-face ellipse.
 
     Raises:
-        ValueError: For an image that is not ``H x W x 3`` or bad landmarks.
+        ValueError: For an image that is not ``H x W x 3``, bad landmarks or an unknown region.
     """
     x = _check_image(image)
     points = _check_landmarks(landmarks)
-    mask = face_mask(x.shape[0], x.shape[1], rng, points)
+    region = str(rng.choice(regions))
+    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
     if points is not None:
         centre = (float(points[2, 1]), float(points[2, 0]))
     else:
-        total = mask.sum()
-        yy, xx = np.mgrid[0:x.shape[0], 0:x.shape[1]]
-        centre = (float((yy * mask).sum() / total), float((xx * mask).sum() / total))
+        centre = (0.55 * (x.shape[0] - 1), 0.5 * (x.shape[1] - 1))
     zoom = float(rng.uniform(*ZOOM_RANGE))
     zoomed = _zoom_about(x, zoom, centre)
     beta = float(rng.uniform(*BETA_RANGE))
     weight = beta * mask
     out = x + weight[..., None] * (zoomed - x)
-    return Attack(np.clip(out, 0.0, 1.0), weight, "self_morph", beta, zoom, centre)
+    return Attack(np.clip(out, 0.0, 1.0), weight, "self_morph", beta, zoom, centre, region)
 
 
 def _pattern(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -458,13 +486,14 @@ def frequency_artifact(image: np.ndarray, weight: np.ndarray, rng: np.random.Gen
 
 
 def synthesise(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None,
-               frequency_p: float = FREQUENCY_P) -> Attack:
+               frequency_p: float = FREQUENCY_P, morph_regions: tuple[str, ...] = MORPH_REGIONS) -> Attack:
     """One raw synthetic attack: self-blend or self-morph (even odds), plus spectral artifacts with ``frequency_p``.
 
     Raw: not yet matched to the photo's statistics (:func:`match_statistics`) nor augmented.
+    ``morph_regions`` are the regions a self-morph may blend (see :func:`self_morph`).
     """
-    make = self_blend if rng.random() < 0.5 else self_morph
-    attack = make(image, rng, landmarks)
+    attack = self_blend(image, rng, landmarks) if rng.random() < 0.5 else self_morph(image, rng, landmarks,
+                                                                                    morph_regions)
     if rng.random() < frequency_p:
         attack.image = frequency_artifact(attack.image, attack.weight, rng)
         attack.method += "+frequency"
