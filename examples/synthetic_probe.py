@@ -26,7 +26,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -38,8 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
-from madlab import attacks
-from madlab.attacks import MATCH_REGIONS, FixedAttackSet, SyntheticTrainSet
+from madlab.attacks import MATCH_REGIONS, FixedAttackSet, SyntheticTrainSet, check_morph_regions
 from madlab.backbone import cache_root
 from madlab.config import Config
 from madlab.cropping import CropLandmarks
@@ -89,21 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
-    regions = tuple(args.morph_regions.split(","))
-    if not regions or not set(regions) <= set(MORPH_REGIONS):
-        parser.error(f"--morph-regions {args.morph_regions!r}: expected a comma-separated subset of {MORPH_REGIONS}")
-    # The attack sets call attacks.synthesise; this diagnostic narrows its self-morph regions
-    # there for the run, and puts it back after.
-    previous = attacks.synthesise
-    attacks.synthesise = functools.partial(previous, morph_regions=regions)
     try:
-        _run(args, parser)
-    finally:
-        attacks.synthesise = previous
+        regions = check_morph_regions(tuple(args.morph_regions.split(",")))
+    except ValueError as error:
+        parser.error(f"--morph-regions {args.morph_regions!r}: {error}")
+    _run(args, parser, regions)
     return 0
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, regions: tuple[str, ...]) -> None:
     torch.manual_seed(args.seed)
     config = Config()
     samples, _ = load_samples(None, config.seed, config.morph_methods, config.morphs_per_face,
@@ -114,7 +106,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     landmarks = CropLandmarks(size)
     if args.train == "synthetic":
         train = SyntheticTrainSet(ImageDataset(split["train"], size, augment=True, **norm), "synthetic", landmarks,
-                                  match=args.match)
+                                  match=args.match, morph_regions=regions)
 
         def served(epoch: int) -> list:
             return [train[(k, 1000 * args.seed + epoch)] for k in range(len(train))]
@@ -127,7 +119,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         def served(epoch: int) -> list:
             return [train[k] for k in range(len(train))]
     dev = ImageDataset([s for s in split["dev"] if s.label == 0], size, **norm)
-    held = FixedAttackSet(dev, config.seed, landmarks, match=args.match)
+    held = FixedAttackSet(dev, config.seed, landmarks, match=args.match, morph_regions=regions)
     # The dev people's given morphs: what a change to the synthesis may be chosen on; the
     # test split's morphs only report.
     dev_morphs = ImageDataset(split["dev"], size, **norm)
@@ -164,7 +156,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     last = history[-max(3, args.epochs // 4):]
     summary = {k: round(float(np.mean([r[k] for r in last])), 3) for k in last[0] if k != "epoch"}
     print(json.dumps({"image_size": size, "train": args.train, "match": args.match, "epochs": args.epochs,
-                      "morph_regions": args.morph_regions.split(","), "seed": args.seed,
+                      "morph_regions": list(regions), "seed": args.seed,
                       f"mean_of_last_{len(last)}_epochs": summary}))
 
 

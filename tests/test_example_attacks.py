@@ -3,8 +3,8 @@ separability check, leave-methods-out, and a folder of bona fides alone training
 
 from __future__ import annotations
 
-import functools
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +19,6 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import morph_detection
-from madlab import attacks as attacks_module
 from madlab.attacks import FixedAttackSet, SyntheticTrainSet, dev_attacks, drop_methods, training_sets
 from madlab.checkpoint import read_metadata
 from madlab.config import Config, apply_overrides
@@ -97,6 +96,29 @@ def test_fixed_dev_attacks_differ_from_their_bona_fide_only_inside_the_mask_when
     # Matched over the whole image, the background is re-sharpened and re-scaled too (mostly
     # visibly: the 8-bit rounding hides a small change).
     assert all(outside_equal) if match == "face" else not all(outside_equal)
+
+
+@pytest.mark.parametrize("regions", [(), ("face", "neck")])
+def test_unknown_self_morph_regions_are_refused_by_both_attack_sets(embedded, regions):
+    dev = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32)
+    for make in (lambda: FixedAttackSet(dev, 42, morph_regions=regions),
+                 lambda: SyntheticTrainSet(dev, "synthetic", morph_regions=regions)):
+        expected = r"morph_regions must be a non-empty subset of .*got " + re.escape(repr(regions))
+        with pytest.raises(ValueError, match=expected):
+            make()
+
+
+def test_fixed_dev_attacks_are_made_with_the_self_morph_regions_they_are_given(embedded):
+    dev = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32)
+    fixed, n = FixedAttackSet(dev, 42, morph_regions=("image",)), len(dev)
+    regions = []
+    for k in range(n):  # each attack rebuilt from its seed with whole-image self-morphs only
+        photo = dev.pixels(k).permute(1, 2, 0).numpy().astype(np.float64) / 255.0
+        attack = synthesise(photo, np.random.default_rng([42, k]), morph_regions=("image",))
+        expected = (match_statistics(attack.image, photo, attack.weight) * 255).round().astype(np.uint8)
+        assert torch.equal(fixed.pixels(n + k), torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+        regions.append(attack.region)
+    assert "image" in regions and "head" not in regions
 
 
 def test_an_unknown_match_region_is_refused(embedded):
@@ -292,11 +314,9 @@ def test_synthetic_attacks_on_the_orl_default_with_landmark_masks_are_not_separa
     # The check sees the local cue that matching the whole image leaves (face softer than the rest).
     # The cue came from self-blends and inner-face self-morphs; head and whole-image self-morphs
     # soften the periphery instead and would hide it in the mixture, so the control uses those two.
-    matched_whole = SyntheticTrainSet(served.base, "synthetic", landmarks, match="whole")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(attacks_module, "synthesise", functools.partial(synthesise, morph_regions=("face",)))
-        torch.manual_seed(0)
-        whole_aucs = separability(*served_pairs(matched_whole))
+    matched_whole = SyntheticTrainSet(served.base, "synthetic", landmarks, match="whole", morph_regions=("face",))
+    torch.manual_seed(0)
+    whole_aucs = separability(*served_pairs(matched_whole))
     assert whole_aucs["face_softness"] > 0.6, whole_aucs
     # The shared processing alone hides much of the raw blur at 32 px (served without matching,
     # sharpness gives about 0.45), so the bound above guards against new cues; the matching itself

@@ -93,7 +93,7 @@ def test_self_morph_regions_grow_from_the_inner_face_to_the_whole_image():
     height, width = 64, 64
     points = _landmarks(height, width)
     masks = {region: S.face_mask(height, width, np.random.default_rng(3), points, region)
-             for region in S.MASK_REGIONS}
+             for region in S.MORPH_REGIONS}
     face, head = masks["face"] > 0.5, masks["head"] > 0.5
     assert (face & ~head).sum() == 0 and head.sum() > 1.8 * face.sum()
     np.testing.assert_array_equal(masks["image"], 1.0)

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 from .config import ATTACK_MODES
 from .data import SPLITS, DataError, DataReport, Sample
 from .images import ImageDataset
-from .synthesis import Attack, match_statistics, matched_augment, synthesise
+from .synthesis import MORPH_REGIONS, Attack, match_statistics, matched_augment, synthesise
 
 __all__ = [
     "ATTACK_MODES",
@@ -33,6 +33,7 @@ __all__ = [
     "EpochSeeds",
     "FixedAttackSet",
     "SyntheticTrainSet",
+    "check_morph_regions",
     "dev_attacks",
     "drop_methods",
     "required_morphs",
@@ -68,6 +69,18 @@ def _check_match(match: str) -> str:
     return match
 
 
+def check_morph_regions(regions: tuple[str, ...]) -> tuple[str, ...]:
+    """``regions`` if it is a non-empty subset of :data:`~.synthesis.MORPH_REGIONS`.
+
+    Raises:
+        ValueError: Naming the bad value and the regions there are.
+    """
+    regions = tuple(regions)
+    if not regions or not set(regions) <= set(MORPH_REGIONS):
+        raise ValueError(f"morph_regions must be a non-empty subset of {MORPH_REGIONS}, got {regions!r}")
+    return regions
+
+
 def _matched(attack: Attack, photo: np.ndarray, match: str) -> np.ndarray:
     """``attack`` given ``photo``'s statistics inside its mask (``face``) or over the whole image."""
     return match_statistics(attack.image, photo, attack.weight if match == "face" else None)
@@ -91,21 +104,24 @@ class SyntheticTrainSet(Dataset):
             image, or None for the centred-ellipse mask; None = no landmarks for any sample.
         match: ``face``: each attack gets its photo's statistics inside its mask; ``whole``: over
             the whole image (see :func:`~.synthesis.match_statistics`).
+        morph_regions: The regions a self-morph may blend (see :func:`~.synthesis.self_morph`);
+            training uses all of them, a subset is there to measure what each teaches.
 
     Shapes:
         ``dataset[i]``: ``(3 x size x size float32, scalar label, i)``, as :class:`~.images.ImageDataset`.
 
     Raises:
         DataError: If the split has no bona fides.
-        ValueError: If ``mode`` or ``match`` is not one of its choices.
+        ValueError: If ``mode``, ``match`` or ``morph_regions`` is not one of its choices.
     """
 
     def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None,
-                 match: str = "face") -> None:
+                 match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS) -> None:
         if mode not in ("synthetic", "both"):
             raise ValueError(f"mode must be 'synthetic' or 'both', got {mode!r}")
         self.base = base
         self.match = _check_match(match)
+        self.morph_regions = check_morph_regions(morph_regions)
         self.landmarks = landmarks
         bona_fides = _bona_fide_indices(base, "training split")
         given = [i for i, s in enumerate(base.samples) if s.label == 1] if mode == "both" else []
@@ -142,7 +158,7 @@ class SyntheticTrainSet(Dataset):
         photo = _photo(self.base.pixels(i))
         if made:
             points = self.landmarks(self.base.samples[i]) if self.landmarks else None
-            photo = _matched(synthesise(photo, rng, points), photo, self.match)
+            photo = _matched(synthesise(photo, rng, points, morph_regions=self.morph_regions), photo, self.match)
         x = torch.from_numpy(matched_augment(photo, rng).transpose(2, 0, 1).astype(np.float32))
         x = (x - self.base.mean) / self.base.std
         if self.base.augment:
@@ -191,23 +207,26 @@ class FixedAttackSet(Dataset):
         seed: Fixes every attack.
         landmarks: As for :class:`SyntheticTrainSet`.
         match: As for :class:`SyntheticTrainSet`.
+        morph_regions: As for :class:`SyntheticTrainSet`.
 
     Raises:
         DataError: If ``base`` has no bona fides.
-        ValueError: If ``match`` is not one of :data:`MATCH_REGIONS`.
+        ValueError: If ``match`` is not one of :data:`MATCH_REGIONS` or ``morph_regions`` not a
+            subset of :data:`~.synthesis.MORPH_REGIONS`.
     """
 
     def __init__(self, base: ImageDataset, seed: int, landmarks: Landmarks | None = None,
-                 match: str = "face") -> None:
+                 match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS) -> None:
         self.base = base
         _check_match(match)
+        regions = check_morph_regions(morph_regions)
         self._bona_fides = _bona_fide_indices(base, "dev split")
         self.attacks = []
         for k, i in enumerate(self._bona_fides):
             rng = np.random.default_rng([seed, k])
             photo = _photo(base.pixels(i))
             points = landmarks(base.samples[i]) if landmarks else None
-            attack = synthesise(photo, rng, points)
+            attack = synthesise(photo, rng, points, morph_regions=regions)
             self.attacks.append((_uint8(_matched(attack, photo, match)), attack.method))
         self.samples = ([base.samples[i] for i in self._bona_fides]
                         + [_pseudo_sample(base.samples[i]) for i in self._bona_fides])

@@ -54,7 +54,6 @@ from scipy.ndimage import gaussian_filter
 __all__ = [
     "BETA_RANGE",
     "FREQUENCY_P",
-    "MASK_REGIONS",
     "METHODS",
     "MORPH_REGIONS",
     "ZOOM_RANGE",
@@ -78,7 +77,8 @@ FREQUENCY_P = 0.1
 # double contours mostly on the outline and the hair, so the inner face alone would miss them;
 # SelfMAD's face-parser masks likewise range from the skin alone to the full image.
 MORPH_REGIONS = ("face", "head", "image")
-MASK_REGIONS = MORPH_REGIONS
+# The centre of the inner face in a centred face crop, as shares of (H - 1, W - 1).
+_CENTRED_FACE = (0.55, 0.5)
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's self-blend ratios: mostly a full paste
 _TRUNCATE = 3.0  # Gaussian kernels end at 3 sigma, so a blurred mask is exactly 0 far from the face
 _UNSHARP_SIGMA = 1.0
@@ -141,15 +141,15 @@ def _ellipse(height: int, width: int, centre: tuple[float, float], radii: tuple[
 
 
 def _face_ellipse(height: int, width: int, landmarks: np.ndarray | None,
-                  rng: np.random.Generator, region: str = "face") -> tuple[np.ndarray, tuple[float, float]]:
-    """The hard region and its centre ``(y, x)``: the inner face (``face``) or the whole head
-    with its outline and hairline (``head``), from the landmarks or centred in the crop."""
+                  rng: np.random.Generator, region: str = "face") -> np.ndarray:
+    """The hard region: the inner face (``face``) or the whole head with its outline and
+    hairline (``head``), from the landmarks or centred in the crop."""
     jitter = rng.uniform(0.9, 1.1, size=2)
     head = region == "head"
-    if landmarks is None:
-        centre = (0.5 * (height - 1), 0.5 * (width - 1)) if head else (0.55 * (height - 1), 0.5 * (width - 1))
-        radii = (0.58 * height, 0.48 * width) if head else (0.36 * height, 0.30 * width)
-        return _ellipse(height, width, centre, (radii[0] * jitter[0], radii[1] * jitter[1])), centre
+    if landmarks is None:  # centre and radii as shares of the image's height and width
+        centre, radii = ((0.5, 0.5), (0.58, 0.48)) if head else (_CENTRED_FACE, (0.36, 0.30))
+        return _ellipse(height, width, (centre[0] * (height - 1), centre[1] * (width - 1)),
+                        (radii[0] * height * jitter[0], radii[1] * width * jitter[1]))
     eyes, nose, mouth = landmarks[:2], landmarks[2], landmarks[3:]
     eye_mid, mouth_mid = eyes.mean(axis=0), mouth.mean(axis=0)
     eye_gap = max(float(np.linalg.norm(eyes[1] - eyes[0])), 1.0)
@@ -165,7 +165,7 @@ def _face_ellipse(height: int, width: int, landmarks: np.ndarray | None,
         # morph blends, with cheeks and chin, but not hair or ears.
         centre_xy = 0.5 * (eye_mid + mouth_mid) + 0.1 * (nose - 0.5 * (eye_mid + mouth_mid))
         radii = (1.25 * span * jitter[0], 0.95 * eye_gap * jitter[1])
-    return _ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, angle), (centre_xy[1], centre_xy[0])
+    return _ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, angle)
 
 
 def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.ndarray | None = None,
@@ -180,17 +180,17 @@ def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.n
 
     Args:
         landmarks: ``5 x 2`` ``(x, y)`` pixel coordinates (eyes, nose tip, mouth corners), or None.
-        region: One of :data:`MASK_REGIONS`.
+        region: One of :data:`MORPH_REGIONS`.
 
     Raises:
         ValueError: If ``landmarks`` is not a finite 5 x 2 array or ``region`` is not a known region.
     """
-    if region not in MASK_REGIONS:
-        raise ValueError(f"region must be one of {MASK_REGIONS}, got {region!r}")
+    if region not in MORPH_REGIONS:
+        raise ValueError(f"region must be one of {MORPH_REGIONS}, got {region!r}")
     points = _check_landmarks(landmarks)
     if region == "image":
         return np.ones((height, width), dtype=np.float32)
-    hard, _ = _face_ellipse(height, width, points, rng, region)
+    hard = _face_ellipse(height, width, points, rng, region)
     # Two Gaussian blurs in a row are one Gaussian blur whose variance is the sum of theirs.
     widths = rng.uniform(0.01, 0.04, size=2) * min(height, width)
     soft = gaussian_filter(hard.astype(np.float32), sigma=float(np.hypot(*widths)), truncate=_TRUNCATE)
@@ -446,7 +446,7 @@ def self_morph(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarra
     if points is not None:
         centre = (float(points[2, 1]), float(points[2, 0]))
     else:
-        centre = (0.55 * (x.shape[0] - 1), 0.5 * (x.shape[1] - 1))
+        centre = (_CENTRED_FACE[0] * (x.shape[0] - 1), _CENTRED_FACE[1] * (x.shape[1] - 1))
     zoom = float(rng.uniform(*ZOOM_RANGE))
     zoomed = _zoom_about(x, zoom, centre)
     beta = float(rng.uniform(*BETA_RANGE))
@@ -492,8 +492,10 @@ def synthesise(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarra
     Raw: not yet matched to the photo's statistics (:func:`match_statistics`) nor augmented.
     ``morph_regions`` are the regions a self-morph may blend (see :func:`self_morph`).
     """
-    attack = self_blend(image, rng, landmarks) if rng.random() < 0.5 else self_morph(image, rng, landmarks,
-                                                                                    morph_regions)
+    if rng.random() < 0.5:
+        attack = self_blend(image, rng, landmarks)
+    else:
+        attack = self_morph(image, rng, landmarks, morph_regions)
     if rng.random() < frequency_p:
         attack.image = frequency_artifact(attack.image, attack.weight, rng)
         attack.method += "+frequency"
