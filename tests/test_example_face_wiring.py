@@ -261,9 +261,9 @@ def test_synthetic_attacks_get_each_aligned_crops_landmarks(run, tmp_path, monke
     given: list[np.ndarray | None] = []
     real = attacks.synthesise
 
-    def spy(image, rng, landmarks=None):
+    def spy(image, rng, landmarks=None, **options):
         given.append(None if landmarks is None else np.array(landmarks))
-        return real(image, rng, landmarks)
+        return real(image, rng, landmarks, **options)
 
     monkeypatch.setattr(attacks, "synthesise", spy)
     seen = {}
