@@ -29,9 +29,12 @@ def test_the_probe_learns_the_given_blend_morphs_and_reports_every_method(capsys
     figures = summary["mean_of_last_3_epochs"]  # a quarter of 4 epochs, at least 3
     assert set(figures) == {"train_loss", "held_out_synthetic_auc", "dev_blend_auc", "dev_splice_auc",
                             "test_blend_auc", "test_splice_auc"}
+    # Bounds from seeds 0-5 on a 2-core AMD EPYC with AVX2 kernels (a CPU's kernels move the run as a
+    # seed does): train loss 0.41-0.48, test blend AUC 0.745-0.807, dev blend AUC 0.694-0.753. Each
+    # bound sits about 0.1 beyond the worst seed and still far from chance (0.5) and from ln 2.
     assert figures["train_loss"] < 0.6
-    assert figures["test_blend_auc"] > 0.75, figures  # the method it saw, on people it never saw
-    assert figures["dev_blend_auc"] > 0.6, figures  # and on the dev people (0.69 seen at 4 epochs)
+    assert figures["test_blend_auc"] > 0.65, figures  # the method it saw, on people it never saw
+    assert figures["dev_blend_auc"] > 0.6, figures  # and on the dev people
 
 
 def test_the_probe_makes_every_attack_with_the_regions_it_is_given(capsys, monkeypatch):
