@@ -43,15 +43,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from madlab.config import Config, apply_overrides
-from madlab.data import Sample
-from madlab.detector import Detector
-from madlab.export import export_detector
-from madlab.families import BackboneSpec
-from madlab.images import ImageDataset, make_loader
-from madlab.model import MorphDetector, apply_strategy
-from madlab.speed import autocast, compiled
-from madlab.training import class_weights
+from madlab.data.images import ImageDataset, make_loader
+from madlab.data.samples import Sample
+from madlab.io.config import Config, apply_overrides
+from madlab.model.families import BackboneSpec
+from madlab.model.network import MorphDetector, apply_strategy
+from madlab.run.detector import Detector
+from madlab.run.export import export_detector
+from madlab.run.speed import autocast, compiled
+from madlab.run.training import class_weights
 
 VARIANTS = ["eager_fp32", "eager_bf16", "compiled_fp32", "compiled_bf16"]
 SECTIONS = ["train", "predict", "peft"]

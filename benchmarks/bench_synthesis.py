@@ -13,7 +13,7 @@ Three measurements in one run:
    ``SyntheticTrainSet`` serving as many items (each bona fide and an attack made from it).
    A timed unit is ``--batches`` batches, data loading included, in interleaved rounds; the
    slowdown is the median over rounds of (b) / (a).
-3. **Separability.** The AUC of each statistic of ``madlab/synthcheck.py`` (the shortcut
+3. **Separability.** The AUC of each statistic of ``madlab/attacks/separability.py`` (the shortcut
    statistics and four more) between the 64 faces and a synthetic attack from each, both as
    ``SyntheticTrainSet`` serves them (0.5 = the statistic cannot tell them apart), and, for
    contrast, of the raw attacks (``synthesise`` alone: no matching, no shared processing)
@@ -38,14 +38,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-from madlab.attacks import SyntheticTrainSet
-from madlab.config import Config, apply_overrides
-from madlab.data import Sample
-from madlab.families import BackboneSpec
-from madlab.images import ImageDataset, make_loader
-from madlab.model import MorphDetector, apply_strategy
-from madlab.synthcheck import separability, served_pairs
-from madlab.synthesis import match_statistics, matched_augment, synthesise
+from madlab.attacks.separability import separability, served_pairs
+from madlab.attacks.sets import SyntheticTrainSet
+from madlab.attacks.synthesis import match_statistics, matched_augment, synthesise
+from madlab.data.images import ImageDataset, make_loader
+from madlab.data.samples import Sample
+from madlab.io.config import Config, apply_overrides
+from madlab.model.families import BackboneSpec
+from madlab.model.network import MorphDetector, apply_strategy
 
 DINOV2_S14 = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4, "patch_size": 14}
 

@@ -19,8 +19,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from madlab.faces import align, as_uint8_rgb
-from madlab.orl import embedded_orl_samples, orl_folder
+from madlab.attacks.morphs import METHODS
+from madlab.faces.detection import align, as_uint8_rgb
+from madlab.sources.orl import embedded_orl_samples, orl_folder
 
 ROW = 128  # pixels per row in the figures
 
@@ -69,10 +70,10 @@ def alignment_figure(path: Path) -> None:
 
 
 def morph_figure(path: Path, cache: Path | None) -> None:
-    samples = embedded_orl_samples(42, ["blend", "splice"], 2, (0.6, 0.2), True, cache)
+    samples = embedded_orl_samples(42, list(METHODS), 2, (0.6, 0.2), True, cache)
     bona = {s.path.rsplit("/", 1)[1]: s.image for s in samples if s.label == 0}
     tiles = []
-    for method in ("blend", "splice"):
+    for method in METHODS:
         morphs = [s for s in samples if s.split == "test" and s.method == method][:2]
         for s in morphs:
             a, b = s.path.rsplit("/", 1)[1].split("+")

@@ -42,7 +42,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
 import torch
-from madlab.app import (
+from madlab.io.config import ATTACK_MODES, Config, ConfigError, apply_overrides
+from madlab.io.errors import MadlabError
+from madlab.model.backbone import cache_root
+from madlab.run.app import (
     MODEL_FILE,
     SMOKE_TEST_BANNER,
     Env,
@@ -52,17 +55,14 @@ from madlab.app import (
     run_test,
     run_train,
 )
-from madlab.backbone import cache_root
-from madlab.config import ATTACK_MODES, Config, ConfigError, apply_overrides
-from madlab.data import EVAL_SPLITS
-from madlab.detector import OPERATING_POINTS, Detector
-from madlab.distributed import Dist, setup, teardown
-from madlab.errors import MadlabError
-from madlab.export import export_detector, summary_line
-from madlab.predict import run_predict
-from madlab.protocols import PROTOCOLS, run_protocol
-from madlab.resume import STATE_FILE
-from madlab.training import TrainingInterrupted
+from madlab.run.detector import OPERATING_POINTS, Detector
+from madlab.run.distributed import Dist, setup, teardown
+from madlab.run.export import export_detector, summary_line
+from madlab.run.predict import run_predict
+from madlab.run.protocols import PROTOCOLS, run_protocol
+from madlab.run.resume import STATE_FILE
+from madlab.run.training import TrainingInterrupted
+from madlab.sources.reading import EVAL_SPLITS
 
 from lora_vit import LoRAError
 

@@ -37,14 +37,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
-from madlab.attacks import MATCH_REGIONS, FixedAttackSet, SyntheticTrainSet, check_morph_regions
-from madlab.backbone import cache_root
-from madlab.config import Config
-from madlab.cropping import CropLandmarks
-from madlab.data import Sample, load_samples
-from madlab.images import ImageDataset
-from madlab.metrics import auc
-from madlab.synthesis import MORPH_REGIONS
+from madlab.attacks.sets import MATCH_REGIONS, FixedAttackSet, SyntheticTrainSet, check_morph_regions
+from madlab.attacks.synthesis import MORPH_REGIONS, parse_mix
+from madlab.data.images import ImageDataset
+from madlab.data.samples import Sample
+from madlab.evaluation.metrics import auc
+from madlab.faces.cropping import CropLandmarks, CropPolicy
+from madlab.io.config import Config
+from madlab.model.backbone import cache_root
+from madlab.sources.reading import load_samples
 
 
 def _cnn() -> nn.Module:
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--morph-regions", default=",".join(MORPH_REGIONS),
                         help="comma-separated regions a self-morph may blend (default: all of"
                              f" {','.join(MORPH_REGIONS)}; 'face' alone is the synthesis before 2026-12-04)")
+    parser.add_argument("--synthetic-methods", default=",".join(Config().synthetic_methods),
+                        help="comma-separated synthetic methods, each alone or as name:weight (the"
+                             " synthetic_methods key; default: an even mix of self_blend and self_morph)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
@@ -91,22 +95,27 @@ def main(argv: list[str] | None = None) -> int:
         regions = check_morph_regions(tuple(args.morph_regions.split(",")))
     except ValueError as error:
         parser.error(f"--morph-regions {args.morph_regions!r}: {error}")
-    _run(args, parser, regions)
+    try:
+        mix = parse_mix(args.synthetic_methods.split(","))
+    except ValueError as error:
+        parser.error(f"--synthetic-methods {args.synthetic_methods!r}: {error}")
+    _run(args, parser, regions, mix)
     return 0
 
 
-def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, regions: tuple[str, ...]) -> None:
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, regions: tuple[str, ...],
+         mix: tuple[tuple[str, float], ...]) -> None:
     torch.manual_seed(args.seed)
     config = Config()
     samples, _ = load_samples(None, config.seed, config.morph_methods, config.morphs_per_face,
                               (config.train_val_pct, config.dev_pct), embedded=config.embedded_data,
-                              face_margin=config.face_margin, cache=cache_root(args.cache_dir))
+                              crop=CropPolicy.from_config(config), cache=cache_root(args.cache_dir))
     split = {name: [s for s in samples if s.split == name] for name in ("train", "dev", "test")}
     size, norm = args.image_size, {"mean": (0.5,) * 3, "std": (0.5,) * 3}
     landmarks = CropLandmarks(size)
     if args.train == "synthetic":
         train = SyntheticTrainSet(ImageDataset(split["train"], size, augment=True, **norm), "synthetic", landmarks,
-                                  match=args.match, morph_regions=regions)
+                                  match=args.match, morph_regions=regions, mix=mix)
 
         def served(epoch: int) -> list:
             return [train[(k, 1000 * args.seed + epoch)] for k in range(len(train))]
@@ -119,7 +128,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, regions: tup
         def served(epoch: int) -> list:
             return [train[k] for k in range(len(train))]
     dev = ImageDataset([s for s in split["dev"] if s.label == 0], size, **norm)
-    held = FixedAttackSet(dev, config.seed, landmarks, match=args.match, morph_regions=regions)
+    held = FixedAttackSet(dev, config.seed, landmarks, match=args.match, morph_regions=regions, mix=mix)
     # The dev people's given morphs: what a change to the synthesis may be chosen on; the
     # test split's morphs only report.
     dev_morphs = ImageDataset(split["dev"], size, **norm)
@@ -156,7 +165,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, regions: tup
     last = history[-max(3, args.epochs // 4):]
     summary = {k: round(float(np.mean([r[k] for r in last])), 3) for k in last[0] if k != "epoch"}
     print(json.dumps({"image_size": size, "train": args.train, "match": args.match, "epochs": args.epochs,
-                      "morph_regions": list(regions), "seed": args.seed,
+                      "morph_regions": list(regions), "synthetic_methods": dict(mix), "seed": args.seed,
                       f"mean_of_last_{len(last)}_epochs": summary}))
 
 

@@ -55,7 +55,7 @@ def example_parser():
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import morph_detection
-        from madlab.config import Config, apply_overrides
+        from madlab.io.config import Config, apply_overrides
     finally:
         sys.path.remove(str(ROOT / "examples"))
     return morph_detection.build_parser(), Config, apply_overrides

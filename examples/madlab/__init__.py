@@ -1,18 +1,18 @@
 """Support package for ``examples/morph_detection.py``: a face morphing attack detector.
 
-One module per job: ``config`` (defaults and ``--override``), ``pixels`` (reading one image
-file into RGB pixels: the data layer's leaf), ``morphs`` and ``data`` (samples and their
-sources), ``faces`` (face detection and 5-point alignment), ``cropping`` (``face_crop=align`` for a
-run's samples: no-face counts, cached crops), ``orl`` (the embedded ORL faces and landmark
-morphs), ``splits`` (the split plan), ``identities`` (identities from file names,
-identity-safe splits, leak checks), ``images`` (decoding once, the uint8 cache, loaders),
-``families`` (loading the backbones users bring: HF folders and timm), ``hub`` (hub ids through
-the Hugging Face cache), ``architecture`` (a backbone's architecture as JSON, for exports),
-``backbone`` (the small ViT, MAE pretraining and domain adaptation), ``model`` (detector and
-freezing strategies), ``speed`` (precision, compile, threads), ``training``, ``inference``
-(scores as float64 logits), ``detector`` (the one scoring path: a model or export file,
-loaded), ``predict`` and ``export`` (those commands), ``metrics`` (ISO/IEC 30107-3),
-``evaluation`` (thresholds, operating points, reports), ``shortcuts`` (trivial image-statistic
-baselines), ``plots``, ``checkpoint``, ``resume``, ``files`` (the one atomic writer),
-``errors`` (the one error base) and ``app`` (the subcommands). It uses only the public API of ``lora_vit``.
+Sub-packages by concern, in floors: each imports only from the floors below it
+(``tests/example/test_layout.py`` walks the import graph and fails on a cycle or a climb).
+
+5. ``run``: the commands (``app``), training, scoring (``inference``, ``detector``), ``predict``,
+   ``export``, the evaluation protocols, resume, speed and distributed training.
+4. ``sources``: where a run's samples come from (the embedded ORL and lfw_subset sets, folders,
+   CSV manifests), with faces found and splits made.
+3. ``faces``: face detection, 5-point alignment and the crop policy; ``attacks``: the given morph
+   methods and the synthetic ones (one registry each), the attack sets and their separability check.
+2. ``data``: samples, identities, splits, folder scans, image datasets, shortcut statistics;
+   ``evaluation``: ISO/IEC 30107-3 metrics, thresholds, reports and plots; ``model``: backbones
+   (HF folders, timm, the hub), the detector network and its model file.
+1. ``io``: the error base, atomic files, decoding pixels, cache keys and the config.
+
+It uses only the public API of ``lora_vit``.
 """

@@ -1,0 +1,159 @@
+"""Two-person morphs: the given morph methods, in one registry.
+
+:data:`MORPH_METHODS` maps each method to how it combines two faces already on one shape
+(``(a, b, alpha, face) -> morph``, ``face`` a soft inner-face mask). A new method is one
+function and one entry there; config, data sources, figures and docs read the names from it.
+Two methods give two attack species (PAIS) so that per-method reporting runs:
+
+* ``blend``: the whole images averaged, leaving ghosting everywhere (an OpenCV-style morph
+  with border points).
+* ``splice``: the averaged inner face pasted into the first contributor through a soft
+  elliptical mask, so hair and background stay sharp and only a blended face remains (a
+  "combined" morph as in AMSL).
+
+Two ways to bring the faces onto one shape: :func:`morph` takes crops that are already
+aligned (the ``lfw_subset`` smoke test: a centred mask), :func:`landmark_morph` warps two
+aligned frames onto the average of their 5 landmarks (the ORL default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from scipy.spatial import Delaunay
+
+from .masks import ellipse
+
+__all__ = ["METHODS", "MORPH_METHODS", "blend", "inner_face_mask", "landmark_morph", "morph", "morph_method", "splice",
+           "warp_to"]
+
+def blend(a: np.ndarray, b: np.ndarray, alpha: float = 0.5, face: np.ndarray | None = None) -> np.ndarray:
+    """``(1 - alpha) * a + alpha * b`` of two float images in [0, 1] of the same shape (``face`` unused)."""
+    if a.shape != b.shape:
+        raise ValueError(f"contributors must have the same shape, got {a.shape} and {b.shape}")
+    return (1.0 - alpha) * a + alpha * b
+
+
+def inner_face_mask(height: int, width: int, softness: float = 1.2) -> np.ndarray:
+    """A soft ellipse over the inner face (eyes to chin) of a centred crop, values in [0, 1]."""
+    hard = ellipse(height, width, (0.55 * (height - 1), 0.5 * (width - 1)), (0.36 * height, 0.30 * width))
+    # Blurring the hard mask feathers the seam, as splicing tools do before pasting.
+    return np.clip(gaussian_filter(hard, sigma=softness * height / 25.0), 0.0, 1.0)
+
+
+def splice(a: np.ndarray, b: np.ndarray, alpha: float = 0.5, face: np.ndarray | None = None) -> np.ndarray:
+    """Paste the ``alpha`` blend of ``a`` and ``b`` into ``a`` inside ``face`` (an ``H x W`` mask in
+    [0, 1]; default :func:`inner_face_mask`, the inner face of a centred crop)."""
+    mask = inner_face_mask(a.shape[0], a.shape[1]) if face is None else face
+    if a.ndim == 3:
+        mask = mask[..., None]
+    return mask * blend(a, b, alpha) + (1.0 - mask) * a
+
+
+# One entry per given morph method: ``(a, b, alpha, face) -> morph`` of two faces on one shape.
+MORPH_METHODS: dict[str, Callable[[np.ndarray, np.ndarray, float, np.ndarray | None], np.ndarray]] = {
+    "blend": blend,
+    "splice": splice,
+}
+METHODS = tuple(MORPH_METHODS)
+
+
+def morph_method(method: str) -> Callable[[np.ndarray, np.ndarray, float, np.ndarray | None], np.ndarray]:
+    """The combining function of ``method``.
+
+    Raises:
+        ValueError: For an unknown method (the message lists :data:`METHODS`).
+    """
+    if method not in MORPH_METHODS:
+        raise ValueError(f"unknown morph method {method!r}; choose from {tuple(MORPH_METHODS)}")
+    return MORPH_METHODS[method]
+
+
+def morph(method: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The 50/50 ``method`` morph of two crops that are already aligned (the mask is centred).
+
+    Raises:
+        ValueError: For an unknown method (the message lists :data:`METHODS`).
+    """
+    return morph_method(method)(a, b, 0.5, None)
+
+
+def _with_border(points: np.ndarray, size: int) -> np.ndarray:
+    edge, mid = size - 1.0, (size - 1.0) / 2.0
+    border = [(0, 0), (mid, 0), (edge, 0), (edge, mid), (edge, edge), (mid, edge), (0, edge), (0, mid)]
+    return np.vstack([points, np.array(border, dtype=np.float64)])
+
+
+def warp_to(image: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Piecewise-affine warp of ``image`` moving its ``source`` landmarks onto ``target``.
+
+    The landmarks plus 8 frame-border points are triangulated (Delaunay, on ``target``);
+    each output pixel is mapped back by its triangle's affine map and sampled bilinearly.
+
+    Args:
+        image: ``H x W`` (or ``H x W x C``) float image.
+        source, target: ``N x 2`` landmarks ``(x, y)`` in ``image`` and in the output.
+
+    Shapes:
+        Returns an array of ``image``'s shape.
+    """
+    import cv2
+
+    h, w = image.shape[:2]
+    src = _with_border(np.asarray(source, np.float64), w)
+    dst = _with_border(np.asarray(target, np.float64), w)
+    tri = Delaunay(dst).simplices
+    # Each triangle's affine map from output to source coordinates, (triangles, 2, 3).
+    ones = np.ones((len(tri), 3, 1))
+    to_src = np.linalg.solve(np.concatenate([dst[tri], ones], axis=2), src[tri]).transpose(0, 2, 1)
+    # Which triangle each output pixel lies in: the triangles rasterised into a label map
+    # (sub-pixel vertices); a pixel on a shared edge maps the same through either triangle.
+    label = np.full((h, w), -1, np.int32)
+    for k, corners in enumerate(dst[tri]):
+        cv2.fillConvexPoly(label, np.round(corners * 16).astype(np.int32), k, lineType=cv2.LINE_8, shift=4)
+    if (label < 0).any():  # pragma: no cover - the frame corners are vertices, so the hull is the frame
+        label[label < 0] = 0
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    grid = np.stack([xs.ravel(), ys.ravel(), np.ones(h * w)], axis=1)
+    mapped = np.einsum("nij,nj->ni", to_src[label.ravel()], grid)
+    map_x = mapped[:, 0].reshape(h, w).astype(np.float32)
+    map_y = mapped[:, 1].reshape(h, w).astype(np.float32)
+    return cv2.remap(np.asarray(image, np.float32), map_x, map_y, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE).astype(np.float64)
+
+
+def _face_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """A soft ellipse over the inner face (brows to chin, cheek to cheek) around 5 landmarks."""
+    eyes, mouth = landmarks[:2].mean(axis=0), landmarks[3:].mean(axis=0)
+    span = float(np.hypot(*(landmarks[1] - landmarks[0])))
+    centre = eyes + 0.6 * (mouth - eyes)
+    ry, rx = 1.25 * span, 0.95 * span
+    hard = ellipse(size, size, (centre[1], centre[0]), (ry, rx))
+    return np.clip(gaussian_filter(hard, sigma=0.12 * span), 0.0, 1.0)
+
+
+def landmark_morph(method: str, a: np.ndarray, la: np.ndarray, b: np.ndarray, lb: np.ndarray,
+                   alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """A landmark morph of two aligned grey frames in [0, 1].
+
+    Both frames are warped onto the weighted average of their landmarks (:func:`warp_to`),
+    then combined by ``method`` with a soft inner-face ellipse around those landmarks.
+
+    Args:
+        method: A method of :data:`MORPH_METHODS` (``blend``: whole frames averaged; ``splice``:
+            the blended face in ``a``'s frame).
+        a, b: ``S x S`` float images; ``la``, ``lb``: their ``5 x 2`` landmarks.
+        alpha: Weight of ``b`` (0.5 for attacks).
+
+    Returns:
+        The morph and its landmarks (the weighted average shape).
+
+    Raises:
+        ValueError: For an unknown method.
+    """
+    combine = morph_method(method)
+    shape = (1.0 - alpha) * la + alpha * lb
+    wa, wb = warp_to(a, la, shape), warp_to(b, lb, shape)
+    return np.clip(combine(wa, wb, alpha, _face_mask(shape, a.shape[0])), 0.0, 1.0), shape

@@ -1,0 +1,339 @@
+"""Where a run's attacks come from: the data's morphs (``given``), synthesised from bona fides, or both.
+
+``attacks=synthetic`` trains on bona fides alone. :class:`SyntheticTrainSet` serves every
+training bona fide twice, once as itself and once as a synthetic attack made from it
+(:mod:`.synthesis`), with new random attacks each time it is read, so every epoch sees new
+ones. Every item, whatever its class, then gets the same random processing
+(:func:`~.synthesis.matched_augment`), so processing marks neither class.
+
+The dev split decides the checkpoint and the threshold. Where it has morphs of its own,
+those are used; where it has only bona fides, :class:`FixedAttackSet` adds one synthetic
+attack per dev bona fide, made once from the run's seed so that every epoch is judged on
+the same images. :func:`dev_attacks` returns the set and the sentence the report carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ..data.images import ImageDataset
+from ..data.samples import SPLITS, DataError, DataReport, Sample
+from ..io.config import ATTACK_MODES, Config, ConfigError
+from .morphs import MORPH_METHODS
+from .synthesis import DEFAULT_MIX, MORPH_REGIONS, Attack, match_statistics, matched_augment, parse_mix, synthesise
+
+__all__ = [
+    "ATTACK_MODES",
+    "MATCH_REGIONS",
+    "SYNTHETIC_METHOD",
+    "EpochSeeds",
+    "FixedAttackSet",
+    "SyntheticTrainSet",
+    "check_attack_config",
+    "check_morph_regions",
+    "dev_attacks",
+    "drop_methods",
+    "required_morphs",
+    "training_sets",
+]
+
+SYNTHETIC_METHOD = "synthetic"
+# Where an attack is matched to its photo's statistics (see synthesis.match_statistics): inside
+# its face mask (what training uses), or over the whole image (kept to measure what it leaves).
+MATCH_REGIONS = ("face", "whole")
+
+Landmarks = Callable[[Sample], "np.ndarray | None"]
+
+
+def _photo(pixels: torch.Tensor) -> np.ndarray:
+    """``3 x H x W`` uint8 to ``H x W x 3`` float64 in [0, 1]."""
+    return pixels.permute(1, 2, 0).numpy().astype(np.float64) / 255.0
+
+
+def _uint8(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy((np.clip(image, 0, 1) * 255).round().astype(np.uint8).transpose(2, 0, 1).copy())
+
+
+def _pseudo_sample(bona_fide: Sample) -> Sample:
+    """The row that stands for a synthetic attack made from ``bona_fide`` (same split and identity)."""
+    return replace(bona_fide, path=f"{bona_fide.path}#{SYNTHETIC_METHOD}", label=1, method=SYNTHETIC_METHOD,
+                   image=None)
+
+
+def check_attack_config(config: Config) -> tuple[tuple[str, float], ...]:
+    """Check the config keys the attack registries answer; return the synthetic mix.
+
+    ``morph_methods`` must be a non-empty subset of the given methods (:data:`~.morphs.MORPH_METHODS`),
+    ``synthetic_methods`` a mix of :data:`~.synthesis.SYNTHETIC_METHODS` (:func:`~.synthesis.parse_mix`).
+
+    Raises:
+        ConfigError: Naming the bad value and the methods there are.
+    """
+    unknown = [m for m in config.morph_methods if m not in MORPH_METHODS]
+    if unknown or not config.morph_methods:
+        raise ConfigError(f"morph_methods {config.morph_methods} must be a non-empty subset of {list(MORPH_METHODS)}")
+    try:
+        return parse_mix(config.synthetic_methods)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_match(match: str) -> str:
+    if match not in MATCH_REGIONS:
+        raise ValueError(f"match must be one of {MATCH_REGIONS}, got {match!r}")
+    return match
+
+
+def check_morph_regions(regions: tuple[str, ...]) -> tuple[str, ...]:
+    """``regions`` if it is a non-empty subset of :data:`~.synthesis.MORPH_REGIONS`.
+
+    Raises:
+        ValueError: Naming the bad value and the regions there are.
+    """
+    regions = tuple(regions)
+    if not regions or not set(regions) <= set(MORPH_REGIONS):
+        raise ValueError(f"morph_regions must be a non-empty subset of {MORPH_REGIONS}, got {regions!r}")
+    return regions
+
+
+def _matched(attack: Attack, photo: np.ndarray, match: str) -> np.ndarray:
+    """``attack`` given ``photo``'s statistics inside its mask (``face``) or over the whole image."""
+    return match_statistics(attack.image, photo, attack.weight if match == "face" else None)
+
+
+def _bona_fide_indices(base: ImageDataset, what: str) -> list[int]:
+    found = [i for i, s in enumerate(base.samples) if s.label == 0]
+    if not found:
+        raise DataError(f"synthetic attacks are made from bona fides, but the {what} has none"
+                        f" ({len(base.samples)} morphs)")
+    return found
+
+
+class SyntheticTrainSet(Dataset):
+    """Training items with attacks synthesised anew on every read.
+
+    Args:
+        base: The training split (its cache, input size, normalisation and flip/shift setting are used).
+        mode: ``synthetic`` (bona fides and their synthetic attacks) or ``both`` (also the given morphs).
+        landmarks: Returns a sample's five landmarks in the pixel coordinates of its ``size x size``
+            image, or None for the centred-ellipse mask; None = no landmarks for any sample.
+        match: ``face``: each attack gets its photo's statistics inside its mask; ``whole``: over
+            the whole image (see :func:`~.synthesis.match_statistics`).
+        morph_regions: The regions a self-morph may blend (see :func:`~.synthesis.self_morph`);
+            training uses all of them, a subset is there to measure what each teaches.
+        mix: The synthetic methods and their shares (:func:`~.synthesis.parse_mix`).
+
+    Shapes:
+        ``dataset[i]``: ``(3 x size x size float32, scalar label, i)``, as :class:`~.images.ImageDataset`.
+
+    Raises:
+        DataError: If the split has no bona fides.
+        ValueError: If ``mode``, ``match`` or ``morph_regions`` is not one of its choices.
+    """
+
+    def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None,
+                 match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS,
+                 mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> None:
+        if mode not in ("synthetic", "both"):
+            raise ValueError(f"mode must be 'synthetic' or 'both', got {mode!r}")
+        self.base = base
+        self.match = _check_match(match)
+        self.morph_regions = check_morph_regions(morph_regions)
+        self.mix = mix
+        self.landmarks = landmarks
+        bona_fides = _bona_fide_indices(base, "training split")
+        given = [i for i, s in enumerate(base.samples) if s.label == 1] if mode == "both" else []
+        self._items = [(i, False) for i in bona_fides + given] + [(i, True) for i in bona_fides]
+        self.samples = [_pseudo_sample(base.samples[i]) if made else base.samples[i] for i, made in self._items]
+
+    @property
+    def fully_cached(self) -> bool:
+        """Whether the loader may serve items from the main process (see :func:`~.images.make_loader`).
+
+        On CUDA the synthesis is the loader's work and the step is fast, so items are made in
+        ``num_workers`` processes beside the training step; on CPU the step needs the cores.
+        Served through :class:`EpochSeeds`, the items are the same either way.
+        """
+        return self.base.fully_cached and not torch.cuda.is_available()
+
+    @property
+    def cached(self) -> int:
+        """How many items are made from cached pixels."""
+        return sum(1 for i, _ in self._items if i < self.base.cached)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Item ``index``, made anew: ``(index, epoch_seed)`` (from :class:`EpochSeeds`) fixes every random
+        choice by that pair alone; a plain ``index`` draws its seed from torch's global generator."""
+        if isinstance(index, tuple):
+            index, epoch_seed = index
+            rng = np.random.default_rng([epoch_seed, index])
+        else:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        i, made = self._items[index]
+        photo = _photo(self.base.pixels(i))
+        if made:
+            points = self.landmarks(self.base.samples[i]) if self.landmarks else None
+            attack = synthesise(photo, rng, points, morph_regions=self.morph_regions, mix=self.mix)
+            photo = _matched(attack, photo, self.match)
+        x = torch.from_numpy(matched_augment(photo, rng).transpose(2, 0, 1).astype(np.float32))
+        x = (x - self.base.mean) / self.base.std
+        if self.base.augment:
+            if rng.random() < 0.5:
+                x = x.flip(-1)
+            shift = max(1, self.base.size // 16)
+            dy, dx = (int(v) for v in rng.integers(-shift, shift + 1, size=2))
+            x = torch.roll(x, shifts=(dy, dx), dims=(1, 2))
+        return x, torch.tensor(float(self.samples[index].label)), index
+
+
+class EpochSeeds(Sampler):
+    """The indices of ``sampler``, each paired with one seed drawn from ``generator`` per epoch.
+
+    :class:`SyntheticTrainSet` makes item ``(index, seed)`` from ``[seed, index]`` alone, so
+    what a loader serves depends on ``generator`` and nothing else: not on how many worker
+    processes make the items or which worker makes which (no two share a random stream),
+    and a run resumed with ``generator``'s saved state serves what the uninterrupted run
+    would. The seed is drawn in the main process when an epoch's iteration starts, after the
+    previous epoch's indices were all drawn.
+    """
+
+    def __init__(self, sampler: Sampler, generator: torch.Generator) -> None:
+        self.sampler = sampler
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+        for index in self.sampler:
+            yield int(index), seed
+
+
+class FixedAttackSet(Dataset):
+    """Bona fides plus one synthetic attack made from each, once, from ``seed``: a fixed dev set.
+
+    Attack ``k`` depends only on ``seed`` and the position of its bona fide, so every epoch
+    and every resumed run is judged on the same images. Attacks are matched to their bona
+    fide's face (:func:`~.synthesis.match_statistics` inside the attack's mask) but not augmented,
+    like the bona fides.
+
+    Args:
+        base: The dev split.
+        seed: Fixes every attack.
+        landmarks: As for :class:`SyntheticTrainSet`.
+        match: As for :class:`SyntheticTrainSet`.
+        morph_regions: As for :class:`SyntheticTrainSet`.
+        mix: As for :class:`SyntheticTrainSet`.
+
+    Raises:
+        DataError: If ``base`` has no bona fides.
+        ValueError: If ``match`` is not one of :data:`MATCH_REGIONS` or ``morph_regions`` not a
+            subset of :data:`~.synthesis.MORPH_REGIONS`.
+    """
+
+    def __init__(self, base: ImageDataset, seed: int, landmarks: Landmarks | None = None,
+                 match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS,
+                 mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> None:
+        self.base = base
+        _check_match(match)
+        regions = check_morph_regions(morph_regions)
+        self._bona_fides = _bona_fide_indices(base, "dev split")
+        self.attacks = []
+        for k, i in enumerate(self._bona_fides):
+            rng = np.random.default_rng([seed, k])
+            photo = _photo(base.pixels(i))
+            points = landmarks(base.samples[i]) if landmarks else None
+            attack = synthesise(photo, rng, points, morph_regions=regions, mix=mix)
+            self.attacks.append((_uint8(_matched(attack, photo, match)), attack.method))
+        self.samples = ([base.samples[i] for i in self._bona_fides]
+                        + [_pseudo_sample(base.samples[i]) for i in self._bona_fides])
+        self.fully_cached = True
+        self.cached = len(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """The ``3 x size x size`` uint8 image (a bona fide from the base set, or its fixed attack)."""
+        n = len(self._bona_fides)
+        return self.base.pixels(self._bona_fides[index]) if index < n else self.attacks[index - n][0]
+
+    def methods(self) -> list[str]:
+        """Which generator made each fixed attack (``self_blend``, ``self_morph``, ``+frequency``)."""
+        return [method for _, method in self.attacks]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = (self.pixels(index).float() / 255.0 - self.base.mean) / self.base.std
+        return x, torch.tensor(float(self.samples[index].label)), index
+
+
+def dev_attacks(dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | None = None,
+                mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> tuple[Dataset, str]:
+    """The dev set a run selects its checkpoint and threshold on, and a sentence saying where its attacks come from.
+
+    Given dev morphs are used where the dev split has them (with any ``mode``); otherwise,
+    with ``synthetic`` or ``both``, :class:`FixedAttackSet` supplies seeded synthetic attacks.
+
+    Raises:
+        DataError: With ``given`` and a dev split without morphs.
+    """
+    morphs: Sequence[Sample] = [s for s in dev.samples if s.label == 1]
+    if morphs:
+        methods = sorted({s.method for s in morphs})
+        return dev, (f"dev attacks: the {len(morphs)} given dev morphs ({', '.join(methods)}) against"
+                     f" {len(dev.samples) - len(morphs)} dev bona fides")
+    if mode == "given":
+        raise DataError(f"the dev split has {len(dev.samples)} bona fides and no morphs; attacks=given needs"
+                        " dev morphs (or use attacks=synthetic or both)")
+    fixed = FixedAttackSet(dev, seed, landmarks, mix=mix)
+    return fixed, (f"dev attacks: {len(fixed.attacks)} synthetic attacks, one from each dev bona fide, made once"
+                   f" from seed={seed} (the dev split has no morphs)")
+
+
+def required_morphs(mode: str, testing: bool = False) -> tuple[str, ...]:
+    """The splits that must hold given morphs: all with ``given``; otherwise only test, and only to test."""
+    if mode == "given":
+        return SPLITS
+    return ("test",) if testing else ()
+
+
+def drop_methods(samples: list[Sample], methods: list[str], report: DataReport) -> list[Sample]:
+    """Leave methods out of training: drop their morphs from the train and dev splits; test keeps them.
+
+    Raises:
+        DataError: If a named method has no morphs in the data (the message lists those it has).
+    """
+    if not methods:
+        return samples
+    present = sorted({s.method for s in samples if s.label == 1})
+    unknown = sorted(set(methods) - set(present))
+    if unknown:
+        raise DataError(f"exclude_methods names {unknown}, which the data has no morphs of; its methods: {present}")
+    kept = [s for s in samples if not (s.label == 1 and s.method in methods and s.split != "test")]
+    in_test = sum(1 for s in kept if s.label == 1 and s.method in methods)
+    report.notes.append(f"exclude_methods={sorted(methods)}: dropped their {len(samples) - len(kept)} train/dev"
+                        f" morphs; the test split keeps their {in_test} morphs, never seen in training")
+    return kept
+
+
+def training_sets(train: ImageDataset, dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | None = None,
+                  mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> tuple[Dataset, Dataset, str]:
+    """The training and dev sets for ``attacks=mode``, and the sentence saying where the dev attacks come from.
+
+    ``mix``: the synthetic methods and their shares (``synthetic_methods``, :func:`~.synthesis.parse_mix`).
+    """
+    if mode not in ATTACK_MODES:
+        raise ValueError(f"attacks must be one of {ATTACK_MODES}, got {mode!r}")
+    dev_set, note = dev_attacks(dev, mode, seed, landmarks, mix)
+    if mode == "given":
+        return train, dev_set, note
+    return SyntheticTrainSet(train, mode, landmarks, mix=mix), dev_set, note

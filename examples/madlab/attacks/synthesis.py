@@ -1,0 +1,537 @@
+"""Synthetic morphing attacks made from one bona fide, and the processing both classes share.
+
+A detector trained on the morphs of a few tools learns those tools. Following the published
+descriptions of Self-Blended Images (Shiohara and Yamasaki, CVPR 2022) and SelfMAD (2025),
+this module makes morph-like attacks from a single bona fide photo, so that a detector can
+be trained on bona fides alone:
+
+* :func:`self_blend`: a copy altered in colour and quality (channel shifts, brightness and
+  contrast, then a down-and-up scaling or a sharpening), slightly shifted, scaled and
+  elastically warped, blended back into the photo through a blurred face mask. It leaves
+  the blending seams and colour mismatch of a spliced morph.
+* :func:`self_morph`: the photo blended with a copy of itself zoomed 1.0-1.1x about the
+  face centre, with weight ``beta`` in [0.125, 0.5] inside a mask over the inner face, the
+  whole head or the whole image: double contours and ghosting, as a landmark morph of two
+  people leaves them (most of all on the face outline, the hairline and the ears).
+* :func:`frequency_artifact`: a periodic pattern mixed into the Fourier magnitude inside the
+  mask (the phase is kept), as generative morphs leave spectral traces.
+
+Every raw attack differs from its photo only where its mask is non-zero (``Attack.weight``).
+
+Blending averages pixels, so raw attacks are blurrier and flatter than their photos, and a
+detector would learn "blurred = attack" and pass every sharpened morph (the failure the
+issue describes). Two steps take these cues away:
+
+* :func:`match_statistics` gives each attack's face (the region its mask covers) the
+  per-channel mean and standard deviation and the sharpness (variance of the Laplacian of the
+  grey image, the ``sharpness`` shortcut) of the same region of the photo it was made from,
+  as morphing tools sharpen their morphs to their contributors' sharpness, and leaves the
+  background as the photo has it. Matching the whole image instead would sharpen the
+  background to make up for a blurred face: "face softer than its surroundings" would then
+  mark the attacks, and sharpened morphs carry the opposite cue;
+* :func:`matched_augment` then applies the same random colour jitter, blur or sharpening and
+  JPEG compression to **both** classes, so neither is marked by its processing.
+
+The mask comes from five face landmarks when they are known (left eye, right eye, nose tip,
+left and right mouth corners, ``(x, y)`` in the image's pixel coordinates, the layout of the
+face-alignment module) and otherwise from a centred ellipse, the inner face of a centred
+face crop. Every random choice comes from
+the ``numpy.random.Generator`` passed in, so a seed fixes the result. Images are ``H x W x 3``
+arrays in [0, 1], returned as float32.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from ..data.shortcuts import laplacian
+from .masks import ellipse
+
+__all__ = [
+    "BETA_RANGE",
+    "DEFAULT_MIX",
+    "FREQUENCY_P",
+    "MORPH_REGIONS",
+    "SYNTHETIC_METHODS",
+    "ZOOM_RANGE",
+    "Attack",
+    "face_mask",
+    "frequency_artifact",
+    "grey_sharpness",
+    "match_statistics",
+    "matched_augment",
+    "parse_mix",
+    "self_blend",
+    "self_morph",
+    "synthesise",
+]
+
+BETA_RANGE = (0.125, 0.5)  # self-morph weight of the zoomed copy (SelfMAD's set spans the same interval)
+ZOOM_RANGE = (1.0, 1.1)
+FREQUENCY_P = 0.1
+# Where a self-morph blends its zoomed copy, with even odds: the inner face, the whole head
+# (outline, hairline, ears) or the whole image. Landmark morphs of two people leave their
+# double contours mostly on the outline and the hair, so the inner face alone would miss them;
+# SelfMAD's face-parser masks likewise range from the skin alone to the full image.
+MORPH_REGIONS = ("face", "head", "image")
+# The centre of the inner face in a centred face crop, as shares of (H - 1, W - 1).
+_CENTRED_FACE = (0.55, 0.5)
+BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's self-blend ratios: mostly a full paste
+_TRUNCATE = 3.0  # Gaussian kernels end at 3 sigma, so a blurred mask is exactly 0 far from the face
+_UNSHARP_SIGMA = 1.0
+
+
+@dataclass
+class Attack:
+    """A synthetic attack and where it differs from the photo it was made from.
+
+    Attributes:
+        image: ``H x W x 3`` float32 in [0, 1].
+        weight: ``H x W`` in [0, 1]: the share of the altered copy in each pixel; the image
+            equals the photo wherever it is 0.
+        method: ``self_blend`` or ``self_morph``, with ``+frequency`` when a spectral pattern was added.
+        beta: The blend weight (self-morph: of the zoomed copy; self-blend: the blend ratio).
+        zoom: Self-morph: the magnification of the blended copy (None for self-blend).
+        centre: Self-morph: the ``(y, x)`` pixel it was magnified about (None for self-blend).
+        region: Where the mask lies: ``face``, ``head`` or ``image`` (see :func:`face_mask`).
+    """
+
+    image: np.ndarray
+    weight: np.ndarray
+    method: str
+    beta: float
+    zoom: float | None = None
+    centre: tuple[float, float] | None = None
+    region: str = "face"
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    # float32: the filters and resampling run about twice as fast as in float64, and 8-bit
+    # pixels need nothing finer.
+    x = np.asarray(image, dtype=np.float32)
+    if x.ndim != 3 or x.shape[2] != 3 or min(x.shape[:2]) < 8:
+        raise ValueError(f"expected an H x W x 3 image of at least 8 x 8 pixels, got shape {x.shape}")
+    return x
+
+
+def _check_landmarks(landmarks: np.ndarray | None) -> np.ndarray | None:
+    if landmarks is None:
+        return None
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape != (5, 2) or not np.isfinite(points).all():
+        raise ValueError(f"landmarks must be a finite 5 x 2 array (eyes, nose, mouth corners as x, y), got"
+                         f" shape {points.shape}")
+    return points
+
+
+def _face_ellipse(height: int, width: int, landmarks: np.ndarray | None,
+                  rng: np.random.Generator, region: str = "face") -> np.ndarray:
+    """The hard region: the inner face (``face``) or the whole head with its outline and
+    hairline (``head``), from the landmarks or centred in the crop."""
+    jitter = rng.uniform(0.9, 1.1, size=2)
+    head = region == "head"
+    if landmarks is None:  # centre and radii as shares of the image's height and width
+        centre, radii = ((0.5, 0.5), (0.58, 0.48)) if head else (_CENTRED_FACE, (0.36, 0.30))
+        return ellipse(height, width, (centre[0] * (height - 1), centre[1] * (width - 1)),
+                        (radii[0] * height * jitter[0], radii[1] * width * jitter[1]))
+    eyes, nose, mouth = landmarks[:2], landmarks[2], landmarks[3:]
+    eye_mid, mouth_mid = eyes.mean(axis=0), mouth.mean(axis=0)
+    eye_gap = max(float(np.linalg.norm(eyes[1] - eyes[0])), 1.0)
+    span = max(float(np.linalg.norm(mouth_mid - eye_mid)), 1.0)
+    angle = float(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))
+    if head:
+        # From the chin to above the hairline and past the ears: the outline, hair edge and
+        # ears, where a landmark morph of two people leaves its strongest double contours.
+        centre_xy = eye_mid + 0.2 * (mouth_mid - eye_mid)
+        radii = (2.2 * span * jitter[0], 1.6 * eye_gap * jitter[1])
+    else:
+        # From the eyes to below the mouth and just past the outer eye corners: the inner face a
+        # morph blends, with cheeks and chin, but not hair or ears.
+        centre_xy = 0.5 * (eye_mid + mouth_mid) + 0.1 * (nose - 0.5 * (eye_mid + mouth_mid))
+        radii = (1.25 * span * jitter[0], 0.95 * eye_gap * jitter[1])
+    return ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, angle)
+
+
+def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.ndarray | None = None,
+              region: str = "face") -> np.ndarray:
+    """A soft mask in [0, 1] over a region of the face, exactly 0 away from it.
+
+    ``face``: an ellipse over the inner face (eyes to chin, the cheeks within the outline);
+    ``head``: a larger one over the whole head with its outline, hairline and ears; both from
+    the five landmarks or (without them) centred in the crop, with radii jittered by ±10 %,
+    blurred twice with random Gaussian widths (1-4 % of the image side, as SBI blurs with
+    random kernels) and rescaled so that the maximum is 1. ``image``: 1 everywhere.
+
+    Args:
+        landmarks: ``5 x 2`` ``(x, y)`` pixel coordinates (eyes, nose tip, mouth corners), or None.
+        region: One of :data:`MORPH_REGIONS`.
+
+    Raises:
+        ValueError: If ``landmarks`` is not a finite 5 x 2 array or ``region`` is not a known region.
+    """
+    if region not in MORPH_REGIONS:
+        raise ValueError(f"region must be one of {MORPH_REGIONS}, got {region!r}")
+    points = _check_landmarks(landmarks)
+    if region == "image":
+        return np.ones((height, width), dtype=np.float32)
+    hard = _face_ellipse(height, width, points, rng, region)
+    # Two Gaussian blurs in a row are one Gaussian blur whose variance is the sum of theirs.
+    widths = rng.uniform(0.01, 0.04, size=2) * min(height, width)
+    soft = gaussian_filter(hard.astype(np.float32), sigma=float(np.hypot(*widths)), truncate=_TRUNCATE)
+    peak = soft.max()
+    return soft / peak if peak > 0 else soft
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+
+
+def _from_tensor(x: torch.Tensor) -> np.ndarray:
+    return x[0].numpy().transpose(1, 2, 0)
+
+
+def _sample_at(image: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:
+    """Bilinear ``image`` at source pixel coordinates (reflected at the border)."""
+    height, width = image.shape[:2]
+    grid = np.stack([(2 * src_x + 1) / width - 1, (2 * src_y + 1) / height - 1], axis=-1).astype(np.float32)
+    out = F.grid_sample(_to_tensor(image.astype(np.float32)), torch.from_numpy(grid)[None], mode="bilinear",
+                        padding_mode="reflection", align_corners=False)
+    return _from_tensor(out)
+
+
+def _zoom_about(image: np.ndarray, zoom: float, centre: tuple[float, float]) -> np.ndarray:
+    """``image`` magnified ``zoom`` times about ``centre`` ``(y, x)``, same size."""
+    yy, xx = np.mgrid[0:image.shape[0], 0:image.shape[1]].astype(np.float32)
+    return _sample_at(image, centre[0] + (yy - centre[0]) / zoom, centre[1] + (xx - centre[1]) / zoom)
+
+
+def _shift_and_warp(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A small affine move (shift ±3 % x, ±1.5 % y, scale 0.95-1.05) plus a smooth elastic warp."""
+    height, width = image.shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    cy, cx = (height - 1) / 2, (width - 1) / 2
+    scale = rng.uniform(0.95, 1.05)
+    ty, tx = rng.uniform(-0.015, 0.015) * height, rng.uniform(-0.03, 0.03) * width
+    src_y = cy + (yy - cy - ty) / scale
+    src_x = cx + (xx - cx - tx) / scale
+    amplitude = rng.uniform(0.0, 0.015) * min(height, width)
+    # Smooth random displacements: noise on a coarse 6 x 6 grid, interpolated up (bicubic),
+    # costs nothing next to blurring full-size noise and gives the same low-frequency warp.
+    coarse = torch.from_numpy(rng.uniform(-1.0, 1.0, size=(1, 2, 6, 6)).astype(np.float32))
+    fields = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)[0].numpy()
+    for grid, field in zip((src_y, src_x), fields):
+        grid += amplitude * field / (np.abs(field).max() + 1e-12)
+    return _sample_at(image, src_y, src_x)
+
+
+# --------------------------------------------------------------------------- pixel processing
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return image.mean(axis=2)
+
+
+def _is_grey(image: np.ndarray) -> bool:
+    return bool(np.abs(image - image.mean(axis=2, keepdims=True)).max() < 1e-6)
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    return gaussian_filter(image, sigma=(sigma, sigma, 0), truncate=_TRUNCATE)
+
+
+def _unsharp(image: np.ndarray, amount: float, sigma: float = _UNSHARP_SIGMA) -> np.ndarray:
+    """``image + amount * (image - blur(image))``: sharpens for ``amount > 0``, blurs for ``-1 <= amount < 0``."""
+    return image + amount * (image - _blur(image, sigma))
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    out = F.interpolate(_to_tensor(image), size=(height, width), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return _from_tensor(out)
+
+
+def _colour_shift(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Per-channel shifts (±20/255 at strength 1), brightness and contrast (±10 %); grey images stay grey."""
+    shift = rng.uniform(-20 / 255, 20 / 255, size=3) * strength
+    if _is_grey(image):  # a channel shift would colour a grey face, a cue no real morph of it has
+        shift[:] = shift.mean()
+    brightness = 1.0 + rng.uniform(-0.1, 0.1) * strength
+    contrast = 1.0 + rng.uniform(-0.1, 0.1) * strength
+    mean = image.mean()
+    return ((image - mean) * contrast + mean * brightness + shift).astype(np.float32)
+
+
+def _alter_quality(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SBI's source change: colour shift, then a 2-4x down-and-up scaling or a mild sharpening."""
+    out = _colour_shift(image, rng, 1.0)
+    if rng.random() < 0.5:
+        height, width = out.shape[:2]
+        factor = rng.uniform(2.0, 4.0)
+        small = _resize(out, max(2, round(height / factor)), max(2, round(width / factor)))
+        return _resize(small, height, width)
+    return _unsharp(out, rng.uniform(0.3, 1.0))
+
+
+def grey_sharpness(image: np.ndarray) -> float:
+    """The variance of the 4-neighbour Laplacian of the grey image (interior pixels): the ``sharpness`` shortcut."""
+    return float(laplacian(_grey(np.asarray(image, dtype=np.float64))).var())
+
+
+def _sharpness_amount(image: np.ndarray, weight: np.ndarray, interior: np.ndarray, target: float) -> float:
+    """The unsharp amount ``k`` in [-1, 4] for which ``image + k * weight * (image - blur(image))``
+    has the Laplacian variance ``target`` over the ``interior`` pixels.
+
+    The Laplacian is linear, so that variance is a quadratic in ``k``; its root nearest 0 is
+    taken (or its minimum when the target cannot be reached).
+    """
+    g = _grey(image)
+    lx = laplacian(g)[interior]
+    ly = laplacian(weight * (g - gaussian_filter(g, _UNSHARP_SIGMA, truncate=_TRUNCATE)))[interior]
+    lx, ly = lx - lx.mean(), ly - ly.mean()
+    a, b, c = float((ly * ly).mean()), 2.0 * float((lx * ly).mean()), float((lx * lx).mean()) - target
+    if a <= 1e-18:
+        return 0.0
+    disc = b * b - 4 * a * c
+    if disc < 0:
+        k = -b / (2 * a)
+    else:
+        roots = ((-b - np.sqrt(disc)) / (2 * a), (-b + np.sqrt(disc)) / (2 * a))
+        k = min(roots, key=abs)
+    return float(np.clip(k, -1.0, 4.0))
+
+
+def _check_weight(weight: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    if weight is None:
+        return np.ones(shape, dtype=np.float32)
+    w = np.asarray(weight, dtype=np.float32)
+    if w.shape != shape or not np.isfinite(w).all() or w.min() < 0:
+        raise ValueError(f"weight must be a finite non-negative {shape[0]} x {shape[1]} array (the attack's"
+                         f" mask), got shape {w.shape}")
+    peak = float(w.max())
+    return w / peak if peak > 0 else w
+
+
+def match_statistics(image: np.ndarray, reference: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """``image`` given the per-channel mean and std and the grey Laplacian variance of ``reference``
+    over the region where ``weight`` is at least half its maximum, the change blended in through ``weight``.
+
+    Applied to a synthetic attack with its own bona fide as ``reference`` and the attack's mask
+    as ``weight``, it gives the altered face the colour, contrast and sharpness of the photo's
+    face, as tools that sharpen morphs to their contributors' sharpness do, and leaves every
+    pixel outside the mask as the photo has it. What stays are the local cues (seams, double
+    contours, texture). Matching the whole image instead (``weight=None``) hides a blurred face
+    from whole-image statistics by sharpening the background, which leaves a cue of its own, "face
+    softer than its surroundings", that sharpened morphs do not carry (see examples/README.md).
+    Three rounds, clipped to [0, 1] each time: sharpening moves the contrast a little, the
+    contrast moves the sharpness, and clipping moves both.
+
+    Args:
+        image: ``H x W x 3`` in [0, 1].
+        reference: ``H x W x 3`` in [0, 1].
+        weight: ``H x W`` non-negative (scaled to a maximum of 1); None = the whole image.
+
+    Returns:
+        ``H x W x 3`` float32, equal to ``image`` wherever ``weight`` is 0; ``image`` unchanged
+        when the region has fewer than 9 interior pixels.
+
+    Raises:
+        ValueError: For images that are not ``H x W x 3`` or a weight of another shape.
+    """
+    x = _check_image(image).copy()
+    ref = _check_image(reference).astype(np.float64)
+    w = _check_weight(weight, x.shape[:2])
+    region = w >= 0.5
+    interior = region[1:-1, 1:-1]
+    if interior.sum() < 9:
+        return x
+    target = float(laplacian(_grey(ref))[interior].var())
+    ref_mean, ref_std = ref[region].mean(axis=0), ref[region].std(axis=0)
+    blend = w[..., None]
+    for _ in range(3):
+        inside = x[region].astype(np.float64)
+        mean, std = inside.mean(axis=0), inside.std(axis=0)
+        gain = np.where(std > 1e-8, ref_std / np.maximum(std, 1e-8), 1.0)
+        x = (x + blend * ((x - mean) * gain + ref_mean - x)).astype(np.float32)
+        amount = _sharpness_amount(x, w, interior, target)
+        x = np.clip(x + amount * blend * (x - _blur(x, _UNSHARP_SIGMA)), 0.0, 1.0)
+    return x
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+
+
+def matched_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The processing every training image gets, whatever its class.
+
+    Colour jitter (p = 0.3), then a Gaussian blur (sigma 0.3-1.2 px, p = 1/3) or a sharpening
+    (unsharp amount 0.2-1.5, p = 1/3), then JPEG at quality 40-100 (p = 0.5). Drawing these
+    for bona fides and attacks alike means no amount of blur, sharpness or compression marks
+    a class.
+    """
+    x = _check_image(image)
+    if rng.random() < 0.3:
+        x = _colour_shift(x, rng, 0.5)
+    pick = rng.random()
+    if pick < 1 / 3:
+        x = _blur(x, rng.uniform(0.3, 1.2))
+    elif pick < 2 / 3:
+        x = _unsharp(x, rng.uniform(0.2, 1.5))
+    x = np.clip(x, 0.0, 1.0)
+    if rng.random() < 0.5:
+        x = _jpeg(x, int(rng.integers(40, 101)))
+    return x
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+def self_blend(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> Attack:
+    """An altered, slightly moved copy of ``image`` blended back through a blurred face mask.
+
+    Raises:
+        ValueError: For an image that is not ``H x W x 3`` or bad landmarks.
+    """
+    x = _check_image(image)
+    source = _shift_and_warp(np.clip(_alter_quality(x, rng), 0.0, 1.0), rng)
+    ratio = float(rng.choice(BLEND_RATIOS))
+    weight = ratio * face_mask(x.shape[0], x.shape[1], rng, landmarks)
+    out = x + weight[..., None] * (source - x)
+    return Attack(np.clip(out, 0.0, 1.0), weight, "self_blend", ratio)
+
+
+def self_morph(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None,
+               regions: tuple[str, ...] = MORPH_REGIONS) -> Attack:
+    """``image`` blended with itself zoomed 1.0-1.1x about the face centre, weight ``beta`` in [0.125, 0.5].
+
+    The blend covers one of ``regions`` (even odds; see :func:`face_mask`): the inner face, the
+    whole head, or the whole image. The centre is the nose tip when landmarks are given, else
+    the centre of the inner-face ellipse.
+
+    Raises:
+        ValueError: For an image that is not ``H x W x 3``, bad landmarks or an unknown region.
+    """
+    x = _check_image(image)
+    points = _check_landmarks(landmarks)
+    region = str(rng.choice(regions))
+    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
+    if points is not None:
+        centre = (float(points[2, 1]), float(points[2, 0]))
+    else:
+        centre = (_CENTRED_FACE[0] * (x.shape[0] - 1), _CENTRED_FACE[1] * (x.shape[1] - 1))
+    zoom = float(rng.uniform(*ZOOM_RANGE))
+    zoomed = _zoom_about(x, zoom, centre)
+    beta = float(rng.uniform(*BETA_RANGE))
+    weight = beta * mask
+    out = x + weight[..., None] * (zoomed - x)
+    return Attack(np.clip(out, 0.0, 1.0), weight, "self_morph", beta, zoom, centre, region)
+
+
+def _pattern(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """A periodic grey pattern in [0, 1]: a grid, a checkerboard or stripes, with a random period."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    period = int(rng.integers(2, 9))
+    kind = int(rng.integers(3))
+    if kind == 0:
+        p = ((yy % period == 0) | (xx % period == 0)).astype(np.float64)
+    elif kind == 1:
+        p = (((yy // period) + (xx // period)) % 2).astype(np.float64)
+    else:
+        p = ((xx if rng.random() < 0.5 else yy) % period < period / 2).astype(np.float64)
+    return p
+
+
+def frequency_artifact(image: np.ndarray, weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mix a periodic pattern's Fourier magnitude into ``image`` (weight 0.025-0.1, phase kept), inside ``weight``.
+
+    The result equals ``image`` wherever ``weight`` is 0.
+    """
+    x = _check_image(image)
+    w = rng.uniform(0.025, 0.1)
+    pattern = _pattern(x.shape[0], x.shape[1], rng)
+    pattern_magnitude = np.abs(np.fft.fft2(pattern))
+    spectrum = np.fft.fft2(x, axes=(0, 1))
+    magnitude = (1 - w) * np.abs(spectrum) + w * pattern_magnitude[..., None]
+    altered = np.real(np.fft.ifft2(magnitude * np.exp(1j * np.angle(spectrum)), axes=(0, 1))).astype(np.float32)
+    mask = np.clip(weight / max(float(weight.max()), 1e-12), 0, 1).astype(np.float32)
+    return np.clip(x + mask[..., None] * (altered - x), 0.0, 1.0)
+
+
+# One entry per synthetic method: ``(image, rng, landmarks, morph_regions) -> Attack``. A new
+# method is one function and one entry here; ``synthetic_methods`` (a config key) picks from it.
+SYNTHETIC_METHODS: dict[str, Callable[..., Attack]] = {
+    "self_blend": lambda image, rng, landmarks, regions: self_blend(image, rng, landmarks),
+    "self_morph": self_morph,
+}
+DEFAULT_MIX = (("self_blend", 0.5), ("self_morph", 0.5))
+
+
+def parse_mix(entries: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``synthetic_methods`` as ``(name, share)`` pairs whose shares sum to 1.
+
+    Each entry is a method of :data:`SYNTHETIC_METHODS`, alone (weight 1) or as ``name:weight``:
+    ``["self_blend", "self_morph"]`` is an even mix, ``["self_morph:3", "self_blend"]`` three
+    self-morphs to one self-blend, ``["self_morph"]`` self-morphs alone.
+
+    Raises:
+        ValueError: For an empty list, an unknown or repeated name, or a weight that is not a
+            positive number; the message names the entry and the methods there are.
+    """
+    if not entries:
+        raise ValueError(f"synthetic_methods must name at least one of {sorted(SYNTHETIC_METHODS)}")
+    weights: dict[str, float] = {}
+    for entry in entries:
+        name, _, raw = str(entry).partition(":")
+        try:
+            weight = float(raw) if raw else 1.0
+        except ValueError:
+            weight = float("nan")
+        if name not in SYNTHETIC_METHODS or name in weights or not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"synthetic_methods entry {entry!r} should be a method of {sorted(SYNTHETIC_METHODS)},"
+                             " named once, alone or as name:weight with a positive weight")
+        weights[name] = weight
+    total = sum(weights.values())
+    return tuple((name, weight / total) for name, weight in weights.items())
+
+
+def synthesise(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None,
+               frequency_p: float = FREQUENCY_P, morph_regions: tuple[str, ...] = MORPH_REGIONS,
+               mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> Attack:
+    """One raw synthetic attack: a method drawn from ``mix`` (:func:`parse_mix`), plus spectral
+    artifacts with ``frequency_p``.
+
+    Raw: not yet matched to the photo's statistics (:func:`match_statistics`) nor augmented.
+    ``morph_regions`` are the regions a self-morph may blend (see :func:`self_morph`).
+    """
+    draw, reached = rng.random(), 0.0
+    name = mix[-1][0]  # a sum of shares rounded just below the draw still picks the last method
+    for candidate, share in mix:
+        reached += share
+        if draw < reached:
+            name = candidate
+            break
+    attack = SYNTHETIC_METHODS[name](image, rng, landmarks, morph_regions)
+    if rng.random() < frequency_p:
+        attack.image = frequency_artifact(attack.image, attack.weight, rng)
+        attack.method += "+frequency"
+    return attack

@@ -1,0 +1,1 @@
+"""Floor 5: the commands and what they run: training, scoring, predict, export, protocols, resume."""

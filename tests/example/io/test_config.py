@@ -1,0 +1,133 @@
+"""The morph-detection example's ``--override`` parser and config validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from madlab.io.config import Config, ConfigError, apply_overrides, parse_override
+
+
+def test_defaults_follow_the_seed_guide() -> None:
+    c = Config()
+    assert (c.use_lora, c.lora_r, c.lora_alpha, c.lora_dropout) == (True, 4, 32.0, 0.1)
+    assert c.lora_target_modules == ["query", "key", "value"]
+    assert c.learning_rate == 5e-4 and c.freeze_strategy == "backbone_only"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("true", True), ("True", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("No", False)],
+)
+def test_bools(text: str, value: bool) -> None:
+    assert parse_override(f"use_lora={text}") == ("use_lora", value)
+
+
+def test_bad_bool_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match="true/false/1/0/yes/no"):
+        parse_override("use_lora=maybe")
+
+
+def test_numbers_are_typed_by_the_declared_type() -> None:
+    assert parse_override("lora_r=8") == ("lora_r", 8)
+    assert isinstance(parse_override("lora_alpha=16")[1], float)
+    assert parse_override("learning_rate=1e-4") == ("learning_rate", 1e-4)
+    with pytest.raises(ConfigError, match="not an integer"):
+        parse_override("lora_r=8.5")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_override("learning_rate=fast")
+    with pytest.raises(ConfigError, match="finite"):
+        parse_override("learning_rate=nan")
+
+
+def test_lists_parse_to_typed_items() -> None:
+    assert parse_override("lora_target_modules=query,value") == ("lora_target_modules", ["query", "value"])
+    assert parse_override('lora_target_modules=["q", "v"]') == ("lora_target_modules", ["q", "v"])
+    # The seed turned "2.73,0.61" into strings and broke the loss; these must be floats.
+    assert parse_override("class_weights=2.73,0.61") == ("class_weights", [2.73, 0.61])
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_override("class_weights=a,b")
+
+
+def test_none_defaults_parse_properly() -> None:
+    # The seed kept "8" as a string for None defaults.
+    assert parse_override("image_size=48") == ("image_size", 48)
+    assert parse_override("image_size=None") == ("image_size", None)
+    assert parse_override("class_weights=none") == ("class_weights", None)
+    assert parse_override("data=/some/where") == ("data", "/some/where")
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'lora_rank'") as err:
+        parse_override("lora_rank=8")
+    assert "lora_r" in str(err.value) and "freeze_strategy" in str(err.value)
+
+
+def test_missing_equals() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("lora_r")
+
+
+def test_value_may_contain_equals() -> None:
+    assert parse_override("data=/a=b/c") == ("data", "/a=b/c")
+
+
+def test_apply_overrides_validates_choices() -> None:
+    c = apply_overrides(Config(), ["lora_r=8", "num_epochs=3"])
+    assert (c.lora_r, c.num_epochs) == (8, 3)
+    with pytest.raises(ConfigError, match="freeze_strategy='sometimes' is not one of"):
+        apply_overrides(Config(), ["use_lora=false", "freeze_strategy=sometimes"])
+    with pytest.raises(ConfigError, match="lora_r must be >= 1"):
+        apply_overrides(Config(), ["lora_r=0"])
+    with pytest.raises(ConfigError, match="must be 'backbone_only'"):
+        apply_overrides(Config(), ["freeze_strategy=none"])
+
+
+def test_overrides_apply_in_order_and_do_not_mutate() -> None:
+    base = Config()
+    c = apply_overrides(base, ["lora_r=8", "lora_r=2"])
+    assert c.lora_r == 2 and base.lora_r == 4
+
+
+def test_round_trip_through_dict() -> None:
+    c = apply_overrides(Config(), ["use_lora=false", "freeze_strategy=gradual_unfreeze", "class_weights=1,2"])
+    assert Config.from_dict(c.to_dict()) == c
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        Config.from_dict({**c.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("weight_decay=-0.1", "weight_decay must be >= 0, got -0.1"),
+    ("eta_min=-1e-5", "eta_min must be >= 0, got -1e-05"),
+    ("eta_min=0.01", "eta_min=0.01 must be below learning_rate=0.0005"),
+    ("patience=0", "patience must be >= 1, got 0"),
+    ("freeze_lastN=-2", "freeze_lastN must be >= 0, got -2"),
+    ("warmup_epochs=-1", "warmup_epochs must be >= 0, got -1"),
+    ("mid_epochs=-1", "mid_epochs must be >= 0, got -1"),
+    ("seed=-3", "seed must be >= 0, got -3"),
+    ("lora_alpha=0", "lora_alpha must be positive, got 0.0"),
+    ("output_dir=", "output_dir must name a folder, got an empty string"),
+    ("lr_scheduler=step", "lr_scheduler='step' is not one of ('cosine', 'none')"),
+])
+def test_out_of_range_values_are_config_errors(item: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [item])
+    assert str(err.value).startswith(message)
+
+
+def test_weight_decay_below_zero_is_one_error_line_on_the_command_line(tmp_path: Path, capsys) -> None:
+    import morph_detection
+
+    rc = morph_detection.main(["train", "--output_dir", str(tmp_path), "--override", "weight_decay=-0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "error: weight_decay must be >= 0, got -0.1"
+
+
+@pytest.mark.parametrize("key", sorted(Config.__dataclass_fields__))
+def test_every_key_refuses_a_value_of_the_wrong_type(key: str) -> None:
+    """A config rebuilt from a file (Config.from_dict) bypasses the override parser: validate() checks types."""
+    values = Config().to_dict()
+    values[key] = object()
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict(values)
+    assert str(err.value).startswith(f"{key}=<object object at ")
