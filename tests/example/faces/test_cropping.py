@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from madlab.data.samples import DataReport, Sample
 from madlab.faces.cropping import WHOLE_IMAGES, AlignedReader, CropLandmarks, CropPolicy
 from madlab.io.config import Config, ConfigError
