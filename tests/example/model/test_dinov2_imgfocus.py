@@ -23,12 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from madlab import dinov2_imgfocus as dif
-from madlab.errors import MadlabError
-from madlab.families import load_backbone
+from madlab.io.errors import MadlabError
+from madlab.model import dinov2_imgfocus as dif
+from madlab.model.families import load_backbone
 
 INSTALLED = dif._installed_onnx()
 needs_onnx = pytest.mark.skipif(

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import MadlabError
+from ..io.errors import MadlabError
 
 __all__ = [
     "INSTALL_COMMAND",
@@ -633,7 +633,7 @@ def describe(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads((Path(folder) / MARKER).read_text())
 
 
-def _main() -> None:  # pragma: no cover - by hand, from examples/: python -m madlab.dinov2_imgfocus CACHE_DIR
+def _main() -> None:  # pragma: no cover - by hand, from examples/: python -m madlab.model.dinov2_imgfocus CACHE_DIR
     folder = ensure_checkpoint(sys.argv[1] if len(sys.argv) > 1 else ".", say=print)
     print(json.dumps(describe(folder)["verification"], indent=2))
 
