@@ -137,8 +137,10 @@ class Config:
     # contributors), so folder data can split by identity; FRLL: ^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\.
     identity_pattern: str | None = None
     # Model.
-    # An HF checkpoint folder, a timm hub folder, or timm:<architecture> (weights in backbone_weights).
-    backbone: str | None = None
+    # A name the example builds (dinov2-vits14-imgfocus: a real DINOv2 ViT-S/14 converted offline;
+    # mae-vit-tiny: its own small ViT, MAE-pretrained on the training images), an HF checkpoint
+    # folder or hub id, a timm hub folder, or timm:<architecture> (weights in backbone_weights).
+    backbone: str | None = "dinov2-vits14-imgfocus"
     backbone_weights: str | None = None
     pretrain_epochs: int = 150
     pretrain_lr: float = 1.5e-3

@@ -53,6 +53,7 @@ from ..model.backbone import (
 from ..model.checkpoint import CheckpointError, read_metadata, save_model
 from ..model.families import BackboneSpec, quiet_transformers
 from ..model.hub import is_hub_id
+from ..model.named import NAMED, SMALL_VIT, is_small_vit
 from ..model.network import MorphDetector, count_trainable
 from ..sources.reading import evaluation_samples, load_samples
 from .detector import Detector, describe_file
@@ -62,8 +63,8 @@ from .resume import STATE_FILE
 from .speed import resolve_precision, threads
 from .training import train
 
-__all__ = ["Env", "check_output_dir", "holds_smoke_run", "run_compare", "run_data", "run_pretrain", "run_test",
-           "run_train"]
+__all__ = ["Env", "backbone_banner", "check_output_dir", "holds_smoke_run", "run_compare", "run_data", "run_pretrain",
+           "run_test", "run_train"]
 
 MODEL_FILE = "morph_detector.safetensors"
 SMOKE_TEST_BANNER = (
@@ -71,6 +72,15 @@ SMOKE_TEST_BANNER = (
     " Cambridge) with morphs made in-process. It is a smoke test of the pipeline, NOT a MAD"
     " benchmark; its numbers say little about real morphing attacks. Use --data ROOT for real data."
 )
+
+
+def backbone_banner(config: Config) -> str | None:
+    """The line a run starts with when its backbone is one the example builds: what and from where."""
+    if config.backbone in NAMED:
+        return f"backbone {config.backbone}: {NAMED[config.backbone].origin}"
+    if is_small_vit(config.backbone):
+        return f"backbone {SMALL_VIT}: the example's own small ViT, MAE-pretrained on the training bona fides"
+    return None
 
 
 @dataclass
@@ -129,15 +139,18 @@ def _pretrain_settings(config: Config) -> dict[str, Any]:
 
 
 def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretrain: bool = True) -> str:
-    """The backbone: ``config.backbone`` (a folder, made absolute, or ``timm:<arch>``), or the
-    cached default MAE folder, pretrained if missing.
+    """The backbone: a named one (:data:`~..model.named.NAMED`, built once into the cache),
+    ``config.backbone`` (a folder, made absolute, a hub id or ``timm:<arch>``), or the example's
+    small ViT (``mae-vit-tiny``), MAE-pretrained if missing.
 
     The default is keyed by a hash of the bona fide *training* images and the pretraining
     settings, so a different dataset or seed never reuses another run's backbone. Under
     ``torchrun`` rank 0 pretrains (or finds the cache) while the other ranks wait, then they
     read what it wrote.
     """
-    if config.backbone:
+    if config.backbone in NAMED:
+        return str(_named_backbone(config.backbone, env))
+    if not is_small_vit(config.backbone):
         if config.backbone.startswith("timm:") or is_hub_id(config.backbone):
             return config.backbone
         return str(Path(config.backbone).expanduser().resolve())
@@ -148,6 +161,19 @@ def ensure_backbone(config: Config, samples: list[Sample], env: Env, allow_pretr
     target = _default_backbone(config, samples, env, allow_pretrain)
     barrier()
     return str(target)
+
+
+def _named_backbone(name: str, env: Env) -> Path:
+    """The folder of a backbone known by name, built once into the cache (rank 0 builds, the
+    other ranks wait, then find it)."""
+    named, cache = NAMED[name], cache_root(env.cache_dir)
+    d = current()
+    if d.active and not d.main:
+        barrier()
+        return named.build(cache, env.say)
+    folder = named.build(cache, env.say)
+    barrier()
+    return folder
 
 
 def _default_backbone(config: Config, samples: list[Sample], env: Env, allow_pretrain: bool) -> Path:
@@ -175,12 +201,15 @@ ADAPTED_DIR = "mae_backbone"
 
 
 def run_pretrain(config: Config, env: Env) -> Path:
-    """Pretrain (or find in the cache) the default backbone for this data and seed; with a
+    """Make the backbone ready: build a named one (:data:`~..model.named.NAMED`) into the cache,
+    pretrain (or find in the cache) the small ViT for this data and seed, or, with a
     ``vit_mae`` folder as ``--backbone``, continue its MAE pretraining on the bona fide
     training images and write the adapted folder to ``<output_dir>/mae_backbone``."""
     _seed(config)
     quiet_transformers()
-    if config.backbone:
+    if config.backbone in NAMED:
+        return _named_backbone(config.backbone, env)
+    if not is_small_vit(config.backbone):
         return _adapt_backbone(config, env)
     return ensure_backbone(config, run_data(config, env), env)
 
@@ -217,9 +246,11 @@ def _adapt_backbone(config: Config, env: Env) -> Path:
 
 def _build(source: str, config: Config) -> MorphDetector:
     _seed(config)
-    # image_size sizes the default model when it is pretrained; on a user's backbone it
-    # overrides the input size (position embeddings interpolated).
-    size = config.image_size if config.backbone else None
+    # image_size sizes the small ViT when it is pretrained; on any other backbone it overrides
+    # the input size (position embeddings interpolated); a named backbone has its own default.
+    size = None if is_small_vit(config.backbone) else config.image_size
+    if size is None and config.backbone in NAMED:
+        size = NAMED[config.backbone].image_size
     backbone, spec = load_backbone(source, config.backbone_weights, size)
     return MorphDetector(backbone, spec, config.dropout_p)
 
@@ -323,7 +354,7 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "config": config.to_dict(),
         "strategy": config.strategy,
         "backbone": {"path": str(backbone_dir), "fingerprint": fingerprint, "image_size": size,
-                     "default": not config.backbone, "spec": spec.to_dict()},
+                     "default": is_small_vit(config.backbone), "spec": spec.to_dict()},
         "threshold": threshold,
         "thresholds": operating_points(dev_scores, dev_labels),  # predict --operating_point
         "shortcut_thresholds": shortcut_thresholds,  # for test on other data, which has no dev split of its own
@@ -475,8 +506,8 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
     them and win.
     """
     quiet_transformers()
-    if not config.backbone:
-        run_pretrain(config, env)  # once, so no strategy's time includes pretraining
+    if is_small_vit(config.backbone) or config.backbone in NAMED:
+        run_pretrain(config, env)  # once, so no strategy's time includes pretraining or conversion
     out = Path(config.output_dir) / "compare"
     rows = []
     for name, preset in COMPARE_STRATEGIES.items():

@@ -24,9 +24,10 @@ from ..data.images import ImageDataset, normalise
 from ..evaluation.report import OPERATING_APCERS, SCORE_KIND
 from ..io.config import EVAL_KEYS, Config, ConfigError, parse_override
 from ..model.architecture import build_backbone
-from ..model.backbone import backbone_fingerprint
+from ..model.backbone import backbone_fingerprint, cache_root
 from ..model.checkpoint import CheckpointError, load_weights, read_metadata
 from ..model.families import BackboneError, BackboneSpec, load_backbone, load_from_spec, quiet_transformers
+from ..model.named import NAMED
 from ..model.network import MorphDetector
 from .distributed import current
 from .inference import predict
@@ -189,6 +190,8 @@ def _rebuild(stored: dict[str, Any], config: Config, model_path: Path, moved: st
     timm = spec is not None and spec.family == "timm"
     hub = spec is not None and spec.hub_id is not None and moved is None
     where = Path(moved or (spec.weights if timm and spec else stored["path"])).expanduser()
+    if moved is None and config.backbone in NAMED and not (where / "config.json").is_file():
+        where = NAMED[config.backbone].build(cache_root(), lambda _: None)  # an emptied cache: rebuilt the same
     if not hub and (not where.exists() or (not timm and not (where / "config.json").is_file())):
         hint = ("run `morph_detection.py pretrain` with the training run's data, seed and --cache_dir to recreate it"
                 if stored.get("default") else

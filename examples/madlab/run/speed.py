@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..io.config import Config
+from ..model.named import is_small_vit
 
 __all__ = [
     "CPU_BF16_MIN_WIDTH",
@@ -60,7 +61,7 @@ def threads(config: Config) -> int:
     """``num_threads``, else one for the embedded smoke model, else every available core."""
     if config.num_threads is not None:
         return config.num_threads
-    return 1 if not config.backbone else available_cores()
+    return 1 if is_small_vit(config.backbone) else available_cores()
 
 
 def resolve_precision(config: Config, device: torch.device, width: int | None = None) -> str:

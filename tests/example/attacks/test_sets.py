@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from scipy.ndimage import gaussian_filter
 
 # The fast embedded fixture and 25 x 25 lfw faces, too small for the face detector: whole images.
-TINY = ["pretrain_epochs=2", "num_epochs=2", "morphs_per_face=1", "batch_size=32", "use_early_stopping=false",
+TINY = ["backbone=mae-vit-tiny",
+        "pretrain_epochs=2", "num_epochs=2", "morphs_per_face=1", "batch_size=32", "use_early_stopping=false",
         "embedded_data=lfw_subset", "face_crop=none"]
 
 

@@ -23,7 +23,8 @@ from madlab.sources.lfw import embedded_samples
 from lora_vit import read_lora_metadata
 
 # The lfw_subset fixture, whole images: fast, and the pipeline is the same (ORL runs in test_example_orl.py).
-TINY = ["pretrain_epochs=2", "num_epochs=3", "morphs_per_face=1", "batch_size=32", "learning_rate=3e-3",
+TINY = ["backbone=mae-vit-tiny",
+        "pretrain_epochs=2", "num_epochs=3", "morphs_per_face=1", "batch_size=32", "learning_rate=3e-3",
         "use_early_stopping=false", "min_delta=0", "embedded_data=lfw_subset", "face_crop=none"]
 
 

@@ -12,7 +12,8 @@ from madlab.run.protocols import format_protocol, format_unseen
 from PIL import Image
 
 # The fast embedded fixture (lfw_subset, whole images): these tests check the protocols, not the faces.
-TINY = ["pretrain_epochs=2", "num_epochs=2", "morphs_per_face=1", "batch_size=32", "use_early_stopping=false",
+TINY = ["backbone=mae-vit-tiny",
+        "pretrain_epochs=2", "num_epochs=2", "morphs_per_face=1", "batch_size=32", "use_early_stopping=false",
         "embedded_data=lfw_subset", "face_crop=none"]
 
 

@@ -12,7 +12,8 @@ from madlab.run.resume import STATE_FILE
 from madlab.run.training import STOP_AFTER_ENV
 from safetensors.torch import load_file
 
-TINY = ["pretrain_epochs=2", "num_epochs=4", "morphs_per_face=1", "batch_size=32", "learning_rate=3e-3",
+TINY = ["backbone=mae-vit-tiny",
+        "pretrain_epochs=2", "num_epochs=4", "morphs_per_face=1", "batch_size=32", "learning_rate=3e-3",
         "use_early_stopping=false", "min_delta=0", "embedded_data=lfw_subset", "face_crop=none"]
 
 

@@ -63,7 +63,8 @@ def test_loader_uses_workers_only_for_what_is_not_cached(tmp_path: Path) -> None
 
 
 def test_threads_default_to_the_cores_and_one_for_the_smoke_model() -> None:
-    assert threads(Config()) == 1, "the embedded smoke model"
+    assert threads(Config(backbone="mae-vit-tiny")) == 1, "the small MAE ViT"
+    assert threads(Config()) == available_cores(), "the default DINOv2"
     assert threads(apply_overrides(Config(), ["backbone=/models/dinov2"])) == available_cores()
     assert threads(apply_overrides(Config(), ["backbone=/models/dinov2", "num_threads=3"])) == 3
     with pytest.raises(ConfigError, match="num_threads must be >= 1"):

@@ -188,7 +188,8 @@ def test_the_default_run_on_orl_aligns_counts_people_and_caches(tmp_path, monkey
 
     from lora_vit import read_lora_metadata
 
-    tiny = ["pretrain_epochs=1", "num_epochs=1", "morphs_per_face=1", "batch_size=64", "use_early_stopping=false",
+    tiny = ["backbone=mae-vit-tiny",
+            "pretrain_epochs=1", "num_epochs=1", "morphs_per_face=1", "batch_size=64", "use_early_stopping=false",
             "num_threads=1"]
     args = [a for item in tiny for a in ("--override", item)]
     cache, out = tmp_path / "cache", tmp_path / "out"
