@@ -78,8 +78,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
-            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]; --override identity_pattern=REGEX"
-            " reads identities from file names. Default: embedded smoke test"))
+            " images (any format Pillow reads), or a CSV manifest path,label[,method,identity,split];"
+            " --override identity_pattern=REGEX reads identities from file names. Default: embedded smoke test"))
         parser.add_argument("--backbone", default=None, help=(
             "a local HF transformers checkpoint folder (vit, vit_mae, deit, dinov2, dinov2_with_registers, clip,"
             " clip_vision_model, siglip, siglip2), a timm hub folder, or timm:<architecture> with"

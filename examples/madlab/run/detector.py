@@ -81,6 +81,11 @@ class Detector:
         if "config" not in meta or "backbone" not in meta or "threshold" not in meta:
             raise CheckpointError(
                 f"{path} has no training config in its metadata; it was not written by this example")
+        malformed = [key for key in ("config", "backbone", "threshold") if not isinstance(meta[key], dict)]
+        if malformed or not isinstance(meta["threshold"].get("value"), (int, float)):
+            raise CheckpointError(f"{str(path)!r} has malformed metadata: {malformed or ['threshold']} must be JSON"
+                                  " objects (the threshold with a numeric 'value'); it was not written by this example"
+                                  " or was damaged")
         stored = dict(meta["config"])
         # Files from before face_crop and ORL saw whole images of the lfw_subset default.
         stored.setdefault("face_crop", "none")
