@@ -79,7 +79,8 @@ def _json_field(header: dict[str, str], key: str, kind: type, path: Path) -> Any
     try:
         value = json.loads(header[key])
     except ValueError as err:
-        raise CheckpointError(f"{str(path)!r} has malformed metadata: field {key!r} is not valid JSON ({err})") from None
+        raise CheckpointError(
+            f"{str(path)!r} has malformed metadata: field {key!r} is not valid JSON ({err})") from None
     if not isinstance(value, kind):
         raise CheckpointError(f"{str(path)!r} has malformed metadata: field {key!r} must hold a JSON"
                               f" {'object' if kind is dict else kind.__name__}, got {type(value).__name__}")

@@ -3,9 +3,10 @@
 Inputs are image files, folders (every file in them, recursively, following links but never
 around a loop: the decoder, not the name, decides what is an image, and every file gets a row)
 and list files (``.txt``: one path a line; ``.csv``: a header with a ``path`` column),
-relative paths taken from the list's folder. Each file is read (decoded, or for a ``face_crop=align`` model turned into its aligned
-face crop through the face cache, :class:`~.cropping.AlignedReader`), resized and normalised
-exactly as ``test`` does it (:func:`~.images.resize_pixels`, :meth:`~.detector.Detector.normalise`),
+relative paths taken from the list's folder. Each file is read (decoded, or for a
+``face_crop=align`` model turned into its aligned face crop through the face cache,
+:class:`~.cropping.AlignedReader`), resized and normalised exactly as ``test`` does it
+(:func:`~.images.resize_pixels`, :meth:`~.detector.Detector.normalise`),
 then scored in batches by the one :class:`~.detector.Detector`.
 
 A file that cannot be scored gets a row with its ``status`` (see :data:`~.pixels.UNREADABLE`)

@@ -16,8 +16,8 @@ from madlab.evaluation.report import read_scores_csv
 from madlab.io.config import Config, apply_overrides
 from madlab.model.backbone import BackboneError, load_backbone
 from madlab.model.network import MorphDetector
-from madlab.run.inference import predict
 from madlab.run import training
+from madlab.run.inference import predict
 from madlab.run.training import BestEpoch, class_weights, train
 from madlab.sources.lfw import embedded_samples
 
