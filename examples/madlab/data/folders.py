@@ -7,6 +7,7 @@ splits by construction; where identities are unknown the report says so.
 from __future__ import annotations
 
 import csv
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ LABEL_NAMES = {
     "1": 1, "morph": 1, "attack": 1,
 }
 TOO_LARGE = UNREADABLE["bomb"]
+OUTSIDE = "not in a class folder (not read)"
 CHECK_SIZE = 64  # scanning decodes every file in full, but keeps only a small copy of its pixels
 # The scan's outcomes that depend on a file's bytes alone, so they can be kept under its content.
 _CONTENT_STATUSES = {None, UNREADABLE["empty"], UNREADABLE["not_image"], UNREADABLE["corrupt"], UNREADABLE["bomb"]}
@@ -121,8 +123,22 @@ def _class_dirs(folder: Path) -> dict[int, Path]:
     return found
 
 
+def _count_outside(folder: Path, used: Collection[Path], report: DataReport) -> None:
+    """Count, unopened, every file under ``folder`` that none of the ``used`` folders holds: a
+    misspelt class folder (``morphs/``) or a stray file must show in the report, not vanish."""
+    for child in sorted(folder.iterdir()):
+        if child in used:
+            continue
+        if child.is_dir():
+            for path, _ in find_images(child):
+                report.skip(str(path), OUTSIDE)
+        else:
+            report.skip(str(child), OUTSIDE)
+
+
 def _scan_class_tree(folder: Path, split: str, report: DataReport, cache: Path | None) -> list[Sample]:
     classes = _class_dirs(folder)
+    _count_outside(folder, set(classes.values()), report)
     samples = []
     for label, class_dir in sorted(classes.items()):
         for path in _images_under(class_dir, report):
@@ -141,7 +157,7 @@ def scan_folder(root: str | Path, report: DataReport, cache: Path | None = None)
     Split folders are ``train``, ``dev`` (or ``val``/``validation``) and ``test``. Without
     them the returned samples have an empty split, to be assigned by :func:`assign_splits`.
     Every file is decoded once to check it (:func:`check_image`), unless ``cache`` holds the
-    outcome for its bytes.
+    outcome for its bytes; files outside the class folders are counted (:data:`OUTSIDE`), unopened.
 
     Raises:
         DataError: If ``root`` is missing, has neither class folders nor split folders, or
@@ -163,6 +179,7 @@ def scan_folder(root: str | Path, report: DataReport, cache: Path | None = None)
         return _scan_class_tree(root, "", report, cache)
     if "train" not in splits or "test" not in splits:
         raise DataError(f"{root} has split folders {sorted(splits)}; train and test are required (dev optional)")
+    _count_outside(root, set(splits.values()), report)
     samples = []
     for split, folder in splits.items():
         if not _class_dirs(folder):

@@ -557,7 +557,8 @@ def within(seconds: int) -> Iterator[None]:
 
 def mixed_tree(root: Path) -> Path:
     """tree() plus, in train, morphs in BMP, TIFF and WebP, an image without an extension, a text
-    file, a HEIC photo (no decoder here), a FIFO and a link to a device."""
+    file, a HEIC photo (no decoder here), a FIFO, a link to a device, a misspelt class folder and a
+    stray file beside the split folders."""
     tree(root)
     morphs, bona_fide = root / "train" / "morph" / "blend", root / "train" / "bona_fide"
     for k, suffix in enumerate((".bmp", ".tif", ".webp")):
@@ -567,12 +568,16 @@ def mixed_tree(root: Path) -> Path:
     (bona_fide / "phone.heic").write_bytes(HEIC)
     os.mkfifo(bona_fide / "pipe.jpg")
     (bona_fide / "zero.png").symlink_to("/dev/zero")
+    image(root / "train" / "morphs" / "stray.png", value=60)
+    (root / "README.txt").write_text("FRLL subset")
     return root
 
 
 # The first bytes of an iPhone photo: an ISO-BMFF 'ftyp' box of brand heic; Pillow has no decoder for it here.
 HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
-MIXED_SKIPS = {"not an image": 1, "unreadable format (HEIC)": 1, "not a regular file": 2}
+MIXED_SKIPS = {"not an image": 1, "unreadable format (HEIC)": 1, "not a regular file": 2,
+               "not in a class folder (not read)": 2}
+MIXED_SKIPPED = ["README.txt", "notes.txt", "phone.heic", "pipe.jpg", "stray.png", "zero.png"]
 
 
 @pytest.fixture(scope="module")
@@ -591,7 +596,7 @@ def test_every_format_pillow_reads_is_trained_on_and_every_other_file_is_counted
     # vanished without a count, and the FIFO hung the scan.
     _, _, stdout = mixed_run
     assert re.search(r"^  train: bona_fide=5, morph/blend=7$", stdout, flags=re.M), stdout
-    assert report_line(stdout, "skipped 4 files: ") == MIXED_SKIPS
+    assert report_line(stdout, "skipped 6 files: ") == MIXED_SKIPS
 
 
 def test_test_reads_the_formats_train_reads_and_accounts_for_every_file(mixed_run, tmp_path: Path) -> None:
@@ -605,7 +610,7 @@ def test_test_reads_the_formats_train_reads_and_accounts_for_every_file(mixed_ru
     found = json.loads((tmp_path / "metrics.json").read_text())["data"]
     assert found["skipped"] == MIXED_SKIPS
     listed = {line.rsplit(": ", 1)[0] for line in found["skipped_files"]}
-    assert sorted(Path(p).name for p in listed) == ["notes.txt", "phone.heic", "pipe.jpg", "zero.png"]
+    assert sorted(Path(p).name for p in listed) == MIXED_SKIPPED
     # every file under the data folder is scored or listed with its reason
     assert scored | listed == {str(p) for p in data.rglob("*") if not p.is_dir()}
 
