@@ -602,10 +602,12 @@ def test_every_format_pillow_reads_is_trained_on_and_every_other_file_is_counted
 def test_test_reads_the_formats_train_reads_and_accounts_for_every_file(mixed_run, tmp_path: Path) -> None:
     data, out, _ = mixed_run
     with within(60):
-        rc, _, stderr = cli("test", "--model_path", str(out / MODEL), "--data", str(data), "--split", "all",
+        rc, stdout, stderr = cli("test", "--model_path", str(out / MODEL), "--data", str(data), "--split", "all",
                                  "--output_dir", str(tmp_path), "--no_progress")
     assert rc == 0, stderr
     scored = set(read_scores_csv(tmp_path / "scores.csv")[0])
+    n_files = sum(1 for p in data.rglob("*") if not p.is_dir())
+    assert f"scoring all images: {len(scored)} of the {n_files} files found" in stdout
     assert {"other0.bmp", "other1.tif", "other2.webp", "noext"} <= {Path(p).name for p in scored}
     found = json.loads((tmp_path / "metrics.json").read_text())["data"]
     assert found["skipped"] == MIXED_SKIPS
