@@ -537,8 +537,8 @@ def test_gradual_unfreeze_that_would_skip_a_stage_is_refused(tmp_path: Path) -> 
     assert line.endswith("got warmup_epochs=5 and mid_epochs=5")
 
 
-class HungError(Exception):
-    """Not an OSError, which a reader of files would catch and carry on after."""
+class HungError(BaseException):
+    """Neither an OSError nor an Exception, which readers of files catch to carry on with the next file."""
 
 
 @contextlib.contextmanager
@@ -709,3 +709,29 @@ def test_malformed_model_metadata_is_one_error(tmp_path: Path, metadata: dict, m
     save_file({"head.weight": torch.zeros(1, 4)}, str(path), metadata=metadata)
     line = fails("test", "--model_path", str(path))
     assert line.startswith(f"error: {str(path)!r} has malformed metadata: {message}"), line
+
+
+def test_predict_with_an_aligning_model_never_opens_a_fifo_or_device(odd_run, tmp_path: Path) -> None:
+    # Before: the face cache's key read the file's bytes first, so a FIFO hung predict and /dev/zero never ended.
+    _, out, _ = odd_run
+    aligned = model_with(out / MODEL, tmp_path / "aligned.safetensors", face_crop="align")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with within(60):
+        rc, _, stderr = cli("predict", "--model_path", str(aligned), "--input", str(tmp_path / "pipe.jpg"),
+                            "--input", str(tmp_path / "zero.png"), "--output", str(tmp_path / "pred.csv"),
+                            "--num_workers", "0", "--no_progress")
+    assert rc == 4, stderr
+    with (tmp_path / "pred.csv").open(newline="") as handle:
+        assert [r["status"] for r in csv.DictReader(handle)] == ["not a regular file"] * 2
+
+
+def test_adapter_file_with_malformed_metadata_is_one_error(odd_run, tmp_path: Path) -> None:
+    _, out, _ = odd_run
+    with safe_open(str(out / MODEL), framework="pt") as handle:
+        metadata = {**handle.metadata(), "user": "{not json"}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    line = fails("test", "--model_path", str(tmp_path / "bad.safetensors"))
+    assert line.startswith(f"error: {str(tmp_path / 'bad.safetensors')!r} is neither a lora-vit adapter file nor")
+    assert "metadata field 'user' is missing or not valid JSON" in line
