@@ -11,9 +11,14 @@ converted rather than refused:
 * 16-bit and 32-bit grey (``I;16*``, ``I``) are scaled by 1/65535, not clipped at 255.
 
 What cannot be read raises :class:`UnreadableImageError` with a short ``status`` that names why: an
-empty file, a missing or unreadable one, a symlink loop, a file that is no image, a truncated
-or corrupt one, and a decompression bomb, which is refused from its header (Pillow checks the
-declared size when the file is opened, before a pixel is decoded).
+empty file, a missing or unreadable one, a symlink loop, anything but a regular file (a FIFO or
+a device, refused from its ``stat`` and never opened), a file that is no image, an image in a
+format Pillow has no decoder for here (HEIC, HEIF, AVIF, JPEG XL: named from its first bytes), a
+truncated or corrupt one, and a decompression bomb, which is refused from its header (Pillow
+checks the declared size when the file is opened, before a pixel is decoded).
+
+Whether a file is an image is decided by its content alone, never by its name: every command
+reads whatever Pillow opens.
 """
 
 from __future__ import annotations
