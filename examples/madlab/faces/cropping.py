@@ -34,7 +34,16 @@ from ..data.samples import DataError, DataReport, Sample
 from ..io.config import Config, ConfigError
 from ..io.keyed import content_key, entry_path, file_key, read_entry, write_entry
 from ..io.pixels import RejectedImageError, load_pixels
-from .detection import DETECT_MAX_SIDE, DETECT_MIN_SIDE, SCORE_THRESHOLD, YUNET_FILE, FaceRef, detect_faces, save_crop
+from .detection import (
+    DETECT_MAX_SIDE,
+    DETECT_MIN_SIDE,
+    SCORE_THRESHOLD,
+    YUNET_FILE,
+    FaceRef,
+    detect_faces,
+    require_detector,
+    save_crop,
+)
 
 __all__ = [
     "NO_FACE",
@@ -254,8 +263,15 @@ class CropPolicy:
         return self.margin is not None
 
     def crop_samples(self, samples: list[Sample], cache: str | Path | None, report: DataReport) -> list[Sample]:
-        """The samples read as their aligned crops (:func:`find_faces`), or unchanged for whole images."""
-        return samples if self.margin is None else find_faces(samples, self.margin, cache, report)
+        """The samples read as their aligned crops (:func:`find_faces`), or unchanged for whole images.
+
+        Raises:
+            FaceCropError: If the face detector cannot run here (checked before any image).
+        """
+        if self.margin is None:
+            return samples
+        require_detector()
+        return find_faces(samples, self.margin, cache, report)
 
     def landmarks(self, size: int) -> CropLandmarks | None:
         """Each sample's 5 landmarks at ``size`` px for synthetic attacks' masks; None for whole images."""
@@ -272,12 +288,14 @@ class CropPolicy:
 
         Raises:
             ConfigError: If crops are to be saved but the model reads whole images (``face_crop=none``).
+            FaceCropError: If the face detector cannot run here: one error, not a failed row per photo.
         """
         if self.margin is None:
             if save_crops is not None:
                 raise ConfigError(f"--save_crops {save_crops} writes aligned face crops, but this model was trained"
                                   " with face_crop=none (whole images): there are no crops to save")
             return None
+        require_detector()
         return AlignedReader(size, self.margin, None if cache is None else str(cache),
                              None if save_crops is None else str(save_crops), crop_names(list(paths)))
 

@@ -46,6 +46,7 @@ __all__ = [
     "content_key",
     "crop_with",
     "detect_faces",
+    "require_detector",
     "save_crop",
     "similarity_matrix",
     "template",
@@ -192,6 +193,19 @@ def _cv2():
     except ImportError:
         raise FaceCropError("face_crop=align needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'") from None
     return cv2
+
+
+def require_detector() -> None:
+    """Check that faces can be detected here (OpenCV and YuNet's weights) before any image is read.
+
+    Without this, a missing detector would surface only inside each image's own step, where
+    per-image failures are caught: as a failed row for every photo instead of one error.
+
+    Raises:
+        FaceCropError: Saying what is missing and how to install it.
+    """
+    _cv2()
+    yunet_model_path()
 
 
 _DETECTORS = threading.local()  # cv2 detectors are not thread-safe: one per thread (and process)

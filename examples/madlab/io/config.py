@@ -174,12 +174,19 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
         for key in ("num_workers", "image_cache_mb", "weight_decay", "eta_min", "freeze_lastN",
-                    "warmup_epochs", "mid_epochs", "seed"):
+                    "warmup_epochs", "mid_epochs", "seed", "min_delta"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
         for key in ("patience",):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        # At warmup_epochs the last blocks would thaw, but at mid_epochs the whole backbone already
+        # has (or at the same epoch does), so the middle stage would be skipped without a word.
+        if self.freeze_strategy == "gradual_unfreeze" and self.warmup_epochs >= self.mid_epochs:
+            raise ConfigError(
+                f"gradual_unfreeze needs warmup_epochs < mid_epochs (head only, then the last freeze_lastN blocks"
+                f" from warmup_epochs, then everything from mid_epochs), got warmup_epochs={self.warmup_epochs}"
+                f" and mid_epochs={self.mid_epochs}")
         if self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
         if self.eta_min >= self.learning_rate:

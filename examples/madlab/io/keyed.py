@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat as stat_module
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,11 +51,14 @@ def file_key(path: str | os.PathLike[str]) -> str | None:
 
     Returns:
         The key, or ``None`` when the file cannot be read (missing, a folder, a link loop, no
-        permission): the caller's own reader then says why.
+        permission) or is no regular file (a FIFO would block the read until some writer
+        came): the caller's own reader then says why.
     """
     try:
         stat = os.stat(path)
     except (OSError, ValueError):
+        return None
+    if not stat_module.S_ISREG(stat.st_mode):
         return None
     identity = (os.fspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if identity in _KNOWN:

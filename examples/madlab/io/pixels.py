@@ -11,15 +11,21 @@ converted rather than refused:
 * 16-bit and 32-bit grey (``I;16*``, ``I``) are scaled by 1/65535, not clipped at 255.
 
 What cannot be read raises :class:`UnreadableImageError` with a short ``status`` that names why: an
-empty file, a missing or unreadable one, a symlink loop, a file that is no image, a truncated
-or corrupt one, and a decompression bomb, which is refused from its header (Pillow checks the
-declared size when the file is opened, before a pixel is decoded).
+empty file, a missing or unreadable one, a symlink loop, anything but a regular file (a FIFO or
+a device, refused from its ``stat`` and never opened), a file that is no image, an image in a
+format Pillow has no decoder for here (HEIC, HEIF, AVIF, JPEG XL: named from its first bytes), a
+truncated or corrupt one, and a decompression bomb, which is refused from its header (Pillow
+checks the declared size when the file is opened, before a pixel is decoded).
+
+Whether a file is an image is decided by its content alone, never by its name: every command
+reads whatever Pillow opens.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,7 @@ __all__ = [
     "image_suffixes",
     "load_pixels",
     "mode_label",
+    "unsupported_format",
 ]
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # scaled by 1/65535 (PNG stores 16 bits at most)
@@ -49,6 +56,7 @@ UNREADABLE = {
     "loop": "symlink loop",
     "not_file": "not a regular file",
     "not_image": "not an image",
+    "format": "unreadable format",  # completed by the format's name: "unreadable format (HEIC)"
     "corrupt": "truncated or corrupt image",
     "bomb": "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)",
 }
@@ -77,7 +85,8 @@ def image_suffixes() -> frozenset[str]:
 
 
 def _check_file(path: Path) -> None:
-    """Refuse before opening what cannot hold an image: missing, looping, unreadable or empty files."""
+    """Refuse before opening what cannot hold an image: missing, looping, unreadable or empty files,
+    and anything but a regular file (opening a FIFO would wait for a writer forever)."""
     try:
         info = path.stat()  # follows links: a loop fails here with ELOOP
     except OSError as err:
@@ -86,7 +95,7 @@ def _check_file(path: Path) -> None:
         if err.errno in (errno.EACCES, errno.EPERM):
             raise UnreadableImageError(str(path), UNREADABLE["permission"]) from None
         raise UnreadableImageError(str(path), UNREADABLE["missing"]) from None
-    if not path.is_file():
+    if not stat.S_ISREG(info.st_mode):
         raise UnreadableImageError(str(path), UNREADABLE["not_file"])
     if info.st_size == 0:
         raise UnreadableImageError(str(path), UNREADABLE["empty"])
@@ -148,20 +157,44 @@ def load_pixels(path: str | os.PathLike[str], size: int | None = None) -> tuple[
     except Image.DecompressionBombError:
         raise UnreadableImageError(str(path), UNREADABLE["bomb"]) from None
     except UnidentifiedImageError:
-        raise UnreadableImageError(str(path), UNREADABLE["not_image"]) from None
+        known = unsupported_format(path)
+        status = UNREADABLE["not_image"] if known is None else f"{UNREADABLE['format']} ({known})"
+        raise UnreadableImageError(str(path), status) from None
     except PermissionError:
         raise UnreadableImageError(str(path), UNREADABLE["permission"]) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated data, broken chunks
         raise UnreadableImageError(str(path), UNREADABLE["corrupt"], type(err).__name__) from None
 
 
-def find_images(folder: Path, suffixes: frozenset[str]) -> list[tuple[Path, str | None]]:
-    """Files under ``folder`` whose extension is in ``suffixes``, sorted by name within each folder,
-    following links to folders.
+# Image formats Pillow has no decoder for here, told apart by their first bytes so that a phone's
+# HEIC photo is reported as an image that cannot be read rather than as "not an image".
+_BMFF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"hevc": "HEIC",
+                b"hevx": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+_JXL_MAGIC = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 
-    A folder reached again through a link (a symlink loop) is not searched twice but listed with
-    the status ``symlink loop``, as is a link that loops on itself; a dangling link is listed as
-    ``broken symlink``, a folder that cannot be listed as ``unreadable (permission denied)``.
+
+def unsupported_format(path: str | os.PathLike[str]) -> str | None:
+    """The name of the image format ``path`` holds if it is one Pillow cannot decode here
+    (``HEIC``, ``HEIF``, ``AVIF``, ``JPEG XL``), read from its first bytes; else ``None``."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    if head[4:8] == b"ftyp" and head[8:12] in _BMFF_BRANDS:
+        return _BMFF_BRANDS[head[8:12]]
+    return "JPEG XL" if head.startswith(_JXL_MAGIC) else None
+
+
+def find_images(folder: Path) -> list[tuple[Path, str | None]]:
+    """Every file under ``folder``, sorted by name within each folder, following links to folders.
+
+    Whether a file is an image is decided by reading it, not by its name, so every file is
+    listed. What is no regular file (a FIFO, a socket, a device) is listed with the status
+    ``not a regular file`` and never opened; a folder reached again through a link (a symlink
+    loop) is not searched twice but listed with the status ``symlink loop``, as is a link that
+    loops on itself; a dangling link is listed as ``broken symlink``, a folder that cannot be
+    listed as ``unreadable (permission denied)``.
 
     Returns:
         ``(path, status)`` pairs; ``status`` is ``None`` for a file to be read (reading it may
@@ -189,18 +222,21 @@ def find_images(folder: Path, suffixes: frozenset[str]) -> list[tuple[Path, str 
                 is_dir = False
             if is_dir:
                 visit(path)
-            elif path.suffix.lower() in suffixes:
-                found.append((path, None))
-            elif entry.is_symlink() and not path.exists():
-                found.append((path, _link_status(path)))
+            else:
+                found.append((path, _entry_status(path)))
 
     visit(Path(folder))
     return found
 
 
-def _link_status(path: Path) -> str:
+def _entry_status(path: Path) -> str | None:
+    """``None`` for a regular file (links followed), else why it is no file to read; nothing is opened."""
     try:
-        path.stat()
+        info = path.stat()
     except OSError as err:
-        return UNREADABLE["loop"] if err.errno == errno.ELOOP else "broken symlink"
-    return UNREADABLE["missing"]
+        if err.errno == errno.ELOOP:
+            return UNREADABLE["loop"]
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return UNREADABLE["permission"]
+        return "broken symlink" if path.is_symlink() else UNREADABLE["missing"]
+    return None if stat.S_ISREG(info.st_mode) else UNREADABLE["not_file"]

@@ -67,7 +67,24 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         if _KEY not in header:
             raise CheckpointError(
                 f"{str(path)!r} is neither a lora-vit adapter file nor a madlab model file: {lora_err}") from None
-        return json.loads(header[_KEY])
+        return _json_field(header, _KEY, dict, path)
+
+
+def _json_field(header: dict[str, str], key: str, kind: type, path: Path) -> Any:
+    """The JSON value stored under ``key`` in a file's metadata, which must be a ``kind``.
+
+    Raises:
+        CheckpointError: Naming the file and the field, if it is not valid JSON or not a ``kind``.
+    """
+    try:
+        value = json.loads(header[key])
+    except ValueError as err:
+        raise CheckpointError(
+            f"{str(path)!r} has malformed metadata: field {key!r} is not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{str(path)!r} has malformed metadata: field {key!r} must hold a JSON"
+                              f" {'object' if kind is dict else kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def load_weights(model: nn.Module, path: Path, use_lora: bool) -> nn.Module:
@@ -78,7 +95,7 @@ def load_weights(model: nn.Module, path: Path, use_lora: bool) -> nn.Module:
         except LoRAError as err:
             raise CheckpointError(f"cannot load {str(path)!r} onto this backbone: {err}") from None
     with safe_open(str(path), framework="pt") as handle:
-        head_only = json.loads((handle.metadata() or {}).get("head_only", "false"))
+        head_only = _json_field({"head_only": "false", **(handle.metadata() or {})}, "head_only", bool, path)
     state = safetensors_load(path.read_bytes())
     try:
         if head_only:

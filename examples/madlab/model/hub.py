@@ -19,6 +19,8 @@ from ..io.errors import MadlabError
 __all__ = ["HubError", "is_hub_id", "resolve"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# Names ending so are files, never repositories (a hub id may contain dots: timm/vit_small.lvd142m).
+_FILE_ENDINGS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".json", ".h5", ".npz", ".msgpack")
 # Only what a vision checkpoint needs: configs and safetensors weights (never pickles).
 _PATTERNS = ["*.json", "*.safetensors", "*.txt"]
 
@@ -28,8 +30,18 @@ class HubError(MadlabError):
 
 
 def is_hub_id(source: str) -> bool:
-    """Whether ``source`` reads as ``owner/name`` and names no local file or folder."""
-    return bool(_HUB_ID.match(source)) and not Path(source).expanduser().exists()
+    """Whether ``source`` is a hub id: it reads as ``owner/name``, names no local file or folder,
+    and does not look like a path.
+
+    Some text is a path whatever exists: ``./x``, ``~/x``, ``/abs/x``, ``a/b/c``, ``a\\b``, a
+    trailing ``/``, or a name ending like a weights or config file (``x/model.safetensors``).
+    ``owner/name`` whose ``owner`` is a local folder is a path too: a mistyped folder there must
+    be reported as missing, not looked up on the hub. An existing local ``owner/name`` wins over
+    the hub id of the same spelling.
+    """
+    if not _HUB_ID.match(source) or source.lower().endswith(_FILE_ENDINGS):
+        return False
+    return not Path(source).exists() and not Path(source.split("/")[0]).is_dir()
 
 
 def resolve(repo_id: str, revision: str | None = None) -> tuple[Path, str]:

@@ -428,7 +428,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
         env.say(line)
     data_reports.append({**data_report.to_dict(samples), "split": split, "scored": len(test), "found": found})
     what = "all images" if split == "all" else f"the {split} images"
-    env.say(f"scoring {what}: {len(test)} of the {found} images found"
+    env.say(f"scoring {what}: {len(test)} of the {found} files found"
             f"{' (the data set the model was trained on)' if not other_data else ' (another data set)'}")
     if split in ("all", "train", "dev") and not other_data:
         env.say(f"note: {what} of the training data include images the model was trained or tuned on;"

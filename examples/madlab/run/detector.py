@@ -82,6 +82,7 @@ class Detector:
         if "config" not in meta or "backbone" not in meta or "threshold" not in meta:
             raise CheckpointError(
                 f"{path} has no training config in its metadata; it was not written by this example")
+        _check_metadata(meta, path)
         stored = dict(meta["config"])
         # Files from before face_crop and ORL saw whole images of the lfw_subset default.
         stored.setdefault("face_crop", "none")
@@ -161,6 +162,20 @@ class Detector:
     def decide(self, logits: np.ndarray, operating_point: str = "dev") -> np.ndarray:
         """``True`` (morph) where ``logit >= τ`` of ``operating_point``, else ``False`` (bona fide)."""
         return np.asarray(logits, dtype=np.float64) >= self.threshold(operating_point)["value"]
+
+
+def _check_metadata(meta: dict[str, Any], path: Path) -> None:
+    """Refuse metadata whose parts are of the wrong JSON kind, which would fail later as a
+    KeyError or TypeError traceback instead of an error naming the file.
+
+    Raises:
+        CheckpointError: Naming the file and the malformed parts.
+    """
+    malformed = [key for key in ("config", "backbone", "threshold") if not isinstance(meta[key], dict)]
+    if malformed or not isinstance(meta["threshold"].get("value"), (int, float)):
+        raise CheckpointError(f"{str(path)!r} has malformed metadata: {malformed or ['threshold']} must be JSON"
+                              " objects (the threshold with a numeric 'value'); it was not written by this example"
+                              " or was damaged")
 
 
 def _check_overrides(stored: Config, overrides: list[str]) -> Config:

@@ -1,11 +1,12 @@
 """``predict``: unlabelled photos in, one CSV row of decisions per file out, in input order.
 
-Inputs are image files, folders (searched recursively for every extension Pillow opens,
-following links but never around a loop) and list files (``.txt``: one path a line;
-``.csv``: a ``path`` column, else the first column), relative paths taken from the list's
-folder. Each file is read (decoded, or for a ``face_crop=align`` model turned into its aligned
-face crop through the face cache, :class:`~.cropping.AlignedReader`), resized and normalised
-exactly as ``test`` does it (:func:`~.images.resize_pixels`, :meth:`~.detector.Detector.normalise`),
+Inputs are image files, folders (every file in them, recursively, following links but never
+around a loop: the decoder, not the name, decides what is an image, and every file gets a row)
+and list files (``.txt``: one path a line; ``.csv``: a header with a ``path`` column),
+relative paths taken from the list's folder. Each file is read (decoded, or for a
+``face_crop=align`` model turned into its aligned face crop through the face cache,
+:class:`~.cropping.AlignedReader`), resized and normalised exactly as ``test`` does it
+(:func:`~.images.resize_pixels`, :meth:`~.detector.Detector.normalise`),
 then scored in batches by the one :class:`~.detector.Detector`.
 
 A file that cannot be scored gets a row with its ``status`` (see :data:`~.pixels.UNREADABLE`)
@@ -35,7 +36,7 @@ from ..evaluation.report import p_morph
 from ..faces.cropping import CropPolicy
 from ..io.errors import MadlabError
 from ..io.files import write_text_atomically
-from ..io.pixels import RejectedImageError, find_images, image_suffixes, load_pixels
+from ..io.pixels import RejectedImageError, find_images, load_pixels
 from .detector import Detector
 
 __all__ = [
@@ -78,19 +79,41 @@ class InputError(MadlabError):
 
 
 def _read_list(path: Path) -> list[Prediction]:
-    """The paths a ``.txt``/``.lst`` (one per line, ``#`` comments) or ``.csv`` (``path`` column) lists."""
+    """The paths a ``.txt``/``.lst`` (one per line, ``#`` comments) or ``.csv`` (``path`` column) lists.
+
+    Raises:
+        InputError: If the file cannot be read, or (``.csv``) has no ``path`` column or an empty
+            path cell, naming the file and the line.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"cannot read the list file {str(path)!r}: {err}") from None
     if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(io.StringIO(text)))
-        header = [c.strip().lower() for c in rows[0]] if rows else []
-        column = header.index("path") if "path" in header else 0
-        names = [r[column].strip() for r in rows[1 if "path" in header else 0:] if len(r) > column]
+        names = _csv_paths(path, text)
     else:
         names = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return [Prediction(str(p if p.is_absolute() else path.parent / p)) for p in map(Path, names) if str(p)]
+    return [Prediction(str(p if p.is_absolute() else path.parent / p)) for p in map(Path, names)]
+
+
+def _csv_paths(path: Path, text: str) -> list[str]:
+    """The ``path`` column of a CSV list, blank lines skipped. A header is required: without one, the
+    first file named would be taken for a column name and lost, or a CSV of other columns read as paths."""
+    reader = csv.reader(io.StringIO(text))
+    header = [c.strip().lower() for c in next(reader, [])]
+    if "path" not in header:
+        raise InputError(f"{path} line 1: a .csv list needs a header with a 'path' column, got {header};"
+                         " list one path a line in a .txt file for a plain list")
+    column = header.index("path")
+    names = []
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        name = row[column].strip() if len(row) > column else ""
+        if not name:
+            raise InputError(f"{path} line {reader.line_num}: the 'path' cell is empty")
+        names.append(name)
+    return names
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Prediction]:
@@ -99,16 +122,16 @@ def expand_inputs(inputs: Sequence[str]) -> list[Prediction]:
     A missing path gets a row saying so rather than stopping the run.
 
     Raises:
-        InputError: If no input was given, or a list file cannot be read.
+        InputError: If no input was given, or a list file cannot be read (or a ``.csv`` list has
+            no ``path`` column or an empty path cell).
     """
     if not inputs:
         raise InputError("predict needs at least one --input (an image, a folder, or a .txt/.csv list of paths)")
-    suffixes = image_suffixes()
     rows: list[Prediction] = []
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            rows += [Prediction(str(f), status or OK) for f, status in find_images(path, suffixes)]
+            rows += [Prediction(str(f), status or OK) for f, status in find_images(path)]
         elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
             rows += _read_list(path)
         else:

@@ -151,7 +151,7 @@ def read_source(data: str | None, seed: int, methods: list[str], morphs_per_face
     if not samples:
         n_skipped = sum(report.skipped.values())
         skipped = f"; skipped {n_skipped} files: {dict(report.skipped)}" if n_skipped else ""
-        raise DataError(f"no readable .jpg/.jpeg/.png images under {str(data)!r}{skipped}")
+        raise DataError(f"no readable images under {str(data)!r}{skipped}")
     return samples, report
 
 

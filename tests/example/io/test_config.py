@@ -105,6 +105,8 @@ def test_round_trip_through_dict() -> None:
     ("warmup_epochs=-1", "warmup_epochs must be >= 0, got -1"),
     ("mid_epochs=-1", "mid_epochs must be >= 0, got -1"),
     ("seed=-3", "seed must be >= 0, got -3"),
+    # negative: a worse dev epoch would count as better, so the worst could be restored
+    ("min_delta=-0.001", "min_delta must be >= 0, got -0.001"),
     ("lora_alpha=0", "lora_alpha must be positive, got 0.0"),
     ("output_dir=", "output_dir must name a folder, got an empty string"),
     ("lr_scheduler=step", "lr_scheduler='step' is not one of ('cosine', 'none')"),
@@ -113,6 +115,26 @@ def test_out_of_range_values_are_config_errors(item: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         apply_overrides(Config(), [item])
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(("warmup", "mid"), [(5, 5), (6, 5), (3, 0)])
+def test_gradual_unfreeze_refuses_a_schedule_that_skips_its_middle_stage(warmup: int, mid: int) -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), ["use_lora=false", "freeze_strategy=gradual_unfreeze",
+                                   f"warmup_epochs={warmup}", f"mid_epochs={mid}"])
+    assert str(err.value).startswith("gradual_unfreeze needs warmup_epochs < mid_epochs")
+    assert str(err.value).endswith(f"got warmup_epochs={warmup} and mid_epochs={mid}")
+
+
+def test_warmup_and_mid_epochs_matter_only_to_gradual_unfreeze() -> None:
+    schedule = ["warmup_epochs=5", "mid_epochs=5"]
+    assert apply_overrides(Config(), ["use_lora=false", "freeze_strategy=none", *schedule]).mid_epochs == 5
+    ok = apply_overrides(Config(), ["use_lora=false", "freeze_strategy=gradual_unfreeze",
+                                    "warmup_epochs=4", "mid_epochs=5"])
+    assert (ok.warmup_epochs, ok.mid_epochs) == (4, 5)
+    with pytest.raises(ConfigError, match="warmup_epochs=5 and mid_epochs=5"):
+        Config.from_dict({**Config().to_dict(), "use_lora": False, "freeze_strategy": "gradual_unfreeze",
+                          "warmup_epochs": 5, "mid_epochs": 5})  # as a model file's config is read
 
 
 def test_weight_decay_below_zero_is_one_error_line_on_the_command_line(tmp_path: Path, capsys) -> None:

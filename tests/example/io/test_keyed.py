@@ -25,3 +25,12 @@ def test_a_files_key_is_the_key_of_its_bytes_and_is_read_once_while_unchanged(tm
 def test_a_file_that_cannot_be_read_has_no_key(tmp_path):
     assert keyed.file_key(tmp_path / "missing.png") is None
     assert keyed.file_key(tmp_path) is None  # a folder
+
+
+def test_a_fifo_or_device_has_no_key_and_is_never_opened(tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "pipe.png")  # opening it for reading would wait for a writer forever
+    (tmp_path / "zero.png").symlink_to("/dev/zero")  # reading it would never end
+    opened = []
+    monkeypatch.setattr(keyed, "_hash_file", lambda p: opened.append(p))
+    assert keyed.file_key(tmp_path / "pipe.png") is None and keyed.file_key(tmp_path / "zero.png") is None
+    assert opened == []

@@ -7,6 +7,7 @@ made from, rotated or converted by numpy), never from the code under test.
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import zlib
@@ -15,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from madlab.data.images import resize_pixels
-from madlab.io.pixels import UNREADABLE, UnreadableImageError, image_suffixes, load_pixels
+from madlab.io.pixels import (
+    UNREADABLE,
+    UnreadableImageError,
+    find_images,
+    image_suffixes,
+    load_pixels,
+    unsupported_format,
+)
 from PIL import Image
 
 
@@ -158,3 +166,38 @@ def test_pixel_loading_is_a_leaf_and_data_does_not_import_images() -> None:
     assert not hasattr(madlab.data.samples, "__getattr__")
     source = Path(madlab.io.pixels.__file__).read_text()
     assert [line for line in source.splitlines() if line.startswith("from .")] == ["from .errors import MadlabError"]
+
+
+def test_every_file_is_listed_whatever_its_name_and_what_is_no_file_is_not_opened(tmp_path: Path) -> None:
+    Image.fromarray(rgb()).save(tmp_path / "a.bmp")
+    Image.fromarray(rgb()).save(tmp_path / "b", format="PNG")  # no extension: its bytes say PNG
+    (tmp_path / "c.txt").write_text("notes")
+    os.mkfifo(tmp_path / "d.jpg")
+    (tmp_path / "e.png").symlink_to("/dev/null")
+    (tmp_path / "f.png").symlink_to(tmp_path / "gone.png")
+    found = {path.name: status for path, status in find_images(tmp_path)}
+    assert found == {"a.bmp": None, "b": None, "c.txt": None, "d.jpg": UNREADABLE["not_file"],
+                     "e.png": UNREADABLE["not_file"], "f.png": "broken symlink"}
+    assert load_pixels(tmp_path / "b")[0].shape == (10, 14, 3)
+    with pytest.raises(UnreadableImageError) as err:
+        load_pixels(tmp_path / "d.jpg")  # refused from its stat, before any open
+    assert err.value.status == UNREADABLE["not_file"]
+
+
+@pytest.mark.parametrize(("head", "name"), [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIC"),
+    (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1", "AVIF"),
+    (b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1heic", "HEIF"),
+    (b"\xff\x0a\xfa\x7f", "JPEG XL"),
+    (b"\x00\x00\x00\x18ftypisom\x00\x00\x00\x00", None),  # an MP4 video: not an image format
+    (b"plain text", None),
+])
+def test_image_formats_without_a_decoder_are_named(tmp_path: Path, head: bytes, name: str | None) -> None:
+    path = tmp_path / "photo"
+    path.write_bytes(head + bytes(64))
+    assert unsupported_format(path) == name
+    if Image.registered_extensions().get(".avif") == "AVIF" and name == "AVIF":
+        return  # this Pillow decodes AVIF (the bytes above are no valid AVIF, so it fails as corrupt)
+    with pytest.raises(UnreadableImageError) as err:
+        load_pixels(path)
+    assert err.value.status == (UNREADABLE["not_image"] if name is None else f"unreadable format ({name})")

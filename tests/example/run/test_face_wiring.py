@@ -119,7 +119,7 @@ def test_test_on_other_data_aligns_it_and_counts_the_photo_without_a_face(run, t
     assert sorted(Path(p).name for p in paths) == ["scene_s20.png", "scene_s21.png", "scene_s22.png",
                                                    "scene_s23_s24.png", "scene_s25_s26.png"]
     assert f"{NO_FACE}" in stdout and "coffee.png" in stdout
-    assert "face_crop=align: 5 images aligned" in stdout and "scoring all images: 5 of the 6 images found" in stdout
+    assert "face_crop=align: 5 images aligned" in stdout and "scoring all images: 5 of the 6 files found" in stdout
 
 
 def test_predict_scores_the_aligned_crop_test_scores_and_marks_no_face(run, tmp_path) -> None:

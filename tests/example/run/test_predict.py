@@ -242,7 +242,7 @@ def test_test_on_another_data_set_scores_all_of_it(run, tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["split"] == "all"
     assert metrics["data"]["scored"] == 15 and metrics["data"]["found"] == 16  # 10 + 5 images, 1 broken
-    assert "15 of the 16 images found" in stdout
+    assert "15 of the 16 files found" in stdout
     paths, labels, _, _ = read_scores_csv(out / "scores.csv")
     assert sorted(paths) == sorted(str(p) for p in other.rglob("*.png") if p.name != "broken.png")
     assert int(labels.sum()) == 5
