@@ -17,9 +17,11 @@ from .registry import (
     adapted_layers,
     adapter_views,
     apply_adapters,
+    plan_owned,
     resolve_adapter,
     trainable_modules,
 )
+from .routing import check_not_routing
 from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name, check_dropout, check_flag, check_init, value_for
 from .targets import TargetMatch, resolve_modules, resolve_targets
 from .wrappers import check_not_wrapped, unwrap_model
@@ -60,6 +62,29 @@ def add_or_build(
             module.remove_adapter(adapter)
         raise
     return built
+
+
+def check_trainable_names(model: nn.Module, names: list[str], adapter: str, where: str) -> None:
+    """Refuse trainable modules that hold adapted layers, or nest in (or around) another adapter's.
+
+    An adapter's copy of a module holding low-rank layers would copy those layers too, and
+    nested copies would each route the same samples twice.
+
+    Raises:
+        LoRAError: Naming the module and what it conflicts with.
+    """
+    adapted = list(adapted_layers(model))
+    others = [n for n in trainable_modules(model) if n not in trainable_modules(model, adapter)]
+    for name in names:
+        inside = [layer for layer in adapted if name == "" or layer == name or layer.startswith(name + ".")]
+        if inside:
+            raise LoRAError(f"{where}: trainable module {name!r} contains adapted layers {inside[:3]}")
+        nested = [o for o in others if o != name and (o.startswith(name + ".") or name.startswith(o + "."))]
+        if nested:
+            raise LoRAError(
+                f"{where}: trainable module {name!r} nests with modules other adapters train ({nested[:3]});"
+                " name the same module for every adapter"
+            )
 
 
 def _layer_spec(
@@ -151,6 +176,7 @@ def inject_lora(
     """
     check_not_wrapped(model, "inject_lora into")
     wrapper, model = model, unwrap_model(model)  # a torch.compile wrapper: adapt what it runs
+    check_not_routing(model, "inject_lora")
     adapter = check_adapter_name(adapter)
     dropout = check_dropout(dropout)
     init = check_init(init)
@@ -163,7 +189,9 @@ def inject_lora(
             "targets is empty and nothing is trainable; name targets such as ('q', 'k', 'v'),"
             " or pass only trainable=[...] to train whole modules without adapters (a linear probe)"
         )
-    matches = resolve_targets(model, target_list, exclude=trainable_names, adapter=adapter) if target_list else []
+    check_trainable_names(model, trainable_names, adapter, "inject_lora")
+    excluded = [*trainable_names, *trainable_modules(model)]  # every adapter's copies, never targets
+    matches = resolve_targets(model, target_list, exclude=excluded, adapter=adapter) if target_list else []
     grouped: dict[str, list[TargetMatch]] = {}
     for match in matches:
         grouped.setdefault(match.module, []).append(match)
@@ -178,8 +206,9 @@ def inject_lora(
     for name in plans:  # refused before anything is built
         if isinstance(model.get_submodule(name), nn.MultiheadAttention) and plans[name].use_dora:
             build_adapter(model.get_submodule(name), plans[name], adapter)
+    owned = plan_owned(model, adapter, trainable_names)
     layers = add_or_build(model, plans, adapter, "inject_lora")
-    apply_adapters(model, layers, trainable_names, adapter)
+    apply_adapters(model, layers, owned, adapter)
     if plans:
         logger.info("%s", lora_summary(model, adapter=adapter))
     return wrapper

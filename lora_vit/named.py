@@ -5,22 +5,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
 from .errors import LoRAError
 from .layer import LoRALinear
 from .lowrank import BATCH_FIRST, ROUTING_MISMATCH
 from .mha import LoRAMultiheadAttention
 from .registry import (
-    active_adapter,
     adapted_layers,
     adapter_names,
     adapter_views,
+    choice,
+    choose_adapter,
+    detach_owned,
+    forget_choice,
     lora_modules,
+    per_adapter_modules,
     replace_module,
     resolve_adapter,
-    set_active,
+    sync_active,
 )
+from .routing import Block, check_not_routing, enter, leave
 from .wrappers import unwrap_model
 
 __all__ = ["adapter_parameters", "adapter_per_sample", "delete_adapter", "set_adapter"]
@@ -29,9 +34,12 @@ __all__ = ["adapter_parameters", "adapter_per_sample", "delete_adapter", "set_ad
 def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     """Make ``model`` run adapter ``name``; ``None`` runs the base model.
 
-    Layers that ``name`` does not adapt compute their base function. Only which adapter runs
-    changes: every adapter stays in place and keeps its ``requires_grad``. Under
-    ``torch.compile``, each choice compiles its own graph once (the choice is guarded).
+    Layers that ``name`` does not adapt compute their base function, and trainable modules it
+    has no copy of (a head another adapter trains) run their original. Only which adapter runs
+    changes, in place: every adapter stays and keeps its ``requires_grad``. The choice lasts
+    until the next ``set_adapter``, or until adapter ``name`` is deleted (then the first adapter
+    left runs); without a choice the first adapter added runs. Under ``torch.compile``, each
+    choice compiles its own graph once (the choice is guarded).
 
     Args:
         model: A model with named adapters (a wrapper is seen through).
@@ -53,7 +61,7 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
     """
     if name is not None:
         resolve_adapter(model, name, "run")
-    set_active(model, name)
+    choose_adapter(model, name)
     return model
 
 
@@ -89,33 +97,57 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
-    """Remove adapter ``name`` from every layer of ``model``.
+    """Remove adapter ``name`` (its factors and its copies of trainable modules) from ``model``, in place.
 
     A layer left without adapters becomes its plain base module again (an ``nn.Linear``, or an
-    ``nn.MultiheadAttention`` once neither it nor its ``out_proj`` holds any). If ``name`` was
-    running, the first remaining adapter runs (the base model if none remain).
+    ``nn.MultiheadAttention`` once neither it nor its ``out_proj`` holds any); a trainable module
+    left without copies becomes its original again. If ``name`` was chosen with
+    :func:`set_adapter`, the choice is dropped: the first remaining adapter runs (on a model
+    left without adapters, the next adapter added runs). ``requires_grad`` of everything else is
+    untouched.
+
+    Args:
+        model: A model with named adapters (a torch.compile wrapper is seen through), or one
+            :class:`LoRALinear` / :class:`LoRAMultiheadAttention` holding several adapters.
+
+    Returns:
+        ``model``.
 
     Raises:
-        LoRAError: If the model has no adapter ``name`` (the message lists its adapters).
+        LoRAError: If the model has no adapter ``name`` (the message lists its adapters), an
+            ``adapter_per_sample`` block is open on it, or ``model`` is a single layer whose
+            last adapter this is (a module cannot replace itself: use ``plain_linear()``, or
+            :func:`lora_vit.merge_lora`, which returns the plain module).
     """
     resolve_adapter(model, name, "delete")
-    for layer_name, layer in adapted_layers(model).items():
-        if name not in layer.adapter_names:
-            continue
-        if isinstance(layer, LoRALinear) and layer.adapter_names == (name,):
-            replace_module(model, layer_name, layer.plain_linear())
-        else:
-            layer.remove_adapter(name)
-    for layer_name, module in lora_modules(model).items():
-        plain_out = not isinstance(module.out_proj, LoRALinear) if isinstance(module, LoRAMultiheadAttention) else False
-        if isinstance(module, LoRAMultiheadAttention) and not module.adapter_names and plain_out:
-            replace_module(model, layer_name, module.merged_module())
+    check_not_routing(unwrap_model(model), "delete an adapter")
     inner = unwrap_model(model)
-    remaining = adapter_names(model)
-    # The running adapter: kept unless it was this one (active_adapter then picks the first left).
-    set_active(model, active_adapter(model) if remaining else None)
+    if isinstance(inner, (LoRALinear, LoRAMultiheadAttention)):
+        if inner.adapter_names == (name,):
+            raise LoRAError(
+                f"cannot delete {name!r}, the last adapter of this {type(inner).__name__}: a module cannot replace"
+                " itself in place. Use layer.plain_linear() (or merge_lora, which returns the plain module)"
+            )
+        inner.remove_adapter(name)
+    else:
+        for layer_name, layer in adapted_layers(model).items():
+            if name not in layer.adapter_names:
+                continue
+            if isinstance(layer, LoRALinear) and layer.adapter_names == (name,):
+                replace_module(model, layer_name, layer.plain_linear())
+            else:
+                layer.remove_adapter(name)
+        for layer_name, module in lora_modules(model).items():
+            emptied = isinstance(module, LoRAMultiheadAttention) and not module.adapter_names
+            if emptied and not isinstance(module.out_proj, LoRALinear):
+                replace_module(model, layer_name, module.merged_module())
+        detach_owned(model, name)
     if hasattr(inner, "_lora_vit_adapters"):
         inner._lora_vit_adapters = tuple(n for n in inner._lora_vit_adapters if n != name)
+    if choice(model) == name or not adapter_names(model):
+        forget_choice(model)
+    else:
+        sync_active(model)
     return model
 
 
@@ -153,15 +185,24 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
     stacks its adapters' factors and gathers each sample's pair, so a mixed batch costs two
     batched matmuls per layer whatever the mix, in training and inference, for
     :class:`LoRALinear` (whole and fused-slice adapters, LoRA and DoRA) and
-    :class:`LoRAMultiheadAttention`. Gradients reach each adapter only from its own samples:
-    a mixed step equals the per-adapter sub-batch steps summed. Under
-    ``torch.compile(fullgraph=True)`` the routing is a tensor input of the graph, so a new mix
-    of the same batch size neither recompiles nor breaks the graph.
+    :class:`LoRAMultiheadAttention`. Trainable modules with per-adapter copies (heads) route
+    too: sample ``i`` goes through ``names[i]``'s copy, or the original where that adapter has
+    none (and for ``None``); the copies run on the whole batch and each sample's row is kept.
+    Gradients reach each adapter only from its own samples: a mixed step equals the
+    per-adapter sub-batch steps summed. Under ``torch.compile(fullgraph=True)`` the routing is
+    a tensor input of the graph, so a new mix of the same batch size neither recompiles nor
+    breaks the graph.
+
+    The routing belongs to the calling thread (or asyncio task), not to the model: other
+    threads calling the same model meanwhile run it as they would without this block, or
+    with their own. Blocks nest, and leaving blocks in any order restores what was there.
+    The model itself is not changed. While a block is open, adding, loading (as a new
+    adapter), deleting or merging adapters of the model is refused, from any thread.
 
     The batch is dimension 0 of every adapted layer's input (as in ViTs: ``(N, tokens,
-    features)``; an ``nn.MultiheadAttention`` routes by its own batch dimension). A forward
-    whose batch is not ``len(names)`` raises a ``LoRAError`` at the first adapted layer, before
-    that layer computes anything. Blocks nest: leaving one restores the routing it found.
+    features)``; an ``nn.MultiheadAttention`` routes by its own batch dimension) and of every
+    per-adapter module's output. A forward whose batch is not ``len(names)`` raises a
+    ``LoRAError`` at the first adapted layer, before that layer computes anything.
 
     Args:
         model: A model with named adapters (a wrapper is seen through).
@@ -171,8 +212,10 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
         ``model`` itself.
 
     Raises:
-        LoRAError: If ``names`` is not a non-empty sequence, or names an unknown adapter;
-            raised on entering, before anything runs.
+        LoRAError: If ``names`` is not a non-empty sequence, names an unknown adapter, or
+            mixes adapters whose copies of a module have state of different shapes (heads of
+            different numbers of classes, whose outputs cannot be stacked); raised on
+            entering, before anything runs.
 
     Example:
         >>> import torch
@@ -189,12 +232,14 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
         True
     """
     checked = _check_names(model, names)
+    inner = unwrap_model(model)
     layers = list(adapted_layers(model).values())
-    previous: list[tuple[nn.Module, Tensor | None]] = [(layer, layer._lora_route) for layer in layers]
-    routes = [layer.route_index(checked) for layer in layers]
+    routes: dict[int, object] = {id(layer): layer.route_index(checked) for layer in layers}
+    heads = per_adapter_modules(model)
+    routes.update({id(module): module.route(checked, where) for where, module in heads.items()})
+    block = Block(inner, routes, (*layers, *heads.values()))
+    enter(block)
     try:
-        for layer, route in zip(layers, routes):
-            layer._lora_route = route
         yield model
     except Exception as err:
         # Under torch.compile(fullgraph=True) dynamo reports the LoRAError a layer raises while
@@ -204,5 +249,4 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
             raise
         raise LoRAError(cause) from None
     finally:
-        for layer, route in previous:  # type: ignore[assignment]
-            layer._lora_route = route
+        leave(block)

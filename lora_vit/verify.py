@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .lowrank import AdapterView
-from .registry import active_adapter, adapter_views, resolve_adapter, set_active
+from .registry import adapter_views, choice, choose_adapter, resolve_adapter, restore_choice
 
 __all__ = ["verify_lora"]
 
@@ -113,7 +113,7 @@ def verify_lora(
     """
     name = resolve_adapter(model, adapter, "verify")
     layers = adapter_views(model, name)
-    running = active_adapter(model)
+    chosen = choice(model)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
     def run() -> list[Tensor]:
@@ -122,12 +122,12 @@ def verify_lora(
             return _tensors(model(*example_inputs, **example_kwargs))
 
     generator = torch.Generator().manual_seed(_SEED)
-    set_active(model, name)
+    choose_adapter(model, name)
     try:
         with _evaluating(model):
             changes = _changes(model, layers, run, generator)
     finally:
-        set_active(model, running)
+        restore_choice(model, chosen)
     return _report(model, changes)
 
 
