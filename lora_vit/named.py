@@ -13,6 +13,7 @@ from .lowrank import BATCH_FIRST, ROUTING_MISMATCH
 from .mha import LoRAMultiheadAttention
 from .registry import (
     adapted_layers,
+    adapter_module,
     adapter_names,
     adapter_views,
     choice,
@@ -24,6 +25,7 @@ from .registry import (
     replace_module,
     resolve_adapter,
     sync_active,
+    trainable_modules,
 )
 from .routing import Block, check_not_routing, enter, leave
 from .wrappers import unwrap_model
@@ -66,21 +68,22 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
 
 
 def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
-    """The factors of one named adapter on every layer that has it, in model order.
+    """The Parameters of one named adapter: its factors on every layer, then its own module copies.
 
     For an optimiser (or parameter group) of one adapter, or to freeze the adapters a run does
     not train: under ``DistributedDataParallel`` a parameter that requires a gradient but gets
-    none (an adapter :func:`set_adapter` does not run) stalls the gradient reduction, so freeze
-    those (``p.requires_grad_(False)``) before wrapping. Mixed batches
-    (:func:`adapter_per_sample`) need nothing: every adapter of a layer gets a gradient, zero
-    where no sample used it.
+    none (an adapter :func:`set_adapter` does not run, or its head) stalls the gradient
+    reduction, so freeze those (``p.requires_grad_(False)``) before wrapping. Mixed batches
+    (:func:`adapter_per_sample`) need nothing: every adapter of a layer, and every copy of a
+    head, gets a gradient, zero where no sample used it. Nothing is changed.
 
     Args:
         model: A model with named adapters (a wrapper is seen through).
         adapter: Which adapter; may be omitted when the model holds one.
 
     Returns:
-        Its ``A``, ``B`` (and DoRA magnitude) Parameters, layer by layer, in slice order.
+        Its ``A``, ``B`` (and DoRA magnitude) Parameters, layer by layer in model order and in
+        slice order, then the Parameters of its copies of ``trainable`` modules (a head).
 
     Raises:
         LoRAError: If the model has no adapter of that name, or several and none was named.
@@ -93,7 +96,9 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
         [(1, 4), (4, 1)]
     """
     name = resolve_adapter(model, adapter, "list the parameters of")
-    return [p for view in adapter_views(model, name).values() for p in view.adapter_parameters()]
+    factors = [p for view in adapter_views(model, name).values() for p in view.adapter_parameters()]
+    copies = [p for m in trainable_modules(model, name) for p in adapter_module(model, m, name).parameters()]
+    return factors + copies
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
