@@ -137,7 +137,8 @@ def test_heads_of_different_sizes_run_alone_and_refuse_to_mix(tmp_path):
         assert torch.equal(served(X), three(X))
         with adapter_per_sample(served, ["d5"] * 6):  # one shape: fine
             torch.testing.assert_close(served(X), five(X), **MIXED)
-        with pytest.raises(LoRAError, match=r"cannot mix 'head'.*'d3'.*'d5'"), adapter_per_sample(served, ["d3", "d5"] * 3):
+        mixed = adapter_per_sample(served, ["d3", "d5"] * 3)
+        with pytest.raises(LoRAError, match=r"cannot mix 'head'.*'d3'.*'d5'"), mixed:
             pytest.fail("the block must not run")
 
 

@@ -118,7 +118,8 @@ def test_adding_an_adapter_changes_requires_grad_of_its_own_parameters_only(how,
     if how == "inject":
         inject_lora(model, ["v", "fc1"], r=2, trainable=["head"], adapter="b")
     else:
-        load_lora(model, save_lora(adapted("b", 2, targets=["v", "fc1"], trainable=["head"]), tmp_path / "b.safetensors"))
+        source = adapted("b", 2, targets=["v", "fc1"], trainable=["head"])
+        load_lora(model, save_lora(source, tmp_path / "b.safetensors"))
     after = {n: p.requires_grad for n, p in model.named_parameters()}
     assert {n: after[n] for n in before} == before  # nothing that was there changed
     new = set(after) - set(before)
