@@ -15,6 +15,7 @@ from .mha import LoRAMultiheadAttention
 from .registry import (
     AdaptedLayer,
     adapted_layers,
+    adapter_names,
     adapter_views,
     apply_adapters,
     plan_owned,
@@ -129,10 +130,12 @@ def inject_lora(
     """Replace the targeted layers of ``model`` by :class:`LoRALinear` (or, for an
     ``nn.MultiheadAttention``, :class:`LoRAMultiheadAttention`), in place.
 
-    Every parameter of the model is frozen except the new adapters and the parameters of
-    the modules named in ``trainable`` (for example a classification head). Nothing is
-    changed if any argument or target is invalid. Call :func:`lora_summary` to see what was
-    adapted and how many parameters train.
+    On a model without adapters every parameter is frozen first; then the new adapter's
+    factors and its modules named in ``trainable`` (for example a classification head) are
+    made trainable, and nothing else changes ``requires_grad`` (what the user froze in other
+    adapters or heads stays frozen). Nothing is changed if any argument or target is invalid,
+    or while an :func:`~lora_vit.adapter_per_sample` block is open on the model. Call
+    :func:`lora_summary` to see what was adapted and how many parameters train.
 
     Args:
         model: The model to adapt.
@@ -147,6 +150,11 @@ def inject_lora(
         alpha: Scaling numerator (``scaling = alpha / r``), or a mapping target -> alpha.
         dropout: Dropout probability on the input of the LoRA branch, in ``[0, 1)``.
         trainable: Names (literal, suffix or glob) of modules to train fully, e.g. ``"head"``.
+            They belong to ``adapter``: it trains its own copy of each (started from the
+            untrained original, which ``None`` and adapters without a copy run), saved and
+            loaded with it and routed per sample like its factors. The ``"default"`` adapter
+            trains a module in place while no other adapter trains it, so single-adapter
+            models keep their modules and keys.
         init: ``"normal"`` (A ~ N(0, 0.02^2), the default) or ``"kaiming"``.
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: DoRA: a trainable magnitude per adapted output row over the normalised
@@ -221,7 +229,7 @@ class LoRASummary:
     Attributes:
         adapted: ``(module name, description)`` per adapted layer, e.g.
             ``("blocks.0.attn.qkv", "q[0:384] r=8, v[768:1152] r=8")``.
-        trainable_modules: Whole modules left trainable.
+        trainable_modules: Whole modules the described adapter trains (its own copies).
         adapter_params: Parameters in all adapters.
         trainable_params: Parameters with ``requires_grad`` in the model.
         total_params: All parameters in the model (shared ones counted once).
@@ -269,11 +277,12 @@ def lora_summary(model: nn.Module, *, adapter: str | None = None) -> LoRASummary
           0: r=2, alpha=32
         trainable params: 32 of 104 (30.769%), adapters 32
     """
-    views = adapter_views(model, resolve_adapter(model, adapter, "describe")) if adapted_layers(model) else {}
+    name = resolve_adapter(model, adapter, "describe") if adapter_names(model) else None
+    views = adapter_views(model, name) if name is not None else {}
     params = list(unwrap_model(model).parameters())
     return LoRASummary(
-        adapted=tuple((name, view.describe()) for name, view in views.items()),
-        trainable_modules=trainable_modules(model),
+        adapted=tuple((layer, view.describe()) for layer, view in views.items()),
+        trainable_modules=trainable_modules(model, name),
         adapter_params=sum(p.numel() for view in views.values() for p in view.adapter_parameters()),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params),

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from .adapters import spec_from_config
 from .errors import LoRAError
 from .inject import add_or_build, check_trainable_names
+from .layer import LoRALinear
 from .lowrank import AdapterView
+from .mha import LoRAMultiheadAttention
 from .registry import (
     adapter_module,
     adapter_names,
@@ -107,6 +109,11 @@ def load_adapters(
         except LoRAError as err:
             raise LoRAError(f"{where}, layer {name!r}: {err}") from None
     check_routable(model, plans, where)
+    if "" in plans and not isinstance(unwrap_model(model), (LoRALinear, LoRAMultiheadAttention)):
+        raise LoRAError(
+            f"{where} adapts the model itself (a {type(unwrap_model(model)).__name__}), which cannot be replaced in"
+            " place; load it into a LoRALinear built over it, or into the module that holds it"
+        )
     _check_trainable(model, trainable, where)
     check_trainable_names(model, trainable, adapter, where)
     owned = plan_owned(model, adapter, trainable)

@@ -225,6 +225,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
     """
     adapter_name = resolve_adapter(model, adapter, "export")
     layers = adapter_views(model, adapter_name)
+    if "" in layers:
+        raise LoRAError(
+            f"a single {type(unwrap_model(model)).__name__} has no module name for PEFT's keys"
+            " (base_model.model.<module>.lora_A.weight); export the model that holds it"
+        )
     _check_exportable(model, layers)
     state = lora_state_dict(model, adapter=adapter_name)
     tensors = {

@@ -131,6 +131,9 @@ def verify_lora(
     return _report(model, changes)
 
 
+_NOISE = "<run-to-run noise>"  # not a module name: a standalone layer is named ""
+
+
 def _changes(
     model: nn.Module, layers: Mapping[str, AdapterView], run: Callable[[], list[Tensor]], generator: torch.Generator
 ) -> dict[str, float]:
@@ -146,7 +149,7 @@ def _changes(
         )
     # Nondeterministic kernels (some CUDA reductions) make two identical runs differ a little.
     noise = _difference(reference, run())
-    changes[""] = noise  # the run-to-run noise, for _report
+    changes[_NOISE] = noise  # the run-to-run noise, for _report
     for name, layer in layers.items():
         for index, s in enumerate(layer.slices):
             a_param, b_param = getattr(layer, s.a_name), getattr(layer, s.b_name)
@@ -170,7 +173,7 @@ def _report(model: nn.Module, changes: dict[str, float]) -> dict[str, float]:
     Raises:
         LoRAError: Naming the adapters that did not.
     """
-    noise = changes.pop("", 0.0)
+    noise = changes.pop(_NOISE, 0.0)
     inert = [key for key, change in changes.items() if change <= 10 * noise]
     if inert:
         raise LoRAError(

@@ -27,6 +27,7 @@ from lora_vit import (
     save_lora,
     save_peft_adapter,
     set_adapter,
+    verify_lora,
 )
 
 torch.manual_seed(0)
@@ -177,7 +178,17 @@ def test_every_operation_on_a_standalone_layer_works_or_raises_lora_error(tmp_pa
     assert set(layer.state_dict()) == {k for k in keys if not k.endswith("__b")}  # no junk keys
     with pytest.raises(LoRAError):
         delete_adapter(layer, "zz")
-    assert type(merge_lora(layer)) is nn.Linear
+    assert set(verify_lora(layer, x)) == {""}  # the layer's own adapter is checked, not taken for noise
+    path = save_lora(layer, tmp_path / "a.safetensors")
+    load_lora(layer, path, adapter="c")  # added beside
+    assert layer.adapter_names == ("a", "c") and "lora_A__c" in layer.state_dict()
+    plain = nn.Linear(6, 6)
+    with pytest.raises(LoRAError, match="adapts the model itself"):
+        load_lora(plain, path, check_base=False)
+    assert set(plain.state_dict()) == {"weight", "bias"}
+    with pytest.raises(LoRAError, match="no module name for PEFT's keys"):
+        save_peft_adapter(layer, tmp_path / "peft", adapter="a")
+    assert type(merge_lora(layer, adapter="a", discard_others=True)) is nn.Linear
 
 
 # --- routing per call --------------------------------------------------------------------------
