@@ -11,7 +11,7 @@ from torch import nn
 from .adapters import build_adapter
 from .errors import LoRAError
 from .layer import LoRALinear
-from .mha import LoRAMultiheadAttention
+from .mha import LoRAMultiheadAttention, check_no_dora
 from .registry import (
     AdaptedLayer,
     adapted_layers,
@@ -212,8 +212,8 @@ def inject_lora(
         for name, group in grouped.items()
     }
     for name in plans:  # refused before anything is built
-        if isinstance(model.get_submodule(name), nn.MultiheadAttention) and plans[name].use_dora:
-            build_adapter(model.get_submodule(name), plans[name], adapter)
+        if isinstance(model.get_submodule(name), nn.MultiheadAttention):
+            check_no_dora(plans[name])
     owned = plan_owned(model, adapter, trainable_names)
     layers = add_or_build(model, plans, adapter, "inject_lora")
     apply_adapters(model, layers, owned, adapter)

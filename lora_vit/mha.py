@@ -46,7 +46,7 @@ from .lowrank import AdapterView, LowRankAdapters, routed_lora, scaled_b, stacke
 from .routing import current_route
 from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
 
-__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "check_mha_config", "qkv_bounds"]
+__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "check_mha_config", "check_no_dora", "qkv_bounds"]
 
 _COPIED = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim",
            "add_zero_attn")
@@ -83,6 +83,19 @@ def check_adaptable_mha(mha: nn.MultiheadAttention, name: str) -> None:
             f"{name!r} is an nn.MultiheadAttention with separate q/k/v weights (embed_dim={mha.embed_dim},"
             f" kdim={mha.kdim}, vdim={mha.vdim}); lora-vit adapts only the packed in_proj_weight. Its"
             " out_proj can still be adapted (target 'o')"
+        )
+
+
+def check_no_dora(spec: AdapterSpec) -> None:
+    """Refuse DoRA on the packed in-projection (the one place that says so).
+
+    Raises:
+        LoRAError: For ``spec.use_dora``.
+    """
+    if spec.use_dora:
+        raise LoRAError(
+            "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
+            " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
         )
 
 
@@ -179,11 +192,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         Raises:
             LoRAError: For ``spec.use_dora``, or as the base method does.
         """
-        if spec.use_dora:
-            raise LoRAError(
-                "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
-                " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
-            )
+        check_no_dora(spec)
         check_adaptable_mha(self, type(self).__name__)
         super().add_adapter(name, spec)
 
