@@ -145,7 +145,7 @@ def adapter_names(model: nn.Module) -> tuple[str, ...]:
     """
     layers = adapted_layers(model)
     seen = [n for layer in layers.values() for n in layer.adapter_names]
-    seen += [n for adapter, names in _owners(model).items() if names for n in (adapter,)]
+    seen += [adapter for adapter, names in _owners(model).items() if names]
     present = set(seen)
     recorded = [n for n in getattr(unwrap_model(model), _NAMES_ATTR, ()) if n in present]
     return tuple(dict.fromkeys([*recorded, *seen]))
