@@ -90,6 +90,8 @@ def make_peft(args: argparse.Namespace, factors: dict) -> nn.Module:
     with torch.no_grad():
         for name, state in factors.items():
             for key, value in state.items():
+                if key.startswith(HEAD + "."):  # PEFT rows run without per-adapter heads
+                    continue
                 layer, _, factor = key.rpartition(".")
                 target = model.base_model.model.get_submodule(layer)
                 getattr(target, factor)[name].weight.copy_(value)
