@@ -127,26 +127,25 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     resolve_adapter(model, name, "delete")
     check_not_routing(unwrap_model(model), "delete an adapter")
     inner = unwrap_model(model)
-    if isinstance(inner, (LoRALinear, LoRAMultiheadAttention)):
-        if inner.adapter_names == (name,):
-            raise LoRAError(
-                f"cannot delete {name!r}, the last adapter of this {type(inner).__name__}: a module cannot replace"
-                " itself in place. Use layer.plain_linear() (or merge_lora, which returns the plain module)"
-            )
-        inner.remove_adapter(name)
-    else:
-        for layer_name, layer in adapted_layers(model).items():
-            if name not in layer.adapter_names:
-                continue
-            if isinstance(layer, LoRALinear) and layer.adapter_names == (name,):
-                replace_module(model, layer_name, layer.plain_linear())
-            else:
-                layer.remove_adapter(name)
-        for layer_name, module in lora_modules(model).items():
-            emptied = isinstance(module, LoRAMultiheadAttention) and not module.adapter_names
-            if emptied and not isinstance(module.out_proj, LoRALinear):
-                replace_module(model, layer_name, module.merged_module())
-        detach_owned(model, name)
+    layers = adapted_layers(model)
+    itself = layers.get("")  # a standalone layer: the model cannot replace itself
+    if isinstance(itself, LoRALinear) and itself.adapter_names == (name,):
+        raise LoRAError(
+            f"cannot delete {name!r}, the last adapter of this {type(itself).__name__}: a module cannot replace"
+            " itself in place. Use layer.plain_linear() (or merge_lora, which returns the plain module)"
+        )
+    for layer_name, layer in layers.items():
+        if name not in layer.adapter_names:
+            continue
+        if layer_name and isinstance(layer, LoRALinear) and layer.adapter_names == (name,):
+            replace_module(model, layer_name, layer.plain_linear())
+        else:
+            layer.remove_adapter(name)
+    for layer_name, module in lora_modules(model).items():
+        emptied = isinstance(module, LoRAMultiheadAttention) and not module.adapter_names
+        if layer_name and emptied and not isinstance(module.out_proj, LoRALinear):
+            replace_module(model, layer_name, module.merged_module())
+    detach_owned(model, name)
     if hasattr(inner, "_lora_vit_adapters"):
         inner._lora_vit_adapters = tuple(n for n in inner._lora_vit_adapters if n != name)
     if choice(model) == name or not adapter_names(model):
