@@ -14,6 +14,11 @@ randomised. The mix spreads the batch evenly over the adapters (sample ``i`` thr
   batch inference, a loop over sub-batches); skipped without PEFT. ``mixed`` carries ``x PEFT``.
 - ``train_one`` / ``train_mixed``: a training step (forward, cross-entropy, backward) with one
   adapter or the mix; PEFT has no mixed-batch training, so no PEFT row.
+- ``one_head`` / ``mixed_heads`` / ``train_one_head`` / ``train_mixed_heads``: the same with
+  every adapter owning its own classification head (``inject_lora(..., trainable=["classifier"],
+  adapter=name)``, each head randomised): one adapter with its head, against the batch mixed
+  over the adapters and their heads (every head runs on the whole batch, each sample keeps its
+  own head's row). ``x one adapter`` compares with the ``*_head`` row of one adapter.
 
 With ``--compile`` the lora-vit variants are also timed under ``torch.compile(fullgraph=True)``
 (``+c``; routing is set before the timed calls, as a long-lived server would).
@@ -37,8 +42,9 @@ from torch import nn
 
 import lora_vit
 
-INFER = ["base", "one", "mixed", "peft_mixed"]
-TRAIN = ["train_one", "train_mixed"]
+INFER = ["base", "one", "mixed", "peft_mixed", "one_head", "mixed_heads"]
+TRAIN = ["train_one", "train_mixed", "train_one_head", "train_mixed_heads"]
+HEAD = "classifier"  # HF ViTForImageClassification's head
 
 
 def adapter_names(count: int) -> list[str]:
@@ -52,8 +58,9 @@ def mix(batch: int, count: int) -> list[str]:
 
 
 def _factors(count: int, model_name: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Random non-zero factors per adapter (the same for lora-vit and PEFT), under lora-vit's keys."""
-    probe = lora_vit.inject_lora(common.build_vit(model_name, 32), common.QKV, r=common.RANK, alpha=common.ALPHA)
+    """Random non-zero factors and a random head per adapter (the factors shared with PEFT), under lora-vit keys."""
+    probe = lora_vit.inject_lora(common.build_vit(model_name, 32), common.QKV, r=common.RANK, alpha=common.ALPHA,
+                                 trainable=[HEAD])
     gen = torch.Generator().manual_seed(2)
     return {
         name: {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in lora_vit.lora_state_dict(probe).items()}
@@ -61,10 +68,13 @@ def _factors(count: int, model_name: str) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def make_lora(args: argparse.Namespace, factors: dict) -> nn.Module:
+def make_lora(args: argparse.Namespace, factors: dict, heads: bool = False) -> nn.Module:
     model = common.build_vit(args.model, args.image_size)
     for name, state in factors.items():
-        lora_vit.inject_lora(model, common.QKV, r=common.RANK, alpha=common.ALPHA, dropout=0.0, adapter=name)
+        lora_vit.inject_lora(model, common.QKV, r=common.RANK, alpha=common.ALPHA, dropout=0.0, adapter=name,
+                             trainable=[HEAD] if heads else ())
+        if not heads:
+            state = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
         lora_vit.load_lora_state_dict(model, state, adapter=name)
     return model
 
@@ -80,6 +90,8 @@ def make_peft(args: argparse.Namespace, factors: dict) -> nn.Module:
     with torch.no_grad():
         for name, state in factors.items():
             for key, value in state.items():
+                if key.startswith(HEAD + "."):  # PEFT rows run without per-adapter heads
+                    continue
                 layer, _, factor = key.rpartition(".")
                 target = model.base_model.model.get_submodule(layer)
                 getattr(target, factor)[name].weight.copy_(value)
@@ -101,12 +113,13 @@ def make_call(variant: str, args: argparse.Namespace, factors: dict, compiled: b
                 model(pixel_values=pixels, adapter_names=names)
 
         return peft_call
-    model = make_lora(args, factors).to(args.device).train(training)
+    heads = variant.endswith(("_head", "_heads"))
+    model = make_lora(args, factors, heads).to(args.device).train(training)
     if not training:
         model.requires_grad_(False)
     # Routing is set once, for the variant's lifetime (its own model), outside the timed calls.
     routing = contextlib.ExitStack()
-    if variant.endswith("mixed"):
+    if variant.endswith(("mixed", "mixed_heads")):
         routing.enter_context(lora_vit.adapter_per_sample(model, names))
     elif variant == "base":
         lora_vit.set_adapter(model, None)
@@ -149,11 +162,13 @@ def run_model(args: argparse.Namespace, keys: list[str]) -> list[dict]:
         suffix = "+c" if variant.endswith("+c") else ""
         if variant.removesuffix("+c") == "base" and "peft_mixed" in by_key:
             row["x_peft"] = common.ratio(row, by_key["peft_mixed"])
-        if variant.removesuffix("+c").endswith("mixed") and not variant.startswith("peft"):
-            one = by_key.get(("train_one" if training else "one") + suffix)
+        plain = variant.removesuffix("+c")
+        if plain.endswith(("mixed", "mixed_heads")) and not variant.startswith("peft"):
+            one_name = ("train_one" if training else "one") + ("_head" if plain.endswith("_heads") else "")
+            one = by_key.get(one_name + suffix)
             if one:
                 row["x_one"] = common.ratio(row, one)
-            if not training and "peft_mixed" in by_key:
+            if not training and "peft_mixed" in by_key and plain == "mixed":
                 row["x_peft"] = common.ratio(row, by_key["peft_mixed"])
     return rows
 

@@ -25,7 +25,8 @@ Parts, in order of value (a run cut short keeps every part that finished before 
 11. ``mha_b_eager``: ``bench_mha.py`` (LoRA inside ``nn.MultiheadAttention``, torchvision
     layout), training step and inference, eager, where this checkout has it.
 12. ``multi_s``: ``bench_multi.py`` (8 named adapters on ViT-S/16, a mixed batch against one
-    adapter and against PEFT's ``adapter_names=`` forward, inference and training, eager and
+    adapter and against PEFT's ``adapter_names=`` forward, and 8 adapters each with its own
+    head mixed against one adapter with its head; inference and training, eager and
     compiled), where this checkout has it.
 
 Each part runs in its own subprocess under its own time box (clipped to what is left of
@@ -284,7 +285,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
     if multi.exists():
         results = out / "multi_s"
         s_model = "vit_micro" if smoke else "vit_s16"
-        parts.append(Part("multi_s", box(150), f"8 named adapters, mixed batch vs one adapter and PEFT, {s_model}",
+        parts.append(Part("multi_s", box(300), f"8 named adapters (and 8 heads), mixed batch vs one adapter and PEFT,"
+                          f" {s_model}",
                           [py, str(multi), "--models", s_model, *common_flags, "--compile",
                            "--batch", str(4 if smoke else 128), "--train-batch", str(2 if smoke else 64),
                            "--results-dir", str(results)], results_dir=results))

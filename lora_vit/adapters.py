@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import LoRAError
 from .layer import LoRALinear
-from .mha import LoRAMultiheadAttention, check_mha_config
+from .mha import LoRAMultiheadAttention, check_mha_config, check_no_dora
 from .registry import AdaptedLayer
 from .spec import AdapterSpec
 
@@ -31,11 +31,7 @@ def build_adapter(base: nn.Module, spec: AdapterSpec, adapter: str) -> AdaptedLa
             its ``out_proj`` is an ``nn.Linear`` and takes DoRA), or another module type.
     """
     if isinstance(base, nn.MultiheadAttention):
-        if spec.use_dora:
-            raise LoRAError(
-                "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
-                " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
-            )
+        check_no_dora(spec)
         return LoRAMultiheadAttention(base, adapter=adapter, spec=spec)
     if isinstance(base, nn.Linear):
         return LoRALinear(base, adapter=adapter, spec=spec)

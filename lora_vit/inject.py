@@ -11,15 +11,18 @@ from torch import nn
 from .adapters import build_adapter
 from .errors import LoRAError
 from .layer import LoRALinear
-from .mha import LoRAMultiheadAttention
+from .mha import LoRAMultiheadAttention, check_no_dora
 from .registry import (
     AdaptedLayer,
     adapted_layers,
+    adapter_names,
     adapter_views,
     apply_adapters,
+    plan_owned,
     resolve_adapter,
     trainable_modules,
 )
+from .routing import check_not_routing
 from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name, check_dropout, check_flag, check_init, value_for
 from .targets import TargetMatch, resolve_modules, resolve_targets
 from .wrappers import check_not_wrapped, unwrap_model
@@ -60,6 +63,29 @@ def add_or_build(
             module.remove_adapter(adapter)
         raise
     return built
+
+
+def check_trainable_names(model: nn.Module, names: list[str], adapter: str, where: str) -> None:
+    """Refuse trainable modules that hold adapted layers, or nest in (or around) another adapter's.
+
+    An adapter's copy of a module holding low-rank layers would copy those layers too, and
+    nested copies would each route the same samples twice.
+
+    Raises:
+        LoRAError: Naming the module and what it conflicts with.
+    """
+    adapted = list(adapted_layers(model))
+    others = [n for n in trainable_modules(model) if n not in trainable_modules(model, adapter)]
+    for name in names:
+        inside = [layer for layer in adapted if name == "" or layer == name or layer.startswith(name + ".")]
+        if inside:
+            raise LoRAError(f"{where}: trainable module {name!r} contains adapted layers {inside[:3]}")
+        nested = [o for o in others if o != name and (o.startswith(name + ".") or name.startswith(o + "."))]
+        if nested:
+            raise LoRAError(
+                f"{where}: trainable module {name!r} nests with modules other adapters train ({nested[:3]});"
+                " name the same module for every adapter"
+            )
 
 
 def _layer_spec(
@@ -104,10 +130,12 @@ def inject_lora(
     """Replace the targeted layers of ``model`` by :class:`LoRALinear` (or, for an
     ``nn.MultiheadAttention``, :class:`LoRAMultiheadAttention`), in place.
 
-    Every parameter of the model is frozen except the new adapters and the parameters of
-    the modules named in ``trainable`` (for example a classification head). Nothing is
-    changed if any argument or target is invalid. Call :func:`lora_summary` to see what was
-    adapted and how many parameters train.
+    On a model without adapters every parameter is frozen first; then the new adapter's
+    factors and its modules named in ``trainable`` (for example a classification head) are
+    made trainable, and nothing else changes ``requires_grad`` (what the user froze in other
+    adapters or heads stays frozen). Nothing is changed if any argument or target is invalid,
+    or while an :func:`~lora_vit.adapter_per_sample` block is open on the model. Call
+    :func:`lora_summary` to see what was adapted and how many parameters train.
 
     Args:
         model: The model to adapt.
@@ -122,6 +150,11 @@ def inject_lora(
         alpha: Scaling numerator (``scaling = alpha / r``), or a mapping target -> alpha.
         dropout: Dropout probability on the input of the LoRA branch, in ``[0, 1)``.
         trainable: Names (literal, suffix or glob) of modules to train fully, e.g. ``"head"``.
+            They belong to ``adapter``: it trains its own copy of each (started from the
+            untrained original, which ``None`` and adapters without a copy run), saved and
+            loaded with it and routed per sample like its factors. The ``"default"`` adapter
+            trains a module in place while no other adapter trains it, so single-adapter
+            models keep their modules and keys.
         init: ``"normal"`` (A ~ N(0, 0.02^2), the default) or ``"kaiming"``.
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: DoRA: a trainable magnitude per adapted output row over the normalised
@@ -151,6 +184,7 @@ def inject_lora(
     """
     check_not_wrapped(model, "inject_lora into")
     wrapper, model = model, unwrap_model(model)  # a torch.compile wrapper: adapt what it runs
+    check_not_routing(model, "inject_lora")
     adapter = check_adapter_name(adapter)
     dropout = check_dropout(dropout)
     init = check_init(init)
@@ -163,7 +197,9 @@ def inject_lora(
             "targets is empty and nothing is trainable; name targets such as ('q', 'k', 'v'),"
             " or pass only trainable=[...] to train whole modules without adapters (a linear probe)"
         )
-    matches = resolve_targets(model, target_list, exclude=trainable_names, adapter=adapter) if target_list else []
+    check_trainable_names(model, trainable_names, adapter, "inject_lora")
+    excluded = [*trainable_names, *trainable_modules(model)]  # every adapter's copies, never targets
+    matches = resolve_targets(model, target_list, exclude=excluded, adapter=adapter) if target_list else []
     grouped: dict[str, list[TargetMatch]] = {}
     for match in matches:
         grouped.setdefault(match.module, []).append(match)
@@ -176,10 +212,11 @@ def inject_lora(
         for name, group in grouped.items()
     }
     for name in plans:  # refused before anything is built
-        if isinstance(model.get_submodule(name), nn.MultiheadAttention) and plans[name].use_dora:
-            build_adapter(model.get_submodule(name), plans[name], adapter)
+        if isinstance(model.get_submodule(name), nn.MultiheadAttention):
+            check_no_dora(plans[name])
+    owned = plan_owned(model, adapter, trainable_names)
     layers = add_or_build(model, plans, adapter, "inject_lora")
-    apply_adapters(model, layers, trainable_names, adapter)
+    apply_adapters(model, layers, owned, adapter)
     if plans:
         logger.info("%s", lora_summary(model, adapter=adapter))
     return wrapper
@@ -192,7 +229,7 @@ class LoRASummary:
     Attributes:
         adapted: ``(module name, description)`` per adapted layer, e.g.
             ``("blocks.0.attn.qkv", "q[0:384] r=8, v[768:1152] r=8")``.
-        trainable_modules: Whole modules left trainable.
+        trainable_modules: Whole modules the described adapter trains (its own copies).
         adapter_params: Parameters in all adapters.
         trainable_params: Parameters with ``requires_grad`` in the model.
         total_params: All parameters in the model (shared ones counted once).
@@ -240,11 +277,12 @@ def lora_summary(model: nn.Module, *, adapter: str | None = None) -> LoRASummary
           0: r=2, alpha=32
         trainable params: 32 of 104 (30.769%), adapters 32
     """
-    views = adapter_views(model, resolve_adapter(model, adapter, "describe")) if adapted_layers(model) else {}
+    name = resolve_adapter(model, adapter, "describe") if adapter_names(model) else None
+    views = adapter_views(model, name) if name is not None else {}
     params = list(unwrap_model(model).parameters())
     return LoRASummary(
-        adapted=tuple((name, view.describe()) for name, view in views.items()),
-        trainable_modules=trainable_modules(model),
+        adapted=tuple((layer, view.describe()) for layer, view in views.items()),
+        trainable_modules=trainable_modules(model, name),
         adapter_params=sum(p.numel() for view in views.values() for p in view.adapter_parameters()),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params),

@@ -114,7 +114,7 @@ def save_lora(
         "format_version": _FORMAT_VERSION,
         "lora_vit_version": __version__,
         "layers": json.dumps({name: layer.config() for name, layer in layers.items()}),
-        "trainable": json.dumps(list(trainable_modules(model))),
+        "trainable": json.dumps(list(trainable_modules(model, name))),
         "base_fingerprint": json.dumps(
             {"method": fingerprint.METHOD, "layers": fingerprint.layer_fingerprints(layers)}
         ),

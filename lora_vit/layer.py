@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .errors import LoRAError
 from .functional import as_base_weight, dora_linear, dora_row_norms, lora_linear
 from .lowrank import LowRankAdapters, routed_lora, row_scale, scaled_b, stacked_a
+from .routing import current_route
 from .spec import (
     DEFAULT_ADAPTER,
     INITS,
@@ -121,13 +122,14 @@ class LoRALinear(LowRankAdapters, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         factors = self._lora_running
-        if self._lora_disabled or (factors is None and self._lora_route is None):
+        route = current_route(self)
+        if self._lora_disabled or (factors is None and route is None):
             # The base function (disabled, or the running adapter is not on this layer). Only a
             # non-contiguous batched input lets ATen's kernel depend on requires_grad.
             folded = x.dim() > 2 and not x.is_contiguous()
             return F.linear(x, as_base_weight(self.weight, folded and self.base_requires_grad), self.bias)
-        if self._lora_route is not None:  # lora_vit.adapter_per_sample
-            return routed_lora(x, self.weight, self.bias, self, self._lora_route, self.training)
+        if route is not None:  # lora_vit.adapter_per_sample
+            return routed_lora(x, self.weight, self.bias, self, route, self.training)
         assert factors is not None
         # One autograd node (see functional.py): no dropped copy of x is kept for backward.
         spec = factors.spec

@@ -18,16 +18,21 @@ from torch import Tensor, nn
 
 from .adapters import spec_from_config
 from .errors import LoRAError
-from .inject import add_or_build
+from .inject import add_or_build, check_trainable_names
+from .layer import LoRALinear
 from .lowrank import AdapterView
+from .mha import LoRAMultiheadAttention
 from .registry import (
+    adapter_module,
     adapter_names,
     adapter_views,
     apply_adapters,
     check_routable,
     find_module,
+    plan_owned,
     trainable_modules,
 )
+from .routing import check_not_routing
 from .spec import LoRASlice
 from .state import adapter_tensors, check_tensors, copy_tensors
 from .wrappers import check_not_wrapped, unwrap_model
@@ -80,10 +85,18 @@ def load_adapters(
     if adapter in adapter_names(model):
         existing = adapter_views(model, adapter)
         _check_trainable(model, trainable, where)
+        mine = trainable_modules(model, adapter)
+        if set(trainable) != set(mine):
+            raise LoRAError(
+                f"{where} trains modules {sorted(trainable)}, but the model's adapter {adapter!r} trains"
+                f" {sorted(mine)}; load it under another adapter= name instead"
+            )
         tensors = _swappable(existing, configs, tensors, where, pad)
-        _check_and_copy(model, existing, trainable, tensors, where, check_layers)
+        modules = {name: adapter_module(model, name, adapter) for name in mine}
+        _check_and_copy(existing, modules, tensors, where, check_layers)
         return model
-    if configs or set(trainable) - set(trainable_modules(model)):
+    check_not_routing(unwrap_model(model), "load a new adapter")
+    if configs or trainable:
         check_not_wrapped(model, "load adapters (which injects them) into")
     plans = {}
     for name, config in configs.items():
@@ -96,18 +109,28 @@ def load_adapters(
         except LoRAError as err:
             raise LoRAError(f"{where}, layer {name!r}: {err}") from None
     check_routable(model, plans, where)
+    if "" in plans and not isinstance(unwrap_model(model), (LoRALinear, LoRAMultiheadAttention)):
+        raise LoRAError(
+            f"{where} adapts the model itself (a {type(unwrap_model(model)).__name__}), which cannot be replaced in"
+            " place; load it into a LoRALinear built over it, or into the module that holds it"
+        )
     _check_trainable(model, trainable, where)
+    check_trainable_names(model, trainable, adapter, where)
+    owned = plan_owned(model, adapter, trainable)
+    for name, mine in owned.items():
+        if mine is not find_module(model, name):  # a new copy takes the source's shapes (a head of other classes)
+            fit_shapes(mine, name, tensors)
     layers = add_or_build(model, plans, adapter, where)
     try:
         views = {name: layer.adapter(adapter) for name, layer in layers.items()}
-        _check_and_copy(model, views, trainable, tensors, where, check_layers, copy=False)
+        _check_and_copy(views, owned, tensors, where, check_layers, copy=False)
     except BaseException:
         for name, layer in layers.items():
             if find_module(model, name) is layer:  # added in place: taken out again (new layers were never swapped in)
                 layer.remove_adapter(adapter)
         raise
-    apply_adapters(unwrap_model(model), layers, trainable, adapter)
-    copy_tensors(adapter_tensors(model, adapter_views(model, adapter), _all_trainable(model, trainable)), tensors)
+    apply_adapters(unwrap_model(model), layers, owned, adapter)
+    copy_tensors(adapter_tensors(adapter_views(model, adapter), owned), tensors)
     return model
 
 
@@ -119,8 +142,25 @@ def _check_trainable(model: nn.Module, trainable: list[str], where: str) -> None
             raise LoRAError(f"{where} trains module {name!r}, which this model does not have") from None
 
 
-def _all_trainable(model: nn.Module, trainable: list[str]) -> list[str]:
-    return sorted(set(trainable) | set(trainable_modules(model)))
+def fit_shapes(module: nn.Module, name: str, tensors: Mapping[str, Tensor]) -> None:
+    """Give ``module`` (a fresh copy) the shapes its tensors have in ``tensors`` (under ``name.``), uninitialised.
+
+    So an adapter's head may have another number of classes than the base model's. The module's
+    forward must accept its new shapes (``nn.Linear``'s does; its ``in/out_features`` follow).
+    """
+    for key, value in module.state_dict().items():
+        given = tensors.get(f"{name}.{key}")
+        if not isinstance(given, Tensor) or given.shape == value.shape:
+            continue
+        path, _, attr = key.rpartition(".")
+        owner = module.get_submodule(path)
+        fresh = torch.empty(given.shape, dtype=value.dtype, device=value.device)
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(fresh)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = fresh
+        if isinstance(owner, nn.Linear) and attr == "weight" and given.dim() == 2:
+            owner.out_features, owner.in_features = given.shape
 
 
 def _swappable(
@@ -153,9 +193,8 @@ def _swappable(
 
 
 def _check_and_copy(
-    model: nn.Module,
     views: Mapping[str, AdapterView],
-    trainable: list[str],
+    modules: Mapping[str, nn.Module],
     tensors: Mapping[str, Tensor],
     where: str,
     check_layers: Callable[[Mapping[str, AdapterView]], None] | None,
@@ -163,7 +202,7 @@ def _check_and_copy(
 ) -> None:
     if check_layers is not None:
         check_layers(views)
-    expected = adapter_tensors(model, views, _all_trainable(model, trainable))
+    expected = adapter_tensors(views, modules)
     try:
         check_tensors(expected, tensors, strict=True)
     except LoRAError as err:

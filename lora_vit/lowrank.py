@@ -210,8 +210,6 @@ class LowRankAdapters:
         self._lora_adapters: dict[str, NamedFactors] = {}
         self._lora_active: str | None = None
         self._lora_running: NamedFactors | None = None
-        # Per-sample routing (lora_vit.adapter_per_sample): adapter index per sample, len = base.
-        self._lora_route: Tensor | None = None
 
     def layer_fields(self) -> dict:
         """Extra fields of this layer kind's file record (``kind``, ``num_heads``)."""

@@ -10,7 +10,9 @@ from .errors import LoRAError
 from .layer import LoRALinear
 from .mha import LoRAMultiheadAttention
 from .named import delete_adapter
-from .registry import adapter_names, forget_injection, is_adapted, lora_modules, replace_module
+from .registry import adapter_names, forget_injection, is_adapted, lora_modules, per_adapter_modules, replace_module
+from .routing import check_not_routing
+from .wrappers import unwrap_model
 
 __all__ = ["merge_lora"]
 
@@ -21,6 +23,9 @@ def merge_lora(model: nn.Module, *, adapter: str | None = None, discard_others: 
     A model holding several named adapters merges one, ``adapter``; the others would be lost
     with the adapted layers, so that is an error unless ``discard_others=True`` says to drop
     them (save them first with :func:`lora_vit.save_lora` to keep them).
+
+    Trainable modules with per-adapter copies become the merged adapter's copy (its original
+    where it has none), a plain module again under its own name.
 
     An adapted ``nn.MultiheadAttention`` becomes a plain ``nn.MultiheadAttention`` again, its
     in-projection and ``out_proj`` adapters folded into ``in_proj_weight`` and ``out_proj.weight``.
@@ -57,6 +62,7 @@ def merge_lora(model: nn.Module, *, adapter: str | None = None, discard_others: 
     modules = lora_modules(model)
     if not any(is_adapted(m) for m in modules.values()):
         raise LoRAError(f"{type(model).__name__} has no LoRA adapters to merge")
+    check_not_routing(unwrap_model(model), "merge adapters")
     names = adapter_names(model) if not isinstance(model, (LoRALinear, LoRAMultiheadAttention)) else model.adapter_names
     if adapter is not None and adapter not in names:
         raise LoRAError(f"the model has no adapter named {adapter!r}; its adapters are {list(names)}")
@@ -98,6 +104,9 @@ def merge_lora(model: nn.Module, *, adapter: str | None = None, discard_others: 
         return built[""]
     for name, module in built.items():
         replace_module(model, name, module)
+    # Trainable modules: the merged adapter's own copy stays, as the model's module again.
+    for name, holder in per_adapter_modules(model).items():
+        replace_module(model, name, next(iter(holder.per_adapter.values()), holder.original))
     forget_injection(model)
     return model
 

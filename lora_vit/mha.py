@@ -43,9 +43,10 @@ from .errors import LoRAError
 from .functional import as_base_weight, lora_linear
 from .layer import LoRALinear
 from .lowrank import AdapterView, LowRankAdapters, routed_lora, scaled_b, stacked_a
+from .routing import current_route
 from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
 
-__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "check_mha_config", "qkv_bounds"]
+__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "check_mha_config", "check_no_dora", "qkv_bounds"]
 
 _COPIED = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim",
            "add_zero_attn")
@@ -82,6 +83,19 @@ def check_adaptable_mha(mha: nn.MultiheadAttention, name: str) -> None:
             f"{name!r} is an nn.MultiheadAttention with separate q/k/v weights (embed_dim={mha.embed_dim},"
             f" kdim={mha.kdim}, vdim={mha.vdim}); lora-vit adapts only the packed in_proj_weight. Its"
             " out_proj can still be adapted (target 'o')"
+        )
+
+
+def check_no_dora(spec: AdapterSpec) -> None:
+    """Refuse DoRA on the packed in-projection (the one place that says so).
+
+    Raises:
+        LoRAError: For ``spec.use_dora``.
+    """
+    if spec.use_dora:
+        raise LoRAError(
+            "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
+            " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
         )
 
 
@@ -178,11 +192,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         Raises:
             LoRAError: For ``spec.use_dora``, or as the base method does.
         """
-        if spec.use_dora:
-            raise LoRAError(
-                "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
-                " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
-            )
+        check_no_dora(spec)
         check_adaptable_mha(self, type(self).__name__)
         super().add_adapter(name, spec)
 
@@ -259,7 +269,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         )
 
     def _routed(self) -> bool:
-        return self._lora_route is not None or getattr(self.out_proj, "_lora_route", None) is not None
+        return current_route(self) is not None or current_route(self.out_proj) is not None
 
     def forward(  # type: ignore[override]
         self,
@@ -298,14 +308,14 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
 
     def _out_projection(self, attended: Tensor, length: int, batch: int) -> Tensor:
         """``out_proj`` on ``(L * N, E)``, as ``(L, N, E)``; batch first while routing per sample."""
-        if getattr(self.out_proj, "_lora_route", None) is not None:
+        if current_route(self.out_proj) is not None:
             return self.out_proj(attended.view(length, batch, -1).transpose(0, 1)).transpose(0, 1)
         return self.out_proj(attended).view(length, batch, -1)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v in-projections ``(L, N, E)``, ``(S, N, E)``, ``(S, N, E)`` with the adapters applied."""
         w, b = self.in_proj_weight, self.in_proj_bias
-        running, route = self._lora_running, self._lora_route
+        running, route = self._lora_running, current_route(self)
         if route is None and running is None:
             if not self._qkv_same_embed_dim:
                 bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)

@@ -35,7 +35,7 @@ from .layer import LoRALinear
 from .loading import load_adapters
 from .lowrank import AdapterView
 from .mha import LoRAMultiheadAttention
-from .registry import adapter_views, find_module, resolve_adapter, trainable_modules, unwrap_model
+from .registry import adapter_names, adapter_views, find_module, resolve_adapter, trainable_modules, unwrap_model
 from .spec import DEFAULT_ADAPTER, PEFT_MAGNITUDE, AdapterSpec, check_adapter_name
 from .state import lora_state_dict
 
@@ -145,7 +145,7 @@ def _check_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -> No
             )
 
 
-def _config(model: nn.Module, layers: Mapping[str, AdapterView]) -> dict[str, Any]:
+def _config(model: nn.Module, layers: Mapping[str, AdapterView], adapter: str) -> dict[str, Any]:
     names = list(layers)
     fields = {name: layer.spec.peft_fields() for name, layer in layers.items()}
     ranks = {name: f["r"] for name, f in fields.items()}
@@ -176,7 +176,7 @@ def _config(model: nn.Module, layers: Mapping[str, AdapterView]) -> dict[str, An
         "target_modules": target_modules,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": list(trainable_modules(model)) or None,
+        "modules_to_save": list(trainable_modules(model, adapter)) or None,
         "bias": "none",
         "use_dora": first.use_dora,
         "lora_bias": False,
@@ -225,6 +225,11 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
     """
     adapter_name = resolve_adapter(model, adapter, "export")
     layers = adapter_views(model, adapter_name)
+    if "" in layers:
+        raise LoRAError(
+            f"a single {type(unwrap_model(model)).__name__} has no module name for PEFT's keys"
+            " (base_model.model.<module>.lora_A.weight); export the model that holds it"
+        )
     _check_exportable(model, layers)
     state = lora_state_dict(model, adapter=adapter_name)
     tensors = {
@@ -240,7 +245,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
             tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_B")] = a.new_zeros(embed, a.shape[0])
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    config = _config(model, layers)
+    config = _config(model, layers, adapter_name)
     folder = Path(directory)
     write_atomically(folder / PEFT_WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
     write_atomically(folder / PEFT_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -446,8 +451,11 @@ def load_peft_adapter(
         model: The base model PEFT wrapped (e.g. a ``ViTForImageClassification``), without
             adapters, or already carrying exactly the adapters the folder describes.
         directory: A folder written by PEFT's ``save_pretrained`` or :func:`save_peft_adapter`.
-        adapter: The name to load it under (default ``"default"``): added beside the model's
-            other adapters, or swapped into the adapter of that name, as :func:`lora_vit.load_lora` does.
+        adapter: The name to load it under: added beside the model's other adapters, or, when
+            the model has an adapter of that name, swapped into it (as :func:`lora_vit.load_lora`
+            does). Default: the folder's adapter name (a subfolder ``x`` of a PEFT multi-adapter
+            save is adapter ``x``, else ``"default"``), which must be new to the model: without
+            ``adapter=`` a PEFT load never replaces an adapter the model holds.
         pad: As in :func:`lora_vit.load_lora`: lower ranks into adapters injected with a
             maximum rank, without recompiling.
 
@@ -485,5 +493,24 @@ def load_peft_adapter(
         for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor, value in pair.items()
     }
     given.update(other)
-    name = check_adapter_name(DEFAULT_ADAPTER if adapter is None else adapter)
+    name = check_adapter_name(_folder_adapter(folder) if adapter is None else adapter)
+    if adapter is None and name in adapter_names(model):
+        raise LoRAError(
+            f"{where} would load as adapter {name!r}, which the model already has ({list(adapter_names(model))});"
+            f" pass adapter=<a new name> to add it beside, or adapter={name!r} to swap its values in"
+        )
     return load_adapters(model, configs, trainable, given, where, adapter=name, pad=pad)
+
+
+def _folder_adapter(folder: Path) -> str:
+    """The adapter name PEFT gave ``folder``: its own name inside a multi-adapter save, else ``"default"``.
+
+    PEFT's ``save_pretrained`` writes the adapter ``"default"`` at the top and every other adapter
+    ``x`` in a subfolder ``x`` (beside the top's ``adapter_config.json``); the config itself holds no name.
+    """
+    if (folder.parent / PEFT_CONFIG_NAME).is_file():
+        try:
+            return check_adapter_name(folder.name)
+        except LoRAError:
+            pass
+    return DEFAULT_ADAPTER

@@ -3,11 +3,14 @@
 Everything that needs to find adapters in a model goes through here (inject, load, state, merge,
 toggling, routing), so module lookup and wrapper handling are the same everywhere. The model
 itself records, as plain attributes (never in its ``state_dict``), the whole modules that train
-with the adapters, the adapter names in the order they were added, and the adapter that runs.
+with the adapters, the adapter names in the order they were added, the adapter the user chose to run (absent:
+the first added runs), and frozen copies of the originals of modules that the ``"default"``
+adapter trains in place (see :mod:`lora_vit.per_adapter`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Union
 
@@ -17,6 +20,7 @@ from .errors import LoRAError
 from .layer import LoRALinear
 from .lowrank import AdapterView
 from .mha import LoRAMultiheadAttention
+from .per_adapter import AdapterModules, fresh_copy
 from .readers import route_weight_readers
 from .spec import DEFAULT_ADAPTER
 from .wrappers import clean_name, is_wrapper, unwrap_model
@@ -25,18 +29,26 @@ __all__ = [
     "AdaptedLayer",
     "active_adapter",
     "adapted_layers",
+    "adapter_module",
     "adapter_names",
     "adapter_views",
     "apply_adapters",
     "check_routable",
+    "choice",
+    "choose_adapter",
+    "detach_owned",
     "find_module",
+    "forget_choice",
     "forget_injection",
     "is_adapted",
     "lora_modules",
+    "per_adapter_modules",
+    "plan_owned",
     "record_adapter",
     "replace_module",
     "resolve_adapter",
-    "set_active",
+    "restore_choice",
+    "sync_active",
     "trainable_modules",
 ]
 
@@ -45,6 +57,7 @@ AdaptedLayer = Union[LoRALinear, LoRAMultiheadAttention]  # noqa: UP007 (evaluat
 _TRAINABLE_ATTR = "_lora_vit_trainable"
 _NAMES_ATTR = "_lora_vit_adapters"
 _ACTIVE_ATTR = "_lora_vit_active"
+_ORIGINALS_ATTR = "_lora_vit_originals"
 
 
 def is_adapted(module: nn.Module) -> bool:
@@ -73,35 +86,123 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def trainable_modules(model: nn.Module) -> tuple[str, ...]:
-    """Names of the whole modules that ``inject_lora(..., trainable=...)`` left trainable."""
-    return tuple(getattr(unwrap_model(model), _TRAINABLE_ATTR, ()))
+def _owners(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Adapter -> the whole modules it trains (its own copies), as recorded on the model."""
+    recorded = getattr(unwrap_model(model), _TRAINABLE_ATTR, {})
+    if not isinstance(recorded, dict):  # a model adapted before modules belonged to adapters
+        return {DEFAULT_ADAPTER: tuple(recorded)} if recorded else {}
+    return dict(recorded)
+
+
+def trainable_modules(model: nn.Module, adapter: str | None = None) -> tuple[str, ...]:
+    """Names of the whole modules that ``inject_lora(..., trainable=...)`` left trainable.
+
+    With ``adapter``, those that adapter trains (its own copies); else every adapter's, in the
+    order they were first named.
+    """
+    owners = _owners(model)
+    if adapter is not None:
+        return owners.get(adapter, ())
+    return tuple(dict.fromkeys(n for names in owners.values() for n in names))
+
+
+def record_owned(model: nn.Module, adapter: str, names: Iterable[str]) -> None:
+    """Note that ``adapter`` trains its own copy of each module in ``names`` (added to what it had)."""
+    owners = _owners(model)
+    owners[adapter] = tuple(dict.fromkeys([*owners.get(adapter, ()), *names]))
+    setattr(unwrap_model(model), _TRAINABLE_ATTR, {k: v for k, v in owners.items() if v})
+
+
+def forget_owned(model: nn.Module, adapter: str) -> None:
+    owners = _owners(model)
+    owners.pop(adapter, None)
+    setattr(unwrap_model(model), _TRAINABLE_ATTR, owners)
+
+
+def per_adapter_modules(model: nn.Module) -> dict[str, AdapterModules]:
+    """Every module that holds per-adapter copies, by dotted name."""
+    return {name: m for name, m in _named_modules(model).items() if isinstance(m, AdapterModules)}
+
+
+def adapter_module(model: nn.Module, name: str, adapter: str) -> nn.Module:
+    """Adapter ``adapter``'s copy of trainable module ``name`` (the module in place if it is not per-adapter).
+
+    Raises:
+        LoRAError: If ``name`` holds per-adapter copies but none of ``adapter``.
+    """
+    module = find_module(model, name)
+    if isinstance(module, AdapterModules):
+        if adapter not in module.per_adapter:
+            raise LoRAError(f"adapter {adapter!r} has no copy of module {name!r} (copies: {list(module.per_adapter)})")
+        return module.per_adapter[adapter]
+    return module
 
 
 def adapter_names(model: nn.Module) -> tuple[str, ...]:
-    """The named adapters of ``model``, in the order they were added."""
+    """The named adapters of ``model``, in the order they were added.
+
+    An adapter is there while it has low-rank factors on a layer or a copy of a trainable module.
+    """
     layers = adapted_layers(model)
-    present = {n for layer in layers.values() for n in layer.adapter_names}
-    recorded = [n for n in getattr(unwrap_model(model), _NAMES_ATTR, ()) if n in present]
     seen = [n for layer in layers.values() for n in layer.adapter_names]
+    seen += [adapter for adapter, names in _owners(model).items() if names]
+    present = set(seen)
+    recorded = [n for n in getattr(unwrap_model(model), _NAMES_ATTR, ()) if n in present]
     return tuple(dict.fromkeys([*recorded, *seen]))
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """The adapter ``model`` runs (``None``: the base model)."""
+    """The adapter ``model`` runs (``None``: the base model).
+
+    The one chosen with :func:`lora_vit.set_adapter` while it exists, else the first added.
+    """
     names = adapter_names(model)
     inner = unwrap_model(model)
-    if hasattr(inner, _ACTIVE_ATTR):
-        active = getattr(inner, _ACTIVE_ATTR)
-        return active if active in names else (names[0] if names and active is not None else None)
+    if _ACTIVE_ATTR in inner.__dict__:
+        chosen = inner.__dict__[_ACTIVE_ATTR]
+        if chosen is None or chosen in names:
+            return chosen  # type: ignore[no-any-return]
     return names[0] if names else None
 
 
-def set_active(model: nn.Module, name: str | None) -> None:
-    """Record ``name`` as the running adapter and make every adapted layer run it."""
-    setattr(unwrap_model(model), _ACTIVE_ATTR, name)
+def choose_adapter(model: nn.Module, name: str | None) -> None:
+    """Record ``name`` as the user's choice (``None``: the base model) and make every module run it."""
+    unwrap_model(model).__dict__[_ACTIVE_ATTR] = name
+    sync_active(model)
+
+
+_UNCHOSEN = object()
+
+
+def choice(model: nn.Module) -> object:
+    """The raw record of the user's choice, for :func:`restore_choice` (an opaque marker if none)."""
+    return unwrap_model(model).__dict__.get(_ACTIVE_ATTR, _UNCHOSEN)
+
+
+def restore_choice(model: nn.Module, recorded: object) -> None:
+    if recorded is _UNCHOSEN:
+        forget_choice(model)
+    else:
+        choose_adapter(model, recorded)  # type: ignore[arg-type]
+
+
+def forget_choice(model: nn.Module) -> None:
+    """Drop the user's choice: the first adapter runs again."""
+    unwrap_model(model).__dict__.pop(_ACTIVE_ATTR, None)
+    sync_active(model)
+
+
+def sync_active(model: nn.Module) -> None:
+    """Make every adapted layer and per-adapter module run :func:`active_adapter`.
+
+    The model's record is the one truth; layers cache what it says because their forward (and
+    a compiled graph's guards) read it on every call.
+    """
+    name = active_adapter(model)
     for layer in adapted_layers(model).values():
         layer.set_active(name)
+    for module in per_adapter_modules(model).values():
+        module.set_active(name)
 
 
 def record_adapter(model: nn.Module, name: str) -> None:
@@ -159,9 +260,8 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
 def forget_injection(model: nn.Module) -> None:
     """Drop the records of trainable modules and adapters (after merging, the model is plain)."""
     inner = unwrap_model(model)
-    for attr in (_TRAINABLE_ATTR, _NAMES_ATTR, _ACTIVE_ATTR):
-        if hasattr(inner, attr):
-            delattr(inner, attr)
+    for attr in (_TRAINABLE_ATTR, _NAMES_ATTR, _ACTIVE_ATTR, _ORIGINALS_ATTR):
+        inner.__dict__.pop(attr, None)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -185,14 +285,95 @@ def check_routable(model: nn.Module, layers: Mapping[str, nn.Module], where: str
         )
 
 
+def _originals(model: nn.Module) -> dict[str, nn.Module]:
+    return unwrap_model(model).__dict__.setdefault(_ORIGINALS_ATTR, {})  # type: ignore[no-any-return]
+
+
+def _like(module: nn.Module, reference: nn.Module) -> nn.Module:
+    """``module`` on the device (and float dtype) of ``reference``'s first tensor."""
+    first = next(iter(reference.state_dict().values()), None)
+    if first is None:
+        return module
+    return module.to(device=first.device, dtype=first.dtype) if first.is_floating_point() else module.to(first.device)
+
+
+def plan_owned(model: nn.Module, adapter: str, names: Iterable[str]) -> dict[str, nn.Module]:
+    """The module that will be ``adapter``'s own copy of each trainable module in ``names`` it lacks.
+
+    A new copy (of the original, untrained), or the module in place for the ``"default"`` adapter
+    where no adapter trains it yet (single-adapter models keep their keys). Nothing in the model
+    changes; :func:`apply_adapters` puts the copies in.
+    """
+    owners = _owners(model)
+    planned: dict[str, nn.Module] = {}
+    for name in names:
+        if name in owners.get(adapter, ()):
+            continue
+        module = find_module(model, name)
+        owned = any(name in names_ for names_ in owners.values())
+        if isinstance(module, AdapterModules):
+            planned[name] = fresh_copy(module.original)
+        elif adapter == DEFAULT_ADAPTER and not owned:
+            planned[name] = module
+        else:
+            original = _originals(model).get(name, module) if owned else module
+            planned[name] = _like(fresh_copy(original), module)
+    return planned
+
+
+def _attach_owned(model: nn.Module, adapter: str, planned: Mapping[str, nn.Module]) -> None:
+    owners = _owners(model)
+    originals = _originals(model)
+    for name, mine in planned.items():
+        module = find_module(model, name)
+        if mine is module:  # the default adapter trains it in place: keep its original for None
+            originals.setdefault(name, copy.deepcopy(module).requires_grad_(False))
+            continue
+        if isinstance(module, AdapterModules):
+            module.per_adapter[adapter] = mine
+            continue
+        holders = [a for a, names in owners.items() if name in names]
+        if holders:  # trained in place by the default adapter until now
+            router = AdapterModules(_like(originals.pop(name, copy.deepcopy(module)), module))
+            router.per_adapter[holders[0]] = module
+        else:
+            router = AdapterModules(module)
+        router.per_adapter[adapter] = mine
+        router.train(module.training)
+        replace_module(model, name, router)
+    record_owned(model, adapter, planned)
+
+
+def detach_owned(model: nn.Module, adapter: str) -> None:
+    """Remove ``adapter``'s copies; a module left with none is its original again."""
+    originals = _originals(model)
+    for name in trainable_modules(model, adapter):
+        module = find_module(model, name)
+        if isinstance(module, AdapterModules):
+            if adapter in module.per_adapter:
+                del module.per_adapter[adapter]
+            if not module.per_adapter:
+                replace_module(model, name, module.original)
+        elif name in originals:
+            replace_module(model, name, _like(originals.pop(name), module))
+    forget_owned(model, adapter)
+
+
 def apply_adapters(
-    model: nn.Module, layers: Mapping[str, AdaptedLayer], trainable: Iterable[str], adapter: str = DEFAULT_ADAPTER
+    model: nn.Module,
+    layers: Mapping[str, AdaptedLayer],
+    owned: Mapping[str, nn.Module],
+    adapter: str = DEFAULT_ADAPTER,
 ) -> None:
-    """Swap new ``layers`` into ``model``, record ``adapter``, then freeze all but adapters and ``trainable``.
+    """Swap new ``layers`` and ``adapter``'s own module copies (:func:`plan_owned`) into ``model``.
 
     Callers build and validate everything first (adapters added to layers already in the model
-    included), so this step cannot fail half-way.
+    included), so this step cannot fail half-way. On a model that held no adapter yet, every
+    parameter is frozen first (the base model); then exactly the new factors of ``adapter`` on
+    ``layers`` and its new copies are made trainable. What other adapters, heads or base
+    parameters require is left as the user set it.
     """
+    fresh = not adapter_names(model) and not trainable_modules(model)
     # Parents first: an adapted MultiheadAttention takes over its out_proj child when built, so
     # an adapted out_proj must go into the new module, not the replaced one.
     for name in sorted(layers, key=lambda n: n.count(".")):
@@ -207,16 +388,15 @@ def apply_adapters(
         routed = isinstance(parent, LoRAMultiheadAttention)
         if child == "out_proj" and isinstance(parent, nn.MultiheadAttention) and not routed:
             replace_module(model, parent_name, LoRAMultiheadAttention.routing(parent))
-    recorded = list(trainable_modules(model))
-    recorded += [t for t in trainable if t not in recorded]
-    setattr(unwrap_model(model), _TRAINABLE_ATTR, tuple(recorded))
+    if fresh:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    _attach_owned(model, adapter, owned)
     record_adapter(model, adapter)
-    set_active(model, active_adapter(model))
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for layer in adapted_layers(model).values():
-        for param in layer.all_adapter_parameters():
+    sync_active(model)
+    for layer in layers.values():
+        for param in layer.adapter(adapter).adapter_parameters():
             param.requires_grad_(True)
-    for name in recorded:
-        for param in find_module(model, name).parameters():
+    for module in owned.values():
+        for param in module.parameters():
             param.requires_grad_(True)

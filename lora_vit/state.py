@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .lowrank import AdapterView
-from .registry import adapter_names, adapter_views, find_module, resolve_adapter, trainable_modules
+from .registry import adapter_module, adapter_views, resolve_adapter, trainable_modules
 
 __all__ = ["LoadResult", "adapter_tensors", "check_tensors", "load_lora_state_dict", "lora_state_dict"]
 
@@ -46,11 +46,9 @@ def lora_state_dict(model: nn.Module, *, adapter: str | None = None) -> dict[str
         >>> sorted(lora_state_dict(model))
         ['0.lora_A', '0.lora_B']
     """
-    trainable = trainable_modules(model)
-    # A head-only model (inject_lora(targets=[], trainable=[...])) has no adapter to name.
-    probe_only = adapter is None and not adapter_names(model) and trainable
-    views = {} if probe_only else adapter_views(model, resolve_adapter(model, adapter, "save"))
-    state = adapter_tensors(model, views, trainable)
+    name = resolve_adapter(model, adapter, "save")
+    modules = {m: adapter_module(model, m, name) for m in trainable_modules(model, name)}
+    state = adapter_tensors(adapter_views(model, name), modules)
     if not state:
         raise LoRAError(
             f"{type(model).__name__} has no LoRA adapters; call inject_lora first, or load_lora"
@@ -59,13 +57,12 @@ def lora_state_dict(model: nn.Module, *, adapter: str | None = None) -> dict[str
     return state
 
 
-def adapter_tensors(
-    model: nn.Module, layers: Mapping[str, AdapterView], trainable: Iterable[str]
-) -> dict[str, Tensor]:
-    """The adapter Parameters of ``layers`` and the state of the ``trainable`` modules of ``model``.
+def adapter_tensors(layers: Mapping[str, AdapterView], modules: Mapping[str, nn.Module]) -> dict[str, Tensor]:
+    """The adapter Parameters of ``layers`` and the state of the trainable ``modules`` (one adapter's copies).
 
-    ``layers`` may be adapters not yet swapped into ``model`` (a planned load); keys are
-    dotted names as in :func:`lora_state_dict`, values detached tensors sharing storage.
+    Both may be planned, not yet in the model (a load); keys are dotted names as in
+    :func:`lora_state_dict` (a copy's state under the module's own name), values detached
+    tensors sharing storage.
 
     Raises:
         LoRAError: If an adapter Parameter has another shape than its layer implies (an FSDP
@@ -83,8 +80,8 @@ def adapter_tensors(
                     " looks sharded (FSDP). Call this inside FSDP.summon_full_params(model)"
                 )
             state[f"{name}.{param_name}"] = param.detach()
-    for name in trainable:
-        for key, value in find_module(model, name).state_dict().items():
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
             state[f"{name}.{key}"] = value
     return state
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .lowrank import AdapterView
-from .registry import active_adapter, adapter_views, resolve_adapter, set_active
+from .registry import adapter_views, choice, choose_adapter, resolve_adapter, restore_choice
 
 __all__ = ["verify_lora"]
 
@@ -113,7 +113,7 @@ def verify_lora(
     """
     name = resolve_adapter(model, adapter, "verify")
     layers = adapter_views(model, name)
-    running = active_adapter(model)
+    chosen = choice(model)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
     def run() -> list[Tensor]:
@@ -122,13 +122,16 @@ def verify_lora(
             return _tensors(model(*example_inputs, **example_kwargs))
 
     generator = torch.Generator().manual_seed(_SEED)
-    set_active(model, name)
+    choose_adapter(model, name)
     try:
         with _evaluating(model):
             changes = _changes(model, layers, run, generator)
     finally:
-        set_active(model, running)
+        restore_choice(model, chosen)
     return _report(model, changes)
+
+
+_NOISE = "<run-to-run noise>"  # not a module name: a standalone layer is named ""
 
 
 def _changes(
@@ -146,7 +149,7 @@ def _changes(
         )
     # Nondeterministic kernels (some CUDA reductions) make two identical runs differ a little.
     noise = _difference(reference, run())
-    changes[""] = noise  # the run-to-run noise, for _report
+    changes[_NOISE] = noise  # the run-to-run noise, for _report
     for name, layer in layers.items():
         for index, s in enumerate(layer.slices):
             a_param, b_param = getattr(layer, s.a_name), getattr(layer, s.b_name)
@@ -170,7 +173,7 @@ def _report(model: nn.Module, changes: dict[str, float]) -> dict[str, float]:
     Raises:
         LoRAError: Naming the adapters that did not.
     """
-    noise = changes.pop("", 0.0)
+    noise = changes.pop(_NOISE, 0.0)
     inert = [key for key, change in changes.items() if change <= 10 * noise]
     if inert:
         raise LoRAError(

@@ -123,11 +123,11 @@ def test_loading_into_matching_adapters_works_and_a_different_layout_is_refused(
     reference = peft_model(base, r=4, lora_alpha=8)
     reference.save_pretrained(tmp_path / "p")
     same = inject_lora(copy.deepcopy(base), ["q", "v"], r=4, alpha=8).eval()
-    load_peft_adapter(same, tmp_path / "p")
+    load_peft_adapter(same, tmp_path / "p", adapter="default")  # named: a PEFT load swaps only when told
     torch.testing.assert_close(logits(same, x), logits(reference, x), rtol=1e-5, atol=1e-6)
     other = inject_lora(copy.deepcopy(base), ["q", "v"], r=2, alpha=8)
     with pytest.raises(LoRAError, match="another layout"):
-        load_peft_adapter(other, tmp_path / "p")
+        load_peft_adapter(other, tmp_path / "p", adapter="default")
 
 
 def write_folder(path, config, tensors):

@@ -65,7 +65,7 @@ def test_both_loaders_work_through_wrappers_once_the_adapters_are_there(tmp_path
     lora_file, peft_folder = save_lora(source, tmp_path / "a.safetensors"), save_peft_adapter(source, tmp_path / "p")
     for loader, where in ((load_lora, lora_file), (load_peft_adapter, peft_folder)):
         target = inject_lora(copy.deepcopy(base), ["blocks.0.attn.qkv", "head"], r=2, dropout=0.0).eval()
-        loader(nn.DataParallel(target), where)
+        loader(nn.DataParallel(target), where, adapter="default")  # a swap into the adapter of that name
         torch.testing.assert_close(target(x), expected, rtol=0, atol=0)
         fresh = copy.deepcopy(base)
         loader(torch.compile(fresh, backend="eager"), where)  # a compile wrapper may inject
@@ -79,7 +79,7 @@ def test_both_loaders_refuse_another_layout_with_the_same_message(tmp_path):
     for loader, where in ((load_lora, lora_file), (load_peft_adapter, peft_folder)):
         other = inject_lora(copy.deepcopy(base), ["blocks.0.attn.qkv"], r=4)
         with pytest.raises(LoRAError, match="already has adapters with another layout"):
-            loader(other, where)
+            loader(other, where, adapter="default")
 
 
 def test_merge_builds_every_merged_weight_once(monkeypatch):
