@@ -8,11 +8,13 @@ import pytest
 from madlab.io.config import Config, ConfigError, apply_overrides, parse_override
 
 
-def test_defaults_follow_the_seed_guide() -> None:
+def test_defaults_keep_the_seed_guides_names_and_fit_the_default_backbone() -> None:
     c = Config()
-    assert (c.use_lora, c.lora_r, c.lora_alpha, c.lora_dropout) == (True, 4, 32.0, 0.1)
-    assert c.lora_target_modules == ["query", "key", "value"]
-    assert c.learning_rate == 5e-4 and c.freeze_strategy == "backbone_only"
+    assert (c.use_lora, c.lora_r, c.lora_alpha, c.lora_dropout) == (True, 8, 16.0, 0.1)
+    assert c.lora_target_modules == ["query", "value"] and c.backbone == "dinov2-vits14-imgfocus"
+    assert c.learning_rate == 1e-3 and c.freeze_strategy == "backbone_only"
+    seed = apply_overrides(c, ["lora_r=4", "lora_alpha=32", "lora_target_modules=query,key,value"])
+    assert (seed.lora_r, seed.lora_alpha, seed.lora_target_modules) == (4, 32.0, ["query", "key", "value"])
 
 
 @pytest.mark.parametrize(
@@ -86,7 +88,7 @@ def test_apply_overrides_validates_choices() -> None:
 def test_overrides_apply_in_order_and_do_not_mutate() -> None:
     base = Config()
     c = apply_overrides(base, ["lora_r=8", "lora_r=2"])
-    assert c.lora_r == 2 and base.lora_r == 4
+    assert c.lora_r == 2 and base.lora_r == 8
 
 
 def test_round_trip_through_dict() -> None:
@@ -99,7 +101,7 @@ def test_round_trip_through_dict() -> None:
 @pytest.mark.parametrize(("item", "message"), [
     ("weight_decay=-0.1", "weight_decay must be >= 0, got -0.1"),
     ("eta_min=-1e-5", "eta_min must be >= 0, got -1e-05"),
-    ("eta_min=0.01", "eta_min=0.01 must be below learning_rate=0.0005"),
+    ("eta_min=0.01", "eta_min=0.01 must be below learning_rate=0.001"),
     ("patience=0", "patience must be >= 1, got 0"),
     ("freeze_lastN=-2", "freeze_lastN must be >= 0, got -2"),
     ("warmup_epochs=-1", "warmup_epochs must be >= 0, got -1"),

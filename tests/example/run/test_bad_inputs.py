@@ -417,9 +417,9 @@ def test_model_file_whose_backbone_moved(odd_run, tmp_path: Path) -> None:
 
 def test_test_override_contradicting_the_file(odd_run, tmp_path: Path) -> None:
     _, out, _ = odd_run
-    line = fails("test", "--model_path", str(out / MODEL), "--override", "lora_r=8", "--output_dir", str(tmp_path))
-    assert line.startswith("error: --override lora_r=8 does not match the model file, which was trained with"
-                           " lora_r=4.")
+    line = fails("test", "--model_path", str(out / MODEL), "--override", "lora_r=4", "--output_dir", str(tmp_path))
+    assert line.startswith("error: --override lora_r=4 does not match the model file, which was trained with"
+                           " lora_r=8.")
 
 
 def test_resume_without_a_checkpoint(tmp_path: Path) -> None:

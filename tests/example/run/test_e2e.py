@@ -85,7 +85,7 @@ def test_threshold_and_checkpoint_come_from_dev_not_test(trained: Path) -> None:
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["threshold"] == meta["threshold"], "the threshold is the one fixed at training time"
     config = Config.from_dict(meta["config"])
-    assert config.lora_r == 4 and config.use_lora and config.num_epochs == 3
+    assert config.lora_r == 8 and config.use_lora and config.num_epochs == 3
     with (trained / "train_log.csv").open() as handle:
         log = list(csv.DictReader(handle))
     best = min(log, key=lambda r: float(r["dev_loss"]))
@@ -117,10 +117,10 @@ def test_test_rebuilds_from_the_file_alone_and_reproduces(trained: Path, tmp_pat
 def test_seed_style_override_is_checked_against_the_file(trained: Path, tmp_path: Path, capsys) -> None:
     rc = morph_detection.main(["test", "--model_path", str(trained / "morph_detector.safetensors"),
                                "--output_dir", str(tmp_path), "--no_progress",
-                               "--override", "use_lora=True", "--override", "lora_r=8"])
+                               "--override", "use_lora=True", "--override", "lora_r=4"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "lora_r=8" in err and "lora_r=4" in err
+    assert "lora_r=4" in err and "lora_r=8" in err  # the seed's r=4 against the file's r=8
     assert not (tmp_path / "scores.csv").exists()
 
 

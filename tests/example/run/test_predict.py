@@ -161,10 +161,12 @@ def test_operating_points_are_the_dev_thresholds_recorded_in_the_model_file(run,
     for name, x in (("apcer=0.01", 0.01), ("apcer=0.05", 0.05), ("apcer=0.10", 0.10)):
         tau = points[name]["value"]
         assert apcer_bpcer(scores, labels, tau)["apcer"] <= x
-        # the largest such tau: the next lower candidate threshold would exceed the APCER bound
-        lower = candidates[candidates < tau]
-        if len(lower):
-            assert apcer_bpcer(scores, labels, lower[-1])["apcer"] > x
+        # the largest such tau: APCER grows with the threshold, so the next higher candidate exceeds
+        # the bound (the check looked at the next lower one, which never can, and passed only while
+        # tau was the lowest score)
+        higher = candidates[candidates > tau]
+        if len(higher):
+            assert apcer_bpcer(scores, labels, higher[0])["apcer"] > x
     worst = {t: max(apcer_bpcer(scores, labels, t)["apcer"], apcer_bpcer(scores, labels, t)["bpcer"])
              for t in candidates[:-1]}
     eer = points["eer"]["value"]
