@@ -78,7 +78,8 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
     parser.add_argument("--output_dir", default=None, help="where outputs go (default: output/)")
     parser.add_argument("--no_progress", action="store_true", help=(
-        "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"))
+        "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"
+        if training else "no progress bar while scoring (shown only on a terminal)"))
     if training:
         parser.add_argument("--data", default=None, help=(
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
@@ -94,7 +95,7 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
             "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
             " model.safetensors)"))
         parser.add_argument("--cache_dir", default=None, help=(
-            "where pretrained default backbones, the data files' checks, face detections and aligned crops are"
+            "where named backbones, the small ViT, the data files' checks, face detections and aligned crops are"
             " cached, by file content (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
 
@@ -102,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     for name, text in [
-        ("pretrain", "MAE-pretrain the default small ViT on the bona fide training images (cached); with a"
+        ("pretrain", "make the backbone ready: build a named one into the cache, or MAE-pretrain the small"
+                     " ViT (mae-vit-tiny) on the bona fide training images (cached); with a"
                      " vit_mae --backbone, continue its MAE pretraining there (LoRA, merged) into"
                      " <output_dir>/mae_backbone"),
-        ("train", "fine-tune and save the model file; pretrains the default backbone if needed"),
+        ("train", "fine-tune and save the model file; builds (or pretrains) the backbone first if needed"),
         ("compare", "LoRA vs full fine-tuning vs linear probe: params, size, time, memory, D-EER, AUC"),
     ]:
         command = sub.add_parser(name, help=text, description=text)
@@ -166,7 +168,9 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
         " threshold with dev APCER <= 1/5/10%%"))
     predict.add_argument("--batch_size", type=int, default=None, help="images per batch (default: training's)")
     predict.add_argument("--num_workers", type=int, default=None, help="decoding worker processes")
-    predict.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    predict.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help=(
+        "arithmetic of the forward pass (default: training's precision setting; auto = bf16 on CUDA,"
+        " fp32 on CPU unless the backbone is at least ViT-B wide and the CPU has AMX-bf16)"))
     predict.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                          help="torch.compile the detector (default: on with CUDA)")
     predict.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")

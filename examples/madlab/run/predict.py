@@ -248,7 +248,8 @@ def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLik
         f" {'compiled' if detector.net is not detector.model else 'eager'}, batch {detector.config.batch_size}")
     if crop.aligns:
         say(f"predict: {crop.describe()}, as in training; photos without a face get status 'no face'"
-            + (f"; crops written to {save_crops}/{_renamed(read.names)}" if save_crops is not None else ""))
+            + (f"; crops written to {Path(save_crops)}{os.sep}{_renamed(read.names)}" if save_crops is not None
+               else ""))
     seconds = run_predictions(detector, rows, batch_size=detector.config.batch_size,
                               num_workers=detector.config.num_workers, progress=progress, steps=steps, read=read)
     write_predictions(Path(output), rows, threshold["value"])

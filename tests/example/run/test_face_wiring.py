@@ -230,9 +230,10 @@ def test_save_crops_keeps_both_inputs_of_one_stem(run, tmp_path) -> None:
     first = save(tmp_path / "in" / "a" / "x.png", in_scene(orl(20, 3)))
     second = save(tmp_path / "in" / "b" / "x.png", in_scene(orl(22, 3)))
     crops = tmp_path / "crops"
-    rc, stdout, rows = predict(run, [tmp_path / "in"], tmp_path / "p.csv", "--save_crops", str(crops),
+    rc, stdout, rows = predict(run, [tmp_path / "in"], tmp_path / "p.csv", "--save_crops", f"{crops}/",
                                "--cache_dir", str(tmp_path / "cache"))
     assert rc == 0 and list(rows) == [str(first), str(second)]
+    assert f"crops written to {crops}/ (1 share" in stdout and f"{crops}//" not in stdout  # given as crops/
     assert sorted(p.name for p in crops.iterdir()) == ["x-2.png", "x.png"]
     assert "1 share a stem with an earlier input" in stdout
     kept = find_faces([Sample(str(first), 0, "bona_fide"), Sample(str(second), 0, "bona_fide")], 0.125, None,
