@@ -100,7 +100,7 @@ class Config:
     seed: int = 42
     # DataLoader workers that decode images (and fill the cache once); 0 = in the main process.
     num_workers: int = 2
-    # None = all the cores this process may use; the embedded smoke model gets one (its
+    # None = all the cores this process may use; the small MAE ViT gets one (its
     # matrices are tiny: two threads on a shared 2-core machine were measured 8x slower).
     num_threads: int | None = None
     # Decoded images are kept as uint8 at the model's input size up to this many MiB (0 = off):

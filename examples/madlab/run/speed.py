@@ -58,7 +58,7 @@ def available_cores() -> int:
 
 
 def threads(config: Config) -> int:
-    """``num_threads``, else one for the embedded smoke model, else every available core."""
+    """``num_threads``, else one for the small MAE ViT, else every available core."""
     if config.num_threads is not None:
         return config.num_threads
     return 1 if is_small_vit(config.backbone) else available_cores()
