@@ -21,7 +21,7 @@ import torch
 from ..data.shortcuts import contrast, laplacian, laplacian_variance
 from ..evaluation.metrics import auc
 from .masks import ellipse
-from .sets import SYNTHETIC_METHOD
+from .sets import MADE_METHODS
 
 __all__ = ["STATISTICS", "format_separability", "separability", "served_pairs"]
 
@@ -100,7 +100,7 @@ def separability(bona_fides: list[np.ndarray], attacks: list[np.ndarray]) -> dic
 
 
 def served_pairs(dataset, limit: int = 256) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Up to ``limit`` bona fides and as many synthetic attacks exactly as a training set serves them.
+    """Up to ``limit`` bona fides and as many made attacks exactly as a training set serves them.
 
     The items are drawn inside :func:`torch.random.fork_rng`, so checking does not change
     the random numbers training then uses (runs stay reproducible and resumable).
@@ -109,7 +109,7 @@ def served_pairs(dataset, limit: int = 256) -> tuple[list[np.ndarray], list[np.n
         dataset: A :class:`~.attacks.SyntheticTrainSet`.
     """
     real = [k for k, s in enumerate(dataset.samples) if s.label == 0][:limit]
-    made = [k for k, s in enumerate(dataset.samples) if s.method == SYNTHETIC_METHOD][:limit]
+    made = [k for k, s in enumerate(dataset.samples) if s.method in MADE_METHODS][:limit]
     mean = dataset.base.mean.numpy().reshape(1, 1, 3)
     std = dataset.base.std.numpy().reshape(1, 1, 3)
 

@@ -19,7 +19,14 @@ import torch
 from lora_vit import __version__ as lora_vit_version
 
 from ..attacks.separability import format_separability, separability, served_pairs
-from ..attacks.sets import FixedAttackSet, check_attack_config, drop_methods, required_morphs, training_sets
+from ..attacks.sets import (
+    FixedAttackSet,
+    check_attack_config,
+    drop_methods,
+    made_sources,
+    required_morphs,
+    training_sets,
+)
 from ..data.folders import check_splits
 from ..data.images import ImageDataset
 from ..data.samples import Sample
@@ -325,11 +332,11 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     # Aligned faces give the synthetic attacks' masks their 5 landmarks; whole images a centred ellipse.
     landmarks = CropPolicy.from_config(config).landmarks(size)
     train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed, landmarks,
-                                                 check_attack_config(config))
+                                                 check_attack_config(config), tuple(config.morph_methods))
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
     separable = None
-    if config.attacks != "given":
-        env.say("synthetic attacks: face masks from "
+    if made_sources(config.attacks):
+        env.say(f"attacks made from bona fides ({', '.join(made_sources(config.attacks))}): masks and warps from "
                 + ("the 5 landmarks of each aligned crop (face_crop=align)" if landmarks else
                    "a centred ellipse (face_crop=none: no landmarks)"))
         real, made = served_pairs(train_set)
