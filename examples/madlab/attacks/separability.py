@@ -125,5 +125,5 @@ def format_separability(aucs: dict[str, float], n: int) -> str:
     """One line for the training log: the AUC of each statistic and the worst distance from 0.5."""
     worst = max(aucs, key=lambda name: abs(aucs[name] - 0.5))
     figures = ", ".join(f"{name} {value:.3f}" for name, value in aucs.items())
-    return (f"synthetic attacks vs training bona fides as served ({n} of each): AUC of one image statistic:"
+    return (f"made attacks vs training bona fides as served ({n} of each): AUC of one image statistic:"
             f" {figures} (0.5 = not separable; furthest from 0.5: {worst})")
