@@ -199,3 +199,14 @@ def test_an_older_model_file_without_a_record_is_split_again_with_a_note(runs, t
     assert metrics(tmp_path / "out")["data"]["seen_in_training"] is None
     line = fails("test", "--model_path", str(old), "--output_dir", str(tmp_path / "o2"), "--strict")
     assert "--strict: this model file records no split" in line
+
+
+def test_an_export_keeps_the_record(runs, tmp_path: Path) -> None:
+    # An exported detector is tested like its model file: on the split training recorded.
+    export = tmp_path / "export.safetensors"
+    rc, _, err = cli("export", "--model_path", str(runs["flat_model"]), "--output", str(export))
+    assert rc == 0, err
+    rc, stdout, err = run_test_cli(export, tmp_path / "out")
+    assert rc == 0, err
+    assert "the test split is the one recorded in the model file: its 6 images found by content" in stdout
+    assert scored(tmp_path / "out") == scored(runs["flat_test"])
