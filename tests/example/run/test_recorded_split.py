@@ -31,8 +31,8 @@ def flat_tree(root: Path, n: int = 12) -> Path:
 
 
 def frll_tree(root: Path) -> Path:
-    """Given splits of FRLL-style names (identity_pattern FRLL_EXAMPLE): two people per split, and a
-    train morph between 003 and 004 besides one per split."""
+    """Given splits of FRLL-style names (identity_pattern FRLL_EXAMPLE): four people in train (morphs
+    001_002 and 003_004), two in dev and two in test (one morph each)."""
     people = {"train": ("001", "002", "003", "004"), "dev": ("005", "006"), "test": ("007", "008")}
     for split, ids in people.items():
         for person in ids:
