@@ -11,7 +11,8 @@ from typing import Any, get_type_hints
 
 from .errors import MadlabError
 
-__all__ = ["EVAL_KEYS", "Config", "ConfigError", "apply_overrides", "parse_identity_pattern", "parse_override"]
+__all__ = ["EVAL_KEYS", "SPLIT_KEYS", "Config", "ConfigError", "apply_overrides", "parse_identity_pattern",
+           "parse_override"]
 
 FREEZE_STRATEGIES = ("none", "backbone_only", "freeze_except_lastN", "gradual_unfreeze")
 SELECTION_METRICS = ("dev_loss", "dev_eer")
@@ -26,8 +27,11 @@ ATTACK_MODES = ("given", "synthetic", "generated", "both", "synthetic+generated"
 
 FRLL_EXAMPLE = r"^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\."  # an identity_pattern for FRLL
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
-EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir",
+EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "output_dir",
                        "image_cache_mb", "precision", "compile"})
+# Keys that decide which image is in which split: training keys, which `test` may never change
+# (the model file records the split they made; see madlab.data.recorded).
+SPLIT_KEYS = frozenset({"identity_pattern", "seed", "train_val_pct", "dev_pct"})
 
 
 def parse_identity_pattern(pattern: str) -> re.Pattern[str]:
