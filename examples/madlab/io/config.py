@@ -134,7 +134,7 @@ class Config:
     morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
     # The synthetic methods (attacks=synthetic|both) and their mix: names of
     # attacks.synthesis.SYNTHETIC_METHODS, alone (even shares) or as name:weight.
-    synthetic_methods: list[str] = field(default_factory=lambda: ["self_blend", "self_morph"])
+    synthetic_methods: list[str] = field(default_factory=lambda: ["self_warp"])
     morphs_per_face: int = 2
     # Training attacks: the data's morphs ("given"), made from the training bona fides every
     # epoch (one photo altered: "synthetic"; two photos morphed: "generated"; bona fides alone

@@ -44,16 +44,27 @@ def test_a_mix_gives_each_method_its_share_and_weights_normalise() -> None:
     assert only == {"self_blend"}
 
 
-def test_the_default_mix_draws_as_the_even_choice_did() -> None:
+def test_an_even_mix_draws_as_the_even_choice_did() -> None:
     """Same seed, same attacks: the registry did not change what a seed makes."""
     photo = np.random.default_rng(1).random((24, 24, 3)).astype(np.float32)
+    even = parse_mix(["self_blend", "self_morph"])
     for seed in range(20):
         rng, reference = np.random.default_rng(seed), np.random.default_rng(seed)
-        made = synthesise(photo, rng, frequency_p=0.0)
+        made = synthesise(photo, rng, frequency_p=0.0, mix=even)
         expected = (synthesis.self_blend(photo, reference) if reference.random() < 0.5
                     else synthesis.self_morph(photo, reference))
         assert made.method == expected.method
         np.testing.assert_array_equal(made.image, expected.image)
+
+
+def test_the_default_mix_is_self_warps_alone() -> None:
+    photo = np.random.default_rng(1).random((40, 40, 3)).astype(np.float32)
+    points = np.array([[13.0, 16.0], [27.0, 16.0], [20.0, 23.0], [15.0, 29.0], [25.0, 29.0]])
+    for seed in range(5):
+        made = synthesise(photo, np.random.default_rng(seed), points, frequency_p=0.0)
+        rng = np.random.default_rng(seed)
+        rng.random()  # the draw that picks the method
+        np.testing.assert_array_equal(made.image, synthesis.self_warp(photo, rng, points).image)
 
 
 def test_a_new_synthetic_method_is_one_function_and_one_entry(monkeypatch) -> None:

@@ -150,7 +150,8 @@ def test_every_step_is_deterministic_under_a_seed(step):
 def test_synthesise_draws_both_methods_and_frequency_artifacts_at_their_rates():
     rng = np.random.default_rng(0)
     photo = _photo(1, 24, 24)
-    methods = [S.synthesise(photo, rng).method for _ in range(400)]
+    even = S.parse_mix(["self_blend", "self_morph"])
+    methods = [S.synthesise(photo, rng, mix=even).method for _ in range(400)]
     blends = sum(m.startswith("self_blend") for m in methods)
     frequency = sum(m.endswith("+frequency") for m in methods)
     assert 160 <= blends <= 240  # p = 0.5: 200 +- 4 sigma

@@ -294,7 +294,7 @@ def test_synthetic_attacks_get_each_aligned_crops_landmarks(run, tmp_path, monke
     rc, stdout, err = cli("train", "--data", str(data), "--backbone", str(run["backbone"]), "--output_dir", str(out),
                           "--no_progress", *overrides([*TRAIN, "attacks=synthetic", "num_epochs=1"]))
     assert rc == 0, err
-    assert "face masks from the 5 landmarks of each aligned crop" in stdout
+    assert "masks and warps from the 5 landmarks of each aligned crop" in stdout
     assert isinstance(seen["landmarks"], CropLandmarks) and seen["landmarks"].size == 16
     dev = [s for s in seen["dev"] if s.label == 0]
     # The fixed dev attacks are made first, one per dev bona fide, each from its own crop's landmarks.

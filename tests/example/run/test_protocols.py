@@ -8,6 +8,7 @@ from pathlib import Path
 import morph_detection
 import numpy as np
 import pytest
+from madlab.io.config import ATTACK_MODES
 from madlab.run.protocols import format_protocol, format_unseen
 from PIL import Image
 
@@ -89,7 +90,7 @@ def test_cross_dataset_needs_test_data(tmp_path, capsys):
 def test_bad_attack_modes_are_refused(tmp_path, capsys):
     rc = morph_detection.main(["protocol", "leave-one-method-out", "--attacks", "given,fancy", "--output_dir",
                                str(tmp_path), "--no_progress"])
-    assert rc == 2 and "must list modes from ('given', 'synthetic', 'both')" in capsys.readouterr().err
+    assert rc == 2 and f"must list modes from {ATTACK_MODES}" in capsys.readouterr().err
 
 
 def test_tables_group_runs_and_list_only_unseen_methods():
