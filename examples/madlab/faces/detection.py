@@ -33,6 +33,7 @@ import numpy as np
 from ..io.errors import MadlabError
 from ..io.files import write_atomically
 from ..io.keyed import content_key
+from ..io.pixels import reduced_coordinates
 
 __all__ = [
     "DEFAULT_MARGIN",
@@ -66,6 +67,10 @@ SCORE_THRESHOLD = 0.6
 # before detection (faster, same faces), smaller ones (ORL's 92 x 112) enlarged.
 DETECT_MAX_SIDE = 640
 DETECT_MIN_SIDE = 320
+# A crop is cut from the photo read at no less than this many photo pixels per crop pixel (in
+# each direction): crop_with area-averages them, and more would only cost memory (a 50-megapixel
+# photo is read at the size its face needs, not whole).
+CROP_OVERSAMPLING = 2
 
 
 class FaceCropError(MadlabError):
@@ -368,8 +373,14 @@ class FaceRef:
     margin: float
     cache: str | None
 
-    def crop(self, size: int, decode) -> np.ndarray:
-        """The ``size x size x 3`` float32 crop in [0, 1]; ``decode()`` gives the image when it is not cached."""
+    def crop(self, size: int, read) -> np.ndarray:
+        """The ``size x size x 3`` float32 crop in [0, 1].
+
+        Args:
+            size: The crop's side.
+            read: ``read(factor=k)`` gives the photo shrunk by at most ``k`` and the factor it was
+                shrunk by (:func:`~madlab.io.pixels.load_rgb8`); called only when the crop is not cached.
+        """
         path = None
         if self.cache:
             name = f"{self.key}-{_settings_key(self.landmarks.round(3).tolist(), size, self.margin)}.npy"
@@ -381,12 +392,18 @@ class FaceRef:
                         return pixels.astype(np.float32) / np.float32(255.0)
                 except (OSError, ValueError, EOFError):  # EOFError: an empty file
                     pass  # a damaged cache entry is made again
-        pixels, _, _ = crop_with(decode(), self.landmarks, size, self.margin)
+        pixels = self._cut(size, read)
         if path is not None:
             buffer = io.BytesIO()
             np.save(buffer, pixels, allow_pickle=False)
             write_atomically(path, buffer.getvalue())
         return pixels.astype(np.float32) / np.float32(255.0)
+
+    def _cut(self, size: int, read) -> np.ndarray:
+        """The crop made from the photo read at :data:`CROP_OVERSAMPLING` photo pixels per crop pixel or more."""
+        scale = float(np.hypot(*similarity_matrix(self.landmarks, template(size, self.margin))[:, 0]))
+        image, factor = read(factor=max(1, int(1.0 / (CROP_OVERSAMPLING * max(scale, 1e-6)))))
+        return crop_with(image, reduced_coordinates(self.landmarks, factor), size, self.margin)[0]
 
     def crop_landmarks(self, size: int) -> np.ndarray:
         """The 5 landmarks in the coordinates of the ``size`` crop (``5 x 2``)."""
