@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..io.pixels import UnreadableImageError, load_pixels, load_rgb8
+from ..io.pixels import UnreadableImageError, load_pixels
+from ..io.shrunk import ShrunkImage, load_rgb8
 from .samples import DataError, Sample
 
 __all__ = ["ImageDataset", "decode", "make_loader", "normalise", "resize_pixels", "sample_pixels", "sample_rgb8"]
@@ -58,20 +59,17 @@ def sample_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
         raise _gone(sample, err) from None
 
 
-def sample_rgb8(sample: Sample, *, longest: int | None = None, factor: int | None = None) -> tuple[np.ndarray, int]:
-    """The photo of ``sample`` as face detection and cropping read it: its pixels in memory (factor 1),
-    or its file as uint8 shrunk within ``longest`` and ``factor`` (:func:`~madlab.io.pixels.load_rgb8`).
-
-    Returns:
-        The pixels and the factor they were shrunk by.
+def sample_rgb8(sample: Sample, **bounds) -> ShrunkImage:
+    """The photo of ``sample`` as face detection and cropping read it: its pixels in memory (as they
+    are), or its file as uint8 shrunk within ``bounds`` (:func:`~madlab.io.shrunk.load_rgb8`'s).
 
     Raises:
         DataError: If the file cannot be read any more.
     """
     if sample.image is not None:
-        return sample.image, 1
+        return ShrunkImage(sample.image)
     try:
-        return load_rgb8(sample.path, longest=longest, factor=factor)
+        return load_rgb8(sample.path, **bounds)
     except UnreadableImageError as err:
         raise _gone(sample, err) from None
 

@@ -34,7 +34,8 @@ from ..data.images import sample_pixels, sample_rgb8
 from ..data.samples import DataError, DataReport, Sample
 from ..io.config import Config, ConfigError
 from ..io.keyed import content_key, entry_path, file_key, read_entry, write_entry
-from ..io.pixels import RejectedImageError, full_coordinates, load_rgb8
+from ..io.pixels import RejectedImageError
+from ..io.shrunk import ShrunkImage, load_rgb8
 from .detection import (
     DETECT_MAX_SIDE,
     DETECT_MIN_SIDE,
@@ -87,15 +88,15 @@ def _valid_detection(entry: dict) -> bool:
     return marks.shape == (5, 2) and bool(np.isfinite(marks).all())
 
 
-def detection(key: str, read: Callable[..., tuple[np.ndarray, int]], cache: Path | None) -> dict:
+def detection(key: str, read: Callable[..., ShrunkImage], cache: Path | None) -> dict:
     """What the detector finds in the image of content ``key``: from the cache, or detected now.
 
     Args:
         key: The image's content key (:func:`~madlab.io.keyed.file_key` or
             :func:`~madlab.io.keyed.content_key`).
-        read: ``read(longest=n)`` gives the image shrunk to a longer side of at least ``n`` and the
-            factor it was shrunk by (:func:`~madlab.io.pixels.load_rgb8`); called only when the
-            cache has no valid entry. The detector looks at :data:`DETECT_MAX_SIDE` pixels at most.
+        read: ``read(longest=n)`` gives the image shrunk to a longer side of at least ``n``
+            (:func:`~madlab.io.shrunk.load_rgb8`); called only when the cache has no valid entry.
+            The detector looks at :data:`DETECT_MAX_SIDE` pixels at most: more are not read.
         cache: The cache root (entries under ``<cache>/faces/detections/``), or ``None``.
 
     Returns:
@@ -105,9 +106,9 @@ def detection(key: str, read: Callable[..., tuple[np.ndarray, int]], cache: Path
     entry = None if cache is None else entry_path(Path(cache) / "faces", "detections", key, _DETECTOR_KEY)
     if entry is not None and (found := read_entry(entry, _valid_detection)) is not None:
         return found
-    image, factor = read(longest=DETECT_MAX_SIDE)
-    faces = detect_faces(image)
-    found = {"faces": len(faces), "landmarks": full_coordinates(faces[0].landmarks, factor).tolist() if faces else None,
+    image = read(longest=DETECT_MAX_SIDE)
+    faces = detect_faces(image.pixels)
+    found = {"faces": len(faces), "landmarks": image.full_coordinates(faces[0].landmarks).tolist() if faces else None,
              "score": faces[0].score if faces else None}
     if entry is not None:
         write_entry(entry, found)
@@ -224,7 +225,7 @@ class AlignedReader:
         read = partial(load_rgb8, path)
         key = file_key(path)
         if key is None:  # not readable: let the decoder say why (missing, folder, permission, loop)
-            key = content_key(read(longest=DETECT_MAX_SIDE)[0])
+            key = content_key(read(longest=DETECT_MAX_SIDE).pixels)
         cache = None if self.cache is None else Path(self.cache)
         found = detection(key, read, cache)
         if not found["faces"]:

@@ -2,7 +2,7 @@
 
 Every image, whatever its mode, goes through :func:`load_pixels` and comes out as ``H x W x 3``
 float32 in [0, 1], so grey and colour photos take the same path; the face path reads uint8
-through :func:`load_rgb8`, shrunk to the size it needs. What can be read is converted rather
+through :func:`~madlab.io.shrunk.load_rgb8`, shrunk to the size it needs. What can be read is converted rather
 than refused:
 
 * EXIF orientation is applied first (a phone photo stored on its side is turned upright);
@@ -40,13 +40,13 @@ __all__ = [
     "UNREADABLE",
     "RejectedImageError",
     "UnreadableImageError",
+    "eight_bit",
     "find_images",
-    "full_coordinates",
     "image_suffixes",
+    "is_turned",
     "load_pixels",
-    "load_rgb8",
     "mode_label",
-    "reduced_coordinates",
+    "opened_image",
     "unsupported_format",
 ]
 
@@ -109,12 +109,17 @@ def _check_file(path: Path) -> None:
         raise UnreadableImageError(str(path), UNREADABLE["permission"])
 
 
+def is_turned(img: Image.Image) -> bool:
+    """Whether ``img``'s EXIF orientation says it is stored turned or mirrored (``exif_transpose`` would change it)."""
+    return img.getexif().get(0x0112, 1) not in (1, None)  # 0x0112: the EXIF Orientation tag
+
+
 def mode_label(img: Image.Image) -> str | None:
     """What :func:`load_pixels` converts in ``img``, for the report: its mode, ``animated`` or
     ``EXIF-rotated``; ``None`` for a still, upright RGB image."""
     if getattr(img, "n_frames", 1) > 1:
         return "animated (first frame)"
-    if img.getexif().get(0x0112, 1) not in (1, None):  # 0x0112: the EXIF Orientation tag
+    if is_turned(img):
         return "EXIF-rotated"
     return None if img.mode in _PLAIN else img.mode
 
@@ -123,7 +128,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in _SIXTEEN_BIT:  # convert("RGB") would clip 16-bit values at 255 (white)
         grey = np.asarray(img, dtype=np.float32) / np.float32(65535.0)
         return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2)
-    img = _eight_bit(img)
+    img = eight_bit(img)
     if img.mode != "RGB":
         img = img.convert("RGB")  # grey copied to R, G, B
     return np.asarray(img, dtype=np.float32) / np.float32(255.0)
@@ -145,7 +150,7 @@ def load_pixels(path: str | os.PathLike[str], size: int | None = None) -> tuple[
     Raises:
         UnreadableImageError: If the file cannot be decoded; ``status`` says why.
     """
-    with _opened(Path(path)) as img:
+    with opened_image(Path(path)) as img:
         label = mode_label(img)
         img.seek(0)
         if size and img.format == "JPEG":
@@ -158,81 +163,8 @@ def load_pixels(path: str | os.PathLike[str], size: int | None = None) -> tuple[
         return _to_rgb(upright), label
 
 
-def load_rgb8(path: str | os.PathLike[str], *, longest: int | None = None,
-              factor: int | None = None) -> tuple[np.ndarray, int]:
-    """Decode ``path`` into ``H x W x 3`` uint8 RGB, shrunk by an integer factor to what the caller needs.
-
-    The face path reads photos this way: the detector looks at a few hundred pixels and a crop
-    needs only a couple of photo pixels per crop pixel, so a 50-megapixel JPEG is decoded at
-    1/8 scale inside the JPEG decoder (``draft``) and never exists at full size, in uint8 or
-    float. Other formats are decoded whole (3 bytes per pixel), then box-reduced.
-
-    Shrinking keeps pixel blocks anchored at the top-left corner of the upright image, so
-    :func:`full_coordinates` maps points back exactly. An EXIF-rotated JPEG whose sides are not
-    multiples of the decoder's scale would put a partial block at the top or left once turned
-    upright: it is decoded at the largest scale that divides its sides (full size at worst).
-
-    Args:
-        path: The image file.
-        longest: Keep the longer side at least this long (``None``: no such bound).
-        factor: Shrink by at most this factor (``None``: no such bound).
-
-    Returns:
-        The pixels and the factor ``k`` they were shrunk by (1 = full resolution): pixel
-        ``(x, y)`` averages the full image's ``k x k`` block at ``(k x, k y)``.
-
-    Raises:
-        UnreadableImageError: If the file cannot be decoded; ``status`` says why.
-    """
-    with _opened(Path(path)) as img:
-        img.seek(0)
-        wanted = _shrink_factor(img.size, longest, factor)
-        scale = _draft(img, wanted)
-        img.load()
-        eight = _eight_bit(ImageOps.exif_transpose(img))
-        rest = max(1, wanted // scale)
-        if rest >= 2:
-            eight = eight.reduce(rest)
-        pixels = np.asarray(eight.convert("RGB") if eight.mode != "RGB" else eight, dtype=np.uint8)
-        return np.ascontiguousarray(pixels), scale * rest
-
-
-def full_coordinates(points: np.ndarray, factor: int) -> np.ndarray:
-    """``(x, y)`` points of an image read by :func:`load_rgb8` with ``factor``, in full-resolution
-    pixel coordinates (pixel centres at integers: the centre of block ``i`` is ``k (i + 0.5) - 0.5``)."""
-    points = np.asarray(points, dtype=np.float64)
-    return points if factor == 1 else factor * (points + 0.5) - 0.5  # factor 1: the very same numbers
-
-
-def reduced_coordinates(points: np.ndarray, factor: int) -> np.ndarray:
-    """The inverse of :func:`full_coordinates`: full-resolution points in the reduced image."""
-    points = np.asarray(points, dtype=np.float64)
-    return points if factor == 1 else (points + 0.5) / factor - 0.5
-
-
-def _shrink_factor(size: tuple[int, int], longest: int | None, factor: int | None) -> int:
-    """The largest integer factor within both bounds (at least 1)."""
-    bounds = [factor] if factor else []
-    if longest:
-        bounds.append(max(size) // longest)
-    return max(1, min(bounds)) if bounds else 1
-
-
-def _draft(img: Image.Image, wanted: int) -> int:
-    """Ask a JPEG decoder for a 1/2, 1/4 or 1/8 scale not above ``wanted``; the scale it will use."""
-    if img.format != "JPEG" or wanted < 2:
-        return 1
-    turned = img.getexif().get(0x0112, 1) not in (1, None)
-    for scale in (8, 4, 2):
-        if scale <= wanted and not (turned and (img.width % scale or img.height % scale)):
-            width = img.width
-            drafted = img.draft(img.mode, (width // scale, img.height // scale))
-            return 1 if drafted is None else round(width / drafted[1][2])  # the box is the full size / scale
-    return 1
-
-
-def _eight_bit(img: Image.Image) -> Image.Image:
-    """``img`` as 8-bit grey (``L``) or ``RGB``, the modes ``reduce`` and :func:`load_rgb8` take."""
+def eight_bit(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit grey (``L``) or ``RGB``: the modes ``reduce`` takes and uint8 holds."""
     if img.mode in _SIXTEEN_BIT:  # convert("L") would clip 16-bit values at 255: scale them instead
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
         return Image.fromarray(((wide + 128) // 257).astype(np.uint8))
@@ -244,7 +176,7 @@ def _eight_bit(img: Image.Image) -> Image.Image:
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
+def opened_image(path: Path) -> Iterator[Image.Image]:
     """``Image.open(path)``, with every way of failing turned into :class:`UnreadableImageError`."""
     _check_file(path)
     try:
