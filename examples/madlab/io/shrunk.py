@@ -116,11 +116,11 @@ def _part(img: Image.Image, box: tuple[float, float, float, float], scale: int,
           rest: int) -> tuple[Image.Image, tuple[int, int]]:
     """The part of ``img`` (decoded at ``scale``, to be reduced by ``rest``) that covers ``box``
     (full-resolution pixels) with 2 reduced pixels to spare, cut at ``rest``-blocks so that the
-    reduction's blocks stay anchored at the photo's corner; and its corner in ``img``."""
+    reduction's blocks are the whole photo's blocks; and its corner in ``img``."""
     spare = 2 * rest
     left, top, right, bottom = (v / scale for v in box)
     x0 = max(0, min(math.floor(left) - spare, img.width - 1)) // rest * rest
     y0 = max(0, min(math.floor(top) - spare, img.height - 1)) // rest * rest
-    x1 = min(img.width, max(math.ceil(right) + spare, x0 + rest))
-    y1 = min(img.height, max(math.ceil(bottom) + spare, y0 + rest))
+    x1 = min(img.width, -(-max(math.ceil(right) + spare, x0 + rest) // rest) * rest)  # whole blocks, as the photo's
+    y1 = min(img.height, -(-max(math.ceil(bottom) + spare, y0 + rest) // rest) * rest)
     return img.crop((x0, y0, x1, y1)), (x0, y0)
