@@ -24,8 +24,10 @@ from ..data.folders import check_splits
 from ..data.images import ImageDataset
 from ..data.samples import Sample
 from ..data.shortcuts import SHORTCUTS, grey, sample_greys, shortcut_scores
+from ..evaluation.bootstrap import Resamples, draw
 from ..evaluation.plots import save_plots
 from ..evaluation.report import (
+    add_auc_differences,
     choose_threshold,
     format_table,
     iso_report,
@@ -436,8 +438,10 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     scores = detector.score(detector.dataset(test), desc=f"scoring {split}", progress=env.progress)
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
-    report = iso_report(scores, labels, methods, threshold)
-    report["shortcuts"], shortcut_test = _shortcuts(samples, test, split, detector)
+    resamples = draw(labels, [s.identity for s in test])  # over the test people when every image names them
+    report = iso_report(scores, labels, methods, threshold, resamples)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, test, split, detector, resamples)
+    add_auc_differences(report, scores, shortcut_test, labels, resamples)
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "exported": detector.exported,
                        "training": detector.metadata.get("training")}
@@ -460,8 +464,8 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     return report
 
 
-def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
-               detector: Detector) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _shortcuts(samples: list[Sample], scored: list[Sample], split: str, detector: Detector,
+               resamples: Resamples) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The shortcut baselines at the detector's input size, each with its τ from dev: the dev images of
     the data when the test split of the training data is scored, else the τ the model file recorded
     from its own dev split at training time (another data set has no dev split of its own).
@@ -486,7 +490,7 @@ def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
     test_stats = shortcut_scores(sample_greys(scored, size))
     report = shortcut_report(dev_stats, dev_labels, test_stats, np.array([s.label for s in scored]),
                              [s.method for s in scored], rule, {name: s.description for name, s in SHORTCUTS.items()},
-                             fixed=fixed)
+                             fixed=fixed, resamples=resamples)
     return report, test_stats
 
 
