@@ -265,9 +265,13 @@ def shortcut_verdict(report: dict[str, Any]) -> list[str]:
                    f" D-EER {100 * mine['d_eer']:.1f}% vs {100 * theirs['d_eer']:.1f}%")
         difference = base.get("auc_difference") or {}
         bounds = difference.get("interval")
-        if "auc" in mine.get("flags", {}) or bounds is None:
-            lines.append(f"The detector cannot be compared with the shortcut baseline '{name}' ({figures}): too few"
-                         " test images for an interval of the difference.")
+        if "auc" in mine.get("flags", {}):
+            lines.append(f"The detector cannot be compared with the shortcut baseline '{name}': too few test images"
+                         f" ({mine['flags']['auc']}).")
+            continue
+        if bounds is None:
+            lines.append(f"The detector is not compared with the shortcut baseline '{name}' ({figures}): no interval"
+                         " of the difference was computed, so no verdict.")
             continue
         noise = (f"AUC difference {difference['value']:+.3f}, {100 * LEVEL:g}% interval {bounds[0]:+.3f} to"
                  f" {bounds[1]:+.3f} by a paired bootstrap over {over}")
