@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ __all__ = [
     "SCORE_KIND",
     "add_auc_differences",
     "choose_threshold",
+    "figure_text",
     "format_table",
+    "interval_text",
     "iso_report",
     "operating_points",
     "p_morph",
@@ -304,23 +307,32 @@ def _rate(rate: float, errors: int, n: int) -> str:
     return f"{100 * rate:.1f}% ({errors}/{n})".rjust(17)
 
 
+def figure_text(key: str, value: float, flagged: bool = False) -> str:
+    """A figure as every table prints it: ``0.955`` for an AUC, ``11.2%`` for a rate, ``--`` when the
+    test set is too small for it (:func:`too_small`)."""
+    if flagged:
+        return "--"
+    return f"{value:.3f}" if key == "auc" else f"{100 * value:.1f}%"
+
+
+def interval_text(key: str, bounds: Sequence[float] | None, flagged: bool = False) -> str:
+    """An interval as every table prints it: ``0.912-0.981`` for an AUC, ``2.1-9.8%`` for a rate, or ``--``."""
+    if bounds is None or flagged:
+        return "--"
+    if key == "auc":
+        return f"{bounds[0]:.3f}-{bounds[1]:.3f}"
+    return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%"
+
+
 def _figure(m: dict, key: str, width: int) -> str:
-    """One threshold-free figure right-aligned in ``width`` characters: ``--`` when the test set is too
-    small for it (its flag says why, under the table)."""
-    if key in m.get("flags", {}):
-        return "--".rjust(width)
+    """One threshold-free figure of a report part, right-aligned in ``width`` characters."""
     value = m[key]["bpcer"] if isinstance(m[key], dict) else m[key]
-    return f"{value:.3f}".rjust(width) if key == "auc" else f"{100 * value:.1f}%".rjust(width)
+    return figure_text(key, value, key in m.get("flags", {})).rjust(width)
 
 
 def _span(m: dict, key: str, width: int) -> str:
-    """The interval of one figure (``2.1-9.8%``, ``0.912-0.981``), or ``--``, right-aligned."""
-    bounds = m.get("intervals", {}).get(key)
-    if bounds is None or key in m.get("flags", {}):
-        return "--".rjust(width)
-    if key == "auc":
-        return f"{bounds[0]:.3f}-{bounds[1]:.3f}".rjust(width)
-    return f"{100 * bounds[0]:.1f}-{100 * bounds[1]:.1f}%".rjust(width)
+    """The interval of one figure of a report part, right-aligned."""
+    return interval_text(key, m.get("intervals", {}).get(key), key in m.get("flags", {})).rjust(width)
 
 
 def format_table(report: dict) -> str:

@@ -131,6 +131,9 @@ def test_compare_table_carries_the_shortcut_rows() -> None:
     row = {"strategy": "lora", "trainable_params": 9313, "checkpoint_kib": 46.0, "train_seconds": 7.7,
            "peak_rss_mb": 523.0, "train_state_mb": 0.11, "best_epoch": 4, "d_eer": 0.475, "auc": 0.547,
            "worst_d_eer": 0.5}
-    base = {**dict.fromkeys(row), "strategy": "shortcut:sharpness", "d_eer": 0.25, "auc": 0.858, "worst_d_eer": 0.3}
+    base = {**dict.fromkeys(row), "strategy": "shortcut:sharpness", "d_eer": 0.25, "auc": 0.858, "worst_d_eer": 0.3,
+            "auc_low": 0.8012, "auc_high": 0.9049}
     lines = format_compare([row, base]).splitlines()
-    assert lines[3].split() == ["shortcut:sharpness", "-", "-", "-", "-", "-", "25.0%", "0.858", "30.0%"]
+    assert lines[3].split() == ["shortcut:sharpness", "-", "-", "-", "-", "-", "25.0%", "0.858", "0.801-0.905",
+                                "30.0%"]
+    assert lines[2].split()[-2] == "--", "a run without intervals (an older metrics.json) shows none"
