@@ -32,6 +32,7 @@ __all__ = ["LEVEL", "RESAMPLES", "SEED", "Resamples", "draw", "interval", "metri
 RESAMPLES = 1000
 SEED = 0  # fixed, not the run's seed: the same scores always get the same interval
 LEVEL = 0.95
+CHUNK = 2**21  # weights (resamples x images) handled at once: about 16 MB for each float array
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def draw(labels: np.ndarray, identities: Sequence[Sequence[str]] | None = None, 
     rng = np.random.default_rng(seed)
     if identities is not None and len(identities) == labels.size and all(len(ids) for ids in identities):
         return _by_identity(identities, n, rng, seed)
-    weights = np.zeros((n, labels.size), dtype=np.int64)
+    weights = np.zeros((n, labels.size), dtype=np.int32)
     for label in (0, 1):
         members = np.flatnonzero(labels == label)
         if members.size:
@@ -85,9 +86,12 @@ def _by_identity(identities: Sequence[Sequence[str]], n: int, rng: np.random.Gen
     table = np.full((len(identities), width), len(people))  # the extra last column counts 1: padding
     for i, ids in enumerate(identities):
         table[i, : len(set(ids))] = [column[p] for p in sorted(set(ids))]
-    drawn = rng.multinomial(len(people), np.full(len(people), 1.0 / len(people)), size=n)
-    drawn = np.hstack([drawn, np.ones((n, 1), dtype=drawn.dtype)])
-    return Resamples(drawn[:, table].prod(axis=2), "identity", len(people), seed)
+    drawn = rng.multinomial(len(people), np.full(len(people), 1.0 / len(people)), size=n).astype(np.int32)
+    drawn = np.hstack([drawn, np.ones((n, 1), dtype=np.int32)])
+    weights = drawn[:, table[:, 0]]
+    for column in table.T[1:]:  # one column at a time: never a B x n x people array
+        weights *= drawn[:, column]
+    return Resamples(weights, "identity", len(people), seed)
 
 
 def metric_samples(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray,
@@ -107,9 +111,18 @@ def metric_samples(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray,
     order = np.argsort(scores, kind="mergesort")
     ordered = scores[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # one group per distinct score
-    w = weights[:, order].astype(np.float64)
-    morph = np.add.reduceat(np.where(labels[order] == 1, w, 0.0), starts, axis=1)
-    bona = np.add.reduceat(np.where(labels[order] == 0, w, 0.0), starts, axis=1)
+    rows = max(1, CHUNK // max(1, scores.size))  # a few B x n float arrays at once: bounded, whatever the test size
+    parts = [_figures(weights[first:first + rows, order], labels[order], starts, targets)
+             for first in range(0, weights.shape[0], rows)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _figures(w: np.ndarray, labels: np.ndarray, starts: np.ndarray,
+             targets: Mapping[str, float]) -> dict[str, np.ndarray]:
+    """:func:`metric_samples` for weight rows ``w`` of the images in score order, grouped at ``starts``."""
+    w = w.astype(np.float64)
+    morph = np.add.reduceat(np.where(labels == 1, w, 0.0), starts, axis=1)
+    bona = np.add.reduceat(np.where(labels == 0, w, 0.0), starts, axis=1)
     n_m, n_bf = morph.sum(axis=1, keepdims=True), bona.sum(axis=1, keepdims=True)
     valid = (n_m[:, 0] > 0) & (n_bf[:, 0] > 0)
     n_m, n_bf = np.where(n_m > 0, n_m, 1.0), np.where(n_bf > 0, n_bf, 1.0)

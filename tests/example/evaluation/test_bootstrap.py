@@ -112,3 +112,15 @@ def test_a_paired_difference_of_a_score_with_itself_is_exactly_zero() -> None:
     weights = draw(labels).weights
     same = metric_samples(scores, labels, weights, {})["auc"]
     assert interval(same - metric_samples(scores.copy(), labels, weights, {})["auc"]) == [0.0, 0.0]
+
+
+def test_resamples_taken_a_few_rows_at_a_time_give_the_same_figures(monkeypatch) -> None:
+    from madlab.evaluation import bootstrap
+
+    labels = np.array([0] * 15 + [1] * 25)
+    scores = np.random.default_rng(5).normal(labels, 1.0)
+    weights = draw(labels, n=100).weights
+    whole = metric_samples(scores, labels, weights, TARGETS)
+    monkeypatch.setattr(bootstrap, "CHUNK", 7 * labels.size)  # 7 resamples a chunk: 15 chunks, the last short
+    for name, values in metric_samples(scores, labels, weights, TARGETS).items():
+        np.testing.assert_array_equal(values, whole[name])
