@@ -65,6 +65,7 @@ UNREADABLE = {
     "format": "unreadable format",  # completed by the format's name: "unreadable format (HEIC)"
     "corrupt": "truncated or corrupt image",
     "bomb": "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)",
+    "memory": "image too large to decode in the memory available",
 }
 
 
@@ -184,6 +185,8 @@ def opened_image(path: Path) -> Iterator[Image.Image]:
             yield img
     except Image.DecompressionBombError:
         raise UnreadableImageError(str(path), UNREADABLE["bomb"]) from None
+    except MemoryError:  # one photo too large for this machine costs its own row, not the run
+        raise UnreadableImageError(str(path), UNREADABLE["memory"]) from None
     except UnidentifiedImageError:
         known = unsupported_format(path)
         status = UNREADABLE["not_image"] if known is None else f"{UNREADABLE['format']} ({known})"

@@ -93,3 +93,16 @@ def test_an_image_in_memory_maps_points_unchanged() -> None:
     image = ShrunkImage(np.zeros((4, 4, 3), np.uint8))
     points = np.array([[0.1, 2.7]])
     assert (image.full_coordinates(points) == points).all() and (image.coordinates(points) == points).all()
+
+
+def test_a_photo_too_large_for_the_memory_left_is_refused_with_its_own_status(tmp_path: Path, monkeypatch) -> None:
+    from PIL import ImageFile
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.jpg")
+
+    def out_of_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", out_of_memory)
+    with pytest.raises(UnreadableImageError, match="too large to decode in the memory available"):
+        load_rgb8(tmp_path / "a.jpg")
