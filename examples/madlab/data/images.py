@@ -11,7 +11,7 @@ augmentation run on the cached pixels, so they cost almost nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..io.pixels import UnreadableImageError, load_pixels
+from ..io.shrunk import ShrunkImage, load_rgb8
 from .samples import DataError, Sample
 
-__all__ = ["ImageDataset", "decode", "make_loader", "normalise", "resize_pixels", "sample_pixels"]
+__all__ = ["ImageDataset", "decode", "make_loader", "normalise", "resize_pixels", "sample_pixels", "sample_rgb8"]
 
 MIB = 2**20
 
@@ -49,13 +50,32 @@ def sample_pixels(sample: Sample, size: int | None = None) -> np.ndarray:
         DataError: If the file cannot be read any more.
     """
     if sample.face is not None and size:
-        return sample.face.crop(size, lambda: sample_pixels(replace(sample, face=None)))
+        return sample.face.crop(size, partial(sample_rgb8, sample))
     if sample.image is not None:
         return sample.image
     try:
         return load_pixels(sample.path, size)[0]
     except UnreadableImageError as err:
-        raise DataError(f"could not read {sample.path!r} (it was readable when scanned): {err.status}") from None
+        raise _gone(sample, err) from None
+
+
+def sample_rgb8(sample: Sample, **bounds) -> ShrunkImage:
+    """The photo of ``sample`` as face detection and cropping read it: its pixels in memory (as they
+    are), or its file as uint8 shrunk within ``bounds`` (:func:`~madlab.io.shrunk.load_rgb8`'s).
+
+    Raises:
+        DataError: If the file cannot be read any more.
+    """
+    if sample.image is not None:
+        return ShrunkImage(sample.image)
+    try:
+        return load_rgb8(sample.path, **bounds)
+    except UnreadableImageError as err:
+        raise _gone(sample, err) from None
+
+
+def _gone(sample: Sample, err: UnreadableImageError) -> DataError:
+    return DataError(f"could not read {sample.path!r} (it was readable when scanned): {err.status}")
 
 
 def decode(sample: Sample, size: int) -> torch.Tensor:

@@ -25,15 +25,17 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from ..data.images import sample_pixels
+from ..data.images import sample_pixels, sample_rgb8
 from ..data.samples import DataError, DataReport, Sample
 from ..io.config import Config, ConfigError
 from ..io.keyed import content_key, entry_path, file_key, read_entry, write_entry
-from ..io.pixels import RejectedImageError, load_pixels
+from ..io.pixels import RejectedImageError
+from ..io.shrunk import ShrunkImage, load_rgb8
 from .detection import (
     DETECT_MAX_SIDE,
     DETECT_MIN_SIDE,
@@ -86,23 +88,27 @@ def _valid_detection(entry: dict) -> bool:
     return marks.shape == (5, 2) and bool(np.isfinite(marks).all())
 
 
-def detection(key: str, pixels: Callable[[], np.ndarray], cache: Path | None) -> dict:
+def detection(key: str, read: Callable[..., ShrunkImage], cache: Path | None) -> dict:
     """What the detector finds in the image of content ``key``: from the cache, or detected now.
 
     Args:
         key: The image's content key (:func:`~madlab.io.keyed.file_key` or
             :func:`~madlab.io.keyed.content_key`).
-        pixels: Gives the full-resolution image; called only when the cache has no valid entry.
+        read: ``read(longest=n)`` gives the image shrunk to a longer side of at least ``n``
+            (:func:`~madlab.io.shrunk.load_rgb8`); called only when the cache has no valid entry.
+            The detector looks at :data:`DETECT_MAX_SIDE` pixels at most: more are not read.
         cache: The cache root (entries under ``<cache>/faces/detections/``), or ``None``.
 
     Returns:
-        ``{"faces": n, "landmarks": 5 x 2 list (x, y) of the largest face or None, "score": ...}``.
+        ``{"faces": n, "landmarks": 5 x 2 list (x, y) of the largest face or None, "score": ...}``;
+        landmarks in the full-resolution image's pixel coordinates, whatever size it was read at.
     """
     entry = None if cache is None else entry_path(Path(cache) / "faces", "detections", key, _DETECTOR_KEY)
     if entry is not None and (found := read_entry(entry, _valid_detection)) is not None:
         return found
-    faces = detect_faces(pixels())
-    found = {"faces": len(faces), "landmarks": faces[0].landmarks.tolist() if faces else None,
+    image = read(longest=DETECT_MAX_SIDE)
+    faces = detect_faces(image.pixels)
+    found = {"faces": len(faces), "landmarks": image.full_coordinates(faces[0].landmarks).tolist() if faces else None,
              "score": faces[0].score if faces else None}
     if entry is not None:
         write_entry(entry, found)
@@ -125,7 +131,7 @@ def find_faces(samples: list[Sample], margin: float, cache: str | Path | None, r
     kept, missing, several = [], Counter(), 0
     for sample in samples:
         key = _sample_key(sample)
-        found = detection(key, lambda: sample_pixels(sample), root)  # noqa: B023 (called at once)
+        found = detection(key, partial(sample_rgb8, sample), root)
         if not found["faces"]:
             report.skip(sample.path, NO_FACE)
             missing["bona_fide" if sample.label == 0 else f"morph/{sample.method}"] += 1
@@ -184,26 +190,15 @@ def save_crops(samples: list[Sample], size: int, folder: str | Path) -> list[Pat
     return [save_crop(sample_pixels(sample, size), names[sample.path], folder) for sample in with_face]
 
 
-class _Once:
-    """A photo decoded at most once, and only if asked for (a cached detection and crop need none)."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.pixels = path, None
-
-    def __call__(self) -> np.ndarray:
-        if self.pixels is None:
-            self.pixels = load_pixels(self.path)[0]  # full resolution, as the data path reads it
-        return self.pixels
-
-
 @dataclass(frozen=True)
 class AlignedReader:
     """``predict``'s reader for ``face_crop=align``: a photo's path in, its aligned crop out.
 
     The crop is made as for a data set's sample (:func:`find_faces`, then
-    :meth:`~madlab.faces.detection.FaceRef.crop`: full-resolution pixels, the largest face, the same
-    template and margin) and through the same cache, so a photo that ``train``, ``test`` or an
-    earlier ``predict`` saw is neither decoded nor detected again, and its crop is the same.
+    :meth:`~madlab.faces.detection.FaceRef.crop`: the photo read at the size each step needs, the
+    largest face, the same template and margin) and through the same cache, so a photo that
+    ``train``, ``test`` or an earlier ``predict`` saw is neither decoded nor detected again, and
+    its crop is the same. A photo is decoded only when its detection or crop is not cached.
 
     Args:
         size: The model's input side.
@@ -227,17 +222,17 @@ class AlignedReader:
 
     def __call__(self, path: str) -> np.ndarray:
         """``size x size x 3`` float32 crop in [0, 1] of the photo at ``path``."""
-        decode = _Once(path)
+        read = partial(load_rgb8, path)
         key = file_key(path)
         if key is None:  # not readable: let the decoder say why (missing, folder, permission, loop)
-            key = content_key(decode())
+            key = content_key(read(longest=DETECT_MAX_SIDE).pixels)
         cache = None if self.cache is None else Path(self.cache)
-        found = detection(key, decode, cache)
+        found = detection(key, read, cache)
         if not found["faces"]:
             raise RejectedImageError(path, NO_FACE_STATUS)
         face = FaceRef(key, np.asarray(found["landmarks"], dtype=np.float64), self.margin,
                        None if cache is None else str(cache / "faces"))
-        crop = face.crop(self.size, decode)
+        crop = face.crop(self.size, read)
         if self.save_to is not None:
             save_crop(crop, self.names.get(path, Path(path).name), self.save_to)
         return crop

@@ -66,6 +66,11 @@ SCORE_THRESHOLD = 0.6
 # before detection (faster, same faces), smaller ones (ORL's 92 x 112) enlarged.
 DETECT_MAX_SIDE = 640
 DETECT_MIN_SIDE = 320
+# crop_with samples a crop pixel at most this many times in each direction: a photo read with
+# more pixels per crop pixel than this gains nothing, so FaceRef.crop reads it shrunk to about
+# that (a 50-megapixel photo at the size its face needs, not whole). Measured against the
+# full-resolution read: crops equal within 3 grey levels (tests/example/faces/test_memory.py).
+MAX_SUPERSAMPLING = 8
 
 
 class FaceCropError(MadlabError):
@@ -291,7 +296,7 @@ def crop_with(image: np.ndarray, landmarks: np.ndarray, size: int,
     rgb = as_uint8_rgb(image)
     matrix = similarity_matrix(landmarks, template(size, margin))
     scale = float(np.hypot(*matrix[:, 0]))
-    factor = int(min(8, max(1, np.ceil(1.0 / max(scale, 1e-6)))))
+    factor = int(min(MAX_SUPERSAMPLING, max(1, np.ceil(1.0 / max(scale, 1e-6)))))
     big = matrix.copy()
     # Pixel centres sit at integers: point p of the small crop is factor * (p + 0.5) - 0.5 in the big one.
     big *= factor
@@ -349,6 +354,13 @@ def save_crop(crop: np.ndarray, source_name: str, folder: str | Path) -> Path:
 # --------------------------------------------------------------------------- cached crops of samples
 
 
+def _source_box(matrix: np.ndarray, size: int) -> tuple[float, float, float, float]:
+    """``(left, top, right, bottom)`` of the photo pixels a ``size`` crop by ``matrix`` samples."""
+    edges = np.array([[-0.5, -0.5], [size - 0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, size - 0.5]])
+    corners = (edges - matrix[:, 2]) @ np.linalg.inv(matrix[:, :2]).T
+    return (*corners.min(axis=0).tolist(), *corners.max(axis=0).tolist())
+
+
 def _settings_key(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -368,8 +380,14 @@ class FaceRef:
     margin: float
     cache: str | None
 
-    def crop(self, size: int, decode) -> np.ndarray:
-        """The ``size x size x 3`` float32 crop in [0, 1]; ``decode()`` gives the image when it is not cached."""
+    def crop(self, size: int, read) -> np.ndarray:
+        """The ``size x size x 3`` float32 crop in [0, 1].
+
+        Args:
+            size: The crop's side.
+            read: ``read(factor=k, box=b)`` gives the part ``b`` of the photo shrunk by at most ``k``
+                (:func:`~madlab.io.shrunk.load_rgb8`); called only when the crop is not cached.
+        """
         path = None
         if self.cache:
             name = f"{self.key}-{_settings_key(self.landmarks.round(3).tolist(), size, self.margin)}.npy"
@@ -381,12 +399,19 @@ class FaceRef:
                         return pixels.astype(np.float32) / np.float32(255.0)
                 except (OSError, ValueError, EOFError):  # EOFError: an empty file
                     pass  # a damaged cache entry is made again
-        pixels, _, _ = crop_with(decode(), self.landmarks, size, self.margin)
+        pixels = self._cut(size, read)
         if path is not None:
             buffer = io.BytesIO()
             np.save(buffer, pixels, allow_pickle=False)
             write_atomically(path, buffer.getvalue())
         return pixels.astype(np.float32) / np.float32(255.0)
+
+    def _cut(self, size: int, read) -> np.ndarray:
+        """The crop made from the photo read at :data:`MAX_SUPERSAMPLING` photo pixels per crop pixel or more."""
+        matrix = similarity_matrix(self.landmarks, template(size, self.margin))
+        scale = float(np.hypot(*matrix[:, 0]))
+        image = read(factor=max(1, int(1.0 / (MAX_SUPERSAMPLING * max(scale, 1e-6)))), box=_source_box(matrix, size))
+        return crop_with(image.pixels, image.coordinates(self.landmarks), size, self.margin)[0]
 
     def crop_landmarks(self, size: int) -> np.ndarray:
         """The 5 landmarks in the coordinates of the ``size`` crop (``5 x 2``)."""

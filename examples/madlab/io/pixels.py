@@ -1,8 +1,9 @@
 """Reading one image file into RGB pixels: the leaf of the data layer (imports nothing of madlab but errors).
 
 Every image, whatever its mode, goes through :func:`load_pixels` and comes out as ``H x W x 3``
-float32 in [0, 1], so grey and colour photos take the same path. What can be read is
-converted rather than refused:
+float32 in [0, 1], so grey and colour photos take the same path; the face path reads uint8
+through :func:`~madlab.io.shrunk.load_rgb8`, shrunk to the size it needs. What can be read is converted rather
+than refused:
 
 * EXIF orientation is applied first (a phone photo stored on its side is turned upright);
 * an animated image (GIF, APNG, WebP) gives its first frame;
@@ -26,6 +27,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +40,13 @@ __all__ = [
     "UNREADABLE",
     "RejectedImageError",
     "UnreadableImageError",
+    "eight_bit",
     "find_images",
     "image_suffixes",
+    "is_turned",
     "load_pixels",
     "mode_label",
+    "opened_image",
     "unsupported_format",
 ]
 
@@ -59,6 +65,7 @@ UNREADABLE = {
     "format": "unreadable format",  # completed by the format's name: "unreadable format (HEIC)"
     "corrupt": "truncated or corrupt image",
     "bomb": "image too large (over Pillow's decompression-bomb limit of 2 x Image.MAX_IMAGE_PIXELS)",
+    "memory": "image too large to decode in the memory available",
 }
 
 
@@ -103,12 +110,17 @@ def _check_file(path: Path) -> None:
         raise UnreadableImageError(str(path), UNREADABLE["permission"])
 
 
+def is_turned(img: Image.Image) -> bool:
+    """Whether ``img``'s EXIF orientation says it is stored turned or mirrored (``exif_transpose`` would change it)."""
+    return img.getexif().get(0x0112, 1) not in (1, None)  # 0x0112: the EXIF Orientation tag
+
+
 def mode_label(img: Image.Image) -> str | None:
     """What :func:`load_pixels` converts in ``img``, for the report: its mode, ``animated`` or
     ``EXIF-rotated``; ``None`` for a still, upright RGB image."""
     if getattr(img, "n_frames", 1) > 1:
         return "animated (first frame)"
-    if img.getexif().get(0x0112, 1) not in (1, None):  # 0x0112: the EXIF Orientation tag
+    if is_turned(img):
         return "EXIF-rotated"
     return None if img.mode in _PLAIN else img.mode
 
@@ -117,10 +129,9 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in _SIXTEEN_BIT:  # convert("RGB") would clip 16-bit values at 255 (white)
         grey = np.asarray(img, dtype=np.float32) / np.float32(65535.0)
         return np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=2)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # Pillow wants palette transparency expanded first
+    img = eight_bit(img)
     if img.mode != "RGB":
-        img = img.convert("RGB")  # CMYK/YCbCr/LAB/HSV: Pillow's conversions; L, LA, 1: grey copied to R, G, B
+        img = img.convert("RGB")  # grey copied to R, G, B
     return np.asarray(img, dtype=np.float32) / np.float32(255.0)
 
 
@@ -140,22 +151,42 @@ def load_pixels(path: str | os.PathLike[str], size: int | None = None) -> tuple[
     Raises:
         UnreadableImageError: If the file cannot be decoded; ``status`` says why.
     """
-    path = Path(path)
+    with opened_image(Path(path)) as img:
+        label = mode_label(img)
+        img.seek(0)
+        if size and img.format == "JPEG":
+            img.draft("RGB", (2 * size, 2 * size))
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        factor = min(upright.size) // (2 * size) if size else 0
+        if factor >= 2 and upright.mode not in _SIXTEEN_BIT:
+            upright = upright.reduce(factor)
+        return _to_rgb(upright), label
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit grey (``L``) or ``RGB``: the modes ``reduce`` takes and uint8 holds."""
+    if img.mode in _SIXTEEN_BIT:  # convert("L") would clip 16-bit values at 255: scale them instead
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((wide + 128) // 257).astype(np.uint8))
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow wants palette transparency expanded first
+    return img.convert("RGB")  # CMYK/YCbCr/LAB/HSV: Pillow's conversions; LA, 1: grey copied to R, G, B
+
+
+@contextmanager
+def opened_image(path: Path) -> Iterator[Image.Image]:
+    """``Image.open(path)``, with every way of failing turned into :class:`UnreadableImageError`."""
     _check_file(path)
     try:
         with Image.open(path) as img:  # checks the header's size against the bomb limit
-            label = mode_label(img)
-            img.seek(0)
-            if size and img.format == "JPEG":
-                img.draft("RGB", (2 * size, 2 * size))
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            factor = min(upright.size) // (2 * size) if size else 0
-            if factor >= 2 and upright.mode not in _SIXTEEN_BIT:
-                upright = upright.reduce(factor)
-            return _to_rgb(upright), label
+            yield img
     except Image.DecompressionBombError:
         raise UnreadableImageError(str(path), UNREADABLE["bomb"]) from None
+    except MemoryError:  # one photo too large for this machine costs its own row, not the run
+        raise UnreadableImageError(str(path), UNREADABLE["memory"]) from None
     except UnidentifiedImageError:
         known = unsupported_format(path)
         status = UNREADABLE["not_image"] if known is None else f"{UNREADABLE['format']} ({known})"

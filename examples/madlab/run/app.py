@@ -32,10 +32,13 @@ from ..data.images import ImageDataset
 from ..data.recorded import SplitRecord, describe_seen, same_data
 from ..data.samples import DataError, Sample
 from ..data.shortcuts import SHORTCUTS, grey, sample_greys, shortcut_scores
+from ..evaluation.bootstrap import Resamples, draw
 from ..evaluation.plots import save_plots
 from ..evaluation.report import (
+    add_auc_differences,
     choose_threshold,
     format_table,
+    interval_text,
     iso_report,
     operating_points,
     shortcut_report,
@@ -465,8 +468,10 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     scores = detector.score(detector.dataset(test), desc=f"scoring {split}", progress=env.progress)
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
-    report = iso_report(scores, labels, methods, threshold)
-    report["shortcuts"], shortcut_test = _shortcuts(samples, test, split, detector, not other_data)
+    resamples = draw(labels, [s.identity for s in test])  # over the test people when every image names them
+    report = iso_report(scores, labels, methods, threshold, resamples)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, test, split, detector, not other_data, resamples)
+    add_auc_differences(report, scores, shortcut_test, labels, resamples)
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "exported": detector.exported,
                        "training": detector.metadata.get("training")}
@@ -524,8 +529,8 @@ def _seen(record: SplitRecord | None, scored: list[Sample], strict: bool) -> dic
     return seen
 
 
-def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
-               detector: Detector, training_data: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _shortcuts(samples: list[Sample], scored: list[Sample], split: str, detector: Detector, training_data: bool,
+               resamples: Resamples) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The shortcut baselines at the detector's input size, each with its τ from dev: the dev images of
     the data when the test split of the training data is scored, else the τ the model file recorded
     from its own dev split at training time (another data set has no dev split of its own).
@@ -549,7 +554,7 @@ def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
     test_stats = shortcut_scores(sample_greys(scored, size))
     report = shortcut_report(dev_stats, dev_labels, test_stats, np.array([s.label for s in scored]),
                              [s.method for s in scored], rule, {name: s.description for name, s in SHORTCUTS.items()},
-                             fixed=fixed)
+                             fixed=fixed, resamples=resamples)
     return report, test_stats
 
 
@@ -609,17 +614,24 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
             "d_eer": metrics["overall"]["d_eer"],
             "auc": metrics["overall"]["auc"],
             "worst_d_eer": metrics["worst_case"]["d_eer"]["value"],
+            **_auc_interval(metrics["overall"]),
         })
     # Every strategy is tested on the same dev and test images, so the shortcut baselines are the same for all.
     for base_name, base in metrics.get("shortcuts", {}).items():
         rows.append({**dict.fromkeys(rows[0], None), "strategy": f"shortcut:{base_name}",
                      "d_eer": base["overall"]["d_eer"], "auc": base["overall"]["auc"],
-                     "worst_d_eer": base["worst_case"]["d_eer"]["value"]})
+                     "worst_d_eer": base["worst_case"]["d_eer"]["value"], **_auc_interval(base["overall"])})
     write_json(out / "compare.json", rows)
     _write_compare_csv(out / "compare.csv", rows)
     env.say(format_compare(rows))
     env.say(f"wrote {out / 'compare.json'} and {out / 'compare.csv'}")
     return rows
+
+
+def _auc_interval(part: dict[str, Any]) -> dict[str, float | None]:
+    """``auc_low``/``auc_high`` of a report part (None for a metrics.json from before the intervals)."""
+    bounds = part.get("intervals", {}).get("auc") or [None, None]
+    return {"auc_low": bounds[0], "auc_high": bounds[1]}
 
 
 def _write_compare_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -635,17 +647,22 @@ def _write_compare_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def format_compare(rows: list[dict[str, Any]]) -> str:
     head = (f"{'strategy':<14}{'trainable':>11}{'ckpt KiB':>10}{'train s':>9}{'peak RSS MB':>13}"
-            f"{'opt+grad MB':>12}{'D-EER':>8}{'AUC':>7}{'worst D-EER':>13}")
+            f"{'opt+grad MB':>12}{'D-EER':>8}{'AUC':>7}{'AUC 95%':>13}{'worst D-EER':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["trainable_params"] is None:  # a shortcut baseline: no model, only the metrics
             lines.append(f"{r['strategy']:<20}{'-':>5}{'-':>10}{'-':>9}{'-':>13}{'-':>12}"
-                         f"{100 * r['d_eer']:>7.1f}%{r['auc']:>7.3f}{100 * r['worst_d_eer']:>12.1f}%")
+                         f"{100 * r['d_eer']:>7.1f}%{r['auc']:>7.3f}{_auc_span(r)}{100 * r['worst_d_eer']:>12.1f}%")
             continue
         lines.append(f"{r['strategy']:<14}{r['trainable_params']:>11,}{r['checkpoint_kib']:>10.1f}{r['train_seconds']:>9.1f}"
                      f"{r['peak_rss_mb']:>13.0f}{r['train_state_mb']:>12.2f}{100 * r['d_eer']:>7.1f}%{r['auc']:>7.3f}"
-                     f"{100 * r['worst_d_eer']:>12.1f}%")
+                     f"{_auc_span(r)}{100 * r['worst_d_eer']:>12.1f}%")
     lines.append("peak RSS is the whole process (interpreter, torch, data); opt+grad MB is the fp32 gradient"
                  " and AdamW state of the trainable parameters; shortcut:<name> rows score the same test images by"
-                 " one image statistic (see metrics.json)")
+                 " one image statistic (see metrics.json); AUC 95% is its bootstrap interval over the test set")
     return "\n".join(lines)
+
+
+def _auc_span(row: dict[str, Any]) -> str:
+    bounds = None if row.get("auc_low") is None else (row["auc_low"], row["auc_high"])
+    return interval_text("auc", bounds).rjust(13)

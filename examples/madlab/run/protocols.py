@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks.sets import uses_given
-from ..evaluation.report import APCER_TARGETS, write_json
+from ..evaluation.report import APCER_TARGETS, figure_text, interval_text, write_json
 from ..io.config import Config, apply_overrides
 from ..io.errors import MadlabError
 from ..io.files import write_text_atomically
@@ -31,15 +31,17 @@ __all__ = ["PROTOCOLS", "ProtocolRow", "format_protocol", "format_unseen", "run_
 PROTOCOLS = ("leave-one-method-out", "cross-dataset")
 ProtocolRow = dict[str, Any]
 COLUMNS = ["protocol", "attacks", "trained_on", "never_seen", "subset", "seen_in_training", "n_bona_fide",
-           "n_morph", "d_eer", "auc", *APCER_TARGETS]
+           "n_morph", "d_eer", "auc", *APCER_TARGETS, "auc_low", "auc_high", "too_small"]
 
 
 def _rows(report: dict[str, Any], base: ProtocolRow, seen: set[str]) -> list[ProtocolRow]:
     """One row per method, overall, and each shortcut statistic (overall), from an ISO report."""
     def row(subset: str, m: dict[str, Any], seen_flag: str) -> ProtocolRow:
+        bounds = m.get("intervals", {}).get("auc") or [None, None]
         return {**base, "subset": subset, "seen_in_training": seen_flag, "n_bona_fide": m["n_bona_fide"],
                 "n_morph": m["n_morph"], "d_eer": m["d_eer"], "auc": m["auc"],
-                **{k: m[k]["bpcer"] for k in APCER_TARGETS}}
+                **{k: m[k]["bpcer"] for k in APCER_TARGETS}, "auc_low": bounds[0], "auc_high": bounds[1],
+                "too_small": ";".join(m.get("flags", {}))}
 
     rows = [row(name, m, "yes" if name in seen else "NO") for name, m in report["per_method"].items()]
     rows.append(row("overall", report["overall"], ""))
@@ -53,8 +55,8 @@ def _rows(report: dict[str, Any], base: ProtocolRow, seen: set[str]) -> list[Pro
 
 def format_protocol(rows: list[ProtocolRow]) -> str:
     """The protocol table for the terminal; a header line per training run names what it never saw."""
-    head = (f"{'subset':<28}{'seen':>5}{'BF':>5}{'M':>5}{'D-EER':>8}{'AUC':>7}{'BPCER@1%':>10}{'@5%':>7}"
-            f"{'@10%':>7}")
+    head = (f"{'subset':<28}{'seen':>5}{'BF':>5}{'M':>5}{'D-EER':>8}{'AUC':>7}{'AUC 95%':>13}{'BPCER@1%':>10}"
+            f"{'@5%':>7}{'@10%':>7}")
     lines, current = [], None
     for r in rows:
         key = (r["protocol"], r["attacks"], r["trained_on"], r["never_seen"])
@@ -63,21 +65,31 @@ def format_protocol(rows: list[ProtocolRow]) -> str:
             lines += ["", f"protocol {r['protocol']}: attacks={r['attacks']}, trained on {r['trained_on']};"
                           f" never seen in training: {r['never_seen']}", head, "-" * len(head)]
         lines.append(f"{r['subset']:<28}{r['seen_in_training']:>5}{r['n_bona_fide']:>5}{r['n_morph']:>5}"
-                     f"{100 * r['d_eer']:>7.1f}%{r['auc']:>7.3f}"
-                     + "".join(f"{100 * r[k]:>{w}.1f}%" for k, w in zip(APCER_TARGETS, (9, 6, 6))))
+                     + "".join(_cell(r, k, w) for k, w in (("d_eer", 8), ("auc", 7)))
+                     + _span(r, 13) + "".join(_cell(r, k, w) for k, w in zip(APCER_TARGETS, (10, 7, 7))))
     lines.append("seen = whether that method's morphs were in the training split; shortcut rows score the same"
-                 " test images by one image statistic (threshold on the training data's dev split)")
+                 " test images by one image statistic (threshold on the training data's dev split); AUC 95% ="
+                 " bootstrap interval (metrics.json of each run); -- = too few test images for that figure")
     return "\n".join(lines[1:])
 
 
 def format_unseen(rows: list[ProtocolRow]) -> str:
     """The summary that matters: for each ``attacks`` mode, the detector on every method it never saw."""
     unseen = [r for r in rows if r["seen_in_training"] == "NO" and not r["subset"].startswith("shortcut:")]
-    head = f"{'attacks':<11}{'never seen':<24}{'BF':>5}{'M':>5}{'D-EER':>8}{'AUC':>7}{'BPCER@10%':>11}"
+    head = f"{'attacks':<11}{'never seen':<24}{'BF':>5}{'M':>5}{'D-EER':>8}{'AUC':>7}{'AUC 95%':>13}{'BPCER@10%':>11}"
     lines = ["detector on methods never seen in training:", head, "-" * len(head)]
-    lines += [f"{r['attacks']:<11}{r['subset']:<24}{r['n_bona_fide']:>5}{r['n_morph']:>5}{100 * r['d_eer']:>7.1f}%"
-              f"{r['auc']:>7.3f}{100 * r['bpcer@apcer=10%']:>10.1f}%" for r in unseen]
+    lines += [f"{r['attacks']:<11}{r['subset']:<24}{r['n_bona_fide']:>5}{r['n_morph']:>5}{_cell(r, 'd_eer', 8)}"
+              f"{_cell(r, 'auc', 7)}{_span(r, 13)}{_cell(r, 'bpcer@apcer=10%', 11)}" for r in unseen]
     return "\n".join(lines)
+
+
+def _cell(r: ProtocolRow, key: str, width: int) -> str:
+    return figure_text(key, r[key], key in (r.get("too_small") or "").split(";")).rjust(width)
+
+
+def _span(r: ProtocolRow, width: int) -> str:
+    bounds = None if r.get("auc_low") is None else (r["auc_low"], r["auc_high"])
+    return interval_text("auc", bounds, "auc" in (r.get("too_small") or "").split(";")).rjust(width)
 
 
 def _write_csv(path: Path, rows: list[ProtocolRow]) -> None:

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from madlab.data.shortcuts import SHORTCUTS, contrast, grey, laplacian_variance, sample_greys, shortcut_scores
-from madlab.evaluation.report import choose_threshold, format_table, iso_report, shortcut_report, shortcut_verdict
+from madlab.evaluation.bootstrap import draw
+from madlab.evaluation.report import (
+    add_auc_differences,
+    choose_threshold,
+    format_table,
+    iso_report,
+    shortcut_report,
+    shortcut_verdict,
+)
 from scipy.ndimage import gaussian_filter
 
 
@@ -77,26 +85,44 @@ def test_shortcut_report_uses_the_detector_rule_on_dev() -> None:
 def _report(detector: np.ndarray, shortcut: np.ndarray, labels: np.ndarray) -> dict:
     methods = ["bona_fide" if y == 0 else "blend" for y in labels]
     threshold = choose_threshold(detector, labels, "dev_eer")
-    report = iso_report(detector, labels, methods, threshold)
+    resamples = draw(labels)
+    report = iso_report(detector, labels, methods, threshold, resamples)
     report["shortcuts"] = shortcut_report({"sharpness": shortcut}, labels, {"sharpness": shortcut}, labels, methods,
-                                          "dev_eer", {"sharpness": "variance of the Laplacian"})
+                                          "dev_eer", {"sharpness": "variance of the Laplacian"}, resamples=resamples)
+    add_auc_differences(report, detector, {"sharpness": shortcut}, labels, resamples)
     report["shortcut_verdict"] = shortcut_verdict(report)
     return report
 
 
-def test_verdict_says_plainly_when_the_detector_loses() -> None:
-    labels = np.array([0, 0, 0, 1, 1, 1])
-    weak = np.array([0.1, 0.5, 0.3, 0.2, 0.6, 0.4])
-    strong = np.array([0.0, 0.1, 0.2, 0.7, 0.8, 0.9])
+def test_verdict_follows_the_interval_of_the_paired_auc_difference() -> None:
+    rng = np.random.default_rng(4)
+    labels = np.array([0] * 100 + [1] * 100)
+    strong, weak = rng.normal(2.0 * labels, 1.0), rng.normal(0.3 * labels, 1.0)
     lost = _report(weak, strong, labels)
     assert lost["shortcut_verdict"][0].startswith("The detector does NOT beat the shortcut baseline 'sharpness'")
+    assert lost["shortcuts"]["sharpness"]["auc_difference"]["interval"][1] < 0
     table = format_table(lost)
     assert "shortcut:sharpness" in table and "does NOT beat" in table
     won = _report(strong, weak, labels)
     assert won["shortcut_verdict"] == [won["shortcut_verdict"][0]]
     assert won["shortcut_verdict"][0].startswith("The detector beats the shortcut baseline 'sharpness'")
-    # A tie is not a win.
-    assert "does NOT beat" in _report(strong, strong, labels)["shortcut_verdict"][0]
+    assert won["shortcuts"]["sharpness"]["auc_difference"]["interval"][0] > 0
+    # A tie is not a win, and neither is a lead the interval does not confirm.
+    assert "does NOT measurably beat" in _report(strong, strong, labels)["shortcut_verdict"][0]
+    close = _report(strong, strong + rng.normal(0, 0.3, 200), labels)
+    low, high = close["shortcuts"]["sharpness"]["auc_difference"]["interval"]
+    assert low < 0 < high and "within noise" in close["shortcut_verdict"][0]
+
+
+def test_one_standard_error_is_not_a_win() -> None:
+    # The case: AUC 0.624 against 0.604 on 160 images is a lead, not evidence.
+    rng = np.random.default_rng(11)
+    labels = np.array([0] * 80 + [1] * 80)
+    shortcut = rng.normal(0.37 * labels, 1.0)
+    detector = shortcut + rng.normal(0.12 * labels, 0.8)
+    report = _report(detector, shortcut, labels)
+    assert report["overall"]["auc"] > report["shortcuts"]["sharpness"]["overall"]["auc"]
+    assert not report["shortcut_verdict"][0].startswith("The detector beats")
 
 
 def test_compare_table_carries_the_shortcut_rows() -> None:
@@ -105,6 +131,9 @@ def test_compare_table_carries_the_shortcut_rows() -> None:
     row = {"strategy": "lora", "trainable_params": 9313, "checkpoint_kib": 46.0, "train_seconds": 7.7,
            "peak_rss_mb": 523.0, "train_state_mb": 0.11, "best_epoch": 4, "d_eer": 0.475, "auc": 0.547,
            "worst_d_eer": 0.5}
-    base = {**dict.fromkeys(row), "strategy": "shortcut:sharpness", "d_eer": 0.25, "auc": 0.858, "worst_d_eer": 0.3}
+    base = {**dict.fromkeys(row), "strategy": "shortcut:sharpness", "d_eer": 0.25, "auc": 0.858, "worst_d_eer": 0.3,
+            "auc_low": 0.8012, "auc_high": 0.9049}
     lines = format_compare([row, base]).splitlines()
-    assert lines[3].split() == ["shortcut:sharpness", "-", "-", "-", "-", "-", "25.0%", "0.858", "30.0%"]
+    assert lines[3].split() == ["shortcut:sharpness", "-", "-", "-", "-", "-", "25.0%", "0.858", "0.801-0.905",
+                                "30.0%"]
+    assert lines[2].split()[-2] == "--", "a run without intervals (an older metrics.json) shows none"

@@ -222,3 +222,38 @@ def test_metrics_json_carries_shortcuts_verdict_and_data_report(trained: Path) -
     assert len(metrics["shortcut_verdict"]) == 2
     assert metrics["data"]["counts"]["test"] == {"bona_fide": 20, "morph/blend": 10, "morph/splice": 10}
     assert any("residual identity leakage" in n for n in metrics["data"]["notes"])
+
+
+def test_metrics_json_gives_every_figure_its_interval_and_the_verdict_its_difference(trained: Path) -> None:
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["bootstrap"]["unit"] == "identity" and metrics["bootstrap"]["resamples"] == 1000
+    for part in (metrics["overall"], *metrics["per_method"].values(), metrics["shortcuts"]["sharpness"]["overall"]):
+        for key in ("auc", "d_eer", "bpcer@apcer=1%", "bpcer@apcer=5%", "bpcer@apcer=10%"):
+            low, high = part["intervals"][key]
+            assert 0.0 <= low <= high <= 1.0
+        assert "bpcer@apcer=1%" in part["flags"], "20 morphs per method are too few for APCER = 1%"
+    for name, base in metrics["shortcuts"].items():
+        low, high = base["auc_difference"]["interval"]
+        verdict = next(line for line in metrics["shortcut_verdict"] if f"'{name}'" in line)
+        assert "interval" in verdict
+        assert verdict.startswith("The detector beats") == (low > 0)
+
+
+def test_one_bona_fide_and_one_morph_get_no_bare_auc(trained: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in ("bona_fide", "morph"):
+        (tmp_path / "two" / folder).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "two" / folder / "x.png")
+    capsys.readouterr()
+    rc = morph_detection.main(["test", "--model_path", str(trained / "morph_detector.safetensors"), "--no_progress",
+                               "--output_dir", str(tmp_path / "out"), "--override", f"data={tmp_path / 'two'}"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    overall = next(line for line in out.splitlines() if line.startswith("overall"))
+    assert overall.split()[3:5] == ["--", "--"], overall  # D-EER and AUC
+    assert "AUC 1.000" not in out and "AUC 0.000" not in out
+    assert "fewer than 2 images in a class" in out
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "auc" in metrics["overall"]["flags"]

@@ -104,3 +104,6 @@ def test_tables_group_runs_and_list_only_unseen_methods():
     assert table.count("never seen in training: blend") == 1
     unseen = format_unseen(rows).splitlines()
     assert len(unseen) == 4 and "blend" in unseen[3] and "0.750" in unseen[3]
+    flagged = {**rows[0], "auc_low": 0.61, "auc_high": 0.88, "too_small": "bpcer@apcer=1%;bpcer@apcer=5%"}
+    line = format_protocol([flagged]).splitlines()[3].split()
+    assert line[-5:] == ["0.750", "0.610-0.880", "--", "--", "50.0%"]
