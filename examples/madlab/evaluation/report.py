@@ -24,6 +24,7 @@ __all__ = [
     "SCORE_KIND",
     "choose_threshold",
     "format_table",
+    "headline",
     "iso_report",
     "operating_points",
     "p_morph",
@@ -241,6 +242,21 @@ def format_table(report: dict) -> str:
         lines += [f"  {name}: {base['description']}" for name, base in report["shortcuts"].items()]
         lines += report.get("shortcut_verdict", [])
     return "\n".join(lines)
+
+
+def headline(report: dict) -> str:
+    """The report's one-line result, which every command that tests ends with: the overall figures
+    with their counts, and whether the detector beats every shortcut baseline (:func:`shortcut_verdict`)."""
+    m = report["overall"]
+    at = m["at_threshold"]
+    line = (f"AUC {m['auc']:.3f}, D-EER {100 * m['d_eer']:.1f}% on {m['n_bona_fide']} bona fide and"
+            f" {m['n_morph']} morph images; at the dev threshold APCER {100 * at['apcer']:.1f}%,"
+            f" BPCER {100 * at['bpcer']:.1f}%")
+    verdicts = report.get("shortcut_verdict") or []
+    if verdicts:
+        beaten = sum(v.startswith("The detector beats") for v in verdicts)
+        line += f"; beats {beaten} of {len(verdicts)} shortcut baselines"
+    return line
 
 
 def write_json(path: Path, data: Any) -> None:
