@@ -98,7 +98,9 @@ def _subparser(sub: argparse._SubParsersAction, name: str, text: str, epilog: st
 
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
-    parser.add_argument("--output_dir", default=None, help="where outputs go (default: output/)")
+    parser.add_argument("--output_dir", default=None, help=(
+        "where the model file, training log and test report go (default: output/)" if training else
+        "where scores.csv, metrics.json and the plots go (default: the output_dir the model was trained with)"))
     parser.add_argument("--no_progress", action="store_true", help=(
         "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"
         if training else "no progress bar while scoring (shown only on a terminal)"))

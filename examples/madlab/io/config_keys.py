@@ -53,7 +53,7 @@ DESCRIPTIONS: dict[str, str] = {
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
     "compile": "torch.compile the detector; None = on with CUDA, off on CPU",
     # Data
-    "data": "a folder ROOT[/<split>]/{bona_fide,morph}/[<method>/] or a CSV manifest; None = embedded_data",
+    "data": "a folder ROOT[/SPLIT]/{bona_fide,morph}/[METHOD/] or a CSV manifest; None = embedded_data",
     "embedded_data": "the built-in smoke-test data when data is None: orl (40 people) or lfw_subset (a test"
                      " fixture; needs face_crop=none)",
     "morph_match_contributors": "embedded ORL morphs get their contributors' mean contrast and sharpness",
@@ -70,8 +70,8 @@ DESCRIPTIONS: dict[str, str] = {
     "identity_pattern": "regex over file names whose named groups are identities, so folders split by person",
     # Model
     "backbone": "dinov2-vits14-imgfocus, mae-vit-tiny, an HF checkpoint folder or hub id, a timm hub folder,"
-                " or timm:<architecture>",
-    "backbone_weights": "for timm:<architecture>: a .safetensors file or a timm hub folder",
+                " or timm:ARCHITECTURE",
+    "backbone_weights": "for timm:ARCHITECTURE: a .safetensors file or a timm hub folder",
     "pretrain_epochs": "mae-vit-tiny (or pretrain on a vit_mae folder): MAE pretraining epochs",
     "pretrain_lr": "MAE pretraining learning rate",
     "mae_mask_ratio": "share of patches masked in MAE pretraining",
