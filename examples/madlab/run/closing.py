@@ -76,7 +76,8 @@ def after_predict(model_path: str | Path, output: str | Path, crops: str | Path 
     exported = read_metadata(model).get("format") == EXPORT_FORMAT
     follow = ("none needed: the CSV holds a decision per photo" if exported else
               _command("export", "--model_path", model, "--output", model.with_name("merged.safetensors")))
-    return Closing([output, *([crops] if crops is not None else [])], line, follow)
+    # The crops folder exists only once a face was cropped into it.
+    return Closing([output, *([crops] if crops is not None and Path(crops).is_dir() else [])], line, follow)
 
 
 def after_export(result: dict[str, Any], line: str) -> Closing:

@@ -11,7 +11,7 @@ import pytest
 from madlab.io.config import EVAL_KEYS, Config, parse_override
 from madlab.io.config_keys import DESCRIPTIONS, default_text, help_listing, markdown_table
 
-from tests.example.cli import cli
+from example.cli import cli
 
 README = Path(__file__).resolve().parents[3] / "examples" / "README.md"
 BLOCK = re.compile(r"<!-- config-keys:begin -->\n(.*?)\n<!-- config-keys:end -->", re.S)
@@ -41,7 +41,7 @@ def test_readme_table_is_the_generated_one() -> None:
     assert found[0] == markdown_table(), (
         "examples/README.md's key table is stale: replace it with `python examples/morph_detection.py config"
         " --markdown`")
-    rows = [line for line in found[0].splitlines()[2:]]
+    rows = found[0].splitlines()[2:]
     assert [re.match(r"\| `(\w+)`", row)[1] for row in rows] == FIELDS
 
 
@@ -79,5 +79,5 @@ def test_every_subcommand_describes_itself() -> None:
     assert all(descriptions.values())
     assert len(set(descriptions.values())) == len(descriptions), "two subcommands share a description"
     for name in ("test", "predict"):
-        rc, out, _ = cli(name, "--help")
+        _, out, _ = cli(name, "--help")
         assert "training prints" not in out, f"{name} --help speaks of training"
