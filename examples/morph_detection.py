@@ -240,11 +240,17 @@ def _default_run_argv(argv: list[str]) -> list[str]:
     return ["train", *argv]
 
 
+def parse_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, bool]:
+    """The command line as the example reads it: its arguments, and whether it is the default run
+    (no subcommand: train, then test). Exits with status 2 on arguments it cannot take."""
+    parser = parser or build_parser()
+    default_run = not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
+    return parser.parse_args(_default_run_argv(argv) if default_run else argv), default_run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    default_run = not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
-    args = parser.parse_args(_default_run_argv(argv) if default_run else argv)
+    args, default_run = parse_args(sys.argv[1:] if argv is None else argv, parser)
     if args.command == "config":
         print(markdown_table() if args.markdown else help_listing())
         return 0
@@ -340,4 +346,4 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["MODEL_FILE", "build_parser", "main"]
+__all__ = ["MODEL_FILE", "build_parser", "main", "parse_args"]
