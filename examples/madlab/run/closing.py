@@ -67,7 +67,7 @@ def after_default_run(summary: dict[str, Any], report: dict[str, Any]) -> Closin
     """The no-argument run (train, then test): everything it wrote; next, the same on your own data."""
     return Closing([*summary["written"], *report["written"]], f"smoke test: {headline(report)}",
                    _command("train", "--data", "YOUR_DATA", "--output_dir", "runs/mine")
-                   + "   (layouts: examples/README.md, 'Bring your own data')")
+                   + "   (the data layouts and the steps: docs/detector.md)")
 
 
 def after_predict(model_path: str | Path, output: str | Path, crops: str | Path | None, line: str) -> Closing:
