@@ -70,7 +70,8 @@ MODEL_FILE = "morph_detector.safetensors"
 SMOKE_TEST_BANNER = (
     "NOTE: this run uses embedded data (by default the ORL faces: 40 people, 92x112 grey, courtesy of AT&T Laboratories"
     " Cambridge) with morphs made in-process. It is a smoke test of the pipeline, NOT a MAD"
-    " benchmark; its numbers say little about real morphing attacks. Use --data ROOT for real data."
+    " benchmark; its numbers say little about real morphing attacks. For real data: train --data ROOT, then test"
+    " (docs/detector.md)."
 )
 
 
