@@ -82,8 +82,9 @@ def after_predict(model_path: str | Path, output: str | Path, crops: str | Path 
 
 def after_export(result: dict[str, Any], line: str) -> Closing:
     """``export``: the merged file; next, predict with it."""
-    return Closing([result["output"]], line,
-                   _command("predict", "--model_path", Path(result["output"]).resolve(), "--input", "PHOTOS"))
+    merged = Path(result["output"]).resolve()
+    return Closing([merged], line, _command("predict", "--model_path", merged, "--input", "PHOTOS",
+                                            "--output", merged.with_name("predictions.csv")))
 
 
 def after_pretrain(folder: Path, config: Config) -> Closing:
@@ -101,9 +102,10 @@ def after_compare(output_dir: str | Path, rows: list[dict[str, Any]]) -> Closing
     trained = [r for r in rows if r["strategy"] in COMPARE_STRATEGIES]
     best = max(trained, key=lambda r: r["auc"])
     result = ", ".join(f"{r['strategy']} AUC {r['auc']:.3f}" for r in trained) + " (test split)"
+    model = (out / best["strategy"] / MODEL_FILE).resolve()
     return Closing([out / "compare.json", out / "compare.csv", *(out / s for s in COMPARE_STRATEGIES)], result,
-                   _command("predict", "--model_path", (out / best["strategy"] / MODEL_FILE).resolve(),
-                            "--input", "PHOTOS"))
+                   _command("predict", "--model_path", model, "--input", "PHOTOS",
+                            "--output", model.with_name("predictions.csv")))
 
 
 def after_protocol(kind: str, out: Path, rows: list[dict[str, Any]], data: str | None) -> Closing:

@@ -5,6 +5,7 @@ flags, and names the subcommands for anything else."""
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -54,6 +55,17 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         image(photos / f"p{i}.png", 9000 + i)
     out = root / "out dir"  # a space: the next command must quote it
     outputs = {}
+    cwd = Path.cwd()
+    os.chdir(root / "data")  # a next command without an output path would write here
+    try:
+        _follow(root, data, photos, out, outputs)
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["dev", "test", "train"], "a file landed in the cwd"
+    return {"out": out.resolve(), "outputs": outputs}
+
+
+def _follow(root: Path, data: Path, photos: Path, out: Path, outputs: dict[str, str]) -> None:
     rc, outputs["train"], err = cli("train", "--data", str(data), "--backbone", str(tiny_vit(root / "vit")),
                                     "--output_dir", str(out), "--no_progress", *overrides(TRAIN))
     assert rc == 0, err
@@ -63,7 +75,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert argv[0] == step.split("_")[0], (step, argv)
         rc, outputs[step], err = cli(*argv, "--no_progress") if step != "export" else cli(*argv)
         assert rc == 0, (step, err)
-    return {"out": out.resolve(), "outputs": outputs}
 
 
 def test_train_lists_the_model_file_and_logs(chain) -> None:
