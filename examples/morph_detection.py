@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate on this data set instead of the one trained on (then every image of it by default)"))
     test.add_argument("--split", choices=EVAL_SPLITS, default=None, help=(
         "which images to score: default test on the training data, all on another data set"))
+    test.add_argument("--strict", action="store_true", help=(
+        "refuse to score when any image (same file content) or person (identity) to score was in the training"
+        " or dev split the model file records; without it they are scored and reported"))
     test.add_argument("--backbone", default=None,
                       help="backbone folder (timm: its weights), if it moved since training")
     test.add_argument("--cache_dir", default=None, help=(
@@ -286,7 +289,7 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
         if args.command == "test":
             extra = [f"data={args.data}"] if args.data else []
             report = run_test(args.model_path, [*args.override, *extra], env, args.output_dir, args.backbone,
-                              args.split)
+                              args.split, args.strict)
             _close(env, ranks, lambda: closing.after_test(report, args.model_path))
             return 0
         if args.command == "predict":

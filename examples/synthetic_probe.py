@@ -37,7 +37,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
-from madlab.attacks.sets import MATCH_REGIONS, FixedAttackSet, SyntheticTrainSet, check_morph_regions
+from madlab.attacks.sets import (
+    MATCH_REGIONS,
+    MODE_SOURCES,
+    FixedAttackSet,
+    SyntheticTrainSet,
+    check_morph_regions,
+    made_sources,
+    uses_given,
+)
 from madlab.attacks.synthesis import MORPH_REGIONS, parse_mix
 from madlab.data.images import ImageDataset
 from madlab.data.samples import Sample
@@ -81,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--match", choices=MATCH_REGIONS, default="face",
                         help="where attacks get their photo's statistics (default: face, as training does)")
     parser.add_argument("--train", default="synthetic",
-                        help="'synthetic' (bona fides and their synthetic attacks) or a morph method of the data")
+                        help="'synthetic', 'generated' or 'synthetic+generated' (bona fides and attacks made from"
+                             " them; held-out attacks of the same kinds) or a morph method of the data")
     parser.add_argument("--morph-regions", default=",".join(MORPH_REGIONS),
                         help="comma-separated regions a self-morph may blend (default: all of"
                              f" {','.join(MORPH_REGIONS)}; 'face' alone is the synthesis before 2026-12-04)")
@@ -113,8 +122,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, regions: tup
     split = {name: [s for s in samples if s.split == name] for name in ("train", "dev", "test")}
     size, norm = args.image_size, {"mean": (0.5,) * 3, "std": (0.5,) * 3}
     landmarks = CropLandmarks(size)
-    if args.train == "synthetic":
-        train = SyntheticTrainSet(ImageDataset(split["train"], size, augment=True, **norm), "synthetic", landmarks,
+    made = args.train in MODE_SOURCES and not uses_given(args.train)
+    if made:
+        train = SyntheticTrainSet(ImageDataset(split["train"], size, augment=True, **norm), args.train, landmarks,
                                   match=args.match, morph_regions=regions, mix=mix)
 
         def served(epoch: int) -> list:
@@ -128,7 +138,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser, regions: tup
         def served(epoch: int) -> list:
             return [train[k] for k in range(len(train))]
     dev = ImageDataset([s for s in split["dev"] if s.label == 0], size, **norm)
-    held = FixedAttackSet(dev, config.seed, landmarks, match=args.match, morph_regions=regions, mix=mix)
+    held = FixedAttackSet(dev, config.seed, landmarks, match=args.match, morph_regions=regions, mix=mix,
+                          kinds=made_sources(args.train) if made else ("synthetic",))
     # The dev people's given morphs: what a change to the synthesis may be chosen on; the
     # test split's morphs only report.
     dev_morphs = ImageDataset(split["dev"], size, **norm)

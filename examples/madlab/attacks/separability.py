@@ -21,7 +21,7 @@ import torch
 from ..data.shortcuts import contrast, laplacian, laplacian_variance
 from ..evaluation.metrics import auc
 from .masks import ellipse
-from .sets import SYNTHETIC_METHOD
+from .sets import MADE_METHODS
 
 __all__ = ["STATISTICS", "format_separability", "separability", "served_pairs"]
 
@@ -100,7 +100,7 @@ def separability(bona_fides: list[np.ndarray], attacks: list[np.ndarray]) -> dic
 
 
 def served_pairs(dataset, limit: int = 256) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Up to ``limit`` bona fides and as many synthetic attacks exactly as a training set serves them.
+    """Up to ``limit`` bona fides and as many made attacks exactly as a training set serves them.
 
     The items are drawn inside :func:`torch.random.fork_rng`, so checking does not change
     the random numbers training then uses (runs stay reproducible and resumable).
@@ -109,7 +109,7 @@ def served_pairs(dataset, limit: int = 256) -> tuple[list[np.ndarray], list[np.n
         dataset: A :class:`~.attacks.SyntheticTrainSet`.
     """
     real = [k for k, s in enumerate(dataset.samples) if s.label == 0][:limit]
-    made = [k for k, s in enumerate(dataset.samples) if s.method == SYNTHETIC_METHOD][:limit]
+    made = [k for k, s in enumerate(dataset.samples) if s.method in MADE_METHODS][:limit]
     mean = dataset.base.mean.numpy().reshape(1, 1, 3)
     std = dataset.base.std.numpy().reshape(1, 1, 3)
 
@@ -125,5 +125,5 @@ def format_separability(aucs: dict[str, float], n: int) -> str:
     """One line for the training log: the AUC of each statistic and the worst distance from 0.5."""
     worst = max(aucs, key=lambda name: abs(aucs[name] - 0.5))
     figures = ", ".join(f"{name} {value:.3f}" for name, value in aucs.items())
-    return (f"synthetic attacks vs training bona fides as served ({n} of each): AUC of one image statistic:"
+    return (f"made attacks vs training bona fides as served ({n} of each): AUC of one image statistic:"
             f" {figures} (0.5 = not separable; furthest from 0.5: {worst})")

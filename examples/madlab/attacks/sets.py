@@ -1,8 +1,11 @@
-"""Where a run's attacks come from: the data's morphs (``given``), synthesised from bona fides, or both.
+"""Where a run's attacks come from: the data's morphs (``given``), made from bona fides, or both.
 
-``attacks=synthetic`` trains on bona fides alone. :class:`SyntheticTrainSet` serves every
-training bona fide twice, once as itself and once as a synthetic attack made from it
-(:mod:`.synthesis`), with new random attacks each time it is read, so every epoch sees new
+Two kinds are made from bona fides, so that bona fides alone train: ``synthetic`` attacks
+alter one photo (:mod:`.synthesis`); ``generated`` morphs combine two photos of the same
+split, of two people or two shots of one (:mod:`.generated`). :data:`MODE_SOURCES` says which
+sources each ``attacks`` mode uses. :class:`SyntheticTrainSet` serves every training bona fide
+twice, once as itself and once as an attack made from it (with several made kinds, the bona
+fides take turns), with new random attacks each time it is read, so every epoch sees new
 ones. Every item, whatever its class, then gets the same random processing
 (:func:`~.synthesis.matched_augment`), so processing marks neither class.
 
@@ -15,7 +18,8 @@ the same images. :func:`dev_attacks` returns the set and the sentence the report
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -24,12 +28,16 @@ from torch.utils.data import Dataset, Sampler
 from ..data.images import ImageDataset
 from ..data.samples import SPLITS, DataError, DataReport, Sample
 from ..io.config import ATTACK_MODES, Config, ConfigError
+from .generated import Pairing, generate_morph
 from .morphs import MORPH_METHODS
 from .synthesis import DEFAULT_MIX, MORPH_REGIONS, Attack, match_statistics, matched_augment, parse_mix, synthesise
 
 __all__ = [
     "ATTACK_MODES",
+    "GENERATED_METHOD",
+    "MADE_METHODS",
     "MATCH_REGIONS",
+    "MODE_SOURCES",
     "SYNTHETIC_METHOD",
     "EpochSeeds",
     "FixedAttackSet",
@@ -38,11 +46,25 @@ __all__ = [
     "check_morph_regions",
     "dev_attacks",
     "drop_methods",
+    "made_sources",
     "required_morphs",
     "training_sets",
+    "uses_given",
 ]
 
 SYNTHETIC_METHOD = "synthetic"
+GENERATED_METHOD = "generated"
+MADE_METHODS = (SYNTHETIC_METHOD, GENERATED_METHOD)  # the attack kinds made from bona fides
+# The sources of each ``attacks`` mode (io.config.ATTACK_MODES names the same modes; a test
+# keeps the two in step). ``both`` is the given morphs plus synthetic attacks.
+MODE_SOURCES = {
+    "given": ("given",),
+    "synthetic": (SYNTHETIC_METHOD,),
+    "generated": (GENERATED_METHOD,),
+    "both": ("given", SYNTHETIC_METHOD),
+    "synthetic+generated": (SYNTHETIC_METHOD, GENERATED_METHOD),
+    "given+generated": ("given", GENERATED_METHOD),
+}
 # Where an attack is matched to its photo's statistics (see synthesis.match_statistics): inside
 # its face mask (what training uses), or over the whole image (kept to measure what it leaves).
 MATCH_REGIONS = ("face", "whole")
@@ -59,10 +81,25 @@ def _uint8(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((np.clip(image, 0, 1) * 255).round().astype(np.uint8).transpose(2, 0, 1).copy())
 
 
-def _pseudo_sample(bona_fide: Sample) -> Sample:
-    """The row that stands for a synthetic attack made from ``bona_fide`` (same split and identity)."""
-    return replace(bona_fide, path=f"{bona_fide.path}#{SYNTHETIC_METHOD}", label=1, method=SYNTHETIC_METHOD,
-                   image=None)
+def _pseudo_sample(bona_fide: Sample, kind: str) -> Sample:
+    """The row that stands for an attack of ``kind`` made from ``bona_fide`` (same split and identity)."""
+    return replace(bona_fide, path=f"{bona_fide.path}#{kind}", label=1, method=kind, image=None)
+
+
+def _mode(mode: str) -> tuple[str, ...]:
+    if mode not in MODE_SOURCES:
+        raise ValueError(f"attacks must be one of {tuple(MODE_SOURCES)}, got {mode!r}")
+    return MODE_SOURCES[mode]
+
+
+def uses_given(mode: str) -> bool:
+    """Whether ``attacks=mode`` trains on the data's own morphs."""
+    return "given" in _mode(mode)
+
+
+def made_sources(mode: str) -> tuple[str, ...]:
+    """The kinds ``attacks=mode`` makes from bona fides (of :data:`MADE_METHODS`), in a fixed order."""
+    return tuple(source for source in _mode(mode) if source in MADE_METHODS)
 
 
 def check_attack_config(config: Config) -> tuple[tuple[str, float], ...]:
@@ -106,6 +143,46 @@ def _matched(attack: Attack, photo: np.ndarray, match: str) -> np.ndarray:
     return match_statistics(attack.image, photo, attack.weight if match == "face" else None)
 
 
+@dataclass(frozen=True)
+class AttackMaker:
+    """How a split's bona fides become attacks: the settings both attack sets share.
+
+    Args:
+        base: The split the attacks are made from (and, for ``generated``, whose bona fides are paired).
+        landmarks: As for :class:`SyntheticTrainSet`.
+        match: As for :class:`SyntheticTrainSet` (synthetic attacks only; generated morphs are
+            matched over the whole image, see :mod:`.generated`).
+        morph_regions: As for :class:`SyntheticTrainSet`.
+        mix: The synthetic methods and their shares.
+        morph_methods: The methods generated morphs are combined by (of :data:`~.morphs.MORPH_METHODS`).
+    """
+
+    base: ImageDataset
+    landmarks: Landmarks | None = None
+    match: str = "face"
+    morph_regions: tuple[str, ...] = MORPH_REGIONS
+    mix: tuple[tuple[str, float], ...] = DEFAULT_MIX
+    morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)
+
+    def points(self, index: int) -> np.ndarray | None:
+        return self.landmarks(self.base.samples[index]) if self.landmarks else None
+
+    @cached_property
+    def pairing(self) -> Pairing:
+        return Pairing(self.base.samples)
+
+    def make(self, kind: str, index: int, photo: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+        """An attack of ``kind`` made from bona fide ``index`` (whose pixels are ``photo``), and
+        what made it (``self_morph+frequency``, ``generated:blend``, ``generated:splice:same_person``)."""
+        if kind == GENERATED_METHOD:
+            partner, same_person = self.pairing.partner(index, rng)
+            image, method = generate_morph(photo, _photo(self.base.pixels(partner)), rng, self.points(index),
+                                           self.points(partner), self.morph_methods)
+            return image, f"{GENERATED_METHOD}:{method}" + (":same_person" if same_person else "")
+        attack = synthesise(photo, rng, self.points(index), morph_regions=self.morph_regions, mix=self.mix)
+        return _matched(attack, photo, self.match), attack.method
+
+
 def _bona_fide_indices(base: ImageDataset, what: str) -> list[int]:
     found = [i for i, s in enumerate(base.samples) if s.label == 0]
     if not found:
@@ -119,7 +196,9 @@ class SyntheticTrainSet(Dataset):
 
     Args:
         base: The training split (its cache, input size, normalisation and flip/shift setting are used).
-        mode: ``synthetic`` (bona fides and their synthetic attacks) or ``both`` (also the given morphs).
+        mode: An ``attacks`` mode that makes attacks (:func:`made_sources` not empty): ``synthetic``,
+            ``generated`` or ``synthetic+generated`` (bona fides and attacks made from them), or
+            ``both`` or ``given+generated`` (also the given morphs).
         landmarks: Returns a sample's five landmarks in the pixel coordinates of its ``size x size``
             image, or None for the centred-ellipse mask; None = no landmarks for any sample.
         match: ``face``: each attack gets its photo's statistics inside its mask; ``whole``: over
@@ -127,29 +206,35 @@ class SyntheticTrainSet(Dataset):
         morph_regions: The regions a self-morph may blend (see :func:`~.synthesis.self_morph`);
             training uses all of them, a subset is there to measure what each teaches.
         mix: The synthetic methods and their shares (:func:`~.synthesis.parse_mix`).
+        morph_methods: The methods generated morphs combine two photos by.
 
     Shapes:
         ``dataset[i]``: ``(3 x size x size float32, scalar label, i)``, as :class:`~.images.ImageDataset`.
 
     Raises:
-        DataError: If the split has no bona fides.
+        DataError: If the split has no bona fides (or, for ``generated``, fewer than two).
         ValueError: If ``mode``, ``match`` or ``morph_regions`` is not one of its choices.
     """
 
     def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None,
                  match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS,
-                 mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> None:
-        if mode not in ("synthetic", "both"):
-            raise ValueError(f"mode must be 'synthetic' or 'both', got {mode!r}")
+                 mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
+                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> None:
+        kinds = made_sources(mode)
+        if not kinds:
+            raise ValueError(f"mode must be one that makes attacks, one of"
+                             f" {tuple(m for m in MODE_SOURCES if made_sources(m))}, got {mode!r}")
         self.base = base
-        self.match = _check_match(match)
-        self.morph_regions = check_morph_regions(morph_regions)
-        self.mix = mix
-        self.landmarks = landmarks
+        self.maker = AttackMaker(base, landmarks, _check_match(match), check_morph_regions(morph_regions), mix,
+                                 tuple(morph_methods))
         bona_fides = _bona_fide_indices(base, "training split")
-        given = [i for i, s in enumerate(base.samples) if s.label == 1] if mode == "both" else []
-        self._items = [(i, False) for i in bona_fides + given] + [(i, True) for i in bona_fides]
-        self.samples = [_pseudo_sample(base.samples[i]) if made else base.samples[i] for i, made in self._items]
+        if GENERATED_METHOD in kinds:
+            self.maker.pairing  # noqa: B018 - a split that cannot be paired fails here, not in a worker
+        given = [i for i, s in enumerate(base.samples) if s.label == 1] if uses_given(mode) else []
+        # With two made kinds the bona fides take turns, so each kind is half the attacks.
+        self._items = ([(i, None) for i in bona_fides + given]
+                       + [(i, kinds[k % len(kinds)]) for k, i in enumerate(bona_fides)])
+        self.samples = [_pseudo_sample(base.samples[i], kind) if kind else base.samples[i] for i, kind in self._items]
 
     @property
     def fully_cached(self) -> bool:
@@ -177,12 +262,10 @@ class SyntheticTrainSet(Dataset):
             rng = np.random.default_rng([epoch_seed, index])
         else:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        i, made = self._items[index]
+        i, kind = self._items[index]
         photo = _photo(self.base.pixels(i))
-        if made:
-            points = self.landmarks(self.base.samples[i]) if self.landmarks else None
-            attack = synthesise(photo, rng, points, morph_regions=self.morph_regions, mix=self.mix)
-            photo = _matched(attack, photo, self.match)
+        if kind is not None:
+            photo, _ = self.maker.make(kind, i, photo, rng)
         x = torch.from_numpy(matched_augment(photo, rng).transpose(2, 0, 1).astype(np.float32))
         x = (x - self.base.mean) / self.base.std
         if self.base.augment:
@@ -219,12 +302,12 @@ class EpochSeeds(Sampler):
 
 
 class FixedAttackSet(Dataset):
-    """Bona fides plus one synthetic attack made from each, once, from ``seed``: a fixed dev set.
+    """Bona fides plus one attack made from each, once, from ``seed``: a fixed dev set.
 
     Attack ``k`` depends only on ``seed`` and the position of its bona fide, so every epoch
     and every resumed run is judged on the same images. Attacks are matched to their bona
-    fide's face (:func:`~.synthesis.match_statistics` inside the attack's mask) but not augmented,
-    like the bona fides.
+    fide (synthetic ones inside the attack's mask, :func:`~.synthesis.match_statistics`) but not
+    augmented, like the bona fides. With two made kinds the bona fides take turns.
 
     Args:
         base: The dev split.
@@ -233,29 +316,32 @@ class FixedAttackSet(Dataset):
         match: As for :class:`SyntheticTrainSet`.
         morph_regions: As for :class:`SyntheticTrainSet`.
         mix: As for :class:`SyntheticTrainSet`.
+        kinds: Which of :data:`MADE_METHODS` to make.
+        morph_methods: As for :class:`SyntheticTrainSet`.
 
     Raises:
-        DataError: If ``base`` has no bona fides.
-        ValueError: If ``match`` is not one of :data:`MATCH_REGIONS` or ``morph_regions`` not a
-            subset of :data:`~.synthesis.MORPH_REGIONS`.
+        DataError: If ``base`` has no bona fides (or, for ``generated``, fewer than two).
+        ValueError: If ``match`` is not one of :data:`MATCH_REGIONS`, ``morph_regions`` not a
+            subset of :data:`~.synthesis.MORPH_REGIONS` or ``kinds`` empty or unknown.
     """
 
     def __init__(self, base: ImageDataset, seed: int, landmarks: Landmarks | None = None,
                  match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS,
-                 mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> None:
+                 mix: tuple[tuple[str, float], ...] = DEFAULT_MIX, kinds: tuple[str, ...] = (SYNTHETIC_METHOD,),
+                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> None:
+        if not kinds or not set(kinds) <= set(MADE_METHODS):
+            raise ValueError(f"kinds must be a non-empty subset of {MADE_METHODS}, got {kinds!r}")
         self.base = base
-        _check_match(match)
-        regions = check_morph_regions(morph_regions)
+        maker = AttackMaker(base, landmarks, _check_match(match), check_morph_regions(morph_regions), mix,
+                            tuple(morph_methods))
         self._bona_fides = _bona_fide_indices(base, "dev split")
+        made = [kinds[k % len(kinds)] for k in range(len(self._bona_fides))]
         self.attacks = []
-        for k, i in enumerate(self._bona_fides):
-            rng = np.random.default_rng([seed, k])
-            photo = _photo(base.pixels(i))
-            points = landmarks(base.samples[i]) if landmarks else None
-            attack = synthesise(photo, rng, points, morph_regions=regions, mix=mix)
-            self.attacks.append((_uint8(_matched(attack, photo, match)), attack.method))
+        for k, (i, kind) in enumerate(zip(self._bona_fides, made)):
+            image, method = maker.make(kind, i, _photo(base.pixels(i)), np.random.default_rng([seed, k]))
+            self.attacks.append((_uint8(image), method))
         self.samples = ([base.samples[i] for i in self._bona_fides]
-                        + [_pseudo_sample(base.samples[i]) for i in self._bona_fides])
+                        + [_pseudo_sample(base.samples[i], kind) for i, kind in zip(self._bona_fides, made)])
         self.fully_cached = True
         self.cached = len(self.samples)
 
@@ -268,7 +354,7 @@ class FixedAttackSet(Dataset):
         return self.base.pixels(self._bona_fides[index]) if index < n else self.attacks[index - n][0]
 
     def methods(self) -> list[str]:
-        """Which generator made each fixed attack (``self_blend``, ``self_morph``, ``+frequency``)."""
+        """What made each fixed attack (``self_blend``, ``self_morph``, ``+frequency``, ``generated:blend``, ...)."""
         return [method for _, method in self.attacks]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -277,11 +363,12 @@ class FixedAttackSet(Dataset):
 
 
 def dev_attacks(dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | None = None,
-                mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> tuple[Dataset, str]:
+                mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
+                morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> tuple[Dataset, str]:
     """The dev set a run selects its checkpoint and threshold on, and a sentence saying where its attacks come from.
 
     Given dev morphs are used where the dev split has them (with any ``mode``); otherwise,
-    with ``synthetic`` or ``both``, :class:`FixedAttackSet` supplies seeded synthetic attacks.
+    with a mode that makes attacks, :class:`FixedAttackSet` supplies seeded ones of its kinds.
 
     Raises:
         DataError: With ``given`` and a dev split without morphs.
@@ -291,12 +378,13 @@ def dev_attacks(dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | 
         methods = sorted({s.method for s in morphs})
         return dev, (f"dev attacks: the {len(morphs)} given dev morphs ({', '.join(methods)}) against"
                      f" {len(dev.samples) - len(morphs)} dev bona fides")
-    if mode == "given":
-        raise DataError(f"the dev split has {len(dev.samples)} bona fides and no morphs; attacks=given needs"
-                        " dev morphs (or use attacks=synthetic or both)")
-    fixed = FixedAttackSet(dev, seed, landmarks, mix=mix)
-    return fixed, (f"dev attacks: {len(fixed.attacks)} synthetic attacks, one from each dev bona fide, made once"
-                   f" from seed={seed} (the dev split has no morphs)")
+    kinds = made_sources(mode)
+    if not kinds:
+        raise DataError(f"the dev split has {len(dev.samples)} bona fides and no morphs; attacks={mode} needs"
+                        " dev morphs (or use attacks=synthetic, generated or both)")
+    fixed = FixedAttackSet(dev, seed, landmarks, mix=mix, kinds=kinds, morph_methods=morph_methods)
+    return fixed, (f"dev attacks: {len(fixed.attacks)} {' and '.join(kinds)} attacks, one from each dev bona fide,"
+                   f" made once from seed={seed} (the dev split has no morphs)")
 
 
 def required_morphs(mode: str, testing: bool = False) -> tuple[str, ...]:
@@ -326,14 +414,14 @@ def drop_methods(samples: list[Sample], methods: list[str], report: DataReport) 
 
 
 def training_sets(train: ImageDataset, dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | None = None,
-                  mix: tuple[tuple[str, float], ...] = DEFAULT_MIX) -> tuple[Dataset, Dataset, str]:
+                  mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
+                  morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> tuple[Dataset, Dataset, str]:
     """The training and dev sets for ``attacks=mode``, and the sentence saying where the dev attacks come from.
 
-    ``mix``: the synthetic methods and their shares (``synthetic_methods``, :func:`~.synthesis.parse_mix`).
+    ``mix``: the synthetic methods and their shares (``synthetic_methods``, :func:`~.synthesis.parse_mix`);
+    ``morph_methods``: what generated morphs combine two photos by.
     """
-    if mode not in ATTACK_MODES:
-        raise ValueError(f"attacks must be one of {ATTACK_MODES}, got {mode!r}")
-    dev_set, note = dev_attacks(dev, mode, seed, landmarks, mix)
-    if mode == "given":
+    dev_set, note = dev_attacks(dev, mode, seed, landmarks, mix, morph_methods)
+    if not made_sources(mode):
         return train, dev_set, note
-    return SyntheticTrainSet(train, mode, landmarks, mix=mix), dev_set, note
+    return SyntheticTrainSet(train, mode, landmarks, mix=mix, morph_methods=morph_methods), dev_set, note

@@ -13,6 +13,11 @@ be trained on bona fides alone:
   face centre, with weight ``beta`` in [0.125, 0.5] inside a mask over the inner face, the
   whole head or the whole image: double contours and ghosting, as a landmark morph of two
   people leaves them (most of all on the face outline, the hairline and the ears).
+* :func:`self_warp`: two copies of the photo warped apart by perturbed landmarks (each
+  landmark moved by 3-10 % of the eye distance, one copy half the way one direction, the
+  other half the other) and blended through a face mask: eyes, nostrils, mouth corners and
+  the jaw doubled where a landmark morph of two people doubles them, with both copies
+  resampled as a morph's contributors are. Without landmarks it is a :func:`self_morph`.
 * :func:`frequency_artifact`: a periodic pattern mixed into the Fourier magnitude inside the
   mask (the phase is kept), as generative morphs leave spectral traces.
 
@@ -55,6 +60,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..data.shortcuts import laplacian
 from .masks import ellipse
+from .morphs import warp_to
 
 __all__ = [
     "BETA_RANGE",
@@ -62,6 +68,7 @@ __all__ = [
     "FREQUENCY_P",
     "MORPH_REGIONS",
     "SYNTHETIC_METHODS",
+    "WARP_RANGE",
     "ZOOM_RANGE",
     "Attack",
     "face_mask",
@@ -72,11 +79,14 @@ __all__ = [
     "parse_mix",
     "self_blend",
     "self_morph",
+    "self_warp",
     "synthesise",
 ]
 
 BETA_RANGE = (0.125, 0.5)  # self-morph weight of the zoomed copy (SelfMAD's set spans the same interval)
 ZOOM_RANGE = (1.0, 1.1)
+WARP_RANGE = (0.03, 0.10)  # self-warp: how far each landmark moves, as a share of the eye distance
+WARP_BETA_RANGE = (0.35, 0.5)  # self-warp: the second copy's share (landmark morphs are about half and half)
 FREQUENCY_P = 0.1
 # Where a self-morph blends its zoomed copy, with even odds: the inner face, the whole head
 # (outline, hairline, ears) or the whole image. Landmark morphs of two people leave their
@@ -447,6 +457,34 @@ def self_morph(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarra
     return Attack(np.clip(out, 0.0, 1.0), weight, "self_morph", beta, zoom, centre, region)
 
 
+def self_warp(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None,
+              regions: tuple[str, ...] = MORPH_REGIONS) -> Attack:
+    """Two copies of ``image`` warped apart by perturbed landmarks, blended (second copy's
+    share ``beta`` in [0.35, 0.5]) inside a mask over one of ``regions``.
+
+    Every landmark moves by a random offset (a normal draw scaled to 3-10 % of the eye
+    distance); one copy is warped half of that offset one way, the other half the other way
+    (:func:`~.morphs.warp_to`), so features are doubled about where they were and both copies
+    are resampled. Without landmarks there is nothing to warp by and :func:`self_morph` is used.
+
+    Raises:
+        ValueError: For an image that is not ``H x W x 3``, bad landmarks or an unknown region.
+    """
+    x = _check_image(image)
+    points = _check_landmarks(landmarks)
+    if points is None:
+        return self_morph(image, rng, None, regions)
+    eye_gap = max(float(np.linalg.norm(points[1] - points[0])), 1.0)
+    offset = rng.standard_normal((5, 2)) * rng.uniform(*WARP_RANGE) * eye_gap / 2.0
+    first, second = warp_to(x, points, points + offset), warp_to(x, points, points - offset)
+    beta = float(rng.uniform(*WARP_BETA_RANGE))
+    region = str(rng.choice(regions))
+    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
+    morph = ((1.0 - beta) * first + beta * second).astype(np.float32)
+    out = x + mask[..., None] * (morph - x)
+    return Attack(np.clip(out, 0.0, 1.0), mask, "self_warp", beta, region=region)
+
+
 def _pattern(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """A periodic grey pattern in [0, 1]: a grid, a checkerboard or stripes, with a random period."""
     yy, xx = np.mgrid[0:height, 0:width]
@@ -482,6 +520,7 @@ def frequency_artifact(image: np.ndarray, weight: np.ndarray, rng: np.random.Gen
 SYNTHETIC_METHODS: dict[str, Callable[..., Attack]] = {
     "self_blend": lambda image, rng, landmarks, regions: self_blend(image, rng, landmarks),
     "self_morph": self_morph,
+    "self_warp": self_warp,
 }
 DEFAULT_MIX = (("self_blend", 0.5), ("self_morph", 0.5))
 

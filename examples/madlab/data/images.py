@@ -154,8 +154,15 @@ def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, *, shu
     Reading cached uint8 tensors is cheaper than handing batches between processes, so a
     fully cached dataset is served by the main process (which also keeps runs with and
     without workers bit-identical).
+
+    Workers are started afresh for every pass (never persistent): each pass then seeds them
+    from ``generator`` (or torch's global generator) as it starts, so what they draw (the
+    augmentation) follows from that generator's state alone, which a training checkpoint
+    saves. Persistent workers draw their seeds once, at a process's first pass, so a resumed
+    run's workers would draw other numbers than the uninterrupted run's. Starting them costs
+    little beside decoding every image not in the cache, which is why there are workers.
     """
     workers = 0 if dataset.fully_cached else num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
                       sampler=sampler, generator=generator, drop_last=drop_last, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())

@@ -11,7 +11,8 @@ from typing import Any, get_type_hints
 
 from .errors import MadlabError
 
-__all__ = ["EVAL_KEYS", "Config", "ConfigError", "apply_overrides", "parse_identity_pattern", "parse_override"]
+__all__ = ["EVAL_KEYS", "SPLIT_KEYS", "Config", "ConfigError", "apply_overrides", "parse_identity_pattern",
+           "parse_override"]
 
 FREEZE_STRATEGIES = ("none", "backbone_only", "freeze_except_lastN", "gradual_unfreeze")
 SELECTION_METRICS = ("dev_loss", "dev_eer")
@@ -20,12 +21,17 @@ LORA_INITS = ("normal", "kaiming")
 PRECISIONS = ("auto", "fp32", "bf16")
 FACE_CROPS = ("align", "none")
 EMBEDDED_SETS = ("orl", "lfw_subset")
-ATTACK_MODES = ("given", "synthetic", "both")  # where training attacks come from (see attacks/sets.py)
+# Where training attacks come from (attacks/sets.py, MODE_SOURCES): the data's morphs, attacks
+# made from one photo (synthetic) or from two (generated), or a combination.
+ATTACK_MODES = ("given", "synthetic", "generated", "both", "synthetic+generated", "given+generated")
 
 FRLL_EXAMPLE = r"^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\."  # an identity_pattern for FRLL
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
-EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "identity_pattern", "output_dir",
+EVAL_KEYS = frozenset({"batch_size", "num_workers", "num_threads", "data", "output_dir",
                        "image_cache_mb", "precision", "compile"})
+# Keys that decide which image is in which split: training keys, which `test` may never change
+# (the model file records the split they made; see madlab.data.recorded).
+SPLIT_KEYS = frozenset({"identity_pattern", "seed", "train_val_pct", "dev_pct"})
 
 
 def parse_identity_pattern(pattern: str) -> re.Pattern[str]:
@@ -124,13 +130,15 @@ class Config:
     face_margin: float = 0.125  # share of the face square added on each side of the crop
     train_val_pct: float = 0.6
     dev_pct: float = 0.2
+    # The given methods of the embedded data, and what attacks=generated combines two photos by.
     morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
     # The synthetic methods (attacks=synthetic|both) and their mix: names of
     # attacks.synthesis.SYNTHETIC_METHODS, alone (even shares) or as name:weight.
     synthetic_methods: list[str] = field(default_factory=lambda: ["self_blend", "self_morph"])
     morphs_per_face: int = 2
-    # Training attacks: the data's morphs ("given"), made from each training bona fide every
-    # epoch ("synthetic": bona fides alone train), or both. See attacks.py and synthesis.py.
+    # Training attacks: the data's morphs ("given"), made from the training bona fides every
+    # epoch (one photo altered: "synthetic"; two photos morphed: "generated"; bona fides alone
+    # train), or a combination (ATTACK_MODES; "both" = given + synthetic). See attacks/sets.py.
     attacks: str = "given"
     # Morph methods kept out of the train and dev splits (the test split keeps them): the
     # leave-one-method-out protocol trains without a method and tests on it.

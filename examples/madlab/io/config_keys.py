@@ -61,10 +61,11 @@ DESCRIPTIONS: dict[str, str] = {
     "face_margin": "share of the face square added on each side of an aligned crop",
     "train_val_pct": "share of the identities (or images) in the training split",
     "dev_pct": "share in the dev split (threshold and epoch choice); the rest is the test split",
-    "morph_methods": "landmark morph methods made for the embedded data",
+    "morph_methods": "landmark morph methods made for the embedded data, and by attacks=generated",
     "synthetic_methods": "synthetic attacks (attacks=synthetic|both): names, or name:weight for a mix",
     "morphs_per_face": "embedded data: morphs made per bona fide image",
-    "attacks": "training attacks: given (the data's morphs), synthetic (made from each bona fide), or both",
+    "attacks": "training attacks: given (the data's morphs), synthetic (one photo altered), generated (two"
+               " photos morphed), or both (given+synthetic), synthetic+generated, given+generated",
     "exclude_methods": "morph methods kept out of train and dev (the test split keeps them)",
     "image_size": "input size in pixels; None = the backbone's own",
     "identity_pattern": "regex over file names whose named groups are identities, so folders split by person",

@@ -19,10 +19,18 @@ import torch
 from lora_vit import __version__ as lora_vit_version
 
 from ..attacks.separability import format_separability, separability, served_pairs
-from ..attacks.sets import FixedAttackSet, check_attack_config, drop_methods, required_morphs, training_sets
+from ..attacks.sets import (
+    FixedAttackSet,
+    check_attack_config,
+    drop_methods,
+    made_sources,
+    required_morphs,
+    training_sets,
+)
 from ..data.folders import check_splits
 from ..data.images import ImageDataset
-from ..data.samples import Sample
+from ..data.recorded import SplitRecord, describe_seen, same_data
+from ..data.samples import DataError, Sample
 from ..data.shortcuts import SHORTCUTS, grey, sample_greys, shortcut_scores
 from ..evaluation.plots import save_plots
 from ..evaluation.report import (
@@ -326,11 +334,11 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     # Aligned faces give the synthetic attacks' masks their 5 landmarks; whole images a centred ellipse.
     landmarks = CropPolicy.from_config(config).landmarks(size)
     train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed, landmarks,
-                                                 check_attack_config(config))
+                                                 check_attack_config(config), tuple(config.morph_methods))
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
     separable = None
-    if config.attacks != "given":
-        env.say("synthetic attacks: face masks from "
+    if made_sources(config.attacks):
+        env.say(f"attacks made from bona fides ({', '.join(made_sources(config.attacks))}): masks and warps from "
                 + ("the 5 landmarks of each aligned crop (face_crop=align)" if landmarks else
                    "a centred ellipse (face_crop=none: no landmarks)"))
         real, made = served_pairs(train_set)
@@ -365,6 +373,8 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
                      "attacks": config.attacks, "dev_attacks": dev_note, "exclude_methods": config.exclude_methods,
                      "synthetic_separability_auc": separable},
         "lora_vit_version": lora_vit_version,
+        # What each split held, so that test scores these images and no others (madlab.data.recorded).
+        "split": SplitRecord.of(samples, config.data).to_dict(),
     }
     model_path = out / MODEL_FILE
     if d.main:  # under torchrun every rank holds the same weights; one writes them
@@ -406,34 +416,53 @@ def _dev_greys(dev_set: Any, size: int) -> list[np.ndarray]:
 
 
 def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env, output_dir: str | None = None,
-             backbone: str | None = None, split: str | None = None) -> dict[str, Any]:
+             backbone: str | None = None, split: str | None = None, strict: bool = False) -> dict[str, Any]:
     """Rebuild the detector from ``model_path`` alone (a model or export file), score one split of
     the data (or all of it) and write the report.
+
+    On the data it was trained on (compared resolved) a split is the one the model file recorded
+    (:class:`~..data.recorded.SplitRecord`), found by content; an older file's split is computed
+    again, with a note. Any scored image or person that training or dev saw is reported.
 
     Args:
         split: ``all``, ``train``, ``dev`` or ``test``. Default: ``test`` on the data the model was
             trained on, ``all`` on any other data set (``--override data=...``).
+        strict: Refuse to score when an image or person seen in training or dev is among them.
+
+    Raises:
+        DataError: For a recorded split no longer all there, or (``strict``) images seen in training.
     """
     quiet_transformers()
     detector = Detector.load(model_path, overrides, backbone)
     config, model_path = detector.config, detector.path
     env.say(describe_file(detector.metadata))
     out = Path(output_dir or config.output_dir)
-    other_data = config.data != detector.metadata["config"].get("data")
+    record = _split_record(detector)
+    other_data = not same_data(config.data, record.data if record else detector.metadata["config"].get("data"))
     split = split or ("all" if other_data else "test")
     threshold = detector.threshold("dev")
     data_reports: list[dict[str, Any]] = []
     check_attack_config(config)
     test, samples, data_report = evaluation_samples(
         config.data, split, config.seed, config.morph_methods, config.morphs_per_face,
-        (config.train_val_pct, config.dev_pct), config.identity_pattern, **_data_settings(config, env))
+        (config.train_val_pct, config.dev_pct), config.identity_pattern, **_data_settings(config, env),
+        record=None if other_data else record)
+    if record is None and split != "all" and not other_data:
+        data_report.notes.append(
+            f"this model file records no split (it was written before splits were recorded): the {split} split was"
+            " computed again from the files there now, so images added or removed since training can have moved"
+            " images between splits")
+    seen = _seen(record, test, strict)
     found = len(samples) + sum(data_report.skipped.values())
     for line in data_report.lines(samples):
         env.say(line)
-    data_reports.append({**data_report.to_dict(samples), "split": split, "scored": len(test), "found": found})
+    data_reports.append({**data_report.to_dict(samples), "split": split, "scored": len(test), "found": found,
+                         "seen_in_training": seen})
     what = "all images" if split == "all" else f"the {split} images"
     env.say(f"scoring {what}: {len(test)} of the {found} files found"
             f"{' (the data set the model was trained on)' if not other_data else ' (another data set)'}")
+    if seen is not None:
+        env.say(describe_seen(seen))
     if split in ("all", "train", "dev") and not other_data:
         env.say(f"note: {what} of the training data include images the model was trained or tuned on;"
                 " their figures are optimistic")
@@ -441,7 +470,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     labels = np.array([s.label for s in test])
     methods = [s.method for s in test]
     report = iso_report(scores, labels, methods, threshold)
-    report["shortcuts"], shortcut_test = _shortcuts(samples, test, split, detector)
+    report["shortcuts"], shortcut_test = _shortcuts(samples, test, split, detector, not other_data)
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "exported": detector.exported,
                        "training": detector.metadata.get("training")}
@@ -465,8 +494,43 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     return report
 
 
+def _split_record(detector: Detector) -> SplitRecord | None:
+    """The split the model file recorded at training, or ``None`` for a file from before splits were recorded.
+
+    Raises:
+        CheckpointError: If the record is malformed, naming the file.
+    """
+    if "split" not in detector.metadata:
+        return None
+    try:
+        return SplitRecord.from_dict(detector.metadata["split"], repr(str(detector.path)))
+    except DataError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _seen(record: SplitRecord | None, scored: list[Sample], strict: bool) -> dict[str, Any] | None:
+    """What of ``scored`` training or dev saw (:meth:`~..data.recorded.SplitRecord.seen`); ``None`` when
+    the model file recorded nothing to compare with.
+
+    Raises:
+        DataError: With ``strict``, if any scored image or person was seen, or nothing can be checked.
+    """
+    if record is None:
+        if strict:
+            raise DataError("--strict: this model file records no split (it was written before splits were"
+                            " recorded), so nothing can check whether an image was seen in training; train again")
+        return None
+    seen = record.seen(scored)
+    if strict and seen["seen"]:
+        raise DataError(f"--strict: {seen['seen']} of the {seen['scored']} images to score were seen in training or"
+                        f" dev (same content as {seen['images']['train']} train / {seen['images']['dev']} dev images;"
+                        f" showing a train person: {seen['people']['train']}, a dev person: {seen['people']['dev']}),"
+                        f" e.g. {seen['examples'][:3]}; nothing was scored")
+    return seen
+
+
 def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
-               detector: Detector) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+               detector: Detector, training_data: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The shortcut baselines at the detector's input size, each with its τ from dev: the dev images of
     the data when the test split of the training data is scored, else the τ the model file recorded
     from its own dev split at training time (another data set has no dev split of its own).
@@ -481,8 +545,7 @@ def _shortcuts(samples: list[Sample], scored: list[Sample], split: str,
     # Methods held out of training (exclude_methods) were held out of dev too; a dev split without
     # morphs (attacks=synthetic) had seeded synthetic attacks, whose τ the model file recorded.
     dev = [s for s in _split(samples, "dev") if not (s.label == 1 and s.method in detector.config.exclude_methods)]
-    same_data = detector.config.data == detector.metadata["config"].get("data")
-    if same_data and split == "test" and any(s.label == 1 for s in dev):
+    if training_data and split == "test" and any(s.label == 1 for s in dev):
         dev_stats, dev_labels, fixed = shortcut_scores(sample_greys(dev, size)), np.array([s.label for s in dev]), None
     elif stored:
         dev_stats, dev_labels, fixed = None, None, stored

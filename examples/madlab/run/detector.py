@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.images import ImageDataset, normalise
 from ..evaluation.report import OPERATING_APCERS, SCORE_KIND
-from ..io.config import EVAL_KEYS, Config, ConfigError, parse_override
+from ..io.config import EVAL_KEYS, SPLIT_KEYS, Config, ConfigError, parse_override
 from ..model.architecture import build_backbone
 from ..model.backbone import backbone_fingerprint, cache_root
 from ..model.checkpoint import CheckpointError, load_weights, read_metadata
@@ -191,9 +191,11 @@ def _check_overrides(stored: Config, overrides: list[str]) -> Config:
         if key in EVAL_KEYS:
             values[key] = value
         elif values[key] != value and not (isinstance(value, float) and values[key] == value):
+            why = (f"{key} decides which images are in which split, and the model file records the split it"
+                   " made at training" if key in SPLIT_KEYS else "The model is rebuilt from the file")
             raise ConfigError(
                 f"--override {item} does not match the model file, which was trained with {key}={values[key]!r}."
-                f" The model is rebuilt from the file, so only {sorted(EVAL_KEYS)} can change at test time"
+                f" {why}, so only {sorted(EVAL_KEYS)} can change at test time"
             )
     return Config(**values).validate()
 

@@ -67,7 +67,7 @@ def export_detector(detector: Detector, output: str | os.PathLike[str], probe: t
     if not gap <= MERGE_TOLERANCE:
         raise CheckpointError(f"merging changed the logits by {gap:.3g} (> {MERGE_TOLERANCE}); nothing written")
     meta = {key: detector.metadata[key] for key in ("config", "strategy", "threshold", "thresholds", "training",
-                                                    "shortcut_thresholds", "lora_vit_version")
+                                                    "shortcut_thresholds", "lora_vit_version", "split")
             if key in detector.metadata}
     meta.update({
         "format": EXPORT_FORMAT,

@@ -19,6 +19,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from ..attacks.sets import uses_given
 from ..evaluation.report import APCER_TARGETS, write_json
 from ..io.config import Config, apply_overrides
 from ..io.errors import MadlabError
@@ -93,7 +94,7 @@ def _training_methods(config: Config, env: app.Env) -> list[str]:
 
 
 def _seen(config: Config, methods: list[str]) -> set[str]:
-    if config.attacks == "synthetic":
+    if not uses_given(config.attacks):
         return set()
     return set(methods) - set(config.exclude_methods)
 
@@ -123,8 +124,8 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
     a_name = config.data or f"embedded {config.embedded_data}"
     plans = []
     for mode in attack_modes:
-        if kind == "leave-one-method-out" and mode == "synthetic":
-            # Synthetic training sees no given morph: one run, with every method kept out of dev
+        if kind == "leave-one-method-out" and not uses_given(mode):
+            # Training on made attacks alone sees no given morph: one run, with every method kept out of dev
             # too, so no given morph chooses its checkpoint or threshold either.
             plans.append((mode, methods))
         elif kind == "leave-one-method-out":

@@ -93,10 +93,31 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def _resume_key(config: Config, train_set: ImageDataset) -> dict:
-    """What must be equal for a checkpoint to continue this run (not where outputs go)."""
+    """What must be equal for a checkpoint to continue this run (not where outputs go), and how
+    the training items drew their augmentation (:func:`_augmenting_workers`)."""
     ignored = ("output_dir", "num_workers", "num_threads", "image_cache_mb")
     settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
-    return {"config": settings, "train_paths": [s.path for s in train_set.samples]}
+    decoding = {"augmenting_workers": _augmenting_workers(train_set, config.num_workers),
+                "num_workers": config.num_workers, "image_cache_mb": config.image_cache_mb}
+    return {"config": settings, "train_paths": [s.path for s in train_set.samples], "decoding": decoding}
+
+
+def _augmenting_workers(train_set: ImageDataset, num_workers: int) -> int:
+    """How many worker processes' random streams the training items' augmentation draws from.
+
+    0 when the main process draws it (a fully cached set is served there, see
+    :func:`~..data.images.make_loader`) or the items draw nothing from a worker's stream
+    (synthetic attacks are seeded per item, see :class:`~..attacks.sets.EpochSeeds`; no
+    augmentation). Otherwise batch ``b`` draws from worker ``b % n``'s stream, so ``n`` decides
+    what a run draws, and a run resumed with another ``n`` would not continue as it began.
+    """
+    if isinstance(train_set, SyntheticTrainSet) or not train_set.augment or train_set.fully_cached:
+        return 0
+    return num_workers
+
+
+def _drawn_in(workers: int) -> str:
+    return "the main process" if workers == 0 else f"{workers} worker processes"
 
 
 def _stop_after() -> int | None:
@@ -353,15 +374,35 @@ def _wrap(model: nn.Module, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
 
 
+def _check_run(state_path: Path, stored: dict, run_key: dict) -> None:
+    """Refuse a checkpoint that this run cannot continue as the checkpointed run would have.
+
+    Raises:
+        CheckpointError: Naming the settings that differ, or where the augmentation was drawn.
+    """
+    # A checkpoint from before the decoding was recorded drew the augmentation where it is drawn now.
+    before, now = stored.get("decoding", run_key["decoding"]), run_key["decoding"]
+    if before["augmenting_workers"] != now["augmenting_workers"]:
+        raise CheckpointError(
+            f"the checkpoint {state_path} was written by a run whose training augmentation"
+            f" {_drawn_in(before['augmenting_workers'])} drew (num_workers={before['num_workers']},"
+            f" image_cache_mb={before['image_cache_mb']}); with these settings {_drawn_in(now['augmenting_workers'])}"
+            " would draw it, so the resumed run would not continue as it began. Resume with the run's num_workers"
+            " and image_cache_mb (or --overwrite to start afresh)")
+    stored = {k: v for k, v in stored.items() if k != "decoding"}
+    run_key = {k: v for k, v in run_key.items() if k != "decoding"}
+    if stored != run_key:
+        differ = sorted(k for k in run_key["config"] if stored["config"].get(k) != run_key["config"][k])
+        what = f"settings {differ}" if differ else "training images"
+        raise CheckpointError(f"the checkpoint {state_path} belongs to a run with other {what}; it cannot be resumed"
+                              " with these (use --overwrite to start afresh)")
+
+
 def _restore(state_path: Path, model: nn.Module, names: list[str], optimiser: torch.optim.Optimizer,
              scheduler, generator: torch.Generator, run_key: dict, on_epoch, tracker: BestEpoch) -> tuple:
     """Load a checkpoint into the live objects and ``tracker``; returns (epochs done, history)."""
     state, rng = read_state(state_path)
-    if state["run"] != run_key:
-        differ = sorted(k for k in run_key["config"] if state["run"]["config"].get(k) != run_key["config"][k])
-        what = f"settings {differ}" if differ else "training images"
-        raise CheckpointError(f"the checkpoint {state_path} belongs to a run with other {what}; it cannot be resumed"
-                              " with these (use --overwrite to start afresh)")
+    _check_run(state_path, state["run"], run_key)
     if sorted(state["params"]) != sorted(names):
         raise CheckpointError(f"the checkpoint {state_path} holds other parameters than this model trains")
     for epoch in range(state["epoch"]):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..data.folders import apply_identity_pattern, assign_splits, check_splits, read_csv_manifest, scan_folder
+from ..data.recorded import SplitRecord
 from ..data.samples import SPLITS, DataError, DataReport, Sample
 from ..faces.cropping import WHOLE_IMAGES, CropPolicy
 from .lfw import embedded_samples
@@ -191,32 +192,41 @@ def evaluation_samples(data: str | None, split: str, seed: int, methods: list[st
                        fractions: tuple[float, float],
                        identity_pattern: str | None = None, *, embedded: str = "lfw_subset",
                        match_contributors: bool = True, crop: CropPolicy = WHOLE_IMAGES,
-                       cache: Path | None = None) -> tuple[list[Sample], list[Sample], DataReport]:
+                       cache: Path | None = None,
+                       record: SplitRecord | None = None) -> tuple[list[Sample], list[Sample], DataReport]:
     """The samples ``test`` scores: one split of ``data``, or all of it (``split="all"``: a data set the
     model was not trained on is scored whole, whatever splits it has and whichever classes they lack).
 
     Args:
         embedded, match_contributors, crop, cache: As for :func:`load_samples`; with
             ``face_crop=align`` images without a face are left out and counted.
+        identity_pattern: As for :func:`load_samples`; on a whole data set (``split="all"``), file
+            names it finds no identity in leave their images without one (counted in a note).
+        record: The split the model file recorded for ``data``: the split's images are those, found
+            by content (:meth:`~..data.recorded.SplitRecord.assign`), never computed again.
+            Without one (an older model file) the split is computed as ``train`` computed it.
 
     Returns:
         ``(scored, everything, report)``; ``everything`` is the whole data set (with splits
         where it has them), for the counts and the shortcut baselines' dev images.
 
     Raises:
-        DataError: For an unknown split, or a scored set without both classes (naming the counts).
+        DataError: For an unknown split, a scored set without both classes (naming the counts), or
+            a recorded split whose images are no longer all there (naming how many are missing).
     """
     if split not in EVAL_SPLITS:
         raise DataError(f"split {split!r} is not one of {list(EVAL_SPLITS)}")
     samples, report = read_source(data, seed, methods, morphs_per_face, fractions, embedded=embedded,
                                   match_contributors=match_contributors, cache=cache)
     samples = crop.crop_samples(samples, cache, report)
+    if data is not None and identity_pattern:
+        samples = _named(samples, identity_pattern, report, whole=split == "all")
     if split == "all":
         scored = samples
     else:
-        if data is not None:
-            if identity_pattern:
-                samples = apply_identity_pattern(samples, identity_pattern, report)
+        if record is not None:
+            samples = _recorded(samples, record, split, report)
+        elif data is not None:
             samples = assign_splits(samples, fractions, seed, report)
         scored = [s for s in samples if s.split == split]
     n_bf = sum(s.label == 0 for s in scored)
@@ -224,3 +234,36 @@ def evaluation_samples(data: str | None, split: str, seed: int, methods: list[st
         raise DataError(f"the {split} images of {report.source} are {n_bf} bona fide and {len(scored) - n_bf}"
                         " morphs; scoring needs both classes")
     return scored, samples, report
+
+
+def _named(samples: list[Sample], pattern: str, report: DataReport, whole: bool) -> list[Sample]:
+    """Identities from file names (:func:`apply_identity_pattern`). On a whole data set, which may be
+    another one named otherwise, they only let :meth:`~..data.recorded.SplitRecord.seen` check people:
+    names without one are noted, not an error."""
+    try:
+        return apply_identity_pattern(samples, pattern, report)
+    except DataError as err:
+        if not whole:
+            raise
+        report.notes.append(f"identities not read from file names, so people were not checked: {err}")
+        return samples
+
+
+def _recorded(samples: list[Sample], record: SplitRecord, split: str, report: DataReport) -> list[Sample]:
+    """``samples`` in the splits ``record`` gives them; refuses when ``split`` lost recorded images.
+
+    Raises:
+        DataError: Naming how many of the split's recorded images no file gives any more.
+    """
+    samples, missing = record.assign(samples)
+    n = len(record.keys[split])
+    if missing[split]:
+        raise DataError(
+            f"the {split} split this model was trained with is no longer all in {report.source}: {missing[split]} of"
+            f" its {n} images are missing or changed (no file there has their content); restore them, or score"
+            " every image there with --split all")
+    new = sum(1 for s in samples if not s.split)
+    report.notes.append(f"the {split} split is the one recorded in the model file: its {n} images found by content"
+                        + (f"; {new} images not recorded at training (added since) are not in any split" if new
+                           else ""))
+    return samples

@@ -13,12 +13,21 @@ import numpy as np
 import pytest
 import torch
 from madlab.attacks.separability import STATISTICS, separability, served_pairs
-from madlab.attacks.sets import FixedAttackSet, SyntheticTrainSet, dev_attacks, drop_methods, training_sets
+from madlab.attacks.sets import (
+    MODE_SOURCES,
+    FixedAttackSet,
+    SyntheticTrainSet,
+    dev_attacks,
+    drop_methods,
+    made_sources,
+    training_sets,
+    uses_given,
+)
 from madlab.attacks.synthesis import face_mask, match_statistics, synthesise
 from madlab.data.images import ImageDataset
 from madlab.data.samples import DataError, DataReport, Sample
 from madlab.faces.cropping import CropLandmarks, find_faces
-from madlab.io.config import Config, apply_overrides
+from madlab.io.config import ATTACK_MODES, Config, apply_overrides
 from madlab.model.checkpoint import read_metadata
 from madlab.run.distributed import Dist
 from madlab.run.training import STOP_AFTER_ENV, make_train_loader
@@ -66,6 +75,47 @@ def test_synthetic_set_serves_each_bona_fide_and_one_new_attack_from_it(embedded
     assert torch.equal(again, synthetic[attack][0]), "torch's seed fixes it"
     x, y, index = synthetic[attack]
     assert x.shape == (3, 32, 32) and y.item() == 1.0 and index == attack
+
+
+def test_every_attacks_mode_has_its_sources_and_no_source_is_unknown():
+    assert tuple(MODE_SOURCES) == ATTACK_MODES
+    assert all(set(sources) <= {"given", "synthetic", "generated"} and sources for sources in MODE_SOURCES.values())
+    assert [m for m in ATTACK_MODES if uses_given(m)] == ["given", "both", "given+generated"]
+    assert made_sources("synthetic+generated") == ("synthetic", "generated") and made_sources("given") == ()
+
+
+@pytest.mark.parametrize(("mode", "kinds"), [("generated", {"generated"}),
+                                              ("synthetic+generated", {"synthetic", "generated"}),
+                                              ("given+generated", {"generated", "blend", "splice"})])
+def test_generated_attacks_are_served_one_per_bona_fide_made_anew_from_two_photos(embedded, mode, kinds):
+    base = _split(embedded, "train")
+    n_bf = sum(s.label == 0 for s in base.samples)
+    n_morph = len(base.samples) - n_bf
+    served = SyntheticTrainSet(base, mode)
+    assert len(served) == 2 * n_bf + (n_morph if uses_given(mode) else 0)
+    assert {s.method for s in served.samples if s.label == 1} == kinds
+    made = [k for k, s in enumerate(served.samples) if s.method in ("synthetic", "generated")]
+    assert len(made) == n_bf
+    if mode == "synthetic+generated":  # the bona fides take turns: half of each kind
+        assert sum(served.samples[k].method == "generated" for k in made) == n_bf // 2
+    attack = next(k for k in made if served.samples[k].method == "generated")
+    assert not torch.equal(served[attack][0], served[attack][0]), "every read makes a new morph"
+
+
+def test_fixed_generated_dev_attacks_are_seeded_two_photo_morphs(embedded):
+    dev = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32)
+    a, b = FixedAttackSet(dev, 5, kinds=("generated",)), FixedAttackSet(dev, 5, kinds=("generated",))
+    n = len(dev)
+    assert all(torch.equal(a.pixels(k), b.pixels(k)) for k in range(2 * n))
+    assert all(m.split(":")[:2] in (["generated", "blend"], ["generated", "splice"]) for m in a.methods())
+    assert all(s.method == "generated" for s in a.samples[n:])
+    # A morph of two photos differs from its own bona fide well beyond 8-bit rounding.
+    assert all((a.pixels(n + k).float() - a.pixels(k).float()).abs().mean() > 2 for k in range(n))
+    fixed, note = dev_attacks(dev, "synthetic+generated", 5)
+    assert "synthetic and generated attacks, one from each dev bona fide" in note
+    assert {s.method for s in fixed.samples[n:]} == {"synthetic", "generated"}
+    with pytest.raises(ValueError, match="kinds must be a non-empty subset"):
+        FixedAttackSet(dev, 5, kinds=("given",))
 
 
 def test_fixed_dev_attacks_are_the_same_for_a_seed_and_differ_across_seeds(embedded):
@@ -196,21 +246,21 @@ def _bona_fide_folder(root: Path, n: int = 40) -> Path:
     return root
 
 
-def test_a_folder_of_bona_fides_alone_trains_with_synthetic_attacks(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["synthetic", "generated"])
+def test_a_folder_of_bona_fides_alone_trains_with_made_attacks(tmp_path, capsys, mode):
     data = _bona_fide_folder(tmp_path / "data")
     out, cache = tmp_path / "run", tmp_path / "cache"
     common = ["train", "--data", str(data), "--cache_dir", str(cache), "--no_progress", *_overrides(TINY)]
     assert morph_detection.main([*common, "--output_dir", str(tmp_path / "given")]) == 2
     assert "every split needs both classes" in capsys.readouterr().err
-    assert morph_detection.main([*common, "--output_dir", str(out), *_overrides(["attacks=synthetic"])]) == 0
+    assert morph_detection.main([*common, "--output_dir", str(out), *_overrides([f"attacks={mode}"])]) == 0
     printed = capsys.readouterr().out
-    assert "training attacks: attacks=synthetic; dev attacks:" in printed and "seed=42" in printed
+    assert f"training attacks: attacks={mode}; dev attacks:" in printed and "seed=42" in printed
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["attacks"] == "synthetic" and "synthetic attacks, one from each dev bona fide" in summary[
-        "dev_attacks"]
+    assert summary["attacks"] == mode and f"{mode} attacks, one from each dev bona fide" in summary["dev_attacks"]
     assert set(summary["synthetic_separability_auc"]) == set(STATISTICS)
     training = read_metadata(out / "morph_detector.safetensors")["training"]
-    assert training["attacks"] == "synthetic" and training["dev_attacks"] == summary["dev_attacks"]
+    assert training["attacks"] == mode and training["dev_attacks"] == summary["dev_attacks"]
 
 
 def test_a_synthetic_run_resumed_ends_bit_identical_and_is_deterministic(tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ use_landmarks = st.booleans()
 
 
 @settings(deadline=None, max_examples=40)
-@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph]))
+@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph, S.self_warp]))
 def test_attack_differs_from_its_photo_only_inside_its_mask(seed, with_points, make):
     photo = _photo(seed % 1000)
     points = _landmarks(*photo.shape[:2]) if with_points else None
@@ -81,6 +81,25 @@ def test_self_morph_is_the_beta_blend_with_a_zoomed_copy(seed, with_points):
     np.testing.assert_allclose(attack.image, expected, atol=1e-5)
     if points is not None:  # zoomed about the nose tip
         np.testing.assert_allclose(attack.centre, points[2, ::-1])
+
+
+@settings(deadline=None, max_examples=25)
+@given(seeds)
+def test_self_warp_blends_two_copies_warped_apart_and_is_the_photo_when_nothing_moves(seed):
+    photo = _photo(seed % 1000, 48, 48)
+    points = _landmarks(48, 48)
+    attack = S.self_warp(photo, np.random.default_rng(seed), points)
+    assert attack.method == "self_warp" and S.WARP_BETA_RANGE[0] <= attack.beta <= S.WARP_BETA_RANGE[1]
+    assert np.abs(attack.image - photo).max() > 0.01, "moved landmarks change the face"
+    still = S.WARP_RANGE
+    try:
+        S.WARP_RANGE = (0.0, 0.0)  # no landmark moves: both warps are the identity
+        unmoved = S.self_warp(photo, np.random.default_rng(seed), points)
+    finally:
+        S.WARP_RANGE = still
+    np.testing.assert_allclose(unmoved.image, photo, atol=1e-5)
+    # Without landmarks there is nothing to warp by: a self-morph (a zoomed copy) instead.
+    assert S.self_warp(photo, np.random.default_rng(seed)).method == "self_morph"
 
 
 def test_self_morph_regions_grow_from_the_inner_face_to_the_whole_image():

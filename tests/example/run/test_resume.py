@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import morph_detection
@@ -30,31 +31,83 @@ def log_rows(out: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(uninterrupted run, interrupted-then-resumed run, backbone cache)."""
-    cache = tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The backbone cache every run of this module shares (the small ViT is pretrained once)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def interrupted_and_whole(tmp_path_factory: pytest.TempPathFactory, cache: Path,
+                          overrides: list[str]) -> tuple[Path, Path]:
+    """(uninterrupted run, run interrupted after epoch 2 then resumed), both with ``overrides``."""
     whole, resumed = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("resumed")
-    assert train(whole, cache) == 0
+    assert train(whole, cache, overrides=overrides) == 0
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(STOP_AFTER_ENV, "2")
-        assert train(resumed, cache) == 3  # interrupted after epoch 2
+        assert train(resumed, cache, overrides=overrides) == 3  # interrupted after epoch 2
     assert not (resumed / "morph_detector.safetensors").exists()
     assert len(log_rows(resumed)) == 2
-    assert train(resumed, cache, "--resume") == 0
-    return whole, resumed, cache
+    assert train(resumed, cache, "--resume", overrides=overrides) == 0
+    return whole, resumed
 
 
-def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(runs) -> None:
-    whole, resumed, _ = runs
+def assert_same_run(whole: Path, resumed: Path, epochs: int) -> None:
     a = load_file(str(whole / "morph_detector.safetensors"))
     b = load_file(str(resumed / "morph_detector.safetensors"))
     assert sorted(a) == sorted(b)
     assert all((a[k] == b[k]).all() for k in a), [k for k in a if not (a[k] == b[k]).all()]
     assert log_rows(whole) == log_rows(resumed)
-    assert len(log_rows(whole)) == 4
+    assert len(log_rows(whole)) == epochs
+    # The last epoch's weights and optimiser moments too, not only the restored best epoch's.
+    last = [load_file(str(out / STATE_FILE)) for out in (whole, resumed)]
+    kept = [k for k in last[0] if k.startswith(("param.", "optim."))]
+    assert kept and all((last[0][k] == last[1][k]).all() for k in kept)
     summary = [json.loads((out / "train_summary.json").read_text()) for out in (whole, resumed)]
     for key in ("best_epoch", "best_dev_loss", "best_dev_eer", "threshold"):
         assert summary[0][key] == summary[1][key], key
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Path, Path, Path]:
+    """(uninterrupted run, interrupted-then-resumed run, backbone cache)."""
+    return (*interrupted_and_whole(tmp_path_factory, cache, TINY), cache)
+
+
+def test_resumed_run_ends_bit_identical_to_the_uninterrupted_one(runs) -> None:
+    whole, resumed, _ = runs
+    assert_same_run(whole, resumed, 4)
+
+
+# No image cache: every image is decoded (and augmented) in worker processes each epoch.
+DECODED_IN_WORKERS = [*TINY, "num_epochs=3", "num_workers=2", "image_cache_mb=0"]
+
+
+@pytest.fixture(scope="module")
+def worker_runs(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Path, Path]:
+    return interrupted_and_whole(tmp_path_factory, cache, DECODED_IN_WORKERS)
+
+
+def test_resume_is_bit_identical_with_images_decoded_in_worker_processes(worker_runs) -> None:
+    # Before: persistent workers drew their random seeds once, at the first epoch of a process, so
+    # the resumed run's epoch 3 augmented (and shuffled) differently from the uninterrupted run's.
+    assert_same_run(*worker_runs, 3)
+
+
+@pytest.mark.parametrize("change", ["num_workers=1", "image_cache_mb=4096"])
+def test_resume_that_would_draw_the_augmentation_elsewhere_is_refused(worker_runs, change: str, tmp_path: Path,
+                                                                      cache: Path, capsys) -> None:
+    # Other workers (or none: every image cached) draw other augmentations: before, such a resume
+    # went on without a word and ended elsewhere than the run it continued.
+    shutil.copytree(worker_runs[1], tmp_path / "run")
+    assert train(tmp_path / "run", cache, "--resume", overrides=[*DECODED_IN_WORKERS, change]) == 2
+    err = capsys.readouterr().err
+    assert "training augmentation 2 worker processes drew (num_workers=2, image_cache_mb=0)" in err, err
+    assert "Resume with the run's num_workers and image_cache_mb" in err
+
+
+def test_resume_with_other_workers_is_allowed_where_the_main_process_draws(runs, tmp_path: Path, cache: Path) -> None:
+    # Every training image cached: the main process serves and augments them, whatever num_workers says.
+    shutil.copytree(runs[1], tmp_path / "run")
+    assert train(tmp_path / "run", cache, "--resume", overrides=[*TINY, "num_workers=0"]) == 0
 
 
 def test_checkpoint_is_safetensors_with_json_metadata_only(runs) -> None:

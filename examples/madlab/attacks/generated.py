@@ -1,0 +1,114 @@
+"""Two-photo morphs generated in-process from the bona fides of one split (``attacks=generated``).
+
+A self-made attack (:mod:`.synthesis`) alters one photo, so it keeps that photo's sensor
+noise and adds artifacts; a real morph averages *two* photos, whose independent noise and
+fine texture partly cancel, and leaves ghosting wherever their faces disagree. This module
+makes the real kind from any split whose bona fides have identities and aligned faces:
+
+* **two people**: a bona fide and one of a different identity of the same split, both warped
+  onto the average of their 5 landmarks (:func:`~.morphs.landmark_morph`) and combined by a
+  method of :data:`~.morphs.MORPH_METHODS` (whole images averaged, or the averaged inner
+  face pasted into the first);
+* **same person**: two different shots of one identity combined the same way, where an
+  identity has several photos: real blending and real noise averaging, no identity mixing,
+  so the detector cannot lean on "two faces" alone.
+
+The morph then gets its first contributor's colour, contrast and sharpness over the whole
+image (:func:`~.synthesis.match_statistics`), as morphing tools sharpen their output, so
+blur is no cue. Without identities every photo counts as its own identity (two
+shots of one person may then be paired as "two people"); without landmarks the faces are
+taken as already aligned and combined through a centred mask (:func:`~.morphs.morph`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data.samples import DataError, Sample
+from .morphs import MORPH_METHODS, landmark_morph
+from .synthesis import match_statistics
+
+__all__ = ["ALPHA_RANGE", "SAME_PERSON_P", "Pairing", "generate_morph"]
+
+ALPHA_RANGE = (0.4, 0.6)  # the second contributor's share: morphing tools aim at half and half
+# How often a bona fide whose identity has other shots is morphed with one of them instead of
+# another person: often enough that "two identities" is never the whole story.
+SAME_PERSON_P = 0.25
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Who may be morphed with whom within one split.
+
+    Args:
+        samples: The split's rows; only bona fides (label 0) are paired.
+
+    Raises:
+        DataError: If the split has fewer than two bona fides.
+    """
+
+    samples: Sequence[Sample]
+
+    def __post_init__(self) -> None:
+        bona_fides = [i for i, s in enumerate(self.samples) if s.label == 0]
+        if len(bona_fides) < 2:
+            raise DataError(f"generated attacks morph two bona fides of a split, but it has {len(bona_fides)}")
+        groups: dict[str, list[int]] = {}
+        for i in bona_fides:
+            groups.setdefault(self.identity(i), []).append(i)
+        object.__setattr__(self, "bona_fides", bona_fides)
+        object.__setattr__(self, "groups", groups)
+
+    def identity(self, index: int) -> str:
+        """The first identity of row ``index``, or its path when the data names none."""
+        sample = self.samples[index]
+        return sample.identity[0] if sample.identity else sample.path
+
+    @property
+    def identities_known(self) -> bool:
+        return any(self.samples[i].identity for i in self.bona_fides)
+
+    def partner(self, index: int, rng: np.random.Generator) -> tuple[int, bool]:
+        """A bona fide to morph row ``index`` with, and whether it shows the same person.
+
+        Another shot of the same identity with :data:`SAME_PERSON_P` where there is one (always
+        when the split holds no other identity), otherwise a bona fide of another identity.
+        """
+        own = self.identity(index)
+        same = [j for j in self.groups[own] if j != index]
+        others = [j for j in self.bona_fides if self.identity(j) != own]
+        if same and (not others or rng.random() < SAME_PERSON_P):
+            return int(same[int(rng.integers(len(same)))]), True
+        return int(others[int(rng.integers(len(others)))]), False
+
+
+def generate_morph(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, landmarks_a: np.ndarray | None = None,
+                   landmarks_b: np.ndarray | None = None,
+                   methods: Sequence[str] = tuple(MORPH_METHODS)) -> tuple[np.ndarray, str]:
+    """A morph of two photos, matched to ``a``'s statistics where it differs from ``a``.
+
+    Args:
+        a, b: ``S x S x 3`` images in [0, 1] (``a`` is the frame a splice is pasted into).
+        landmarks_a, landmarks_b: Their ``5 x 2`` ``(x, y)`` landmarks, or None (both needed to warp).
+        methods: The given methods to draw from (even odds).
+
+    Returns:
+        The ``S x S x 3`` float32 morph and the method used.
+
+    Raises:
+        ValueError: For photos of different shapes or an unknown method.
+    """
+    if a.shape != b.shape or a.ndim != 3 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"contributors must be square H x W x 3 images of one shape, got {a.shape} and {b.shape}")
+    method = str(methods[int(rng.integers(len(methods)))])
+    alpha = float(rng.uniform(*ALPHA_RANGE))
+    if landmarks_a is not None and landmarks_b is not None:
+        image, _ = landmark_morph(method, a, np.asarray(landmarks_a), b, np.asarray(landmarks_b), alpha)
+    else:  # faces already aligned: combined in place, through a centred mask
+        image = np.clip(MORPH_METHODS[method](a, b, alpha, None), 0.0, 1.0)
+    # Matched over the whole image, as the default data's morphs are matched to their
+    # contributors and as tools sharpen their whole output.
+    return match_statistics(image.astype(np.float32), a), method

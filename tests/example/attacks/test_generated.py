@@ -1,0 +1,87 @@
+"""Morphs generated from two bona fides of a split (attacks=generated): who is paired with whom, and
+what a generated morph is, checked against the blend formula and the statistics matching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from madlab.attacks import generated
+from madlab.attacks.generated import SAME_PERSON_P, Pairing, generate_morph
+from madlab.attacks.synthesis import match_statistics
+from madlab.data.samples import DataError, Sample
+
+
+def _rows(people: dict[str, int], morphs: int = 2) -> list[Sample]:
+    rows = [Sample(f"bf/{person}_{shot}", 0, "bona_fide", "train", (person,))
+            for person, shots in people.items() for shot in range(shots)]
+    rows += [Sample(f"morph/{k}", 1, "blend", "train", ("a", "b")) for k in range(morphs)]
+    return rows
+
+
+def _photos(seed: int, size: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a = 0.5 + 0.3 * np.sin(6 * xx)[..., None] * np.ones(3) + 0.05 * rng.standard_normal((size, size, 3))
+    b = 0.5 + 0.3 * np.cos(5 * yy)[..., None] * np.ones(3) + 0.05 * rng.standard_normal((size, size, 3))
+    return np.clip(a, 0, 1).astype(np.float32), np.clip(b, 0, 1).astype(np.float32)
+
+
+def test_partners_are_other_bona_fides_of_another_person_or_another_shot_of_the_same():
+    rows = _rows({"p1": 3, "p2": 1, "p3": 2})
+    pairing = Pairing(rows)
+    rng = np.random.default_rng(0)
+    same_person = 0
+    draws = 4000
+    for _ in range(draws):
+        partner, same = pairing.partner(0, rng)
+        assert partner != 0 and rows[partner].label == 0
+        assert (rows[partner].identity == ("p1",)) == same
+        same_person += same
+    # Binomial(4000, 0.25): sd 27; 5 sd either way.
+    assert abs(same_person - SAME_PERSON_P * draws) < 5 * np.sqrt(draws * SAME_PERSON_P * (1 - SAME_PERSON_P))
+    only_shot = rows.index(next(r for r in rows if r.identity == ("p2",)))
+    assert not any(pairing.partner(only_shot, rng)[1] for _ in range(200)), "p2 has one photo: always another person"
+
+
+def test_a_split_of_one_person_pairs_shots_and_one_without_identities_pairs_files():
+    one_person = Pairing(_rows({"p1": 3}, morphs=0))
+    assert all(one_person.partner(1, np.random.default_rng(k))[1] for k in range(50))
+    anonymous = Pairing([Sample(f"x/{k}.png", 0, "bona_fide", "train", ()) for k in range(3)])
+    assert not anonymous.identities_known
+    assert {anonymous.partner(0, np.random.default_rng(k))[0] for k in range(50)} == {1, 2}
+
+
+@pytest.mark.parametrize("people", [{"p1": 1}, {}])
+def test_a_split_with_fewer_than_two_bona_fides_is_refused(people):
+    with pytest.raises(DataError, match="morph two bona fides of a split, but it has"):
+        Pairing(_rows(people))
+
+
+def test_a_generated_blend_is_the_average_of_its_contributors_matched_to_the_first(monkeypatch):
+    monkeypatch.setattr(generated, "ALPHA_RANGE", (0.5, 0.5))
+    a, b = _photos(0)
+    image, method = generate_morph(a, b, np.random.default_rng(1), methods=("blend",))
+    expected = match_statistics(np.clip(0.5 * a + 0.5 * b, 0, 1), a)
+    assert method == "blend" and image.dtype == np.float32
+    np.testing.assert_allclose(image, expected, atol=1e-6)
+    # What the matching promises: the first contributor's per-channel mean and spread.
+    np.testing.assert_allclose(image.mean(axis=(0, 1)), a.mean(axis=(0, 1)), atol=0.01)
+    np.testing.assert_allclose(image.std(axis=(0, 1)), a.std(axis=(0, 1)), atol=0.01)
+
+
+def test_landmarks_shared_by_both_contributors_warp_nothing(monkeypatch):
+    monkeypatch.setattr(generated, "ALPHA_RANGE", (0.5, 0.5))
+    a, b = _photos(2)
+    points = np.array([[16.0, 18.0], [32.0, 18.0], [24.0, 27.0], [18.0, 35.0], [30.0, 35.0]])
+    for method in ("blend", "splice"):
+        warped, _ = generate_morph(a, b, np.random.default_rng(3), points, points, methods=(method,))
+        plain, _ = generate_morph(a, b, np.random.default_rng(3), methods=(method,))
+        if method == "blend":  # the splice mask follows the landmarks, the plain one is centred
+            np.testing.assert_allclose(warped, plain, atol=1e-5)
+        assert np.abs(warped - a).mean() > 0.02, "a morph differs from its first contributor"
+
+
+def test_generated_morphs_of_different_shapes_are_refused():
+    a, b = _photos(0)
+    with pytest.raises(ValueError, match="one shape"):
+        generate_morph(a, b[:40], np.random.default_rng(0))
