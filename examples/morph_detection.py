@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,15 +85,17 @@ OVERRIDE_HELP = ("set a config key, repeatable: typed by the key (bools true/fal
                  " comma-separated, None for optional keys); the keys are listed below")
 # The key lists come from madlab.io.config_keys, the one source of the README's key table too.
 TRAINING_EPILOG = "config keys (--override KEY=VALUE):\n" + help_listing()
-EVAL_EPILOG = ("config keys a model file lets change (--override KEY=VALUE); every other key is read from the file"
-               " and an override that contradicts it is an error:\n" + help_listing(EVAL_KEYS))
+EVAL_EPILOG = (textwrap.fill("config keys a model file lets change (--override KEY=VALUE); every other key is read"
+                             " from the file and an override that contradicts it is an error:", 100)
+               + "\n" + help_listing(EVAL_KEYS))
 DEFAULT_RUN_FLAGS = ("--output_dir", "--cache_dir", "--no_progress")
 
 
 def _subparser(sub: argparse._SubParsersAction, name: str, text: str, epilog: str | None,
                description: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand whose --help ends with the config keys it takes, one per line."""
-    return sub.add_parser(name, help=text, description=description or text, epilog=epilog,
+    """A subcommand whose --help ends with the config keys it takes, one per line (so its text is
+    laid out here: the raw formatter keeps those lines as they are)."""
+    return sub.add_parser(name, help=text, description=textwrap.fill(description or text, 100), epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
