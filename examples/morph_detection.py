@@ -235,9 +235,8 @@ def _default_run_argv(argv: list[str]) -> list[str]:
     Exits (status 2, one ``error:`` line) naming the flag it does not take and the subcommands that do.
     """
     parser = argparse.ArgumentParser(prog="morph_detection.py", description="the default run: train, then test")
-    parser.add_argument("--output_dir")
-    parser.add_argument("--cache_dir")
-    parser.add_argument("--no_progress", action="store_true")
+    for flag in DEFAULT_RUN_FLAGS:
+        parser.add_argument(flag, action="store_true" if flag == "--no_progress" else "store")
     _, rest = parser.parse_known_args(argv)
     if rest:
         parser.error(f"the default run (no subcommand) takes only {', '.join(DEFAULT_RUN_FLAGS)}; got {rest[0]!r}."
