@@ -6,7 +6,8 @@ this to seconds: ``train`` gets a tiny random ViT folder as ``--backbone``, one 
 thread, appended after the page's own arguments (which they override). guide.md's commands run on
 a small folder of generated images standing in for its ``/data/mine``. Parsed only, with the
 example's own parser: the default run (minutes) and ``compare`` (three trainings); ``pip`` lines
-are checked by tests/test_docs.py.
+are checked by tests/test_docs.py. examples/README.md's commands (real data sets under /data,
+minutes to hours) are parsed only, overrides included.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import morph_detection
 import pytest
+from madlab.io.config import Config, apply_overrides
 
 from example.cli import cli, overrides
 from example.run.test_closing import check_paths, closing
 from example.run.test_predict import data_tree, tiny_vit
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 RUN = {"train", "test", "predict", "export"}  # what runs; anything else is parsed only
 FAST = ["num_epochs=1", "num_threads=1", "num_workers=0", "batch_size=8"]
@@ -85,3 +88,9 @@ def test_guide_commands_run_on_a_small_folder(workdir: Path) -> None:
     ran = run_in_order(commands, tiny_vit(workdir / "vit"), extra_train=["face_crop=none"])
     assert ran == ["train", "train", "train", "test"]
     assert all(Path("runs", size, "morph_detector.safetensors").is_file() for size in ("small", "medium", "large"))
+
+
+@pytest.mark.parametrize("argv", example_commands("../examples/README.md"), ids=" ".join)
+def test_example_readme_commands_parse(argv: list[str]) -> None:
+    args, _ = morph_detection.parse_args(argv)  # exits (status 2) on a flag or subcommand it does not take
+    apply_overrides(Config(), getattr(args, "override", []))  # ConfigError on an unknown key or bad value
