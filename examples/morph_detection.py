@@ -19,11 +19,18 @@ Subcommands:
   compare    LoRA vs full fine-tuning vs linear probe on the same data, one table.
   protocol   leave-one-method-out or cross-dataset: train, test on what training never saw, one table.
 
+Every command ends with the files it wrote (full paths), its result in one line, and the command
+to run next. The default run takes --output_dir, --cache_dir and --no_progress and nothing else;
+for other settings run train, then test. Every config key, its default and what it does:
+python examples/morph_detection.py config (also listed by train --help).
+
 Exit status: 0 done; 2 an error (one "error:" line); 3 training interrupted (resume it);
 4 predict scored some files but not all (their rows say why).
 
 Examples:
   python examples/morph_detection.py
+  python examples/morph_detection.py --output_dir /tmp/smoke --cache_dir /tmp/cache
+  python examples/morph_detection.py config
   python examples/morph_detection.py train --data /data/FRLL --override lora_r=8
   python examples/morph_detection.py test --model_path output/morph_detector.safetensors
   python examples/morph_detection.py test --model_path output/morph_detector.safetensors --data /data/MAD22
@@ -40,14 +47,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the madlab package lives beside this file
 
 import torch
-from madlab.io.config import ATTACK_MODES, Config, ConfigError, apply_overrides
+from madlab.io.config import ATTACK_MODES, EVAL_KEYS, Config, ConfigError, apply_overrides
+from madlab.io.config_keys import help_listing, markdown_table
 from madlab.io.errors import MadlabError
 from madlab.model.backbone import cache_root
+from madlab.run import closing
 from madlab.run.app import (
     MODEL_FILE,
     SMOKE_TEST_BANNER,
@@ -71,12 +82,28 @@ from madlab.sources.reading import EVAL_SPLITS
 from lora_vit import LoRAError
 
 OVERRIDE_HELP = ("set a config key, repeatable: typed by the key (bools true/false/1/0/yes/no, lists"
-                 " comma-separated, None for optional keys). Keys: " + ", ".join(sorted(Config.__dataclass_fields__)))
+                 " comma-separated, None for optional keys); the keys are listed below")
+# The key lists come from madlab.io.config_keys, the one source of the README's key table too.
+TRAINING_EPILOG = "config keys (--override KEY=VALUE):\n" + help_listing()
+EVAL_EPILOG = (textwrap.fill("config keys a model file lets change (--override KEY=VALUE); every other key is read"
+                             " from the file and an override that contradicts it is an error:", 100)
+               + "\n" + help_listing(EVAL_KEYS))
+DEFAULT_RUN_FLAGS = ("--output_dir", "--cache_dir", "--no_progress")
+
+
+def _subparser(sub: argparse._SubParsersAction, name: str, text: str, epilog: str | None,
+               description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the config keys it takes, one per line (so its text is
+    laid out here: the raw formatter keeps those lines as they are)."""
+    return sub.add_parser(name, help=text, description=textwrap.fill(description or text, 100), epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
-    parser.add_argument("--output_dir", default=None, help="where outputs go (default: output/)")
+    parser.add_argument("--output_dir", default=None, help=(
+        "where the model file, training log and test report go (default: output/)" if training else
+        "where scores.csv, metrics.json and the plots go (default: the output_dir the model was trained with)"))
     parser.add_argument("--no_progress", action="store_true", help=(
         "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"
         if training else "no progress bar while scoring (shown only on a terminal)"))
@@ -110,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "fine-tune and save the model file; builds (or pretrains) the backbone first if needed"),
         ("compare", "LoRA vs full fine-tuning vs linear probe: params, size, time, memory, D-EER, AUC"),
     ]:
-        command = sub.add_parser(name, help=text, description=text)
+        command = _subparser(sub, name, text, TRAINING_EPILOG)
         _common(command, training=True)
         if name != "pretrain":
             command.add_argument("--overwrite", action="store_true",
@@ -119,10 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--resume", action="store_true", help=(
                 "continue the interrupted run in --output_dir from its per-epoch checkpoint"
                 f" ({STATE_FILE}); ends as an uninterrupted run would"))
-    protocol = sub.add_parser("protocol", help="leave-one-method-out or cross-dataset evaluation, one table",
-                              description="train without what is tested: leave-one-method-out (each morph method"
-                                          " held out of train and dev in turn) or cross-dataset (train on --data,"
-                                          " test on all of --test_data); tables with shortcut rows")
+    protocol = _subparser(sub, "protocol", "leave-one-method-out or cross-dataset evaluation, one table",
+                          TRAINING_EPILOG, "train without what is tested: leave-one-method-out (each morph method"
+                                           " held out of train and dev in turn) or cross-dataset (train on --data,"
+                                           " test on all of --test_data); tables with shortcut rows")
     protocol.add_argument("kind", choices=PROTOCOLS)
     protocol.add_argument("--test_data", default=None, help="cross-dataset: the data set B to test on (all of it)")
     protocol.add_argument("--attacks", default=None, help=(
@@ -130,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: the config's attacks)"))
     protocol.add_argument("--overwrite", action="store_true", help="replace previous protocol runs")
     _common(protocol, training=True)
-    test = sub.add_parser("test", help="evaluate a saved model on the test split or another data set",
-                          description="rebuild the model from --model_path alone and evaluate it")
+    test = _subparser(sub, "test", "evaluate a saved model on the test split or another data set", EVAL_EPILOG,
+                      "rebuild the model from --model_path alone and evaluate it")
     test.add_argument("--model_path", required=True, help="the .safetensors file written by train or export")
     test.add_argument("--data", default=None, help=(
         "evaluate on this data set instead of the one trained on (then every image of it by default)"))
@@ -154,11 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model_path", required=True, help="the .safetensors file written by train")
     export.add_argument("--output", required=True, help="the .safetensors file to write")
     export.add_argument("--backbone", default=None, help="backbone folder, if it moved since training")
+    config = sub.add_parser("config", help="list every config key with its default and what it does",
+                            description="list every config key (--override KEY=VALUE) with its default and what it"
+                                        " does; the same list as train --help and examples/README.md's key table")
+    config.add_argument("--markdown", action="store_true", help="print examples/README.md's key table instead")
     return parser
 
 
 def _predict_parser(sub: argparse._SubParsersAction) -> None:
-    predict = sub.add_parser("predict", help="score unlabelled photos into a CSV of decisions", description=(
+    predict = _subparser(sub, "predict", "score unlabelled photos into a CSV of decisions", EVAL_EPILOG, (
         "score image files, folders (recursive) or .txt/.csv lists of paths; one CSV row per file, in input"
         " order: path,status,logit,p_morph,decision. Exit status 0 when every file was scored, 4 when some"
         " could not be (their status says why), 2 on an error"))
@@ -197,11 +228,37 @@ def _config(args: argparse.Namespace) -> Config:
     return apply_overrides(Config(), items)
 
 
+def _default_run_argv(argv: list[str]) -> list[str]:
+    """The no-subcommand run as ``train`` arguments: it takes :data:`DEFAULT_RUN_FLAGS` and nothing else,
+    since any other setting would make it something else than the documented smoke test.
+
+    Exits (status 2, one ``error:`` line) naming the flag it does not take and the subcommands that do.
+    """
+    parser = argparse.ArgumentParser(prog="morph_detection.py", description="the default run: train, then test")
+    for flag in DEFAULT_RUN_FLAGS:
+        parser.add_argument(flag, action="store_true" if flag == "--no_progress" else "store")
+    _, rest = parser.parse_known_args(argv)
+    if rest:
+        parser.error(f"the default run (no subcommand) takes only {', '.join(DEFAULT_RUN_FLAGS)}; got {rest[0]!r}."
+                     " For other settings run the steps yourself: train (with --data, --backbone, --override ...),"
+                     " then test --model_path <output_dir>/" + MODEL_FILE)
+    return ["train", *argv]
+
+
+def parse_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, bool]:
+    """The command line as the example reads it: its arguments, and whether it is the default run
+    (no subcommand: train, then test). Exits with status 2 on arguments it cannot take."""
+    parser = parser or build_parser()
+    default_run = not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))
+    return parser.parse_args(_default_run_argv(argv) if default_run else argv), default_run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv if argv else ["train"])
-    default_run = not argv
+    args, default_run = parse_args(sys.argv[1:] if argv is None else argv, parser)
+    if args.command == "config":
+        print(markdown_table() if args.markdown else help_listing())
+        return 0
     if args.command is None:
         parser.error("choose a subcommand: pretrain, train, test, predict, export, compare or protocol"
                      " (or no arguments for the default run)")
@@ -222,24 +279,33 @@ def _silent(_: str) -> None:
     pass
 
 
+def _close(env: Env, ranks: Dist, make: Callable[[], closing.Closing]) -> None:
+    """Print the command's closing lines; rank 0 alone, which alone knows what it wrote."""
+    if ranks.main:
+        env.say(str(make()))
+
+
 def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> int:
     tag = f"[rank {ranks.rank}] " if ranks.active else ""
     try:
         if args.command == "test":
             extra = [f"data={args.data}"] if args.data else []
-            run_test(args.model_path, [*args.override, *extra], env, args.output_dir, args.backbone, args.split,
-                     args.strict)
+            report = run_test(args.model_path, [*args.override, *extra], env, args.output_dir, args.backbone,
+                              args.split, args.strict)
+            _close(env, ranks, lambda: closing.after_test(report, args.model_path))
             return 0
         if args.command == "predict":
             flags = [f"{k}={getattr(args, k)}" for k in ("batch_size", "num_workers", "precision", "compile")
                      if getattr(args, k) is not None]
-            return run_predict(args.model_path, args.input, args.output, operating_point=args.operating_point,
-                               overrides=[*args.override, *flags], backbone=args.backbone,
-                               progress=env.progress, say=env.say, save_crops=args.save_crops,
-                               cache=cache_root(env.cache_dir))
+            status, line = run_predict(args.model_path, args.input, args.output,
+                                       operating_point=args.operating_point, overrides=[*args.override, *flags],
+                                       backbone=args.backbone, progress=env.progress, say=env.say,
+                                       save_crops=args.save_crops, cache=cache_root(env.cache_dir))
+            _close(env, ranks, lambda: closing.after_predict(args.model_path, args.output, args.save_crops, line))
+            return status
         if args.command == "export":
-            env.say(summary_line(export_detector(Detector.load(args.model_path, backbone=args.backbone),
-                                                 args.output)))
+            result = export_detector(Detector.load(args.model_path, backbone=args.backbone), args.output)
+            _close(env, ranks, lambda: closing.after_export(result, summary_line(result)))
             return 0
         config = _config(args)
         if config.data is None:
@@ -249,16 +315,21 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
         if args.command == "compare" and ranks.active:
             raise ConfigError("compare starts one process per strategy itself; run it without torchrun")
         if args.command == "pretrain":
-            env.say(f"backbone ready: {run_pretrain(config, env)}")
+            folder = run_pretrain(config, env)
+            _close(env, ranks, lambda: closing.after_pretrain(folder, config))
         elif args.command == "train":
             overwrite = args.overwrite or (default_run and holds_smoke_run(Path(config.output_dir)))
             if overwrite and default_run:
                 env.say(f"replacing the previous smoke-test run in {config.output_dir}/")
             summary = run_train(config, env, resume=args.resume, overwrite=overwrite)
             if default_run:
-                run_test(summary["model_path"], [], env, config.output_dir)
+                report = run_test(summary["model_path"], [], env, config.output_dir)
+                _close(env, ranks, lambda: closing.after_default_run(summary, report))
+            else:
+                _close(env, ranks, lambda: closing.after_train(summary))
         elif args.command == "compare":
-            run_compare(config, args.override, env, Path(__file__).resolve(), overwrite=args.overwrite)
+            rows = run_compare(config, args.override, env, Path(__file__).resolve(), overwrite=args.overwrite)
+            _close(env, ranks, lambda: closing.after_compare(config.output_dir, rows))
         elif args.command == "protocol":
             modes = [m.strip() for m in (args.attacks or config.attacks).split(",") if m.strip()]
             if not modes or set(modes) - set(ATTACK_MODES):
@@ -266,7 +337,8 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
             if ranks.active:
                 raise ConfigError("protocol runs its training runs one after another; run it without torchrun")
             out = Path(config.output_dir) / "protocol" / args.kind
-            run_protocol(args.kind, config, args.override, env, out, modes, args.test_data, args.overwrite)
+            rows = run_protocol(args.kind, config, args.override, env, out, modes, args.test_data, args.overwrite)
+            _close(env, ranks, lambda: closing.after_protocol(args.kind, out, rows, config.data))
     except TrainingInterrupted as err:
         print(f"{tag}interrupted: {err}", file=sys.stderr)
         return 3
@@ -279,4 +351,4 @@ def _run(args: argparse.Namespace, env: Env, default_run: bool, ranks: Dist) -> 
 if __name__ == "__main__":
     sys.exit(main())
 
-__all__ = ["MODEL_FILE", "build_parser", "main"]
+__all__ = ["MODEL_FILE", "build_parser", "main", "parse_args"]

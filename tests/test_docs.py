@@ -58,7 +58,7 @@ def example_parser():
         from madlab.io.config import Config, apply_overrides
     finally:
         sys.path.remove(str(ROOT / "examples"))
-    return morph_detection.build_parser(), Config, apply_overrides
+    return morph_detection.parse_args, Config, apply_overrides
 
 
 def optional_dependencies() -> set[str]:
@@ -80,8 +80,8 @@ def check_command(argv: list[str], where: str) -> None:
         script = ROOT / args[0]
         assert script.is_file(), f"{where}: {args[0]} does not exist"
         if script.name == "morph_detection.py":
-            parser, config, apply_overrides = example_parser()
-            parsed = parser.parse_args(args[1:] or ["train"])  # SystemExit on an unknown flag or command
+            parse, config, apply_overrides = example_parser()
+            parsed, _ = parse(args[1:])  # SystemExit on an unknown flag or command
             apply_overrides(config(), getattr(parsed, "override", []))  # ConfigError on an unknown key
     elif program == "pip" and args[:1] == ["install"]:
         extras = optional_dependencies()

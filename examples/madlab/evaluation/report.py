@@ -28,6 +28,7 @@ __all__ = [
     "choose_threshold",
     "figure_text",
     "format_table",
+    "headline",
     "interval_text",
     "iso_report",
     "operating_points",
@@ -394,6 +395,30 @@ def _flag_lines(rows: list[tuple[str, dict]]) -> list[str]:
         return []
     return ["-- = too few test images for that figure (metrics.json keeps it, flagged under flags):",
             *(f"  {', '.join(keys)} of {', '.join(subsets)}: {why}" for why, (subsets, keys) in reasons.items())]
+
+
+def headline(report: dict) -> str:
+    """The report's one-line result, which every command that tests ends with: the overall figures
+    with their counts and 95 % intervals, and whether the detector beats every shortcut baseline
+    (:func:`shortcut_verdict`: only when the interval of the AUC difference excludes zero)."""
+    m = report["overall"]
+    at = m["at_threshold"]
+    flags = m.get("flags", {})
+    parts = []
+    for key, name in (("auc", "AUC"), ("d_eer", "D-EER")):
+        if key in flags:
+            parts.append(f"{name} -- ({flags[key]})")
+            continue
+        value = f"{m[key]:.3f}" if key == "auc" else f"{100 * m[key]:.1f}%"
+        bounds = m.get("intervals", {}).get(key)
+        parts.append(f"{name} {value}" + (f" (95% {interval_text(key, bounds)})" if bounds else ""))
+    line = (f"{', '.join(parts)} on {m['n_bona_fide']} bona fide and {m['n_morph']} morph images;"
+            f" at the dev threshold APCER {100 * at['apcer']:.1f}%, BPCER {100 * at['bpcer']:.1f}%")
+    verdicts = report.get("shortcut_verdict") or []
+    if verdicts:
+        beaten = sum(v.startswith("The detector beats") for v in verdicts)
+        line += f"; beats {beaten} of {len(verdicts)} shortcut baselines"
+    return line
 
 
 def write_json(path: Path, data: Any) -> None:

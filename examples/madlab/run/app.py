@@ -81,7 +81,8 @@ MODEL_FILE = "morph_detector.safetensors"
 SMOKE_TEST_BANNER = (
     "NOTE: this run uses embedded data (by default the ORL faces: 40 people, 92x112 grey, courtesy of AT&T Laboratories"
     " Cambridge) with morphs made in-process. It is a smoke test of the pipeline, NOT a MAD"
-    " benchmark; its numbers say little about real morphing attacks. Use --data ROOT for real data."
+    " benchmark; its numbers say little about real morphing attacks. For real data: train --data ROOT, then test"
+    " (docs/detector.md)."
 )
 
 
@@ -399,6 +400,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "attacks": config.attacks,
         "dev_attacks": dev_note,
         "synthetic_separability_auc": separable,
+        # Every file this run wrote, for the command's closing lines (the per-epoch checkpoint stays, for --resume).
+        "written": [str(p.resolve()) for p in (model_path, out / "train_log.csv", out / "train_summary.json",
+                                                 out / STATE_FILE)],
     }
     if d.main:
         write_json(out / "train_summary.json", summary)
@@ -483,14 +487,15 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
         write_json(out / "metrics.json", report)
         baselines = {name: (shortcut_test[name], base["threshold"]["value"])
                      for name, base in report["shortcuts"].items()}
-        save_plots(out, scores, labels, methods, threshold["value"], baselines)
+        plots = save_plots(out, scores, labels, methods, threshold["value"], baselines)
+        # Not in metrics.json (written above): the files, for the command's closing lines.
+        report["written"] = [str(p.resolve()) for p in (out / "scores.csv", out / "metrics.json", *plots)]
     barrier()
     env.say(format_table(report))
     training = detector.metadata.get("training") or {}
     env.say(f"trained with attacks={training.get('attacks', 'given')}"
             + (f", without the methods {training['exclude_methods']}" if training.get("exclude_methods") else "")
             + (f"; {training['dev_attacks']}" if training.get("dev_attacks") else ""))
-    env.say(f"wrote {out / 'scores.csv'}, {out / 'metrics.json'}, roc.png, det.png, score_histogram.png")
     return report
 
 
@@ -558,6 +563,7 @@ def _shortcuts(samples: list[Sample], scored: list[Sample], split: str, detector
     return report, test_stats
 
 
+COMPARE_DIR = "compare"  # under output_dir: one folder per strategy, and the table
 COMPARE_STRATEGIES = {
     "lora": ["use_lora=true", "freeze_strategy=backbone_only"],
     "full_ft": ["use_lora=false", "freeze_strategy=none", "learning_rate=1e-4"],
@@ -576,7 +582,7 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
     quiet_transformers()
     if is_small_vit(config.backbone) or config.backbone in NAMED:
         run_pretrain(config, env)  # once, so no strategy's time includes pretraining or conversion
-    out = Path(config.output_dir) / "compare"
+    out = Path(config.output_dir) / COMPARE_DIR
     rows = []
     for name, preset in COMPARE_STRATEGIES.items():
         sub = out / name
@@ -624,7 +630,6 @@ def run_compare(config: Config, overrides: list[str], env: Env, entry: Path,
     write_json(out / "compare.json", rows)
     _write_compare_csv(out / "compare.csv", rows)
     env.say(format_compare(rows))
-    env.say(f"wrote {out / 'compare.json'} and {out / 'compare.csv'}")
     return rows
 
 

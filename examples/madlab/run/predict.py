@@ -222,8 +222,9 @@ def summary(rows: list[Prediction], threshold: float, seconds: float) -> str:
 def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLike[str], *,
                 operating_point: str = "dev", overrides: Sequence[str] = (), backbone: str | None = None,
                 progress: bool = False, say: Callable[[str], None] = print, steps: Sequence[Step] = (),
-                save_crops: str | os.PathLike[str] | None = None, cache: str | os.PathLike[str] | None = None) -> int:
-    """The ``predict`` command: score every input file, write the CSV, print one summary line.
+                save_crops: str | os.PathLike[str] | None = None,
+                cache: str | os.PathLike[str] | None = None) -> tuple[int, str]:
+    """The ``predict`` command: score every input file and write the CSV.
 
     A model trained with ``face_crop=align`` scores each photo's aligned face crop, as ``train``
     and ``test`` did (:meth:`~..faces.cropping.CropPolicy.reader`), through the face cache in ``cache``
@@ -232,7 +233,8 @@ def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLik
     the same stem, and so on (:func:`~.cropping.crop_names`).
 
     Returns:
-        The exit status: 0 when every file was scored, :data:`EXIT_SOME_FAILED` when any was not.
+        The exit status (0 when every file was scored, :data:`EXIT_SOME_FAILED` when any was not)
+        and the one-line result (:func:`summary`), which the command ends with.
 
     Raises:
         MadlabError: For a model file, operating point or input list that cannot be used at all
@@ -253,8 +255,7 @@ def run_predict(model_path: str, inputs: Sequence[str], output: str | os.PathLik
     seconds = run_predictions(detector, rows, batch_size=detector.config.batch_size,
                               num_workers=detector.config.num_workers, progress=progress, steps=steps, read=read)
     write_predictions(Path(output), rows, threshold["value"])
-    say(summary(rows, threshold["value"], seconds) + f"; wrote {output}")
-    return EXIT_SOME_FAILED if any(r.logit is None for r in rows) else 0
+    return EXIT_SOME_FAILED if any(r.logit is None for r in rows) else 0, summary(rows, threshold["value"], seconds)
 
 
 def _renamed(names: dict[str, str]) -> str:

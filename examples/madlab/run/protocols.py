@@ -174,7 +174,6 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
     _write_csv(out / "protocol.csv", rows)
     env.say(format_protocol(rows))
     env.say(format_unseen(rows))
-    env.say(f"wrote {out / 'protocol.json'} and {out / 'protocol.csv'}")
     return rows
 
 

@@ -13,6 +13,7 @@ import torch
 from madlab.model.families import BackboneError, encode, load_backbone, siglip2_inputs
 from madlab.model.network import MorphDetector
 
+from example.run.test_closing import check_paths, closing, next_argv
 from lora_vit import inject_lora, read_lora_metadata
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -305,12 +306,17 @@ def test_timm_architecture_with_a_safetensors_file(tmp_path: Path, quiet) -> Non
 
 
 @pytest.mark.slow
-def test_compare_on_a_dinov2_folder(tmp_path: Path, quiet) -> None:
+def test_compare_on_a_dinov2_folder(tmp_path: Path, quiet, capsys) -> None:
     save_backbone("dinov2", tmp_path / "dinov2")
     out = tmp_path / "cmp"
     rc = morph_detection.main(["compare", "--backbone", str(tmp_path / "dinov2"), "--output_dir", str(out),
                                "--no_progress", *_overrides(RUN)])
     assert rc == 0
+    paths, result, follow = closing(capsys.readouterr().out)  # the table, a folder per strategy, the best model
+    check_paths(paths)
+    assert {p.name for p in paths} == {"compare.json", "compare.csv", "lora", "full_ft", "linear_probe"}
+    assert result.startswith("lora AUC ") and next_argv(follow)[0] == "predict"
+    assert Path(next_argv(follow)[2]).is_file()
     rows = json.loads((out / "compare" / "compare.json").read_text())
     # The strategies, then one row per shortcut baseline scored on the same test images (no model).
     assert [r["strategy"] for r in rows] == ["lora", "full_ft", "linear_probe", "shortcut:sharpness",
@@ -325,7 +331,7 @@ def test_compare_on_a_dinov2_folder(tmp_path: Path, quiet) -> None:
 # ---------------------------------------------------------------- MAE domain adaptation
 
 
-def test_pretrain_continues_mae_on_a_vit_mae_folder(tmp_path: Path, quiet) -> None:
+def test_pretrain_continues_mae_on_a_vit_mae_folder(tmp_path: Path, quiet, capsys) -> None:
     import transformers
 
     torch.manual_seed(0)
@@ -341,6 +347,9 @@ def test_pretrain_continues_mae_on_a_vit_mae_folder(tmp_path: Path, quiet) -> No
                                                              "face_crop=none"])])
     assert rc == 0
     adapted = out / "mae_backbone"
+    paths, _, follow = closing(capsys.readouterr().out)  # next: train on the adapted folder, named by --backbone
+    assert paths == [adapted.resolve()]
+    assert next_argv(follow)[:3] == ["train", "--backbone", str(adapted.resolve())]
     info = json.loads((adapted / "pretrain.json").read_text())
     assert info["fixed_mask_loss"]["after"] < 0.95 * info["fixed_mask_loss"]["before"], info["fixed_mask_loss"]
     assert info["losses"][-1] < info["losses"][0]

@@ -113,7 +113,7 @@ def test_predict_logits_equal_tests_and_rows_follow_the_input_order(run, tmp_pat
         assert float(r["p_morph"]) == pytest.approx(1 / (1 + np.exp(-float(r["logit"]))), rel=1e-12)
     tau = read_metadata(run["model"])["threshold"]["value"]
     assert [r["decision"] for r in rows] == ["morph" if float(r["logit"]) >= tau else "bona_fide" for r in rows]
-    summary = [line for line in stdout.splitlines() if line.startswith(f"predict: {len(rows)} files:")]
+    summary = [line for line in stdout.splitlines() if line.startswith(f"result: predict: {len(rows)} files:")]
     assert len(summary) == 1 and f"{len(rows)} scored" in summary[0] and "0 failed" in summary[0]
     assert "images/s" in summary[0]
 

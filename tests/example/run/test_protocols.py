@@ -12,6 +12,8 @@ from madlab.io.config import ATTACK_MODES
 from madlab.run.protocols import format_protocol, format_unseen
 from PIL import Image
 
+from example.run.test_closing import check_paths, closing, next_argv
+
 # The fast embedded fixture (lfw_subset, whole images): these tests check the protocols, not the faces.
 TINY = ["backbone=mae-vit-tiny",
         "pretrain_epochs=2", "num_epochs=2", "morphs_per_face=1", "batch_size=32", "use_early_stopping=false",
@@ -48,6 +50,11 @@ def test_leave_one_method_out_holds_each_method_out_and_says_so(tmp_path, cache,
     assert "synthetic attacks, one from each dev bona fide" in synthetic["dev_attacks"]
     printed = capsys.readouterr().out
     assert "never seen in training: blend" in printed and "detector on methods never seen in training" in printed
+    paths, result, follow = closing(printed)  # it ends with its files, its worst unseen AUC and the next protocol
+    check_paths(paths)
+    assert (out / "protocol.json").resolve() in paths and out.resolve() in paths
+    assert result.startswith("worst AUC on a method never seen in training: ")
+    assert next_argv(follow)[:2] == ["protocol", "cross-dataset"]
     assert (out / "protocol.csv").read_text().splitlines()[0].startswith("protocol,attacks,trained_on,never_seen")
 
 

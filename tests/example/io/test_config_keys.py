@@ -1,0 +1,83 @@
+"""Config keys are described in one place; --help, the `config` listing and examples/README.md's
+table are generated from it, and this file fails when any of them drifts from the code."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from madlab.io.config import EVAL_KEYS, Config, parse_override
+from madlab.io.config_keys import DESCRIPTIONS, default_text, help_listing, markdown_table
+
+from example.cli import cli
+
+README = Path(__file__).resolve().parents[3] / "examples" / "README.md"
+BLOCK = re.compile(r"<!-- config-keys:begin -->\n(.*?)\n<!-- config-keys:end -->", re.S)
+FIELDS = [f.name for f in dataclasses.fields(Config)]
+
+
+def test_every_key_has_one_description_and_no_stale_ones() -> None:
+    assert sorted(DESCRIPTIONS) == sorted(FIELDS)
+    assert all(text.strip() and "\n" not in text for text in DESCRIPTIONS.values())
+
+
+@pytest.mark.parametrize("key", FIELDS)
+def test_the_default_shown_is_the_default_override_takes_back(key: str) -> None:
+    # Independent of default_text's own formatting: what --override would make of the shown text.
+    field = Config.__dataclass_fields__[key]
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    shown = default_text(key)
+    if shown == "(empty)":
+        assert default == []
+    else:
+        assert parse_override(f"{key}={shown}") == (key, default)
+
+
+def test_readme_table_is_the_generated_one() -> None:
+    found = BLOCK.findall(README.read_text())
+    assert len(found) == 1, "examples/README.md needs exactly one config-keys block"
+    assert found[0] == markdown_table(), (
+        "examples/README.md's key table is stale: replace it with `python examples/morph_detection.py config"
+        " --markdown`")
+    rows = found[0].splitlines()[2:]
+    assert [re.match(r"\| `(\w+)`", row)[1] for row in rows] == FIELDS
+
+
+def test_config_command_prints_the_listing_and_the_table() -> None:
+    rc, out, _ = cli("config")
+    assert rc == 0 and out.strip() == help_listing().strip()
+    rc, out, _ = cli("config", "--markdown")
+    assert rc == 0 and out.strip() == markdown_table()
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain", "compare", "protocol"])
+def test_training_help_lists_every_key_with_default_and_meaning(command: str) -> None:
+    rc, out, _ = cli(command, "--help")
+    assert rc == 0
+    assert help_listing() in out
+    for key in FIELDS:
+        assert f"  {key} (default {default_text(key)}): " in out
+
+
+@pytest.mark.parametrize("command", ["test", "predict"])
+def test_evaluation_help_lists_only_the_keys_a_model_file_lets_change(command: str) -> None:
+    rc, out, _ = cli(command, "--help")
+    assert rc == 0
+    assert help_listing(EVAL_KEYS) in out
+    listed = set(re.findall(r"^  (\w+) \(default ", out, re.M))
+    assert listed == set(EVAL_KEYS)
+
+
+def test_every_subcommand_describes_itself() -> None:
+    import morph_detection
+
+    parser = morph_detection.build_parser()
+    subs = next(a for a in parser._actions if a.dest == "command").choices
+    descriptions = {name: sub.description for name, sub in subs.items()}
+    assert all(descriptions.values())
+    assert len(set(descriptions.values())) == len(descriptions), "two subcommands share a description"
+    for name in ("test", "predict"):
+        _, out, _ = cli(name, "--help")
+        assert "training prints" not in out, f"{name} --help speaks of training"
