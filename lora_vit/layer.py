@@ -101,6 +101,8 @@ class LoRALinear(LowRankAdapters, nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise LoRAError(f"LoRALinear adapts nn.Linear layers, got {type(base).__name__}")
+        # The mode of the layer it replaces: adapting a model in eval() must not switch on dropout.
+        self.training = base.training
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight
@@ -157,6 +159,7 @@ class LoRALinear(LowRankAdapters, nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(merged, requires_grad=self.weight.requires_grad)
         linear.bias = self.bias
+        linear.train(self.training)
         return linear
 
     def plain_linear(self) -> nn.Linear:
