@@ -136,13 +136,14 @@ def _check_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -> No
             " layers (separate q_proj/k_proj/v_proj, or the literal fused layer name) to export to"
             " PEFT, or keep lora-vit's own format (save_lora)"
         )
-    for flag in ("use_rslora", "use_dora"):
-        values = {getattr(layer, flag) for layer in layers.values()}
-        if len(values) > 1:
-            raise LoRAError(
-                f"PEFT has one {flag} flag per adapter, but these layers mix both:"
-                f" {flag} on {[n for n, la in layers.items() if getattr(la, flag)]}"
-            )
+    if len({layer.use_rslora for layer in layers.values()}) > 1:
+        raise LoRAError(
+            "PEFT has one use_rslora flag per adapter, but these layers mix both:"
+            f" use_rslora on {[n for n, la in layers.items() if la.use_rslora]}"
+        )
+    kinds = {name: layer.kind.name for name, layer in layers.items()}
+    if len(set(kinds.values())) > 1:
+        raise LoRAError(f"PEFT has one kind per adapter (its use_dora flag), but these layers mix kinds: {kinds}")
 
 
 def _config(model: nn.Module, layers: Mapping[str, AdapterView], adapter: str) -> dict[str, Any]:
@@ -178,7 +179,7 @@ def _config(model: nn.Module, layers: Mapping[str, AdapterView], adapter: str) -
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(trainable_modules(model, adapter)) or None,
         "bias": "none",
-        "use_dora": first.use_dora,
+        **(first.kind.peft_fields() or {}),  # use_dora; a kind without a PEFT form was refused above
         "lora_bias": False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -235,7 +236,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
     tensors = {
         _peft_key(name, peft_name): state.pop(f"{name}.{ours}")
         for name, layer in layers.items()
-        for ours, peft_name in AdapterSpec.peft_tensor_names(layer.use_dora)
+        for ours, peft_name in AdapterSpec.peft_tensor_names(layer.kind)
     }
     tensors.update({_PREFIX + key: value for key, value in state.items()})
     for name, layer in layers.items():
