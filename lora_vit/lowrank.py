@@ -187,9 +187,10 @@ class LowRankAdapters:
 
     def _init_adapters(self) -> None:
         self._lora_adapters: dict[str, AdapterView] = {}
-        # The adapter this layer runs: the model's choice (lora_vit.registry.sync_active), kept by
-        # name (it may be one this layer lacks: then the base runs) and resolved for the forward.
-        self._lora_active: str | None = None
+        # What this layer runs (None: its base function). Which adapter a model runs is recorded
+        # once, on the model (lora_vit.registry.active_adapter); every operation that changes it
+        # ends by writing it here (registry.sync_active), because the forward and a compiled
+        # graph's guards read it on every call. A lone layer runs its first adapter.
         self._lora_running: AdapterView | None = None
 
     def layer_fields(self) -> dict:
@@ -222,33 +223,32 @@ class LowRankAdapters:
             dtype = spec.kind.parameter_dtype(relative, self.weight.dtype)
             module.register_parameter(param_name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
         self._lora_adapters[name] = view
-        if self._lora_active is None and len(self._lora_adapters) == 1:
-            self._lora_active = name
         spec.kind.initialise(view)
-        self.set_active(self._lora_active)
+        if len(self._lora_adapters) == 1:
+            self._lora_running = view
 
     def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name`` and its parameters (the active adapter then runs the base if it was it)."""
+        """Drop adapter ``name`` and its parameters (the layer runs its base function if it ran it)."""
         view = self._lora_adapters.pop(name)
         module: nn.Module = self  # type: ignore[assignment]
         for param_name in view.parameter_names:
             delattr(module, param_name)
-        self.set_active(self._lora_active)
+        if self._lora_running is view:
+            self._lora_running = None
 
     def set_active(self, name: str | None) -> None:
         """Run adapter ``name`` (the base function where this layer has no such adapter, or ``None``)."""
-        self._lora_active = name
         self._lora_running = self._lora_adapters.get(name) if name is not None else None
 
     def adapter(self, name: str | None = None) -> AdapterView:
-        """The view of adapter ``name``; ``None``: the active one, else the first.
+        """The view of adapter ``name``; ``None``: the running one, else the first.
 
         Raises:
             LoRAError: If this layer has no adapter of that name (or none at all).
         """
         if name is None:
-            active = self._lora_active
-            name = active if active in self._lora_adapters else next(iter(self._lora_adapters), None)
+            running = self._lora_running
+            name = running.name if running is not None else next(iter(self._lora_adapters), None)
         if name not in self._lora_adapters:
             raise LoRAError(f"this layer has no adapter named {name!r} (it has {list(self._lora_adapters)})")
         return self._lora_adapters[name]  # type: ignore[index]

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ._attention import NonDynamicallyQuantizableLinear, adapter_attention, any_requires_grad, merged_attention
 from .errors import LoRAError
 from .functional import as_base_weight, lora_linear
+from .kinds import AdapterKind
 from .layer import LoRALinear
 from .lowrank import LowRankAdapters
 from .mixed_batch import routed_lora
@@ -87,15 +88,15 @@ def check_adaptable_mha(mha: nn.MultiheadAttention, name: str) -> None:
         )
 
 
-def check_packed_kind(spec: AdapterSpec) -> None:
+def check_packed_kind(kind: AdapterKind) -> None:
     """Refuse a kind that cannot run on the packed in-projection, such as DoRA (the one place that says so).
 
     Raises:
         LoRAError: For a kind without :attr:`~lora_vit.kinds.AdapterKind.packed_in_projection`.
     """
-    if not spec.kind.packed_in_projection:
+    if not kind.packed_in_projection:
         raise LoRAError(
-            f"{spec.kind.option} is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
+            f"{kind.option} is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
             " it works on nn.Linear layers, including its out_proj (target 'o')"
         )
 
@@ -193,7 +194,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         Raises:
             LoRAError: For such a kind (:func:`check_packed_kind`), or as the base method does.
         """
-        check_packed_kind(spec)
+        check_packed_kind(spec.kind)
         check_adaptable_mha(self, type(self).__name__)
         super().add_adapter(name, spec)
 

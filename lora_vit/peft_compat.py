@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .io import write_atomically
+from .kinds import kind_of_peft
 from .layer import LoRALinear
 from .loading import load_adapters
 from .lowrank import AdapterView
-from .mha import LoRAMultiheadAttention
+from .mha import LoRAMultiheadAttention, check_packed_kind
 from .registry import adapter_names, adapter_views, find_module, resolve_adapter, trainable_modules, unwrap_model
 from .spec import DEFAULT_ADAPTER, PEFT_MAGNITUDE, AdapterSpec, check_adapter_name
 from .state import lora_state_dict
@@ -404,8 +405,10 @@ def _layer_configs(
         r, alpha = _layer_spec(name, pair, config, where)
         base = _module_or_none(model, name)
         if isinstance(base, nn.MultiheadAttention):
-            if config.get("use_dora", False):
-                raise LoRAError(f"{where}: DoRA on nn.MultiheadAttention {name!r} cannot be represented by lora-vit")
+            try:
+                check_packed_kind(kind_of_peft(config))
+            except LoRAError as err:
+                raise LoRAError(f"{where}, nn.MultiheadAttention {name!r}: {err}") from None
             configs.update(_mha_configs(name, base, pair, lora, r, alpha, config, where))
             continue
         # Shapes from the model where it has the layer, so a mis-shaped tensor is named as such.
