@@ -127,8 +127,9 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
             ``{}`` adapts none.
         init: How ``A`` starts: ``"normal"`` (std 0.02) or ``"kaiming"``.
         use_rslora: Scale by ``alpha / sqrt(r)``.
+        kind: The adapter kind by name (:mod:`lora_vit.kinds`; default LoRA); DoRA is refused here.
         adapter: Name of this first adapter (more are added by ``inject_lora(..., adapter=...)``).
-        spec: A prebuilt :class:`~lora_vit.spec.AdapterSpec` used instead of ``r`` ... ``use_rslora``.
+        spec: A prebuilt :class:`~lora_vit.spec.AdapterSpec` used instead of ``r`` ... ``kind``.
 
     Shape:
         As ``nn.MultiheadAttention``: ``query`` ``(L, N, E)`` (``(N, L, E)`` with
@@ -156,6 +157,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         slices: Mapping[str, tuple[int, int]] | None = None,
         init: str = "normal",
         use_rslora: bool = False,
+        kind: str | None = None,
         adapter: str = DEFAULT_ADAPTER,
         spec: AdapterSpec | None = None,
     ) -> None:
@@ -183,7 +185,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
             if spec is None:
                 spec = AdapterSpec.build(
                     self.out_features, self.in_features, r, alpha, dropout,
-                    slices=slices, init=init, use_rslora=use_rslora,
+                    slices=slices, init=init, use_rslora=use_rslora, kind=kind,
                 )
             self.add_adapter(check_adapter_name(adapter), spec)
         self.register_forward_pre_hook(_route_parents_through_forward)
@@ -258,6 +260,8 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
             else:
                 what = ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r} alpha={s.alpha:g}" for s in view.slices)
                 parts.append(f"in_proj: {label}slices=({what}), lora_dropout={view.dropout}")
+            if view.kind.label():
+                parts[-1] += f", {view.kind.label()}=True"
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ forward
