@@ -11,6 +11,7 @@ from ._version import __version__
 from .errors import LoRAError
 from .inject import LoRASummary, inject_lora, lora_summary
 from .io import load_lora, read_lora_metadata, save_lora
+from .kinds import AdapterKind, register_kind
 from .layer import LoRALinear, LoRASlice
 from .merge import merge_lora
 from .mha import LoRAMultiheadAttention
@@ -26,6 +27,7 @@ from .verify import verify_lora
 __all__ = [
     "LOGICAL_TARGETS",
     "PRESETS",
+    "AdapterKind",
     "AdapterSpec",
     "LoRAError",
     "LoRALinear",
@@ -47,6 +49,7 @@ __all__ = [
     "lora_summary",
     "merge_lora",
     "read_lora_metadata",
+    "register_kind",
     "resolve_targets",
     "save_lora",
     "save_peft_adapter",

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import LoRAError
 from .layer import LoRALinear
-from .mha import LoRAMultiheadAttention, check_mha_config, check_no_dora
+from .mha import LoRAMultiheadAttention, check_mha_config
 from .registry import AdaptedLayer
 from .spec import AdapterSpec
 
@@ -27,11 +27,10 @@ def build_adapter(base: nn.Module, spec: AdapterSpec, adapter: str) -> AdaptedLa
     """A new adapted layer over ``base`` (an ``nn.Linear`` or ``nn.MultiheadAttention``) holding ``spec``.
 
     Raises:
-        LoRAError: For DoRA on an ``nn.MultiheadAttention``'s in-projection (not supported;
-            its ``out_proj`` is an ``nn.Linear`` and takes DoRA), or another module type.
+        LoRAError: For a kind an ``nn.MultiheadAttention``'s in-projection cannot run (DoRA; its
+            ``out_proj`` is an ``nn.Linear`` and takes it), or another module type.
     """
     if isinstance(base, nn.MultiheadAttention):
-        check_no_dora(spec)
         return LoRAMultiheadAttention(base, adapter=adapter, spec=spec)
     if isinstance(base, nn.Linear):
         return LoRALinear(base, adapter=adapter, spec=spec)

@@ -10,8 +10,9 @@ from torch import nn
 
 from .adapters import build_adapter
 from .errors import LoRAError
+from .kinds import resolve_kind
 from .layer import LoRALinear
-from .mha import LoRAMultiheadAttention, check_no_dora
+from .mha import LoRAMultiheadAttention
 from .registry import (
     AdaptedLayer,
     adapted_layers,
@@ -97,6 +98,7 @@ def _layer_spec(
     init: str,
     use_rslora: bool,
     use_dora: bool,
+    kind: str | None,
 ) -> AdapterSpec:
     out_features = 3 * base.embed_dim if isinstance(base, nn.MultiheadAttention) else base.out_features
     in_features = base.embed_dim if isinstance(base, nn.MultiheadAttention) else base.in_features
@@ -110,7 +112,7 @@ def _layer_spec(
         slices = {m.slice: m.bounds for m in matches}
     return AdapterSpec.build(
         out_features, in_features, r_value, alpha_value, dropout,  # type: ignore[arg-type]
-        slices=slices, init=init, use_rslora=use_rslora, use_dora=use_dora,  # type: ignore[arg-type]
+        slices=slices, init=init, use_rslora=use_rslora, use_dora=use_dora, kind=kind,  # type: ignore[arg-type]
     )
 
 
@@ -125,6 +127,7 @@ def inject_lora(
     init: str = "normal",
     use_rslora: bool = False,
     use_dora: bool = False,
+    kind: str | None = None,
     adapter: str = DEFAULT_ADAPTER,
 ) -> nn.Module:
     """Replace the targeted layers of ``model`` by :class:`LoRALinear` (or, for an
@@ -159,6 +162,9 @@ def inject_lora(
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: DoRA: a trainable magnitude per adapted output row over the normalised
             ``W + dW`` (see :class:`LoRALinear`); on fused projections only the chosen slices' rows.
+            The same as ``kind="dora"``.
+        kind: The adapter kind by name: ``"lora"`` (the default), ``"dora"``, or one added with
+            :func:`lora_vit.kinds.register_kind` (see ``docs/adapters.md``, adapter kinds).
         adapter: Name of the adapter to add. A model may hold several named adapters, each
             with its own targets, ranks, alphas and flags (injecting into layers that already
             hold others); the first one added is the one the model runs (see
@@ -173,7 +179,8 @@ def inject_lora(
     Raises:
         LoRAError: For a target or trainable name that matches nothing (listing the model's
             Linear layers), a layer that already has an adapter of this name, an invalid ``r``,
-            ``alpha``, ``dropout``, ``init`` or ``use_dora``, or a module both adapted and in
+            ``alpha``, ``dropout``, ``init``, ``use_dora`` or ``kind``, a kind the layer cannot run
+            (DoRA on an ``nn.MultiheadAttention``'s in-projection), or a module both adapted and in
             ``trainable``.
 
     Example:
@@ -188,7 +195,7 @@ def inject_lora(
     adapter = check_adapter_name(adapter)
     dropout = check_dropout(dropout)
     init = check_init(init)
-    check_flag(use_dora, "use_dora")
+    resolve_kind(kind, check_flag(use_dora, "use_dora"))
     check_flag(use_rslora, "use_rslora")
     trainable_names = resolve_modules(model, trainable) if trainable else []
     target_list = [targets] if isinstance(targets, str) else list(targets)
@@ -208,12 +215,9 @@ def inject_lora(
         if owner is not None:
             raise LoRAError(f"{name!r} is both a LoRA target and inside trainable module {owner!r}")
     plans = {
-        name: _layer_spec(model.get_submodule(name), group, r, alpha, dropout, init, use_rslora, use_dora)
+        name: _layer_spec(model.get_submodule(name), group, r, alpha, dropout, init, use_rslora, use_dora, kind)
         for name, group in grouped.items()
     }
-    for name in plans:  # refused before anything is built
-        if isinstance(model.get_submodule(name), nn.MultiheadAttention):
-            check_no_dora(plans[name])
     owned = plan_owned(model, adapter, trainable_names)
     layers = add_or_build(model, plans, adapter, "inject_lora")
     apply_adapters(model, layers, owned, adapter)

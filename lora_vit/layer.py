@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoRAError
-from .functional import as_base_weight, dora_linear, dora_row_norms, lora_linear
-from .lowrank import LowRankAdapters, routed_lora, row_scale, scaled_b, stacked_a
+from .functional import as_base_weight
+from .lowrank import LowRankAdapters
+from .mixed_batch import routed_lora
 from .routing import current_route
 from .spec import (
     DEFAULT_ADAPTER,
@@ -60,8 +61,9 @@ class LoRALinear(LowRankAdapters, nn.Module):
         slices: Optional mapping name -> ``(start, stop)`` output rows to adapt.
         init: How ``A`` starts: ``"normal"`` (std 0.02) or ``"kaiming"`` (uniform).
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        use_dora: Add DoRA's per-row magnitude (see above).
-        spec: A prebuilt :class:`~lora_vit.spec.AdapterSpec`, used instead of ``r`` ... ``use_dora``.
+        use_dora: Add DoRA's per-row magnitude (see above); the same as ``kind="dora"``.
+        kind: The adapter kind by name (:mod:`lora_vit.kinds`; default LoRA, or DoRA with ``use_dora``).
+        spec: A prebuilt :class:`~lora_vit.spec.AdapterSpec`, used instead of ``r`` ... ``kind``.
         adapter: Name of this first adapter (more are added by ``inject_lora(..., adapter=...)``).
 
     Shape:
@@ -95,12 +97,15 @@ class LoRALinear(LowRankAdapters, nn.Module):
         init: str = "normal",
         use_rslora: bool = False,
         use_dora: bool = False,
+        kind: str | None = None,
         adapter: str = DEFAULT_ADAPTER,
         spec: AdapterSpec | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise LoRAError(f"LoRALinear adapts nn.Linear layers, got {type(base).__name__}")
+        # The mode of the layer it replaces: adapting a model in eval() must not switch on dropout.
+        self.training = base.training
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight
@@ -110,7 +115,7 @@ class LoRALinear(LowRankAdapters, nn.Module):
         if spec is None:
             spec = AdapterSpec.build(
                 self.out_features, self.in_features, r, alpha, dropout,
-                slices=slices, init=init, use_rslora=use_rslora, use_dora=use_dora,
+                slices=slices, init=init, use_rslora=use_rslora, use_dora=use_dora, kind=kind,
             )
         self.add_adapter(check_adapter_name(adapter), spec)
 
@@ -121,25 +126,18 @@ class LoRALinear(LowRankAdapters, nn.Module):
         return primary.dropout if primary is not None else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
-        factors = self._lora_running
+        running = self._lora_running
         route = current_route(self)
-        if self._lora_disabled or (factors is None and route is None):
+        if self._lora_disabled or (running is None and route is None):
             # The base function (disabled, or the running adapter is not on this layer). Only a
             # non-contiguous batched input lets ATen's kernel depend on requires_grad.
             folded = x.dim() > 2 and not x.is_contiguous()
             return F.linear(x, as_base_weight(self.weight, folded and self.base_requires_grad), self.bias)
         if route is not None:  # lora_vit.adapter_per_sample
             return routed_lora(x, self.weight, self.bias, self, route, self.training)
-        assert factors is not None
+        assert running is not None
         # One autograd node (see functional.py): no dropped copy of x is kept for backward.
-        spec = factors.spec
-        p = spec.dropout if self.training else 0.0
-        a, b = stacked_a(self, factors), scaled_b(self, factors)
-        if spec.use_dora:
-            norms = dora_row_norms(self.weight, a, b)
-            out = dora_linear(x, self.weight, self.bias, a, b, row_scale(self, factors, norms), p)
-            return out.clone() if self.output_modified_in_place else out
-        return lora_linear(x, self.weight, self.bias, a, b, p)
+        return running.forward(x, self.training, self.output_modified_in_place)
 
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding :meth:`merged_weight` (the primary adapter folded in).
@@ -157,6 +155,7 @@ class LoRALinear(LowRankAdapters, nn.Module):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = nn.Parameter(merged, requires_grad=self.weight.requires_grad)
         linear.bias = self.bias
+        linear.train(self.training)
         return linear
 
     def plain_linear(self) -> nn.Linear:
@@ -184,7 +183,7 @@ class LoRALinear(LowRankAdapters, nn.Module):
         parts = []
         for name in self.adapter_names:
             view = self.adapter(name)
-            dora = ", dora=True" if view.use_dora else ""
+            kind = f", {view.kind.label()}=True" if view.kind.label() else ""
             if view.covers_all_rows:
                 s = view.slices[0]
                 what = f"r={s.r}, alpha={s.alpha:g}, scaling={view.scalings[0]:g}"
@@ -193,5 +192,5 @@ class LoRALinear(LowRankAdapters, nn.Module):
                     f"{s.name}[{s.start}:{s.stop}] r={s.r} alpha={s.alpha:g}" for s in view.slices
                 ) + ")"
             label = "" if self.adapter_names == (DEFAULT_ADAPTER,) else f"{name}: "
-            parts.append(f"{label}dropout={view.dropout}{dora}, {what}")
+            parts.append(f"{label}dropout={view.dropout}{kind}, {what}")
         return "; ".join([head, *parts])

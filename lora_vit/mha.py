@@ -41,12 +41,14 @@ from torch import Tensor, nn
 from ._attention import NonDynamicallyQuantizableLinear, adapter_attention, any_requires_grad, merged_attention
 from .errors import LoRAError
 from .functional import as_base_weight, lora_linear
+from .kinds import AdapterKind
 from .layer import LoRALinear
-from .lowrank import AdapterView, LowRankAdapters, routed_lora, scaled_b, stacked_a
+from .lowrank import LowRankAdapters
+from .mixed_batch import routed_lora
 from .routing import current_route
 from .spec import DEFAULT_ADAPTER, AdapterSpec, check_adapter_name
 
-__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "check_mha_config", "check_no_dora", "qkv_bounds"]
+__all__ = ["LoRAMultiheadAttention", "check_adaptable_mha", "check_mha_config", "check_packed_kind", "qkv_bounds"]
 
 _COPIED = ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first", "head_dim",
            "add_zero_attn")
@@ -86,16 +88,16 @@ def check_adaptable_mha(mha: nn.MultiheadAttention, name: str) -> None:
         )
 
 
-def check_no_dora(spec: AdapterSpec) -> None:
-    """Refuse DoRA on the packed in-projection (the one place that says so).
+def check_packed_kind(kind: AdapterKind) -> None:
+    """Refuse a kind that cannot run on the packed in-projection, such as DoRA (the one place that says so).
 
     Raises:
-        LoRAError: For ``spec.use_dora``.
+        LoRAError: For a kind without :attr:`~lora_vit.kinds.AdapterKind.packed_in_projection`.
     """
-    if spec.use_dora:
+    if not kind.packed_in_projection:
         raise LoRAError(
-            "use_dora is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
-            " DoRA works on nn.Linear layers, including its out_proj (target 'o')"
+            f"{kind.option} is not supported on nn.MultiheadAttention's packed in-projection (q/k/v);"
+            " it works on nn.Linear layers, including its out_proj (target 'o')"
         )
 
 
@@ -125,8 +127,9 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
             ``{}`` adapts none.
         init: How ``A`` starts: ``"normal"`` (std 0.02) or ``"kaiming"``.
         use_rslora: Scale by ``alpha / sqrt(r)``.
+        kind: The adapter kind by name (:mod:`lora_vit.kinds`; default LoRA); DoRA is refused here.
         adapter: Name of this first adapter (more are added by ``inject_lora(..., adapter=...)``).
-        spec: A prebuilt :class:`~lora_vit.spec.AdapterSpec` used instead of ``r`` ... ``use_rslora``.
+        spec: A prebuilt :class:`~lora_vit.spec.AdapterSpec` used instead of ``r`` ... ``kind``.
 
     Shape:
         As ``nn.MultiheadAttention``: ``query`` ``(L, N, E)`` (``(N, L, E)`` with
@@ -154,6 +157,7 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
         slices: Mapping[str, tuple[int, int]] | None = None,
         init: str = "normal",
         use_rslora: bool = False,
+        kind: str | None = None,
         adapter: str = DEFAULT_ADAPTER,
         spec: AdapterSpec | None = None,
     ) -> None:
@@ -181,18 +185,18 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
             if spec is None:
                 spec = AdapterSpec.build(
                     self.out_features, self.in_features, r, alpha, dropout,
-                    slices=slices, init=init, use_rslora=use_rslora,
+                    slices=slices, init=init, use_rslora=use_rslora, kind=kind,
                 )
             self.add_adapter(check_adapter_name(adapter), spec)
         self.register_forward_pre_hook(_route_parents_through_forward)
 
     def add_adapter(self, name: str, spec: AdapterSpec) -> None:
-        """:meth:`LowRankAdapters.add_adapter`, refusing DoRA (not supported on the packed in-projection).
+        """:meth:`LowRankAdapters.add_adapter`, refusing kinds the packed in-projection cannot run (DoRA).
 
         Raises:
-            LoRAError: For ``spec.use_dora``, or as the base method does.
+            LoRAError: For such a kind (:func:`check_packed_kind`), or as the base method does.
         """
-        check_no_dora(spec)
+        check_packed_kind(spec.kind)
         check_adaptable_mha(self, type(self).__name__)
         super().add_adapter(name, spec)
 
@@ -256,6 +260,8 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
             else:
                 what = ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r} alpha={s.alpha:g}" for s in view.slices)
                 parts.append(f"in_proj: {label}slices=({what}), lora_dropout={view.dropout}")
+            if view.kind.label():
+                parts[-1] += f", {view.kind.label()}=True"
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ forward
@@ -294,13 +300,13 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
             return merged_attention(self, projections, out_proj.weight, out_proj.bias, query, key, value, *masks)
         running = self._lora_running
         out_running = getattr(out_proj, "_lora_running", None)
-        lora_dropout = (out_running is not None and out_running.spec.dropout > 0) or (
-            running is not None and running.spec.dropout > 0
+        lora_dropout = (out_running is not None and out_running.dropout > 0) or (
+            running is not None and running.dropout > 0
         )
         needs_grad = any_requires_grad((query, key, value, *self._tensors()))
         if needs_grad or (self.training and lora_dropout) or self._routed():
             return adapter_attention(self, self._project, self._out_projection, query, key, value, *masks)
-        in_weight = AdapterView(self, running).merged_weight() if running is not None else self.in_proj_weight
+        in_weight = running.merged_weight() if running is not None else self.in_proj_weight
         out_adapted = out_running is not None and not out_proj._lora_disabled
         out_weight = out_proj.merged_weight() if out_adapted else out_proj.weight  # type: ignore[operator]
         projections = (in_weight, self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
@@ -331,8 +337,8 @@ class LoRAMultiheadAttention(LowRankAdapters, nn.MultiheadAttention):
                 return out[..., start:stop]
         else:
             assert running is not None
-            a, scaled = stacked_a(self, running), scaled_b(self, running)
-            p = running.spec.dropout if self.training else 0.0
+            a, scaled = running.factors()
+            p = running.dropout if self.training else 0.0
 
             def rows(x: Tensor, start: int, stop: int) -> Tensor:
                 bias = b[start:stop] if b is not None else None

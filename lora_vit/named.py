@@ -9,8 +9,8 @@ from torch import nn
 
 from .errors import LoRAError
 from .layer import LoRALinear
-from .lowrank import BATCH_FIRST, ROUTING_MISMATCH
 from .mha import LoRAMultiheadAttention
+from .mixed_batch import BATCH_FIRST, ROUTING_MISMATCH, route_index
 from .registry import (
     adapted_layers,
     adapter_module,
@@ -238,7 +238,7 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
     checked = _check_names(model, names)
     inner = unwrap_model(model)
     layers = list(adapted_layers(model).values())
-    routes: dict[int, object] = {id(layer): layer.route_index(checked) for layer in layers}
+    routes: dict[int, object] = {id(layer): route_index(layer, checked) for layer in layers}
     heads = per_adapter_modules(model)
     routes.update({id(module): module.route(checked, where) for where, module in heads.items()})
     block = Block(inner, routes, (*layers, *heads.values()))

@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from .errors import LoRAError
 from .io import write_atomically
+from .kinds import kind_of_peft
 from .layer import LoRALinear
 from .loading import load_adapters
 from .lowrank import AdapterView
-from .mha import LoRAMultiheadAttention
+from .mha import LoRAMultiheadAttention, check_packed_kind
 from .registry import adapter_names, adapter_views, find_module, resolve_adapter, trainable_modules, unwrap_model
 from .spec import DEFAULT_ADAPTER, PEFT_MAGNITUDE, AdapterSpec, check_adapter_name
 from .state import lora_state_dict
@@ -136,13 +137,14 @@ def _check_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -> No
             " layers (separate q_proj/k_proj/v_proj, or the literal fused layer name) to export to"
             " PEFT, or keep lora-vit's own format (save_lora)"
         )
-    for flag in ("use_rslora", "use_dora"):
-        values = {getattr(layer, flag) for layer in layers.values()}
-        if len(values) > 1:
-            raise LoRAError(
-                f"PEFT has one {flag} flag per adapter, but these layers mix both:"
-                f" {flag} on {[n for n, la in layers.items() if getattr(la, flag)]}"
-            )
+    if len({layer.use_rslora for layer in layers.values()}) > 1:
+        raise LoRAError(
+            "PEFT has one use_rslora flag per adapter, but these layers mix both:"
+            f" use_rslora on {[n for n, la in layers.items() if la.use_rslora]}"
+        )
+    kinds = {name: layer.kind.name for name, layer in layers.items()}
+    if len(set(kinds.values())) > 1:
+        raise LoRAError(f"PEFT has one kind per adapter (its use_dora flag), but these layers mix kinds: {kinds}")
 
 
 def _config(model: nn.Module, layers: Mapping[str, AdapterView], adapter: str) -> dict[str, Any]:
@@ -178,7 +180,7 @@ def _config(model: nn.Module, layers: Mapping[str, AdapterView], adapter: str) -
         "alpha_pattern": alpha_pattern,
         "modules_to_save": list(trainable_modules(model, adapter)) or None,
         "bias": "none",
-        "use_dora": first.use_dora,
+        **(first.kind.peft_fields() or {}),  # use_dora; a kind without a PEFT form was refused above
         "lora_bias": False,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -235,7 +237,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
     tensors = {
         _peft_key(name, peft_name): state.pop(f"{name}.{ours}")
         for name, layer in layers.items()
-        for ours, peft_name in AdapterSpec.peft_tensor_names(layer.use_dora)
+        for ours, peft_name in AdapterSpec.peft_tensor_names(layer.kind)
     }
     tensors.update({_PREFIX + key: value for key, value in state.items()})
     for name, layer in layers.items():
@@ -403,8 +405,10 @@ def _layer_configs(
         r, alpha = _layer_spec(name, pair, config, where)
         base = _module_or_none(model, name)
         if isinstance(base, nn.MultiheadAttention):
-            if config.get("use_dora", False):
-                raise LoRAError(f"{where}: DoRA on nn.MultiheadAttention {name!r} cannot be represented by lora-vit")
+            try:
+                check_packed_kind(kind_of_peft(config))
+            except LoRAError as err:
+                raise LoRAError(f"{where}, nn.MultiheadAttention {name!r}: {err}") from None
             configs.update(_mha_configs(name, base, pair, lora, r, alpha, config, where))
             continue
         # Shapes from the model where it has the layer, so a mis-shaped tensor is named as such.

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LoRAError
-from .lowrank import BATCH_FIRST, ROUTING_MISMATCH
+from .mixed_batch import BATCH_FIRST, ROUTING_MISMATCH
 from .routing import current_route
 
 __all__ = ["AdapterModules", "fresh_copy", "module_signature"]

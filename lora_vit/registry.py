@@ -330,7 +330,7 @@ def _attach_owned(model: nn.Module, adapter: str, planned: Mapping[str, nn.Modul
             originals.setdefault(name, copy.deepcopy(module).requires_grad_(False))
             continue
         if isinstance(module, AdapterModules):
-            module.per_adapter[adapter] = mine
+            module.per_adapter[adapter] = mine.train(module.training)
             continue
         holders = [a for a, names in owners.items() if name in names]
         if holders:  # trained in place by the default adapter until now

@@ -16,11 +16,13 @@ from typing import Any
 
 from .errors import LoRAError
 from .functional import keep_probability
+from .kinds import DORA, LORA, PEFT_MAGNITUDE, AdapterKind, kind_of_peft, kind_of_record, resolve_kind
 
 __all__ = [
     "ADAPTER_NAME",
     "DEFAULT_ADAPTER",
     "INITS",
+    "PEFT_MAGNITUDE",
     "AdapterSpec",
     "LoRASlice",
     "check_adapter_name",
@@ -37,9 +39,6 @@ INITS = ("normal", "kaiming")
 
 DEFAULT_ADAPTER = "default"
 """The adapter name used when none is given (its parameters keep their historical names)."""
-
-PEFT_MAGNITUDE = "lora_magnitude_vector"
-"""PEFT's name of the DoRA magnitude tensor (see :meth:`AdapterSpec.peft_tensor_names`)."""
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _SLICE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -193,14 +192,14 @@ _CONFIG_FIELDS: dict[str, Any] = {
     "in_features": int, "out_features": int, "dropout": (int, float), "use_rslora": bool, "slices": list
 }
 _SLICE_FIELDS: dict[str, Any] = {"name": str, "start": int, "stop": int, "r": int, "alpha": (int, float)}
-# Files of LoRALinear layers written before these existed lack them; use_dora is absent from
-# plain LoRA layers' configs.
-_OPTIONAL_FIELDS: dict[str, Any] = {"kind": str, "num_heads": int, "use_dora": bool}
+# Files of LoRALinear layers written before these existed lack them; a plain LoRA layer's record
+# names no adapter kind (DoRA's says use_dora, other kinds adapter_kind: AdapterKind.record).
+_OPTIONAL_FIELDS: dict[str, Any] = {"kind": str, "num_heads": int, "use_dora": bool, "adapter_kind": str}
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """One adapter on one layer: which rows, ranks, alphas, dropout, scaling rule, DoRA and init.
+    """One adapter on one layer: which rows, ranks, alphas, dropout, scaling rule, kind and init.
 
     Built only through :meth:`build` (from user arguments) or :meth:`from_config` (from a file),
     both of which validate everything, so a spec in hand is always valid for its layer shape.
@@ -209,14 +208,14 @@ class AdapterSpec:
         slices: The adapted row blocks, sorted by ``start``; one unnamed slice covers all rows.
         dropout: LoRA dropout on the branch's input while training.
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        use_dora: DoRA's per-row magnitude over the adapted rows.
+        kind: LoRA, DoRA or a registered kind (:mod:`lora_vit.kinds`): what the pair is used for.
         init: How ``A`` starts (``"normal"`` or ``"kaiming"``).
     """
 
     slices: tuple[LoRASlice, ...]
     dropout: float
     use_rslora: bool
-    use_dora: bool
+    kind: AdapterKind = LORA
     init: str = "normal"
 
     @classmethod
@@ -232,19 +231,27 @@ class AdapterSpec:
         init: str = "normal",
         use_rslora: bool = False,
         use_dora: bool = False,
+        kind: str | None = None,
     ) -> AdapterSpec:
         """Validate user arguments into a spec for an ``(out_features, in_features)`` weight.
 
+        ``use_dora=True`` is ``kind="dora"``; ``kind`` names any registered kind (:mod:`lora_vit.kinds`).
+
         Raises:
-            LoRAError: Naming the invalid rank, alpha, dropout, init, flag or slice.
+            LoRAError: Naming the invalid rank, alpha, dropout, init, flag, kind or slice.
         """
         return cls(
             slices=_build_slices(out_features, in_features, slices, r, alpha),
             dropout=check_dropout(dropout),
             use_rslora=check_flag(use_rslora, "use_rslora"),
-            use_dora=check_flag(use_dora, "use_dora"),
+            kind=resolve_kind(kind, check_flag(use_dora, "use_dora")),
             init=check_init(init),
         )
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether this is DoRA (the historical flag; :attr:`kind` says it for every kind)."""
+        return self.kind == DORA
 
     @property
     def scalings(self) -> tuple[float, ...]:
@@ -258,12 +265,11 @@ class AdapterSpec:
         return len(self.slices) == 1 and self.slices[0].rows == out_features
 
     def shapes(self, in_features: int) -> list[tuple[str, tuple[int, ...]]]:
-        """``(parameter name, shape)`` of every factor, in slice order (A, B, magnitude)."""
+        """``(parameter name, shape)`` of every parameter, in slice order: A, B, the kind's own (DoRA: magnitude)."""
         shapes: list[tuple[str, tuple[int, ...]]] = []
         for s in self.slices:
             shapes += [(s.a_name, (s.r, in_features)), (s.b_name, (s.rows, s.r))]
-            if self.use_dora:
-                shapes.append((s.magnitude_name, (s.rows,)))
+            shapes += self.kind.extra_shapes(s, in_features)
         return shapes
 
     def config(self, in_features: int, out_features: int, **layer_fields: Any) -> dict[str, Any]:
@@ -274,8 +280,8 @@ class AdapterSpec:
             "out_features": out_features,
             "dropout": self.dropout,
             "use_rslora": self.use_rslora,
-            # Only when set, so that configs (and files) of plain LoRA layers stay as before.
-            **({"use_dora": True} if self.use_dora else {}),
+            # Nothing for plain LoRA, so that its configs (and files) stay as before kinds existed.
+            **self.kind.record(),
             "slices": [s.config() for s in self.slices],
         }
 
@@ -306,14 +312,14 @@ class AdapterSpec:
         cls.check_config(dict(config), "the adapter config")
         entries = config["slices"]
         out_features, in_features = config["out_features"], config["in_features"]
-        use_dora = config.get("use_dora", False)
+        kind = kind_of_record(config).name
         if len(entries) == 1 and entries[0]["name"] == "":
             only = entries[0]
             if (only["start"], only["stop"]) != (0, out_features):
                 raise LoRAError(f"an unnamed slice must cover all rows, got {only}")
             return cls.build(
                 out_features, in_features, only["r"], only["alpha"], config["dropout"],
-                init=init, use_rslora=config["use_rslora"], use_dora=use_dora,
+                init=init, use_rslora=config["use_rslora"], kind=kind,
             )
         return cls.build(
             out_features, in_features,
@@ -321,7 +327,7 @@ class AdapterSpec:
             {e["name"]: e["alpha"] for e in entries},
             config["dropout"],
             slices={e["name"]: (e["start"], e["stop"]) for e in entries},
-            init=init, use_rslora=config["use_rslora"], use_dora=use_dora,
+            init=init, use_rslora=config["use_rslora"], kind=kind,
         )
 
     @staticmethod
@@ -330,50 +336,53 @@ class AdapterSpec:
     ) -> dict[str, Any]:
         """The :meth:`config` record of PEFT's LoRA over a whole module (one unsliced pair).
 
-        ``lora_dropout``, ``use_rslora`` and ``use_dora`` come from PEFT's ``adapter_config.json``;
-        values are checked when the record becomes a spec (:meth:`from_config`), where the
-        loader names the layer.
+        ``lora_dropout``, ``use_rslora`` and the kind (``use_dora``) come from PEFT's
+        ``adapter_config.json``; values are checked when the record becomes a spec
+        (:meth:`from_config`), where the loader names the layer.
         """
-        use_dora = bool(peft_config.get("use_dora", False))
         return {
             **layer_fields,
             "in_features": in_features,
             "out_features": out_features,
             "dropout": peft_config.get("lora_dropout") or 0.0,
             "use_rslora": bool(peft_config.get("use_rslora", False)),
-            **({"use_dora": True} if use_dora else {}),
+            **kind_of_peft(peft_config).record(),
             "slices": [{"name": "", "start": 0, "stop": out_features, "r": r, "alpha": alpha}],
         }
 
     @staticmethod
-    def peft_tensor_names(use_dora: bool) -> list[tuple[str, str]]:
-        """``(lora-vit factor, PEFT tensor)`` names of an unsliced adapter: A, B(, DoRA magnitude).
+    def peft_tensor_names(kind: AdapterKind | bool) -> list[tuple[str, str]]:
+        """``(lora-vit factor, PEFT tensor)`` names of an unsliced adapter: A, B, then the kind's own.
 
         PEFT stores ``<module>.lora_A.weight`` and ``<module>.lora_B.weight``, and DoRA's
         magnitude as ``<module>.lora_magnitude_vector`` (without its inner ``.weight``).
+        ``kind`` may be the historical ``use_dora`` flag.
         """
-        pairs = [("lora_A", "lora_A"), ("lora_B", "lora_B")]
-        return [*pairs, ("lora_magnitude", PEFT_MAGNITUDE)] if use_dora else pairs
+        if isinstance(kind, bool):
+            kind = DORA if kind else LORA
+        return [("lora_A", "lora_A"), ("lora_B", "lora_B"), *kind.peft_tensor_names()]
 
     def peft_fields(self) -> dict[str, Any]:
         """This spec in PEFT's ``LoraConfig`` terms (``r``, ``lora_alpha``, ``lora_dropout``, flags).
 
         Raises:
-            LoRAError: For fused-projection slices, which PEFT has no form for.
+            LoRAError: For fused-projection slices or a kind that PEFT has no form for.
         """
         if len(self.slices) != 1 or self.slices[0].name:
             raise LoRAError("PEFT has no form for adapters on fused q/k/v slices")
+        kind_fields = self.kind.peft_fields()
+        if kind_fields is None:
+            raise LoRAError(f"PEFT has no form for adapters of kind {self.kind.name!r}; keep save_lora")
         s = self.slices[0]
         alpha = int(s.alpha) if float(s.alpha).is_integer() else s.alpha
-        return {
-            "r": s.r, "lora_alpha": alpha, "lora_dropout": self.dropout,
-            "use_rslora": self.use_rslora, "use_dora": self.use_dora,
-        }
+        return {"r": s.r, "lora_alpha": alpha, "lora_dropout": self.dropout, "use_rslora": self.use_rslora,
+                **kind_fields}
 
     def describe(self, out_features: int) -> str:
         """One line such as ``r=8, alpha=16`` or ``q[0:384] r=8, alpha=16, v[768:1152] ...``."""
-        dora = ", dora" if self.use_dora else ""
+        label = self.kind.label()
+        kind = f", {label}" if label else ""
         if self.covers_all_rows(out_features):
             s = self.slices[0]
-            return f"r={s.r}, alpha={s.alpha:g}{dora}"
-        return ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r}, alpha={s.alpha:g}" for s in self.slices) + dora
+            return f"r={s.r}, alpha={s.alpha:g}{kind}"
+        return ", ".join(f"{s.name}[{s.start}:{s.stop}] r={s.r}, alpha={s.alpha:g}" for s in self.slices) + kind

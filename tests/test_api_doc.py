@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import lora_vit
+import lora_vit.kinds
 
 API = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
 ROW = re.compile(r"^\| `(\w+)` \| (.+?) \| (.+?) \|$", re.M)
@@ -84,6 +85,9 @@ def call(name: str, s: dict) -> tuple[nn.Module, object]:
     if name == "delete_adapter":
         m = lora_vit.inject_lora(m, ["query"], r=2, adapter="other")
         return m, lora_vit.delete_adapter(m, "other")
+    if name == "register_kind":  # an equal kind again: the table keeps the one it has
+        known = lora_vit.kinds.KINDS["lora"]
+        return m, lora_vit.register_kind(copy.deepcopy(known))
     if name == "resolve_targets":  # under a new name: "default" is taken, which would be an error
         return m, lora_vit.resolve_targets(m, ["q", "v"], adapter="probe")
     args = {"lora_summary": (m,), "lora_state_dict": (m,), "save_lora": (m, s["path"]),
