@@ -56,7 +56,9 @@ def test_loader_uses_workers_only_for_what_is_not_cached(tmp_path: Path) -> None
     assert make_loader(ImageDataset(samples, 16), 4, 2).num_workers == 0
     partial = ImageDataset(samples, 16, cache_mb=0)
     loader = make_loader(partial, 4, 2)
-    assert loader.num_workers == 2 and loader.persistent_workers
+    # Not persistent: each epoch starts its workers afresh, seeded from the loader's generator,
+    # which the training state saves (a resumed run then draws what the uninterrupted one did).
+    assert loader.num_workers == 2 and not loader.persistent_workers
     from_workers = torch.cat([x for x, _, _ in loader])
     in_process = torch.cat([x for x, _, _ in make_loader(partial, 4, 0)])
     assert torch.equal(from_workers, in_process)
