@@ -19,7 +19,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..attacks.sets import uses_given
+from ..attacks.sets import made_sources, uses_given
 from ..evaluation.report import APCER_TARGETS, figure_text, interval_text, write_json
 from ..io.config import Config, apply_overrides
 from ..io.errors import MadlabError
@@ -111,6 +111,12 @@ def _seen(config: Config, methods: list[str]) -> set[str]:
     return set(methods) - set(config.exclude_methods)
 
 
+def _trained_on(a_name: str, seen: set[str], mode: str) -> str:
+    """What a run trained on: the given methods it saw, or the kinds of attack it made alone."""
+    made = " and ".join(made_sources(mode))
+    return f"{a_name} ({', '.join(sorted(seen)) or f'bona fides + {made} attacks only'})"
+
+
 def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, out: Path, attack_modes: list[str],
                  test_data: str | None = None, overwrite: bool = False) -> list[ProtocolRow]:
     """Run a protocol end to end (train, test, tabulate) and write ``protocol.{json,csv}`` into ``out``.
@@ -159,7 +165,7 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
         if kind == "leave-one-method-out":
             report = app.run_test(model_path, [], quiet, str(sub))
             never = ", ".join(sorted(set(methods) - seen)) or "-"
-            trained_on = f"{a_name} ({', '.join(sorted(seen)) or 'bona fides + synthetic attacks only'})"
+            trained_on = _trained_on(a_name, seen, mode)
         else:
             report = _cross_test(model_path, test_data or "", sub, quiet)
             # A method of B with the name of one trained on A counts as seen (made by the same
@@ -167,7 +173,7 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
             b_methods = set(report["per_method"])
             never = (f"every image of {test_data} (another data set); methods: "
                      + (", ".join(sorted(b_methods - seen)) or "none unseen by name"))
-            trained_on = f"{a_name} ({', '.join(sorted(seen)) or 'bona fides + synthetic attacks only'})"
+            trained_on = _trained_on(a_name, seen, mode)
         base = {"protocol": kind, "attacks": mode, "trained_on": trained_on, "never_seen": never}
         rows += _rows(report, base, seen)
     write_json(out / "protocol.json", rows)
