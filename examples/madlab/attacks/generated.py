@@ -23,7 +23,6 @@ taken as already aligned and combined through a centred mask (:func:`~.morphs.mo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,9 +38,11 @@ ALPHA_RANGE = (0.4, 0.6)  # the second contributor's share: morphing tools aim a
 SAME_PERSON_P = 0.25
 
 
-@dataclass(frozen=True)
 class Pairing:
     """Who may be morphed with whom within one split.
+
+    Drawing a partner costs the size of one identity's group, not of the split, so a split of
+    tens of thousands of photos pairs as fast as a small one.
 
     Args:
         samples: The split's rows; only bona fides (label 0) are paired.
@@ -50,17 +51,17 @@ class Pairing:
         DataError: If the split has fewer than two bona fides.
     """
 
-    samples: Sequence[Sample]
-
-    def __post_init__(self) -> None:
-        bona_fides = [i for i, s in enumerate(self.samples) if s.label == 0]
-        if len(bona_fides) < 2:
-            raise DataError(f"generated attacks morph two bona fides of a split, but it has {len(bona_fides)}")
-        groups: dict[str, list[int]] = {}
-        for i in bona_fides:
-            groups.setdefault(self.identity(i), []).append(i)
-        object.__setattr__(self, "bona_fides", bona_fides)
-        object.__setattr__(self, "groups", groups)
+    def __init__(self, samples: Sequence[Sample]) -> None:
+        self.samples = samples
+        self.bona_fides = [i for i, s in enumerate(samples) if s.label == 0]
+        if len(self.bona_fides) < 2:
+            raise DataError(f"generated attacks morph two bona fides of a split, but it has {len(self.bona_fides)}")
+        # Each identity's bona fides as rows and as positions in ``bona_fides`` (both ascending).
+        self.groups: dict[str, list[int]] = {}
+        self._positions: dict[str, list[int]] = {}
+        for position, i in enumerate(self.bona_fides):
+            self.groups.setdefault(self.identity(i), []).append(i)
+            self._positions.setdefault(self.identity(i), []).append(position)
 
     def identity(self, index: int) -> str:
         """The first identity of row ``index``, or its path when the data names none."""
@@ -71,24 +72,34 @@ class Pairing:
     def identities_known(self) -> bool:
         return any(self.samples[i].identity for i in self.bona_fides)
 
+    def _other(self, own: str, k: int) -> int:
+        """The ``k``-th bona fide (in split order) whose identity is not ``own``."""
+        position = k
+        for taken in self._positions[own]:  # ascending: skip each of own's rows at or before it
+            if taken > position:
+                break
+            position += 1
+        return self.bona_fides[position]
+
     def partner(self, index: int, rng: np.random.Generator) -> tuple[int, bool]:
         """A bona fide to morph row ``index`` with, and whether it shows the same person.
 
         Another shot of the same identity with :data:`SAME_PERSON_P` where there is one (always
-        when the split holds no other identity), otherwise a bona fide of another identity.
+        when the split holds no other identity), otherwise a bona fide of another identity,
+        each of them equally likely.
         """
         own = self.identity(index)
         same = [j for j in self.groups[own] if j != index]
-        others = [j for j in self.bona_fides if self.identity(j) != own]
-        if same and (not others or rng.random() < SAME_PERSON_P):
+        n_others = len(self.bona_fides) - len(self.groups[own])
+        if same and (not n_others or rng.random() < SAME_PERSON_P):
             return int(same[int(rng.integers(len(same)))]), True
-        return int(others[int(rng.integers(len(others)))]), False
+        return int(self._other(own, int(rng.integers(n_others)))), False
 
 
 def generate_morph(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, landmarks_a: np.ndarray | None = None,
                    landmarks_b: np.ndarray | None = None,
                    methods: Sequence[str] = tuple(MORPH_METHODS)) -> tuple[np.ndarray, str]:
-    """A morph of two photos, matched to ``a``'s statistics where it differs from ``a``.
+    """A morph of two photos, given ``a``'s colour, contrast and sharpness over the whole image.
 
     Args:
         a, b: ``S x S x 3`` images in [0, 1] (``a`` is the frame a splice is pasted into).

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from madlab.attacks import generated
 from madlab.attacks.generated import SAME_PERSON_P, Pairing, generate_morph
 from madlab.attacks.synthesis import match_statistics
@@ -41,6 +43,29 @@ def test_partners_are_other_bona_fides_of_another_person_or_another_shot_of_the_
     assert abs(same_person - SAME_PERSON_P * draws) < 5 * np.sqrt(draws * SAME_PERSON_P * (1 - SAME_PERSON_P))
     only_shot = rows.index(next(r for r in rows if r.identity == ("p2",)))
     assert not any(pairing.partner(only_shot, rng)[1] for _ in range(200)), "p2 has one photo: always another person"
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.sampled_from(["p1", "p2", "p3", "p4"]), min_size=2, max_size=30), st.integers(0, 2**32 - 1))
+def test_a_partner_is_drawn_as_from_the_full_list_of_other_people(people, seed):
+    """Drawing by group positions gives exactly what indexing the list of every other person's
+    bona fide gives (the reference), for any order of identities and any morphs among them."""
+    rows = [Sample(f"bf/{k}", 0, "bona_fide", "train", (person,)) for k, person in enumerate(people)]
+    rows.insert(len(rows) // 2, Sample("morph/x", 1, "blend", "train", ("p1", "p2")))
+    pairing = Pairing(rows)
+    for own in set(people):
+        others = [j for j, r in enumerate(rows) if r.label == 0 and r.identity != (own,)]
+        assert [pairing._other(own, k) for k in range(len(others))] == others
+    index = pairing.bona_fides[seed % len(pairing.bona_fides)]
+    rng, reference = np.random.default_rng(seed), np.random.default_rng(seed)
+    partner, same = pairing.partner(index, rng)
+    own = rows[index].identity
+    same_rows = [j for j, r in enumerate(rows) if r.label == 0 and r.identity == own and j != index]
+    other_rows = [j for j, r in enumerate(rows) if r.label == 0 and r.identity != own]
+    if same_rows and (not other_rows or reference.random() < SAME_PERSON_P):
+        assert (partner, same) == (same_rows[int(reference.integers(len(same_rows)))], True)
+    else:
+        assert (partner, same) == (other_rows[int(reference.integers(len(other_rows)))], False)
 
 
 def test_a_split_of_one_person_pairs_shots_and_one_without_identities_pairs_files():
