@@ -10,6 +10,7 @@ wrappers are treated or what reaches the model: nothing is changed until every c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -237,6 +238,19 @@ def _paddable(existing: Mapping[str, AdapterView], configs: Mapping[str, Mapping
         raise LoRAError(
             f"{where} has higher ranks than this model's adapters can hold ({too_big}): padding only"
             " swaps in ranks up to the injected ones. Inject with a larger r (the maximum rank to swap in)"
+        )
+    # Padding fills A and B only; a kind whose own parameters grow with the rank has no padded form.
+    growing = sorted({
+        view.kind.name
+        for view in existing.values()
+        for s in view.slices
+        if view.kind.extra_shapes(s, view.layer.in_features)
+        != view.kind.extra_shapes(dataclasses.replace(s, r=s.r + 1), view.layer.in_features)
+    })
+    if growing:
+        raise LoRAError(
+            f"{where}: pad=True swaps lower ranks into A and B only, but adapter kind(s) {growing} add"
+            " parameters whose shape depends on the rank; load into a model injected with the file's ranks"
         )
     return True
 

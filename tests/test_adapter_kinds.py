@@ -148,6 +148,24 @@ def test_save_records_the_kind_and_load_rebuilds_it(tmp_path):
         AdapterSpec.from_config(dict(record, adapter_kind="nope"))
 
 
+def test_padding_a_kind_whose_parameters_grow_with_the_rank_is_refused_and_the_model_kept(tmp_path):
+    base = PlainNet()
+    low = randomise(inject_lora(copy.deepcopy(base), ["stem"], r=2, kind="vera_like"))
+    path = save_lora(low, tmp_path / "r2.safetensors")
+    high = inject_lora(copy.deepcopy(base), ["stem"], r=4, kind="vera_like")
+    before = {k: v.clone() for k, v in lora_state_dict(high).items()}
+    with pytest.raises(LoRAError, match=r"pad=True swaps lower ranks into A and B only, but adapter kind\(s\)"
+                                        r" \['vera_like'\] add parameters whose shape depends on the rank"):
+        load_lora(high, path, pad=True)
+    assert all(torch.equal(before[k], v) for k, v in lora_state_dict(high).items()), "a failed load changes nothing"
+    # DoRA's magnitude is per output row, not per rank: it still pads (as LoRA does).
+    dora_low = randomise(inject_lora(copy.deepcopy(base), ["stem"], r=2, use_dora=True))
+    dora_path = save_lora(dora_low, tmp_path / "dora.safetensors")
+    dora_high = inject_lora(copy.deepcopy(base), ["stem"], r=4, use_dora=True)
+    with torch.no_grad():
+        torch.testing.assert_close(load_lora(dora_high, dora_path, pad=True).eval()(X), dora_low.eval()(X))
+
+
 def test_fused_slices_and_a_mixed_batch_with_lora_and_dora():
     base = TimmStyleViT(dim=32, depth=1, heads=4).eval()
     model = inject_lora(copy.deepcopy(base), ["q", "v"], r=2, dropout=0.0, kind="vera_like", adapter="v")
