@@ -8,6 +8,7 @@
   reproduced here module for module.
 - `PlainNet`: a user's own module with its own names.
 - `hf_vit` / `hf_vit_mae`: real transformers models from a tiny config.
+- `randomise`: seeded non-zero values for everything an adapter trains.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lora_vit import lora_state_dict
 
 
 class Attention(nn.Module):
@@ -188,3 +191,13 @@ def hf_vit_mae() -> nn.Module:
     config = _tiny_config(ViTMAEConfig)
     config.mask_ratio = 0.0  # classification sees every patch; masking is a pretraining tool
     return ViTMAEModel(config).eval()
+
+
+def randomise(model: nn.Module, adapter: str | None = None, seed: int = 0, scale: float = 0.1) -> nn.Module:
+    """Add ``scale`` times seeded standard-normal noise to every tensor ``adapter`` trains (its
+    factors and, where it has them, its own modules); returns ``model``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for value in lora_state_dict(model, adapter=adapter).values():
+            value.add_(scale * torch.randn(value.shape, generator=generator, dtype=value.dtype))
+    return model

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from models import TimmStyleViT
+from models import TimmStyleViT, randomise
 from safetensors import safe_open
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -31,13 +31,6 @@ X = torch.randn(6, 3, 32, 32)
 # (observed up to 6e-7 on outputs of size ~1.5). A shared head (the defect) is off by O(1).
 MIXED = {"rtol": 1e-5, "atol": 1e-5}
 
-
-def randomise(model, adapter, seed):
-    """Non-trivial values for everything ``adapter`` trains: its factors and its head."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for value in lora_state_dict(model, adapter=adapter).values():
-            value.add_(0.1 * torch.randn(value.shape, generator=generator))
 
 
 def detector(name, seed, targets=("q", "v"), classes=None):

@@ -3,9 +3,11 @@ injected, run, routed per sample, merged, saved and loaded like LoRA and DoRA, w
 the library; the built-in kinds keep their file records."""
 
 import copy
+import functools
 import json
 from dataclasses import dataclass
 
+import models
 import pytest
 import torch
 from models import PlainNet, TimmStyleViT
@@ -72,12 +74,8 @@ VERA_LIKE = register_kind(VeRALikeKind())
 X = torch.randn(5, 12)
 
 
-def randomise(model, adapter=None, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for value in lora_state_dict(model, adapter=adapter).values():
-            value.add_(0.3 * torch.randn(value.shape, generator=generator, dtype=value.dtype))
-    return model
+
+randomise = functools.partial(models.randomise, scale=0.3)
 
 
 def dense_weight(base_weight: Tensor, state: dict, prefix: str, scaling: float) -> Tensor:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from models import PlainNet, TimmStyleViT
+from models import PlainNet, TimmStyleViT, randomise
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -22,7 +22,6 @@ from lora_vit import (
     inject_lora,
     load_lora,
     load_peft_adapter,
-    lora_state_dict,
     merge_lora,
     save_lora,
     save_peft_adapter,
@@ -34,12 +33,6 @@ torch.manual_seed(0)
 BASE = TimmStyleViT(dim=32, depth=2, heads=4).eval()
 X = torch.randn(4, 3, 32, 32)
 
-
-def randomise(model, adapter, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for value in lora_state_dict(model, adapter=adapter).values():
-            value.add_(0.1 * torch.randn(value.shape, generator=generator))
 
 
 def adapted(name, seed, base=BASE, **kwargs):

@@ -1,7 +1,9 @@
 """An adapted layer takes the training mode of the module it replaces (inject, add, load, PEFT load, merge)."""
 
 import copy
+import functools
 
+import models
 import pytest
 import torch
 from mha_models import TorchvisionStyleViT
@@ -14,7 +16,6 @@ from lora_vit import (
     inject_lora,
     load_lora,
     load_peft_adapter,
-    lora_state_dict,
     merge_lora,
     save_lora,
     save_peft_adapter,
@@ -27,11 +28,8 @@ def modes(model: nn.Module) -> dict[str, bool]:
     return {name: m.training for name, m in model.named_modules()}
 
 
-def randomised(model: nn.Module, adapter: str | None = None) -> nn.Module:
-    with torch.no_grad():
-        for value in lora_state_dict(model, adapter=adapter).values():
-            value.normal_(0, 0.3)
-    return model
+
+randomised = functools.partial(models.randomise, scale=0.3)
 
 
 @pytest.mark.parametrize("mode", [False, True])
