@@ -3,10 +3,11 @@
 Three measurements in one run:
 
 1. **Synthesis throughput.** Real faces (``skimage.data.lfw_subset``, resized to the input
-   size) through the steps a synthetic attack takes in training: ``synthesise`` (self-blend or
-   self-morph, frequency artifacts with p = 0.1), ``match_statistics`` and ``matched_augment``;
+   size) through the steps a synthetic attack takes in training: ``synthesise`` (the default
+   ``synthetic_methods``; no landmarks are passed, so self-warps fall back to zoomed self-morphs;
+   frequency artifacts with p = 0.1), ``match_statistics`` and ``matched_augment``;
    and the ``matched_augment`` alone that every bona fide gets.
-2. **Epoch slowdown.** The example's LoRA training step (q, k, v adapters r=4 + head) on a
+2. **Epoch slowdown.** The example's LoRA training step (its default config's adapters + head) on a
    DINOv2-shaped backbone (``Dinov2Model`` built from a config: ViT-S/14, random weights,
    nothing downloaded), fed by the example's loader from (a) ``attacks=given``: an
    ``ImageDataset`` with half of its images labelled morph, and (b) ``attacks=synthetic``: a
