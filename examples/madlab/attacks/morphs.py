@@ -18,6 +18,7 @@ aligned frames onto the average of their 5 landmarks (the ORL default).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -86,6 +87,15 @@ def _with_border(points: np.ndarray, size: int) -> np.ndarray:
     return np.vstack([points, np.array(border, dtype=np.float64)])
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel's ``x`` and ``y``, row by row, as float64 (read-only: shared between calls)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
+    xs, ys = xs.ravel(), ys.ravel()
+    xs.flags.writeable = ys.flags.writeable = False
+    return xs, ys
+
+
 def warp_to(image: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Piecewise-affine warp of ``image`` moving its ``source`` landmarks onto ``target``.
 
@@ -115,11 +125,11 @@ def warp_to(image: np.ndarray, source: np.ndarray, target: np.ndarray) -> np.nda
         cv2.fillConvexPoly(label, np.round(corners * 16).astype(np.int32), k, lineType=cv2.LINE_8, shift=4)
     if (label < 0).any():  # pragma: no cover - the frame corners are vertices, so the hull is the frame
         label[label < 0] = 0
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
-    grid = np.stack([xs.ravel(), ys.ravel(), np.ones(h * w)], axis=1)
-    mapped = np.einsum("nij,nj->ni", to_src[label.ravel()], grid)
-    map_x = mapped[:, 0].reshape(h, w).astype(np.float32)
-    map_y = mapped[:, 1].reshape(h, w).astype(np.float32)
+    xs, ys = _pixel_centres(h, w)
+    # Each pixel's map, term by term (a gather of six numbers per pixel, no (N, 2, 3) product).
+    a = to_src.reshape(len(tri), 6)[label.ravel()]
+    map_x = (a[:, 0] * xs + a[:, 1] * ys + a[:, 2]).reshape(h, w).astype(np.float32)
+    map_y = (a[:, 3] * xs + a[:, 4] * ys + a[:, 5]).reshape(h, w).astype(np.float32)
     return cv2.remap(np.asarray(image, np.float32), map_x, map_y, cv2.INTER_LINEAR,
                      borderMode=cv2.BORDER_REPLICATE).astype(np.float64)
 

@@ -7,7 +7,7 @@ sources each ``attacks`` mode uses. :class:`SyntheticTrainSet` serves every trai
 twice, once as itself and once as an attack made from it (with several made kinds, the bona
 fides take turns), with new random attacks each time it is read, so every epoch sees new
 ones. Every item, whatever its class, then gets the same random processing
-(:func:`~.synthesis.matched_augment`), so processing marks neither class.
+(:func:`~.processing.matched_augment`), so processing marks neither class.
 
 The dev split decides the checkpoint and the threshold. Where it has morphs of its own,
 those are used; where it has only bona fides, :class:`FixedAttackSet` adds one synthetic
@@ -30,7 +30,8 @@ from ..data.samples import SPLITS, DataError, DataReport, Sample
 from ..io.config import ATTACK_MODES, Config, ConfigError
 from .generated import Pairing, generate_morph
 from .morphs import MORPH_METHODS
-from .synthesis import DEFAULT_MIX, MORPH_REGIONS, Attack, match_statistics, matched_augment, parse_mix, synthesise
+from .processing import match_statistics, matched_augment
+from .synthesis import DEFAULT_MIX, MORPH_REGIONS, Attack, parse_mix, synthesise
 
 __all__ = [
     "ATTACK_MODES",
@@ -65,7 +66,7 @@ MODE_SOURCES = {
     "synthetic+generated": (SYNTHETIC_METHOD, GENERATED_METHOD),
     "given+generated": ("given", GENERATED_METHOD),
 }
-# Where an attack is matched to its photo's statistics (see synthesis.match_statistics): inside
+# Where an attack is matched to its photo's statistics (see processing.match_statistics): inside
 # its face mask (what training uses), or over the whole image (kept to measure what it leaves).
 MATCH_REGIONS = ("face", "whole")
 
@@ -202,7 +203,7 @@ class SyntheticTrainSet(Dataset):
         landmarks: Returns a sample's five landmarks in the pixel coordinates of its ``size x size``
             image, or None for the centred-ellipse mask; None = no landmarks for any sample.
         match: ``face``: each attack gets its photo's statistics inside its mask; ``whole``: over
-            the whole image (see :func:`~.synthesis.match_statistics`).
+            the whole image (see :func:`~.processing.match_statistics`).
         morph_regions: The regions a self-morph may blend (see :func:`~.synthesis.self_morph`);
             training uses all of them, a subset is there to measure what each teaches.
         mix: The synthetic methods and their shares (:func:`~.synthesis.parse_mix`).
@@ -306,7 +307,7 @@ class FixedAttackSet(Dataset):
 
     Attack ``k`` depends only on ``seed`` and the position of its bona fide, so every epoch
     and every resumed run is judged on the same images. Attacks are matched to their bona
-    fide (synthetic ones inside the attack's mask, :func:`~.synthesis.match_statistics`) but not
+    fide (synthetic ones inside the attack's mask, :func:`~.processing.match_statistics`) but not
     augmented, like the bona fides. With two made kinds the bona fides take turns.
 
     Args:

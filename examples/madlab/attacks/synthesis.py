@@ -23,19 +23,9 @@ be trained on bona fides alone:
 
 Every raw attack differs from its photo only where its mask is non-zero (``Attack.weight``).
 
-Blending averages pixels, so raw attacks are blurrier and flatter than their photos, and a
-detector would learn "blurred = attack" and pass every sharpened morph (the failure the
-issue describes). Two steps take these cues away:
-
-* :func:`match_statistics` gives each attack's face (the region its mask covers) the
-  per-channel mean and standard deviation and the sharpness (variance of the Laplacian of the
-  grey image, the ``sharpness`` shortcut) of the same region of the photo it was made from,
-  as morphing tools sharpen their morphs to their contributors' sharpness, and leaves the
-  background as the photo has it. Matching the whole image instead would sharpen the
-  background to make up for a blurred face: "face softer than its surroundings" would then
-  mark the attacks, and sharpened morphs carry the opposite cue;
-* :func:`matched_augment` then applies the same random colour jitter, blur or sharpening and
-  JPEG compression to **both** classes, so neither is marked by its processing.
+Blending averages pixels, so raw attacks are blurrier and flatter than their photos; training
+matches each to its photo and augments both classes alike (:mod:`.processing`) before a
+detector sees it.
 
 The mask comes from five face landmarks when they are known (left eye, right eye, nose tip,
 left and right mouth corners, ``(x, y)`` in the image's pixel coordinates, the layout of the
@@ -47,7 +37,6 @@ arrays in [0, 1], returned as float32.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,12 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from scipy.ndimage import gaussian_filter
 
-from ..data.shortcuts import laplacian
 from .masks import ellipse
 from .morphs import warp_to
+from .processing import blur, check_image, colour_shift, resize, unsharp
 
 __all__ = [
     "BETA_RANGE",
@@ -73,9 +60,6 @@ __all__ = [
     "Attack",
     "face_mask",
     "frequency_artifact",
-    "grey_sharpness",
-    "match_statistics",
-    "matched_augment",
     "parse_mix",
     "self_blend",
     "self_morph",
@@ -96,8 +80,6 @@ MORPH_REGIONS = ("face", "head", "image")
 # The centre of the inner face in a centred face crop, as shares of (H - 1, W - 1).
 _CENTRED_FACE = (0.55, 0.5)
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's self-blend ratios: mostly a full paste
-_TRUNCATE = 3.0  # Gaussian kernels end at 3 sigma, so a blurred mask is exactly 0 far from the face
-_UNSHARP_SIGMA = 1.0
 
 
 @dataclass
@@ -125,15 +107,6 @@ class Attack:
 
 
 # --------------------------------------------------------------------------- masks
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    # float32: the filters and resampling run about twice as fast as in float64, and 8-bit
-    # pixels need nothing finer.
-    x = np.asarray(image, dtype=np.float32)
-    if x.ndim != 3 or x.shape[2] != 3 or min(x.shape[:2]) < 8:
-        raise ValueError(f"expected an H x W x 3 image of at least 8 x 8 pixels, got shape {x.shape}")
-    return x
 
 
 def _check_landmarks(landmarks: np.ndarray | None) -> np.ndarray | None:
@@ -199,7 +172,7 @@ def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.n
     hard = _face_ellipse(height, width, points, rng, region)
     # Two Gaussian blurs in a row are one Gaussian blur whose variance is the sum of theirs.
     widths = rng.uniform(0.01, 0.04, size=2) * min(height, width)
-    soft = gaussian_filter(hard.astype(np.float32), sigma=float(np.hypot(*widths)), truncate=_TRUNCATE)
+    soft = blur(hard.astype(np.float32), float(np.hypot(*widths)))
     peak = soft.max()
     return soft / peak if peak > 0 else soft
 
@@ -207,21 +180,14 @@ def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.n
 # --------------------------------------------------------------------------- resampling
 
 
-def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
-
-
-def _from_tensor(x: torch.Tensor) -> np.ndarray:
-    return x[0].numpy().transpose(1, 2, 0)
-
-
 def _sample_at(image: np.ndarray, src_y: np.ndarray, src_x: np.ndarray) -> np.ndarray:
     """Bilinear ``image`` at source pixel coordinates (reflected at the border)."""
     height, width = image.shape[:2]
     grid = np.stack([(2 * src_x + 1) / width - 1, (2 * src_y + 1) / height - 1], axis=-1).astype(np.float32)
-    out = F.grid_sample(_to_tensor(image.astype(np.float32)), torch.from_numpy(grid)[None], mode="bilinear",
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))[None]
+    out = F.grid_sample(x, torch.from_numpy(grid)[None], mode="bilinear",
                         padding_mode="reflection", align_corners=False)
-    return _from_tensor(out)
+    return out[0].numpy().transpose(1, 2, 0)
 
 
 def _zoom_about(image: np.ndarray, zoom: float, centre: tuple[float, float]) -> np.ndarray:
@@ -252,165 +218,15 @@ def _shift_and_warp(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------- pixel processing
 
 
-def _grey(image: np.ndarray) -> np.ndarray:
-    return image.mean(axis=2)
-
-
-def _is_grey(image: np.ndarray) -> bool:
-    return bool(np.abs(image - image.mean(axis=2, keepdims=True)).max() < 1e-6)
-
-
-def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
-    return gaussian_filter(image, sigma=(sigma, sigma, 0), truncate=_TRUNCATE)
-
-
-def _unsharp(image: np.ndarray, amount: float, sigma: float = _UNSHARP_SIGMA) -> np.ndarray:
-    """``image + amount * (image - blur(image))``: sharpens for ``amount > 0``, blurs for ``-1 <= amount < 0``."""
-    return image + amount * (image - _blur(image, sigma))
-
-
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    out = F.interpolate(_to_tensor(image), size=(height, width), mode="bilinear", align_corners=False,
-                        antialias=True)
-    return _from_tensor(out)
-
-
-def _colour_shift(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Per-channel shifts (±20/255 at strength 1), brightness and contrast (±10 %); grey images stay grey."""
-    shift = rng.uniform(-20 / 255, 20 / 255, size=3) * strength
-    if _is_grey(image):  # a channel shift would colour a grey face, a cue no real morph of it has
-        shift[:] = shift.mean()
-    brightness = 1.0 + rng.uniform(-0.1, 0.1) * strength
-    contrast = 1.0 + rng.uniform(-0.1, 0.1) * strength
-    mean = image.mean()
-    return ((image - mean) * contrast + mean * brightness + shift).astype(np.float32)
-
-
 def _alter_quality(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """SBI's source change: colour shift, then a 2-4x down-and-up scaling or a mild sharpening."""
-    out = _colour_shift(image, rng, 1.0)
+    out = colour_shift(image, rng, 1.0)
     if rng.random() < 0.5:
         height, width = out.shape[:2]
         factor = rng.uniform(2.0, 4.0)
-        small = _resize(out, max(2, round(height / factor)), max(2, round(width / factor)))
-        return _resize(small, height, width)
-    return _unsharp(out, rng.uniform(0.3, 1.0))
-
-
-def grey_sharpness(image: np.ndarray) -> float:
-    """The variance of the 4-neighbour Laplacian of the grey image (interior pixels): the ``sharpness`` shortcut."""
-    return float(laplacian(_grey(np.asarray(image, dtype=np.float64))).var())
-
-
-def _sharpness_amount(image: np.ndarray, weight: np.ndarray, interior: np.ndarray, target: float) -> float:
-    """The unsharp amount ``k`` in [-1, 4] for which ``image + k * weight * (image - blur(image))``
-    has the Laplacian variance ``target`` over the ``interior`` pixels.
-
-    The Laplacian is linear, so that variance is a quadratic in ``k``; its root nearest 0 is
-    taken (or its minimum when the target cannot be reached).
-    """
-    g = _grey(image)
-    lx = laplacian(g)[interior]
-    ly = laplacian(weight * (g - gaussian_filter(g, _UNSHARP_SIGMA, truncate=_TRUNCATE)))[interior]
-    lx, ly = lx - lx.mean(), ly - ly.mean()
-    a, b, c = float((ly * ly).mean()), 2.0 * float((lx * ly).mean()), float((lx * lx).mean()) - target
-    if a <= 1e-18:
-        return 0.0
-    disc = b * b - 4 * a * c
-    if disc < 0:
-        k = -b / (2 * a)
-    else:
-        roots = ((-b - np.sqrt(disc)) / (2 * a), (-b + np.sqrt(disc)) / (2 * a))
-        k = min(roots, key=abs)
-    return float(np.clip(k, -1.0, 4.0))
-
-
-def _check_weight(weight: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    if weight is None:
-        return np.ones(shape, dtype=np.float32)
-    w = np.asarray(weight, dtype=np.float32)
-    if w.shape != shape or not np.isfinite(w).all() or w.min() < 0:
-        raise ValueError(f"weight must be a finite non-negative {shape[0]} x {shape[1]} array (the attack's"
-                         f" mask), got shape {w.shape}")
-    peak = float(w.max())
-    return w / peak if peak > 0 else w
-
-
-def match_statistics(image: np.ndarray, reference: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
-    """``image`` given the per-channel mean and std and the grey Laplacian variance of ``reference``
-    over the region where ``weight`` is at least half its maximum, the change blended in through ``weight``.
-
-    Applied to a synthetic attack with its own bona fide as ``reference`` and the attack's mask
-    as ``weight``, it gives the altered face the colour, contrast and sharpness of the photo's
-    face, as tools that sharpen morphs to their contributors' sharpness do, and leaves every
-    pixel outside the mask as the photo has it. What stays are the local cues (seams, double
-    contours, texture). Matching the whole image instead (``weight=None``) hides a blurred face
-    from whole-image statistics by sharpening the background, which leaves a cue of its own, "face
-    softer than its surroundings", that sharpened morphs do not carry (see examples/README.md).
-    Three rounds, clipped to [0, 1] each time: sharpening moves the contrast a little, the
-    contrast moves the sharpness, and clipping moves both.
-
-    Args:
-        image: ``H x W x 3`` in [0, 1].
-        reference: ``H x W x 3`` in [0, 1].
-        weight: ``H x W`` non-negative (scaled to a maximum of 1); None = the whole image.
-
-    Returns:
-        ``H x W x 3`` float32, equal to ``image`` wherever ``weight`` is 0; ``image`` unchanged
-        when the region has fewer than 9 interior pixels.
-
-    Raises:
-        ValueError: For images that are not ``H x W x 3`` or a weight of another shape.
-    """
-    x = _check_image(image).copy()
-    ref = _check_image(reference).astype(np.float64)
-    w = _check_weight(weight, x.shape[:2])
-    region = w >= 0.5
-    interior = region[1:-1, 1:-1]
-    if interior.sum() < 9:
-        return x
-    target = float(laplacian(_grey(ref))[interior].var())
-    ref_mean, ref_std = ref[region].mean(axis=0), ref[region].std(axis=0)
-    blend = w[..., None]
-    for _ in range(3):
-        inside = x[region].astype(np.float64)
-        mean, std = inside.mean(axis=0), inside.std(axis=0)
-        gain = np.where(std > 1e-8, ref_std / np.maximum(std, 1e-8), 1.0)
-        x = (x + blend * ((x - mean) * gain + ref_mean - x)).astype(np.float32)
-        amount = _sharpness_amount(x, w, interior, target)
-        x = np.clip(x + amount * blend * (x - _blur(x, _UNSHARP_SIGMA)), 0.0, 1.0)
-    return x
-
-
-def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)
-
-
-def matched_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The processing every training image gets, whatever its class.
-
-    Colour jitter (p = 0.3), then a Gaussian blur (sigma 0.3-1.2 px, p = 1/3) or a sharpening
-    (unsharp amount 0.2-1.5, p = 1/3), then JPEG at quality 40-100 (p = 0.5). Drawing these
-    for bona fides and attacks alike means no amount of blur, sharpness or compression marks
-    a class.
-    """
-    x = _check_image(image)
-    if rng.random() < 0.3:
-        x = _colour_shift(x, rng, 0.5)
-    pick = rng.random()
-    if pick < 1 / 3:
-        x = _blur(x, rng.uniform(0.3, 1.2))
-    elif pick < 2 / 3:
-        x = _unsharp(x, rng.uniform(0.2, 1.5))
-    x = np.clip(x, 0.0, 1.0)
-    if rng.random() < 0.5:
-        x = _jpeg(x, int(rng.integers(40, 101)))
-    return x
+        small = resize(out, max(2, round(height / factor)), max(2, round(width / factor)))
+        return resize(small, height, width)
+    return unsharp(out, rng.uniform(0.3, 1.0))
 
 
 # --------------------------------------------------------------------------- attacks
@@ -422,7 +238,7 @@ def self_blend(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarra
     Raises:
         ValueError: For an image that is not ``H x W x 3`` or bad landmarks.
     """
-    x = _check_image(image)
+    x = check_image(image)
     source = _shift_and_warp(np.clip(_alter_quality(x, rng), 0.0, 1.0), rng)
     ratio = float(rng.choice(BLEND_RATIOS))
     weight = ratio * face_mask(x.shape[0], x.shape[1], rng, landmarks)
@@ -441,7 +257,7 @@ def self_morph(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarra
     Raises:
         ValueError: For an image that is not ``H x W x 3``, bad landmarks or an unknown region.
     """
-    x = _check_image(image)
+    x = check_image(image)
     points = _check_landmarks(landmarks)
     region = str(rng.choice(regions))
     mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
@@ -470,7 +286,7 @@ def self_warp(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray
     Raises:
         ValueError: For an image that is not ``H x W x 3``, bad landmarks or an unknown region.
     """
-    x = _check_image(image)
+    x = check_image(image)
     points = _check_landmarks(landmarks)
     if points is None:
         return self_morph(image, rng, None, regions)
@@ -504,7 +320,7 @@ def frequency_artifact(image: np.ndarray, weight: np.ndarray, rng: np.random.Gen
 
     The result equals ``image`` wherever ``weight`` is 0.
     """
-    x = _check_image(image)
+    x = check_image(image)
     w = rng.uniform(0.025, 0.1)
     pattern = _pattern(x.shape[0], x.shape[1], rng)
     pattern_magnitude = np.abs(np.fft.fft2(pattern))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from madlab.attacks import generated
 from madlab.attacks.generated import SAME_PERSON_P, Pairing, generate_morph
-from madlab.attacks.synthesis import match_statistics
+from madlab.attacks.processing import match_statistics
 from madlab.data.samples import DataError, Sample
 
 

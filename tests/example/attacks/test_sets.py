@@ -23,7 +23,8 @@ from madlab.attacks.sets import (
     training_sets,
     uses_given,
 )
-from madlab.attacks.synthesis import face_mask, match_statistics, parse_mix, synthesise
+from madlab.attacks.processing import match_statistics
+from madlab.attacks.synthesis import face_mask, parse_mix, synthesise
 from madlab.data.images import ImageDataset
 from madlab.data.samples import DataError, DataReport, Sample
 from madlab.faces.cropping import CropLandmarks, find_faces
