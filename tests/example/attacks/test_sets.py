@@ -12,6 +12,7 @@ import morph_detection
 import numpy as np
 import pytest
 import torch
+from madlab.attacks.processing import match_statistics
 from madlab.attacks.separability import STATISTICS, separability, served_pairs
 from madlab.attacks.sets import (
     MODE_SOURCES,
@@ -23,7 +24,6 @@ from madlab.attacks.sets import (
     training_sets,
     uses_given,
 )
-from madlab.attacks.processing import match_statistics
 from madlab.attacks.synthesis import face_mask, parse_mix, synthesise
 from madlab.data.images import ImageDataset
 from madlab.data.samples import DataError, DataReport, Sample

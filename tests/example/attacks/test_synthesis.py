@@ -11,7 +11,6 @@ from scipy.ndimage import map_coordinates
 
 from example.attacks.photos import face_points, make_photo
 
-
 seeds = st.integers(0, 2**32 - 1)
 use_landmarks = st.booleans()
 
