@@ -31,7 +31,7 @@ from PIL import Image
 from ..data.shortcuts import laplacian
 
 __all__ = ["blur", "check_image", "colour_shift", "grey", "grey_sharpness", "is_grey", "match_statistics",
-           "matched_augment", "resize", "unsharp"]
+           "matched_augment", "resample", "resize", "unsharp"]
 
 TRUNCATE = 3.0  # Gaussian kernels end at 3 sigma, so a blurred mask is exactly 0 far from the face
 UNSHARP_SIGMA = 1.0
@@ -209,15 +209,29 @@ def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.float32) / np.float32(255.0)
 
 
-def matched_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def resample(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image`` moved by a small random similarity (rotation ±3 degrees, scale 0.95-1.05, shift
+    ±1 px) and sampled back bilinearly, borders reflected: the interpolation a warp leaves."""
+    height, width = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), rng.uniform(-3.0, 3.0),
+                                     rng.uniform(0.95, 1.05))
+    matrix[:, 2] += rng.uniform(-1.0, 1.0, size=2)
+    return cv2.warpAffine(np.ascontiguousarray(image), matrix, (width, height), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT)
+
+
+def matched_augment(image: np.ndarray, rng: np.random.Generator, resample_p: float = 0.0) -> np.ndarray:
     """The processing every training image gets, whatever its class.
 
-    Colour jitter (p = 0.3), then a Gaussian blur (sigma 0.3-1.2 px, p = 1/3) or a sharpening
-    (unsharp amount 0.2-1.5, p = 1/3), then JPEG at quality 40-100 (p = 0.5). Drawing these
-    for bona fides and attacks alike means no amount of blur, sharpness or compression marks
-    a class.
+    A resampling (:func:`resample`, p = ``resample_p``), then colour jitter (p = 0.3), then a
+    Gaussian blur (sigma 0.3-1.2 px, p = 1/3) or a sharpening (unsharp amount 0.2-1.5,
+    p = 1/3), then JPEG at quality 40-100 (p = 0.5). Drawing these for bona fides and attacks
+    alike means no amount of blur, sharpness, interpolation or compression marks a class.
+    With ``resample_p = 0`` no number is drawn for it, so earlier runs repeat exactly.
     """
     x = check_image(image)
+    if resample_p > 0 and rng.random() < resample_p:
+        x = resample(x, rng)
     if rng.random() < 0.3:
         x = colour_shift(x, rng, 0.5)
     pick = rng.random()

@@ -208,6 +208,8 @@ class SyntheticTrainSet(Dataset):
             training uses all of them, a subset is there to measure what each teaches.
         mix: The synthetic methods and their shares (:func:`~.synthesis.parse_mix`).
         morph_methods: The methods generated morphs combine two photos by.
+        resample_p: How often an item, of either class, is resampled before the shared
+            processing (:func:`~.processing.matched_augment`).
 
     Shapes:
         ``dataset[i]``: ``(3 x size x size float32, scalar label, i)``, as :class:`~.images.ImageDataset`.
@@ -220,8 +222,11 @@ class SyntheticTrainSet(Dataset):
     def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None,
                  match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS,
                  mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
-                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> None:
+                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS), resample_p: float = 0.0) -> None:
         kinds = made_sources(mode)
+        if not 0.0 <= resample_p <= 1.0:
+            raise ValueError(f"resample_p must be a probability in [0, 1], got {resample_p!r}")
+        self.resample_p = resample_p
         if not kinds:
             raise ValueError(f"mode must be one that makes attacks, one of"
                              f" {tuple(m for m in MODE_SOURCES if made_sources(m))}, got {mode!r}")
@@ -267,7 +272,7 @@ class SyntheticTrainSet(Dataset):
         photo = _photo(self.base.pixels(i))
         if kind is not None:
             photo, _ = self.maker.make(kind, i, photo, rng)
-        x = torch.from_numpy(matched_augment(photo, rng).transpose(2, 0, 1).astype(np.float32))
+        x = torch.from_numpy(matched_augment(photo, rng, self.resample_p).transpose(2, 0, 1).astype(np.float32))
         x = (x - self.base.mean) / self.base.std
         if self.base.augment:
             if rng.random() < 0.5:
@@ -416,13 +421,16 @@ def drop_methods(samples: list[Sample], methods: list[str], report: DataReport) 
 
 def training_sets(train: ImageDataset, dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | None = None,
                   mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
-                  morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> tuple[Dataset, Dataset, str]:
+                  morph_methods: tuple[str, ...] = tuple(MORPH_METHODS),
+                  resample_p: float = 0.0) -> tuple[Dataset, Dataset, str]:
     """The training and dev sets for ``attacks=mode``, and the sentence saying where the dev attacks come from.
 
     ``mix``: the synthetic methods and their shares (``synthetic_methods``, :func:`~.synthesis.parse_mix`);
-    ``morph_methods``: what generated morphs combine two photos by.
+    ``morph_methods``: what generated morphs combine two photos by; ``resample_p``: how often a
+    training item of either class is resampled (``shared_resample_p``).
     """
     dev_set, note = dev_attacks(dev, mode, seed, landmarks, mix, morph_methods)
     if not made_sources(mode):
         return train, dev_set, note
-    return SyntheticTrainSet(train, mode, landmarks, mix=mix, morph_methods=morph_methods), dev_set, note
+    return (SyntheticTrainSet(train, mode, landmarks, mix=mix, morph_methods=morph_methods, resample_p=resample_p),
+            dev_set, note)

@@ -18,6 +18,10 @@ be trained on bona fides alone:
   other half the other) and blended through a face mask: eyes, nostrils, mouth corners and
   the jaw doubled where a landmark morph of two people doubles them, with both copies
   resampled as a morph's contributors are. Without landmarks it is a :func:`self_morph`.
+* :func:`self_splice`: a copy warped by perturbed landmarks (and half the time rescaled) pasted
+  back through a mask over one to three face parts (eyes, nose, mouth) or the inner face,
+  with a seam from an almost hard cut to a wide fade: the seam, misplaced features and
+  resampled region a spliced morph leaves.
 * :func:`frequency_artifact`: a periodic pattern mixed into the Fourier magnitude inside the
   mask (the phase is kept), as generative morphs leave spectral traces.
 
@@ -54,6 +58,7 @@ __all__ = [
     "DEFAULT_MIX",
     "FREQUENCY_P",
     "MORPH_REGIONS",
+    "SEAM_RANGE",
     "SYNTHETIC_METHODS",
     "WARP_RANGE",
     "ZOOM_RANGE",
@@ -61,8 +66,10 @@ __all__ = [
     "face_mask",
     "frequency_artifact",
     "parse_mix",
+    "parts_mask",
     "self_blend",
     "self_morph",
+    "self_splice",
     "self_warp",
     "synthesise",
 ]
@@ -71,6 +78,10 @@ BETA_RANGE = (0.125, 0.5)  # self-morph weight of the zoomed copy (SelfMAD's set
 ZOOM_RANGE = (1.0, 1.1)
 WARP_RANGE = (0.03, 0.10)  # self-warp: how far each landmark moves, as a share of the eye distance
 WARP_BETA_RANGE = (0.35, 0.5)  # self-warp: the second copy's share (landmark morphs are about half and half)
+SPLICE_BETA_RANGE = (0.5, 1.0)  # self-splice: the pasted copy's share (a splice pastes a half-and-half face or more)
+# The feather of a self-splice's mask, as a share of the image side, drawn log-uniformly: from
+# an almost hard cut to a wide fade, as splicing tools' blending masks range.
+SEAM_RANGE = (0.005, 0.06)
 FREQUENCY_P = 0.1
 # Where a self-morph blends its zoomed copy, with even odds: the inner face, the whole head
 # (outline, hairline, ears) or the whole image. Landmark morphs of two people leave their
@@ -79,6 +90,10 @@ FREQUENCY_P = 0.1
 MORPH_REGIONS = ("face", "head", "image")
 # The centre of the inner face in a centred face crop, as shares of (H - 1, W - 1).
 _CENTRED_FACE = (0.55, 0.5)
+# The 5 landmarks of a centred face crop, as (x, y) shares of (W - 1, H - 1): where the part
+# masks go when no landmarks are known.
+_CENTRED_POINTS = np.array([[0.36, 0.42], [0.64, 0.42], [0.5, 0.58], [0.39, 0.72], [0.61, 0.72]])
+FACE_PARTS = ("eyes", "nose", "mouth")
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # SBI's self-blend ratios: mostly a full paste
 
 
@@ -90,11 +105,12 @@ class Attack:
         image: ``H x W x 3`` float32 in [0, 1].
         weight: ``H x W`` in [0, 1]: the share of the altered copy in each pixel; the image
             equals the photo wherever it is 0.
-        method: ``self_blend`` or ``self_morph``, with ``+frequency`` when a spectral pattern was added.
+        method: The name in :data:`SYNTHETIC_METHODS`, with ``+frequency`` when a spectral pattern was added.
         beta: The blend weight (self-morph: of the zoomed copy; self-blend: the blend ratio).
         zoom: Self-morph: the magnification of the blended copy (None for self-blend).
         centre: Self-morph: the ``(y, x)`` pixel it was magnified about (None for self-blend).
-        region: Where the mask lies: ``face``, ``head`` or ``image`` (see :func:`face_mask`).
+        region: Where the mask lies: ``face``, ``head`` or ``image`` (see :func:`face_mask`), or ``parts``
+            (:func:`parts_mask`).
     """
 
     image: np.ndarray
@@ -175,6 +191,50 @@ def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.n
     soft = blur(hard.astype(np.float32), float(np.hypot(*widths)))
     peak = soft.max()
     return soft / peak if peak > 0 else soft
+
+
+def _part_ellipse(height: int, width: int, points: np.ndarray, part: str) -> np.ndarray:
+    """The hard region of one face part around the landmarks: both eyes with the brows, the nose, or the mouth."""
+    eyes, nose, mouth = points[:2], points[2], points[3:]
+    eye_mid, mouth_mid = eyes.mean(axis=0), mouth.mean(axis=0)
+    eye_gap = max(float(np.linalg.norm(eyes[1] - eyes[0])), 1.0)
+    span = max(float(np.linalg.norm(mouth_mid - eye_mid)), 1.0)
+    angle = float(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))
+    up = (eye_mid - mouth_mid) / span  # unit vector from the mouth towards the eyes
+    centre_xy, radii = {
+        "eyes": (eye_mid + 0.15 * span * up, (0.45 * span, 0.8 * eye_gap)),
+        "nose": (0.7 * nose + 0.3 * eye_mid, (0.5 * span, 0.35 * eye_gap)),
+        "mouth": (mouth_mid, (0.3 * span, 0.7 * eye_gap)),
+    }[part]
+    return ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, angle)
+
+
+def _feather(hard: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``hard`` blurred by a seam width drawn log-uniformly from :data:`SEAM_RANGE`, scaled to a maximum of 1."""
+    seam = float(np.exp(rng.uniform(*np.log(SEAM_RANGE)))) * min(hard.shape)
+    soft = blur(hard.astype(np.float32), max(seam, 0.3))
+    peak = soft.max()
+    return soft / peak if peak > 0 else soft
+
+
+def parts_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> np.ndarray:
+    """A soft mask over one to three face parts (of :data:`FACE_PARTS`: eyes with brows, nose,
+    mouth), drawn at random, feathered by a seam width from :data:`SEAM_RANGE`.
+
+    The parts are placed by the five landmarks, or (without them) where a centred face crop has them.
+
+    Raises:
+        ValueError: If ``landmarks`` is not a finite 5 x 2 array.
+    """
+    points = _check_landmarks(landmarks)
+    if points is None:
+        points = _CENTRED_POINTS * np.array([width - 1, height - 1])
+    count = int(rng.integers(1, len(FACE_PARTS) + 1))
+    chosen = rng.choice(len(FACE_PARTS), size=count, replace=False)
+    hard = np.zeros((height, width), dtype=bool)
+    for k in sorted(chosen):
+        hard |= _part_ellipse(height, width, points, FACE_PARTS[k]) > 0.5
+    return _feather(hard, rng)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -301,6 +361,42 @@ def self_warp(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray
     return Attack(np.clip(out, 0.0, 1.0), mask, "self_warp", beta, region=region)
 
 
+def self_splice(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> Attack:
+    """A copy of ``image`` warped by perturbed landmarks, pasted back (share ``beta`` in [0.5, 1])
+    through a mask over some face parts or the inner face, with a seam of random width.
+
+    What a spliced morph leaves that a whole-image blend does not: a seam (from an almost hard
+    cut to a wide fade, :data:`SEAM_RANGE`), features that sit a little off where the rest of the
+    face expects them, and a resampled region in a photo that is not, half the time resampled
+    once more (a 1.2-2x down-and-up scaling, as a morph made at another size). The mask covers
+    one to three of the eyes, nose and mouth (:func:`parts_mask`) or the inner face, with even
+    odds. Without landmarks the copy gets the small affine and elastic move of :func:`self_blend`.
+
+    Raises:
+        ValueError: For an image that is not ``H x W x 3`` or bad landmarks.
+    """
+    x = check_image(image)
+    points = _check_landmarks(landmarks)
+    if points is None:
+        source = _shift_and_warp(x, rng)
+    else:
+        eye_gap = max(float(np.linalg.norm(points[1] - points[0])), 1.0)
+        offset = rng.standard_normal((5, 2)) * rng.uniform(*WARP_RANGE) * eye_gap
+        source = warp_to(x, points, points + offset).astype(np.float32)
+    if rng.random() < 0.5:
+        height, width = x.shape[:2]
+        factor = rng.uniform(1.2, 2.0)
+        source = resize(resize(source, max(2, round(height / factor)), max(2, round(width / factor))), height, width)
+    if rng.random() < 0.5:
+        mask, region = parts_mask(x.shape[0], x.shape[1], rng, points), "parts"
+    else:
+        mask, region = _feather(_face_ellipse(x.shape[0], x.shape[1], points, rng) > 0.5, rng), "face"
+    beta = float(rng.uniform(*SPLICE_BETA_RANGE))
+    weight = beta * mask
+    out = x + weight[..., None] * (source - x)
+    return Attack(np.clip(out, 0.0, 1.0), weight, "self_splice", beta, region=region)
+
+
 def _pattern(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     """A periodic grey pattern in [0, 1]: a grid, a checkerboard or stripes, with a random period."""
     yy, xx = np.mgrid[0:height, 0:width]
@@ -337,6 +433,7 @@ SYNTHETIC_METHODS: dict[str, Callable[..., Attack]] = {
     "self_blend": lambda image, rng, landmarks, regions: self_blend(image, rng, landmarks),
     "self_morph": self_morph,
     "self_warp": self_warp,
+    "self_splice": lambda image, rng, landmarks, regions: self_splice(image, rng, landmarks),
 }
 # Self-warps alone: chosen on the dev people's given morphs on the default backbone (AUC
 # 0.64/0.67 on blend/splice against 0.54/0.52 for the even self-blend/self-morph mix; see

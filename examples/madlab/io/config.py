@@ -135,6 +135,10 @@ class Config:
     # The synthetic methods (attacks=synthetic|both) and their mix: names of
     # attacks.synthesis.SYNTHETIC_METHODS, alone (even shares) or as name:weight.
     synthetic_methods: list[str] = field(default_factory=lambda: ["self_warp"])
+    # How often a training item of either class is resampled (a small rotation, scaling and
+    # shift) before the shared processing, when attacks are made from bona fides: morphs are
+    # resampled, so resampling alone must not mark them.
+    shared_resample_p: float = 0.0
     morphs_per_face: int = 2
     # Training attacks: the data's morphs ("given"), made from the training bona fides every
     # epoch (one photo altered: "synthetic"; two photos morphed: "generated"; bona fides alone
@@ -215,6 +219,8 @@ class Config:
         for key in ("lora_dropout", "dropout_p", "mae_mask_ratio"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {getattr(self, key)!r}")
+        if not 0.0 <= self.shared_resample_p <= 1.0:
+            raise ConfigError(f"shared_resample_p must be a probability in [0, 1], got {self.shared_resample_p!r}")
         if not (0 < self.train_val_pct < 1 and 0 < self.dev_pct < 1 and self.train_val_pct + self.dev_pct < 1):
             raise ConfigError(
                 f"train_val_pct={self.train_val_pct} and dev_pct={self.dev_pct} must be in (0, 1)"

@@ -63,6 +63,7 @@ DESCRIPTIONS: dict[str, str] = {
     "dev_pct": "share in the dev split (threshold and epoch choice); the rest is the test split",
     "morph_methods": "landmark morph methods made for the embedded data, and by attacks=generated",
     "synthetic_methods": "synthetic attacks (attacks=synthetic|both): names, or name:weight for a mix",
+    "shared_resample_p": "made attacks: how often an item of either class is resampled before the shared processing",
     "morphs_per_face": "embedded data: morphs made per bona fide image",
     "attacks": "training attacks: given (the data's morphs), synthetic (one photo altered), generated (two"
                " photos morphed), or both (given+synthetic), synthetic+generated, given+generated",

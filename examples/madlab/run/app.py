@@ -337,7 +337,8 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     # Aligned faces give the synthetic attacks' masks their 5 landmarks; whole images a centred ellipse.
     landmarks = CropPolicy.from_config(config).landmarks(size)
     train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed, landmarks,
-                                                 check_attack_config(config), tuple(config.morph_methods))
+                                                 check_attack_config(config), tuple(config.morph_methods),
+                                                 config.shared_resample_p)
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
     separable = None
     if made_sources(config.attacks):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from madlab.attacks import processing as P
 from madlab.attacks.synthesis import self_morph, synthesise
 from madlab.data.shortcuts import laplacian, laplacian_variance
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, map_coordinates
 
 from example.attacks.photos import face_points, make_photo
 
@@ -157,3 +157,32 @@ def test_matched_augment_keeps_pixels_in_range_and_shape(seed):
     photo = make_photo(seed % 1000)
     out = P.matched_augment(photo, np.random.default_rng(seed))
     assert out.shape == photo.shape and out.min() >= 0 and out.max() <= 1
+
+
+@settings(deadline=None, max_examples=25)
+@given(seeds)
+def test_resample_is_the_drawn_similarity_sampled_bilinearly(seed):
+    photo = make_photo(seed % 1000, 40, 40)
+    out = P.resample(photo, np.random.default_rng(seed))
+    # The same draws, applied with scipy: the output pixel p comes from M^-1 (p - t) in the photo.
+    rng = np.random.default_rng(seed)
+    angle, scale, shift = np.deg2rad(rng.uniform(-3.0, 3.0)), rng.uniform(0.95, 1.05), rng.uniform(-1, 1, size=2)
+    c = 19.5
+    forward = scale * np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    yy, xx = np.mgrid[0:40, 0:40].astype(np.float64)
+    dest = np.stack([xx.ravel() - c - shift[0], yy.ravel() - c - shift[1]])
+    src_x, src_y = np.linalg.solve(forward, dest) + c
+    expected = np.stack([map_coordinates(photo[..., k], [src_y, src_x], order=1, mode="reflect").reshape(40, 40)
+                         for k in range(3)], axis=2)
+    inner = (slice(3, -3), slice(3, -3))  # borders: OpenCV and scipy reflect about different edges
+    np.testing.assert_allclose(out[inner], expected[inner], atol=0.03)  # OpenCV samples at 1/32 px
+    assert out.shape == photo.shape and out.dtype == np.float32
+
+
+def test_matched_augment_resamples_only_when_asked_and_keeps_the_stream_otherwise():
+    photo = make_photo(7)
+    plain = [P.matched_augment(photo, np.random.default_rng(k)) for k in range(20)]
+    unasked = [P.matched_augment(photo, np.random.default_rng(k), 0.0) for k in range(20)]
+    always = [P.matched_augment(photo, np.random.default_rng(k), 1.0) for k in range(20)]
+    assert all(np.array_equal(a, b) for a, b in zip(plain, unasked))
+    assert sum(not np.allclose(a, b, atol=1e-3) for a, b in zip(plain, always)) >= 18

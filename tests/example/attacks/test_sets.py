@@ -178,6 +178,18 @@ def test_an_unknown_match_region_is_refused(embedded):
         FixedAttackSet(ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32), 0, match="all")
 
 
+def test_resampling_on_both_classes_is_a_probability_and_reaches_both_classes(embedded):
+    with pytest.raises(ValueError, match="resample_p must be a probability in \\[0, 1\\], got 2"):
+        SyntheticTrainSet(_split(embedded, "train"), "synthetic", resample_p=2)
+    plain = SyntheticTrainSet(_split(embedded, "train"), "synthetic")
+    resampled = SyntheticTrainSet(_split(embedded, "train"), "synthetic", resample_p=1.0)
+    changed = {label: 0 for label in (0, 1)}
+    for index in range(len(plain)):
+        a, b = plain[(index, 5)], resampled[(index, 5)]
+        changed[int(a[1])] += not torch.allclose(a[0], b[0])
+    assert changed[0] == changed[1] == len(plain) // 2, changed
+
+
 def test_dev_attacks_prefer_given_dev_morphs_and_say_which(embedded):
     dev = _split(embedded, "dev")
     same, note = dev_attacks(dev, "synthetic", 42)

@@ -16,14 +16,14 @@ use_landmarks = st.booleans()
 
 
 @settings(deadline=None, max_examples=40)
-@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph, S.self_warp]))
+@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph, S.self_warp, S.self_splice]))
 def test_attack_differs_from_its_photo_only_inside_its_mask(seed, with_points, make):
     photo = make_photo(seed % 1000)
     points = face_points(*photo.shape[:2]) if with_points else None
     attack = make(photo, np.random.default_rng(seed), points)
     outside = attack.weight == 0
     assert (~outside).any()
-    if attack.region == "face":  # a head mask may fill a small image, an image one always does
+    if attack.region in ("face", "parts"):  # a head mask may fill a small image, an image one always does
         assert outside.any()
     np.testing.assert_array_equal(attack.image[outside], photo[outside])
     assert attack.weight.min() >= 0 and attack.weight.max() <= 1
@@ -158,3 +158,55 @@ def test_bad_landmarks_are_refused_with_their_shape(bad):
 def test_bad_images_are_refused_with_their_shape():
     with pytest.raises(ValueError, match=r"H x W x 3.*\(10, 10\)"):
         S.synthesise(np.zeros((10, 10)), np.random.default_rng(0))
+
+
+def _part_centres(points: np.ndarray) -> dict[str, np.ndarray]:
+    """A point, (x, y), inside each face part and outside the others: an eye, the nose tip, a mouth corner."""
+    return {"eyes": points[0], "nose": points[2], "mouth": points[3]}
+
+
+@settings(deadline=None, max_examples=40)
+@given(seeds, st.floats(-8.0, 8.0))
+def test_parts_mask_covers_the_chosen_parts_where_the_landmarks_put_them(seed, move):
+    height = width = 96
+    points = face_points(64, 64) + np.array([16.0 + move, 16.0])  # a 64 px face in a 96 px crop
+    mask = S.parts_mask(height, width, np.random.default_rng(seed), points)
+    assert mask.max() == pytest.approx(1.0) and mask.min() >= 0
+    covered = [part for part, (x, y) in _part_centres(points).items() if mask[round(y), round(x)] > 0.5]
+    assert 1 <= len(covered) <= 3
+    # Far from every part (the crop's corners and edges) nothing is blended.
+    assert mask[:4].max() == 0 and mask[-4:].max() == 0 and mask[:, :4].max() == 0 and mask[:, -4:].max() == 0
+
+
+def test_parts_mask_draws_one_to_three_parts_and_seams_of_several_widths():
+    points = face_points(64, 64)
+    counts, transitions = [], []
+    for seed in range(200):
+        mask = S.parts_mask(64, 64, np.random.default_rng(seed), points)
+        counts.append(sum(mask[round(y), round(x)] > 0.5 for x, y in _part_centres(points).values()))
+        transitions.append(float(((mask > 0.05) & (mask < 0.95)).mean() / max((mask >= 0.5).mean(), 1e-9)))
+    # Each count is drawn with p = 1/3: 66.7 +- 4 sigma (sigma 6.7) of 200.
+    assert all(40 <= counts.count(k) <= 94 for k in (1, 2, 3)), counts
+    # Seams from an almost hard cut to a wide fade: the feathered band's size relative to the
+    # mask spans more than a factor of 5 between the narrowest and widest tenth of draws.
+    low, high = np.quantile(transitions, [0.1, 0.9])
+    assert high > 5 * low, (low, high)
+
+
+@settings(deadline=None, max_examples=30)
+@given(seeds, use_landmarks)
+def test_self_splice_pastes_a_moved_copy_with_its_share_through_its_mask(seed, with_points):
+    photo = make_photo(seed % 1000, 48, 48)
+    points = face_points(48, 48) if with_points else None
+    attack = S.self_splice(photo, np.random.default_rng(seed), points)
+    assert attack.method == "self_splice" and attack.region in ("parts", "face")
+    assert S.SPLICE_BETA_RANGE[0] <= attack.beta <= S.SPLICE_BETA_RANGE[1]
+    np.testing.assert_allclose(attack.weight.max(), attack.beta, rtol=1e-6)
+    inside = attack.weight > 0.25
+    assert np.abs(attack.image - photo)[inside].max() > 1e-3  # the pasted copy differs from the photo
+
+
+def test_self_splice_draws_both_mask_kinds_at_even_odds():
+    photo, points = make_photo(2, 32, 32), face_points(32, 32)
+    regions = [S.self_splice(photo, np.random.default_rng(k), points).region for k in range(300)]
+    assert 120 <= regions.count("parts") <= 180  # p = 0.5: 150 +- 3.5 sigma

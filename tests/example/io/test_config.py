@@ -155,3 +155,9 @@ def test_every_key_refuses_a_value_of_the_wrong_type(key: str) -> None:
     with pytest.raises(ConfigError) as err:
         Config.from_dict(values)
     assert str(err.value).startswith(f"{key}=<object object at ")
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1.5"])
+def test_shared_resample_p_must_be_a_probability(value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"shared_resample_p must be a probability in \[0, 1\], got {value}"):
+        apply_overrides(Config(), [f"shared_resample_p={value}"])
