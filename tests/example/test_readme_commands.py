@@ -5,7 +5,8 @@ examples/morph_detection.py``; ``.venv/bin/python``, ``torchrun ...``, ``/usr/bi
 ``VAR=value`` in front are dropped) and run in page order, in one empty folder per page, each
 absolute placeholder path replaced, word by word, by a small stand-in (tests/example/placeholders.py)
 in the layout its section describes. A command that names an absolute path without a stand-in
-fails the test. Every command's closing lines must list files that exist.
+fails the test. Every command must exit 0 and its closing lines must list files that exist
+(``config`` prints the key list instead).
 
 What is added to a command, after its own arguments (so they win), and why:
 - train, compare, protocol and pretrain: one epoch (``pretrain_epochs=1``), one thread, batches of 8
