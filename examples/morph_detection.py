@@ -99,11 +99,22 @@ def _subparser(sub: argparse._SubParsersAction, name: str, text: str, epilog: st
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+# What each command writes under --output_dir, so that each one's --help speaks of its own files.
+OUTPUT_DIR_HELP = {
+    "train": "where the model file, its training log and summary go, and test's report later (default: output/)",
+    "pretrain": ("with a vit_mae --backbone: the folder that gets the adapted backbone, <output_dir>/mae_backbone"
+                 " (default: output/); named backbones and mae-vit-tiny go into the cache"),
+    "compare": ("its table goes to <output_dir>/compare/compare.{json,csv}, each strategy's run to"
+                " <output_dir>/compare/<strategy>/ (default: output/)"),
+    "protocol": ("its table goes to <output_dir>/protocol/<kind>/protocol.{json,csv}, each training run to a"
+                 " folder beside it (default: output/)"),
+    "test": "where scores.csv, metrics.json and the plots go (default: the output_dir the model was trained with)",
+}
+
+
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
-    parser.add_argument("--output_dir", default=None, help=(
-        "where the model file, training log and test report go (default: output/)" if training else
-        "where scores.csv, metrics.json and the plots go (default: the output_dir the model was trained with)"))
+    parser.add_argument("--output_dir", default=None, help=OUTPUT_DIR_HELP[parser.prog.split()[-1]])
     parser.add_argument("--no_progress", action="store_true", help=(
         "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"
         if training else "no progress bar while scoring (shown only on a terminal)"))
@@ -150,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                           TRAINING_EPILOG, "train without what is tested: leave-one-method-out (each morph method"
                                            " held out of train and dev in turn) or cross-dataset (train on --data,"
                                            " test on all of --test_data); tables with shortcut rows")
-    protocol.add_argument("kind", choices=PROTOCOLS)
+    protocol.add_argument("kind", choices=PROTOCOLS, help=(
+        "leave-one-method-out: each morph method of the data held out of train and dev in turn;"
+        " cross-dataset: train on --data, test on every image of --test_data"))
     protocol.add_argument("--test_data", default=None, help="cross-dataset: the data set B to test on (all of it)")
     protocol.add_argument("--attacks", default=None, help=(
         "comma-separated attacks modes to train with, one run each, e.g. given,synthetic,both"
