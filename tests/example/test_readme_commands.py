@@ -23,7 +23,7 @@ What is added to a command, after its own arguments (so they win), and why:
 Parsed only: the default run (no subcommand: the DINOv2 backbone built from the wheel and the
 ORL faces aligned, minutes). The model it leaves in ``output/``, which the pages' next commands
 read, is stood in for by ``train`` on a small split folder of faces before the page's commands.
-``pip``/``venv`` lines of README.md are checked by tests/test_docs.py.
+``pip``/``venv`` lines are checked as tests/test_docs.py checks README.md's (pins, extras).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pathlib import Path
 import morph_detection
 import pytest
 from madlab.run import app
+from test_docs import check_command
 
 from example import placeholders as fake
 from example.cli import cli, overrides
@@ -63,14 +64,17 @@ def _argv(command: str) -> list[str] | None:
     return words[2:] if words[:2] == ["python", SCRIPT] else None
 
 
+def bash_lines(page: str) -> list[tuple[int, str]]:
+    """Every command of the page's bash blocks (``&&`` chains split), with its block's offset."""
+    return [(block.start(), part) for block in FENCE.finditer((ROOT / page).read_text()) if block[1] == "bash"
+            for line in block[2].splitlines() for part in line.split("&&")]
+
+
 def page_commands(page: str) -> list[list[str]]:
     """Every example command of ``page`` in page order: bash blocks' lines (``&&`` chains split) and
     inline code spans."""
     text = (ROOT / page).read_text()
-    found: list[tuple[int, str]] = []
-    for block in FENCE.finditer(text):
-        if block[1] == "bash":
-            found += [(block.start(), part) for line in block[2].splitlines() for part in line.split("&&")]
+    found = bash_lines(page)
     prose = FENCE.sub(lambda m: " " * len(m[0]), text)  # same offsets, no blocks
     found += [(span.start(), span[1]) for span in INLINE.finditer(prose)]
     found.sort(key=lambda item: item[0])  # stable: a block's lines keep their order
@@ -197,3 +201,12 @@ def test_example_readme_commands_run_as_written(workdir: Path, stand_ins: dict[s
                    "config", "config"], "examples/README.md lost or gained a command: update this list"
     assert sorted(p.name for p in Path("crops").iterdir()) == ["s38_5.png", "s39_5.png", "s40_5.png"]
     assert Path("adapt", "mae_backbone", "config.json").is_file()
+
+
+def test_example_readme_install_lines_are_checked() -> None:
+    # tests/test_docs.py reads README.md and docs/ only; this page's pip line gets the same check.
+    others = [words for _, line in bash_lines("examples/README.md")
+              if (words := shlex.split(line, comments=True)) and _argv(line) is None]
+    assert [w[:2] for w in others] == [["pip", "install"]]
+    for words in others:
+        check_command(words, "examples/README.md")
