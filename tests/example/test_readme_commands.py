@@ -110,10 +110,16 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for both pages: each stand-in's faces are detected and cropped once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workdir(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("LORA_VIT_CACHE", str(tmp_path.parent / "cache"))  # shared by the pages: crops once
+    monkeypatch.setenv("LORA_VIT_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(app, "subprocess", _InProcess())
     return tmp_path
