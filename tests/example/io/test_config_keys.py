@@ -97,3 +97,13 @@ def test_output_dir_help_names_what_that_subcommand_writes(command: str) -> None
     (text,) = [a.help for a in sub._actions if a.dest == "output_dir"]
     assert OWN_OUTPUTS[command] in text
     assert not [other for name, other in OWN_OUTPUTS.items() if name != command and other in text], text
+
+
+def test_pretrain_help_offers_only_the_backbones_it_can_pretrain() -> None:
+    rc, out, _ = cli("pretrain", "--help")
+    assert rc == 0
+    options = " ".join(out.split("config keys (--override")[0].split())  # argparse wraps the lines
+    assert "vit_mae checkpoint folder" in options and "mae_backbone" in options
+    # timm backbones and the other HF families cannot be MAE-pretrained: pretrain takes no --backbone_weights.
+    assert "--backbone_weights" not in options and "timm" not in options and "siglip" not in options
+    assert "training prints" not in options
