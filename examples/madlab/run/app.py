@@ -395,6 +395,8 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
         "peak_rss_mb": _peak_rss_mb(),
         "train_state_mb": trainable * 4 * 3 / 2**20,
         "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),  # the best epoch is one of these (early stopping may end sooner)
+        "stopped_early": result.stopped_early,
         "best_dev_loss": result.best_dev_loss,
         "best_dev_eer": result.best_dev_eer,
         "threshold": threshold["value"],

@@ -49,9 +49,10 @@ def _data_flag(data: str | None) -> list[str]:
 def after_train(summary: dict[str, Any]) -> Closing:
     """``train``: the model file and logs; next, test it on the split training never saw."""
     model = Path(summary["model_path"]).resolve()
+    stopped = " (stopped early)" if summary["stopped_early"] else ""
     return Closing(summary["written"],
-                   f"best epoch {summary['best_epoch']}: dev D-EER {100 * summary['best_dev_eer']:.1f}%,"
-                   f" threshold {summary['threshold']:.4f}",
+                   f"best epoch {summary['best_epoch']} of {summary['epochs_run']}{stopped}:"
+                   f" dev D-EER {100 * summary['best_dev_eer']:.1f}%, threshold {summary['threshold']:.4f}",
                    _command("test", "--model_path", model, "--output_dir", model.parent))
 
 

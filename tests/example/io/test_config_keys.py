@@ -81,3 +81,29 @@ def test_every_subcommand_describes_itself() -> None:
     for name in ("test", "predict"):
         _, out, _ = cli(name, "--help")
         assert "training prints" not in out, f"{name} --help speaks of training"
+
+
+# What only that subcommand writes under --output_dir; another subcommand's help naming it speaks of the wrong one.
+OWN_OUTPUTS = {"train": "model file", "pretrain": "mae_backbone", "compare": "compare.{json,csv}",
+               "protocol": "protocol.{json,csv}", "test": "scores.csv"}
+
+
+@pytest.mark.parametrize("command", list(OWN_OUTPUTS))
+def test_output_dir_help_names_what_that_subcommand_writes(command: str) -> None:
+    import morph_detection
+
+    parser = morph_detection.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    (text,) = [a.help for a in sub._actions if a.dest == "output_dir"]
+    assert OWN_OUTPUTS[command] in text
+    assert not [other for name, other in OWN_OUTPUTS.items() if name != command and other in text], text
+
+
+def test_pretrain_help_offers_only_the_backbones_it_can_pretrain() -> None:
+    rc, out, _ = cli("pretrain", "--help")
+    assert rc == 0
+    options = " ".join(out.split("config keys (--override")[0].split())  # argparse wraps the lines
+    assert "vit_mae checkpoint folder" in options and "mae_backbone" in options
+    # timm backbones and the other HF families cannot be MAE-pretrained: pretrain takes no --backbone_weights.
+    assert "--backbone_weights" not in options and "timm" not in options and "siglip" not in options
+    assert "training prints" not in options

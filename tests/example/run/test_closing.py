@@ -5,12 +5,15 @@ flags, and names the subcommands for anything else."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 from pathlib import Path
 
 import morph_detection
 import pytest
+from madlab.run import closing as closing_lines
 
 from example.cli import cli, overrides
 from example.run.test_predict import TRAIN, data_tree, image, tiny_vit
@@ -82,7 +85,17 @@ def test_train_lists_the_model_file_and_logs(chain) -> None:
     check_paths(paths)
     assert chain["out"] / "morph_detector.safetensors" in paths
     assert chain["out"] / "train_log.csv" in paths
-    assert result.startswith("best epoch ") and "dev D-EER" in result
+    # TRAIN runs 3 epochs without early stopping: the line names the best of them and how many ran.
+    assert re.fullmatch(r"best epoch [123] of 3: dev D-EER \d+\.\d%, threshold -?\d+\.\d{4}", result), result
+    summary = json.loads((chain["out"] / "train_summary.json").read_text())
+    assert summary["epochs_run"] == 3 and summary["stopped_early"] is False
+
+
+def test_train_result_says_when_early_stopping_ended_the_run() -> None:
+    summary = {"written": [], "model_path": "m.safetensors", "best_epoch": 4, "epochs_run": 19,
+               "stopped_early": True, "best_dev_eer": 0.125, "threshold": 0.5}
+    assert closing_lines.after_train(summary).result == (
+        "best epoch 4 of 19 (stopped early): dev D-EER 12.5%, threshold 0.5000")
 
 
 def test_test_lists_scores_metrics_and_plots_with_their_folder(chain) -> None:
