@@ -33,7 +33,7 @@ DESCRIPTIONS: dict[str, str] = {
     "mid_epochs": "gradual_unfreeze: the epoch from which the whole backbone trains",
     # Optimisation
     "learning_rate": "AdamW learning rate",
-    "num_epochs": "training epochs (at most: early stopping may end sooner)",
+    "num_epochs": "training epochs (at most: early stopping may end sooner); attacks=synthetic wants 12",
     "batch_size": "images per batch, for training and scoring",
     "weight_decay": "AdamW weight decay",
     "lr_scheduler": "cosine (annealed to eta_min over num_epochs) or none",
