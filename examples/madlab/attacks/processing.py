@@ -102,10 +102,6 @@ class _Region:
         self.indicator = inside.ravel().astype(np.float64)
         self.count = float(self.indicator.sum())
 
-    def mean(self, values: np.ndarray) -> np.ndarray:
-        """Per channel (or the scalar) mean of ``values`` (``H x W x C`` or ``H x W``) over the region."""
-        return self.indicator @ values.reshape(self.indicator.size, -1).astype(np.float64) / self.count
-
     def moments(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per channel mean and standard deviation over the region."""
         flat = values.reshape(self.indicator.size, -1).astype(np.float64)
