@@ -135,6 +135,31 @@ def _check_landmarks(landmarks: np.ndarray | None) -> np.ndarray | None:
     return points
 
 
+@dataclass(frozen=True)
+class _Face:
+    """Where a face's features are, from its 5 landmarks ``(x, y)``: what masks and warps are placed by."""
+
+    eye_mid: np.ndarray
+    mouth_mid: np.ndarray
+    nose: np.ndarray
+    eye_gap: float  # pixels between the eyes (at least 1)
+    span: float  # pixels from the eyes' midpoint to the mouth's (at least 1)
+    angle: float  # of the eye line, radians
+
+    @classmethod
+    def of(cls, points: np.ndarray) -> _Face:
+        eyes, mouth = points[:2], points[3:]
+        eye_mid, mouth_mid = eyes.mean(axis=0), mouth.mean(axis=0)
+        return cls(eye_mid, mouth_mid, points[2], max(float(np.linalg.norm(eyes[1] - eyes[0])), 1.0),
+                   max(float(np.linalg.norm(mouth_mid - eye_mid)), 1.0),
+                   float(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0])))
+
+
+def _landmark_offset(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random move of each landmark: a normal draw scaled to :data:`WARP_RANGE` of the eye distance."""
+    return rng.standard_normal((5, 2)) * rng.uniform(*WARP_RANGE) * _Face.of(points).eye_gap
+
+
 def _face_ellipse(height: int, width: int, landmarks: np.ndarray | None,
                   rng: np.random.Generator, region: str = "face") -> np.ndarray:
     """The hard region: the inner face (``face``) or the whole head with its outline and
@@ -145,22 +170,19 @@ def _face_ellipse(height: int, width: int, landmarks: np.ndarray | None,
         centre, radii = ((0.5, 0.5), (0.58, 0.48)) if head else (_CENTRED_FACE, (0.36, 0.30))
         return ellipse(height, width, (centre[0] * (height - 1), centre[1] * (width - 1)),
                         (radii[0] * height * jitter[0], radii[1] * width * jitter[1]))
-    eyes, nose, mouth = landmarks[:2], landmarks[2], landmarks[3:]
-    eye_mid, mouth_mid = eyes.mean(axis=0), mouth.mean(axis=0)
-    eye_gap = max(float(np.linalg.norm(eyes[1] - eyes[0])), 1.0)
-    span = max(float(np.linalg.norm(mouth_mid - eye_mid)), 1.0)
-    angle = float(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))
+    face = _Face.of(landmarks)
     if head:
         # From the chin to above the hairline and past the ears: the outline, hair edge and
         # ears, where a landmark morph of two people leaves its strongest double contours.
-        centre_xy = eye_mid + 0.2 * (mouth_mid - eye_mid)
-        radii = (2.2 * span * jitter[0], 1.6 * eye_gap * jitter[1])
+        centre_xy = face.eye_mid + 0.2 * (face.mouth_mid - face.eye_mid)
+        radii = (2.2 * face.span * jitter[0], 1.6 * face.eye_gap * jitter[1])
     else:
         # From the eyes to below the mouth and just past the outer eye corners: the inner face a
         # morph blends, with cheeks and chin, but not hair or ears.
-        centre_xy = 0.5 * (eye_mid + mouth_mid) + 0.1 * (nose - 0.5 * (eye_mid + mouth_mid))
-        radii = (1.25 * span * jitter[0], 0.95 * eye_gap * jitter[1])
-    return ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, angle)
+        middle = 0.5 * (face.eye_mid + face.mouth_mid)
+        centre_xy = middle + 0.1 * (face.nose - middle)
+        radii = (1.25 * face.span * jitter[0], 0.95 * face.eye_gap * jitter[1])
+    return ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, face.angle)
 
 
 def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.ndarray | None = None,
@@ -195,18 +217,14 @@ def face_mask(height: int, width: int, rng: np.random.Generator, landmarks: np.n
 
 def _part_ellipse(height: int, width: int, points: np.ndarray, part: str) -> np.ndarray:
     """The hard region of one face part around the landmarks: both eyes with the brows, the nose, or the mouth."""
-    eyes, nose, mouth = points[:2], points[2], points[3:]
-    eye_mid, mouth_mid = eyes.mean(axis=0), mouth.mean(axis=0)
-    eye_gap = max(float(np.linalg.norm(eyes[1] - eyes[0])), 1.0)
-    span = max(float(np.linalg.norm(mouth_mid - eye_mid)), 1.0)
-    angle = float(np.arctan2(eyes[1, 1] - eyes[0, 1], eyes[1, 0] - eyes[0, 0]))
-    up = (eye_mid - mouth_mid) / span  # unit vector from the mouth towards the eyes
+    f = _Face.of(points)
+    up = (f.eye_mid - f.mouth_mid) / f.span  # unit vector from the mouth towards the eyes
     centre_xy, radii = {
-        "eyes": (eye_mid + 0.15 * span * up, (0.45 * span, 0.8 * eye_gap)),
-        "nose": (0.7 * nose + 0.3 * eye_mid, (0.5 * span, 0.35 * eye_gap)),
-        "mouth": (mouth_mid, (0.3 * span, 0.7 * eye_gap)),
+        "eyes": (f.eye_mid + 0.15 * f.span * up, (0.45 * f.span, 0.8 * f.eye_gap)),
+        "nose": (0.7 * f.nose + 0.3 * f.eye_mid, (0.5 * f.span, 0.35 * f.eye_gap)),
+        "mouth": (f.mouth_mid, (0.3 * f.span, 0.7 * f.eye_gap)),
     }[part]
-    return ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, angle)
+    return ellipse(height, width, (centre_xy[1], centre_xy[0]), radii, f.angle)
 
 
 def _feather(hard: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -350,8 +368,7 @@ def self_warp(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray
     points = _check_landmarks(landmarks)
     if points is None:
         return self_morph(image, rng, None, regions)
-    eye_gap = max(float(np.linalg.norm(points[1] - points[0])), 1.0)
-    offset = rng.standard_normal((5, 2)) * rng.uniform(*WARP_RANGE) * eye_gap / 2.0
+    offset = _landmark_offset(points, rng) / 2.0
     first, second = warp_to(x, points, points + offset), warp_to(x, points, points - offset)
     beta = float(rng.uniform(*WARP_BETA_RANGE))
     region = str(rng.choice(regions))
@@ -380,9 +397,7 @@ def self_splice(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarr
     if points is None:
         source = _shift_and_warp(x, rng)
     else:
-        eye_gap = max(float(np.linalg.norm(points[1] - points[0])), 1.0)
-        offset = rng.standard_normal((5, 2)) * rng.uniform(*WARP_RANGE) * eye_gap
-        source = warp_to(x, points, points + offset).astype(np.float32)
+        source = warp_to(x, points, points + _landmark_offset(points, rng)).astype(np.float32)
     if rng.random() < 0.5:
         height, width = x.shape[:2]
         factor = rng.uniform(1.2, 2.0)
