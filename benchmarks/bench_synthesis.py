@@ -82,6 +82,11 @@ def face_points(size: int, landmarks: str) -> np.ndarray | None:
     return template(size) if landmarks == "template" else None
 
 
+def every_sample(points: np.ndarray | None):
+    """``points`` as the ``landmarks`` callable of a training set: the same for every sample (or None)."""
+    return None if points is None else (lambda sample: points)
+
+
 def synthesis_rate(images: list[np.ndarray], reps: int, points: np.ndarray | None) -> dict[str, float]:
     """Images per second of one attack (synthesise + match + augment) and of augmenting one bona fide."""
     rng = np.random.default_rng(0)
@@ -133,8 +138,7 @@ def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, c
                           for i, x in enumerate(images)], size, augment=True)
     bona_fides = ImageDataset([Sample(f"f{i}", 0, "bona_fide", "train", image=x)
                                for i, x in enumerate(images[: n // 2])], size, augment=True)
-    landmarks = None if points is None else (lambda sample: points)
-    sources = {"given": given, "synthetic": SyntheticTrainSet(bona_fides, "synthetic", landmarks)}
+    sources = {"given": given, "synthetic": SyntheticTrainSet(bona_fides, "synthetic", every_sample(points))}
     assert len(sources["given"]) == len(sources["synthetic"])
 
     def unit(name: str, dataset) -> callable:
@@ -181,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     served = ImageDataset([Sample(f"f{i}", 0, "bona_fide", "train", image=x) for i, x in enumerate(images)],
                           args.image_size, augment=True)
     points = face_points(args.image_size, args.landmarks)
-    landmarks = None if points is None else (lambda sample: points)
-    aucs = separability(*served_pairs(SyntheticTrainSet(served, "synthetic", landmarks)))
+    aucs = separability(*served_pairs(SyntheticTrainSet(served, "synthetic", every_sample(points))))
     rng = np.random.default_rng(0)
     raw = separability(images, [synthesise(x, rng, points).image for x in images])
     auc_rows = [{"what": f"separability AUC as served: {name}", "value": value, "unit": "AUC"}
