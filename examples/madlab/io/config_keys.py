@@ -11,7 +11,7 @@ import dataclasses
 import textwrap
 from typing import Any
 
-from .config import Config
+from .config import DEFAULT_EPOCHS, DEFAULT_EPOCHS_BY_ATTACKS, Config
 
 __all__ = ["DESCRIPTIONS", "default_text", "help_listing", "markdown_table"]
 
@@ -33,7 +33,9 @@ DESCRIPTIONS: dict[str, str] = {
     "mid_epochs": "gradual_unfreeze: the epoch from which the whole backbone trains",
     # Optimisation
     "learning_rate": "AdamW learning rate",
-    "num_epochs": "training epochs (at most: early stopping may end sooner); attacks=synthetic wants 12",
+    "num_epochs": "training epochs (at most: early stopping may end sooner); none = by attacks: "
+                  + ", ".join(f"{n} for {mode}" for mode, n in DEFAULT_EPOCHS_BY_ATTACKS.items())
+                  + f", {DEFAULT_EPOCHS} otherwise",
     "batch_size": "images per batch, for training and scoring",
     "weight_decay": "AdamW weight decay",
     "lr_scheduler": "cosine (annealed to eta_min over num_epochs) or none",

@@ -183,9 +183,9 @@ class BestEpoch:
 
 
 def make_optimiser(params: list[nn.Parameter], config: Config) -> tuple[torch.optim.Optimizer, object | None]:
-    """AdamW over ``params`` and the cosine schedule (``T_max`` = ``num_epochs``), or no schedule."""
+    """AdamW over ``params`` and the cosine schedule (``T_max`` = the run's epochs), or no schedule."""
     optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.num_epochs, eta_min=config.eta_min)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs, eta_min=config.eta_min)
                  if config.lr_scheduler == "cosine" else None)
     return optimiser, scheduler
 
@@ -294,10 +294,10 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
         assert state_path is not None
         first_epoch, history = _restore(state_path, model, names, optimiser, scheduler, generator, run_key,
                                         on_epoch, tracker)
-        say(f"resuming after epoch {first_epoch} of {config.num_epochs} from {state_path}")
+        say(f"resuming after epoch {first_epoch} of {config.epochs} from {state_path}")
         if d.main:
             _write_log(log_path, history)
-    epochs = range(first_epoch, config.num_epochs)
+    epochs = range(first_epoch, config.epochs)
     if first_epoch and config.use_early_stopping and tracker.since >= config.patience:
         epochs, stopped = range(0), True  # the checkpointed run had already stopped early
     bar = tqdm(epochs, desc=f"training ({config.strategy})", disable=not (progress and d.main), leave=False)
@@ -333,13 +333,13 @@ def train(model: nn.Module, train_set: ImageDataset, dev_set: ImageDataset, conf
                 _checkpoint(state_path, model, names, tracker, history, run_key, optimiser, scheduler, generator)
         bar.set_postfix(train=f"{train_loss:.3f}", dev=f"{dev_loss:.3f}", eer=f"{dev_eer:.3f}")
         if not progress:  # a log file gets one line per epoch instead of carriage-return updates
-            say(f"epoch {epoch + 1}/{config.num_epochs}: train loss {train_loss:.4f}, dev loss {dev_loss:.4f},"
+            say(f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}, dev loss {dev_loss:.4f},"
                 f" dev D-EER {100 * dev_eer:.1f}%, {row['seconds']:.1f} s{' (best)' if improved else ''}")
         if config.use_early_stopping and tracker.since >= config.patience:
             say(f"early stopping after epoch {epoch + 1}: no dev improvement for {config.patience} epochs")
             stopped = True
             break
-        if stop_after is not None and epoch + 1 == stop_after and epoch + 1 < config.num_epochs:
+        if stop_after is not None and epoch + 1 == stop_after and epoch + 1 < config.epochs:
             raise TrainingInterrupted(
                 f"stopped after epoch {epoch + 1} as {STOP_AFTER_ENV} asked; the checkpoint {state_path} holds it,"
                 " continue with train --resume")

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from madlab.io.config import Config, ConfigError, apply_overrides, parse_override
+from madlab.io.config import (
+    ATTACK_MODES,
+    DEFAULT_EPOCHS,
+    DEFAULT_EPOCHS_BY_ATTACKS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    parse_override,
+)
 
 
 def test_defaults_keep_the_seed_guides_names_and_fit_the_default_backbone() -> None:
@@ -103,6 +111,7 @@ def test_round_trip_through_dict() -> None:
     ("eta_min=-1e-5", "eta_min must be >= 0, got -1e-05"),
     ("eta_min=0.01", "eta_min=0.01 must be below learning_rate=0.001"),
     ("patience=0", "patience must be >= 1, got 0"),
+    ("num_epochs=0", "num_epochs must be >= 1, got 0"),
     ("freeze_lastN=-2", "freeze_lastN must be >= 0, got -2"),
     ("warmup_epochs=-1", "warmup_epochs must be >= 0, got -1"),
     ("mid_epochs=-1", "mid_epochs must be >= 0, got -1"),
@@ -161,3 +170,16 @@ def test_every_key_refuses_a_value_of_the_wrong_type(key: str) -> None:
 def test_shared_resample_p_must_be_a_probability(value: str) -> None:
     with pytest.raises(ConfigError, match=rf"shared_resample_p must be a probability in \[0, 1\], got {value}"):
         apply_overrides(Config(), [f"shared_resample_p={value}"])
+
+
+def test_num_epochs_left_at_none_follows_the_attack_mode_and_says_so() -> None:
+    assert Config().num_epochs is None and DEFAULT_EPOCHS_BY_ATTACKS["synthetic"] > DEFAULT_EPOCHS
+    for mode in ATTACK_MODES:
+        config = apply_overrides(Config(), [f"attacks={mode}"])
+        assert config.epochs == DEFAULT_EPOCHS_BY_ATTACKS.get(mode, DEFAULT_EPOCHS)
+        assert config.epochs_note == (f"{config.epochs} epochs (the default for attacks={mode};"
+                                      " set num_epochs to change it)")
+    chosen = apply_overrides(Config(), ["attacks=synthetic", "num_epochs=3"])
+    assert (chosen.epochs, chosen.epochs_note) == (3, "3 epochs (num_epochs)")
+    assert apply_overrides(Config(), ["num_epochs=1"]).epochs_note == "1 epoch (num_epochs)"
+    assert apply_overrides(chosen, ["num_epochs=none"]).epochs == DEFAULT_EPOCHS_BY_ATTACKS["synthetic"]
