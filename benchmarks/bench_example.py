@@ -94,7 +94,7 @@ def make_step(variant: str, args: argparse.Namespace, config: Config) -> Callabl
     params, _ = apply_strategy(model, config)
     model.train()
     net = compiled(model, mode == "compiled")
-    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     dataset = synthetic_dataset(max(2 * args.batch, 16), args.image_size)
     weights = class_weights(np.array([s.label for s in dataset.samples]), None).to(device)
     batches = itertools.cycle(make_loader(dataset, args.batch, 0, shuffle=True, drop_last=True,
@@ -204,7 +204,7 @@ def peft_step(args: argparse.Namespace, config: Config) -> Callable[[], None]:
     device = torch.device(args.device)
     vit, head = vit.to(device), head.to(device)
     params = [p for p in vit.parameters() if p.requires_grad] + list(head.parameters())
-    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     n = max(2 * args.batch, 16)
     images = (torch.rand(n, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)) - 0.5)
     labels = (torch.arange(n) % 2).float()

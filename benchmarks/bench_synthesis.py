@@ -132,7 +132,7 @@ def epoch_units(images: list[np.ndarray], size: int, batch: int, batches: int, c
     model = build_detector(size, config)
     params, _ = apply_strategy(model, config)
     model.train()
-    optimiser = torch.optim.AdamW(params, lr=config.learning_rate)
+    optimiser = torch.optim.AdamW(params, lr=config.lr)
     n = len(images)
     given = ImageDataset([Sample(f"f{i}", i % 2, "bona_fide" if i % 2 == 0 else "blend", "train", image=x)
                           for i, x in enumerate(images)], size, augment=True)

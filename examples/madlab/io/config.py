@@ -24,11 +24,13 @@ EMBEDDED_SETS = ("orl", "lfw_subset")
 # Where training attacks come from (attacks/sets.py, MODE_SOURCES): the data's morphs, attacks
 # made from one photo (synthetic) or from two (generated), or a combination.
 ATTACK_MODES = ("given", "synthetic", "generated", "both", "synthetic+generated", "given+generated")
-# Training epochs when num_epochs is left at None. Attacks made from one photo alone carry a weaker
-# signal: on the dev folder of examples/README.md ("Bona fides alone on the real backbone")
-# `synthetic` was at chance on one seed in three at 5 epochs and better on every seed at 12.
+# num_epochs and learning_rate left at None follow the attack mode. Attacks made from one photo
+# carry a weaker signal than morphs of two: with 5 epochs at lr 1e-3 `synthetic` was at chance on
+# one seed in three, and 12 epochs at 1e-3 collapsed to a constant score on another, where 12 at
+# 5e-4 learned; chosen on the dev folder of examples/README.md ("Bona fides alone on the real backbone").
 DEFAULT_EPOCHS = 5
-DEFAULT_EPOCHS_BY_ATTACKS = {"synthetic": 12}
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULTS_BY_ATTACKS: dict[str, dict[str, float]] = {"synthetic": {"num_epochs": 12, "learning_rate": 5e-4}}
 
 FRLL_EXAMPLE = r"^(?P<a>\d{3})_(?:\d{2}|(?P<b>\d{3}))\."  # an identity_pattern for FRLL
 # Keys a `test` run may change freely: they choose what to evaluate, not what the model is.
@@ -94,8 +96,8 @@ class Config:
     mid_epochs: int = 5
     # Optimisation, sized for the default run (DINOv2 ViT-S/14 at 84 px on a 2-core CPU in under
     # 5 minutes); the seed's were lr 5e-4, 60 epochs, batch 32. Full fine-tuning wants less (compare).
-    learning_rate: float = 1e-3
-    # None = by attack mode (DEFAULT_EPOCHS_BY_ATTACKS, else DEFAULT_EPOCHS); read it as `epochs`.
+    # None = by attack mode (DEFAULTS_BY_ATTACKS, else DEFAULT_*): read them as `lr` and `epochs`.
+    learning_rate: float | None = None
     num_epochs: int | None = None
     batch_size: int = 16
     weight_decay: float = 0.05
@@ -210,8 +212,8 @@ class Config:
                 f" and mid_epochs={self.mid_epochs}")
         if self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
-        if self.eta_min >= self.learning_rate:
-            raise ConfigError(f"eta_min={self.eta_min!r} must be below learning_rate={self.learning_rate!r}"
+        if self.eta_min >= self.lr:
+            raise ConfigError(f"eta_min={self.eta_min!r} must be below learning_rate={self.lr!r}"
                               " (the cosine schedule's floor)")
         if not self.output_dir.strip():
             raise ConfigError("output_dir must name a folder, got an empty string")
@@ -238,7 +240,7 @@ class Config:
         if self.data is None and self.embedded_data == "lfw_subset" and self.face_crop == "align":
             raise ConfigError("embedded_data=lfw_subset holds 25 x 25 px face crops, too small for the face"
                               " detector; use it with face_crop=none")
-        if self.learning_rate <= 0 or self.pretrain_lr <= 0:
+        if self.lr <= 0 or self.pretrain_lr <= 0:
             raise ConfigError("learning_rate and pretrain_lr must be positive")
         if self.class_weights is not None and (
             len(self.class_weights) != 2 or min(self.class_weights) <= 0
@@ -265,17 +267,27 @@ class Config:
     @property
     def epochs(self) -> int:
         """The number of training epochs: ``num_epochs``, or the attack mode's default when it is None."""
-        if self.num_epochs is not None:
-            return self.num_epochs
-        return DEFAULT_EPOCHS_BY_ATTACKS.get(self.attacks, DEFAULT_EPOCHS)
+        return int(self._by_attacks("num_epochs", DEFAULT_EPOCHS))
 
     @property
-    def epochs_note(self) -> str:
-        """``epochs`` in words, saying where the number came from."""
-        count = f"{self.epochs} epoch{'s' * (self.epochs != 1)}"
-        if self.num_epochs is not None:
-            return f"{count} (num_epochs)"
-        return f"{count} (the default for attacks={self.attacks}; set num_epochs to change it)"
+    def lr(self) -> float:
+        """The peak learning rate: ``learning_rate``, or the attack mode's default when it is None."""
+        return float(self._by_attacks("learning_rate", DEFAULT_LEARNING_RATE))
+
+    def _by_attacks(self, key: str, fallback: float) -> float:
+        value = getattr(self, key)
+        return value if value is not None else DEFAULTS_BY_ATTACKS.get(self.attacks, {}).get(key, fallback)
+
+    @property
+    def schedule_note(self) -> str:
+        """``epochs`` and ``lr`` in words, saying where each came from."""
+        words = {"num_epochs": f"at most {self.epochs} epoch{'s' * (self.epochs != 1)}",
+                 "learning_rate": f"learning rate {self.lr:g}"}
+        mode = [words[key] for key in words if getattr(self, key) is None]
+        chosen = [words[key] for key in words if getattr(self, key) is not None]
+        parts = [f"{', '.join(mode)} (the defaults for attacks={self.attacks})"] if mode else []
+        parts += [f"{', '.join(chosen)} (as set)"] if chosen else []
+        return "; ".join(parts)
 
     @property
     def strategy(self) -> str:

@@ -11,9 +11,17 @@ import dataclasses
 import textwrap
 from typing import Any
 
-from .config import DEFAULT_EPOCHS, DEFAULT_EPOCHS_BY_ATTACKS, Config
+from .config import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULTS_BY_ATTACKS, Config
 
 __all__ = ["DESCRIPTIONS", "default_text", "help_listing", "markdown_table"]
+
+
+
+def _by_attacks(key: str, fallback: float) -> str:
+    """What ``key`` left at None means: its value for each mode of DEFAULTS_BY_ATTACKS, and otherwise."""
+    modes = [f"{values[key]:g} for attacks={mode}" for mode, values in DEFAULTS_BY_ATTACKS.items() if key in values]
+    return ", ".join([*modes, f"{fallback:g} otherwise"])
+
 
 DESCRIPTIONS: dict[str, str] = {
     # LoRA
@@ -32,10 +40,9 @@ DESCRIPTIONS: dict[str, str] = {
     "warmup_epochs": "gradual_unfreeze: epochs with the head alone before the last freeze_lastN blocks thaw",
     "mid_epochs": "gradual_unfreeze: the epoch from which the whole backbone trains",
     # Optimisation
-    "learning_rate": "AdamW learning rate",
-    "num_epochs": "training epochs (at most: early stopping may end sooner); none = by attacks: "
-                  + ", ".join(f"{n} for {mode}" for mode, n in DEFAULT_EPOCHS_BY_ATTACKS.items())
-                  + f", {DEFAULT_EPOCHS} otherwise",
+    "learning_rate": "AdamW peak learning rate; none = " + _by_attacks("learning_rate", DEFAULT_LEARNING_RATE),
+    "num_epochs": "training epochs (at most: early stopping may end sooner); none = "
+                  + _by_attacks("num_epochs", DEFAULT_EPOCHS),
     "batch_size": "images per batch, for training and scoring",
     "weight_decay": "AdamW weight decay",
     "lr_scheduler": "cosine (annealed to eta_min over num_epochs) or none",

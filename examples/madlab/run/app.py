@@ -340,7 +340,7 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
                                                  check_attack_config(config), tuple(config.morph_methods),
                                                  config.shared_resample_p)
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
-    env.say(f"training for at most {config.epochs_note}")
+    env.say(f"training schedule: {config.schedule_note}")
     separable = None
     if made_sources(config.attacks):
         env.say(f"attacks made from bona fides ({', '.join(made_sources(config.attacks))}): masks and warps from "

@@ -184,7 +184,7 @@ class BestEpoch:
 
 def make_optimiser(params: list[nn.Parameter], config: Config) -> tuple[torch.optim.Optimizer, object | None]:
     """AdamW over ``params`` and the cosine schedule (``T_max`` = the run's epochs), or no schedule."""
-    optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.epochs, eta_min=config.eta_min)
                  if config.lr_scheduler == "cosine" else None)
     return optimiser, scheduler

@@ -270,7 +270,7 @@ def test_a_folder_of_bona_fides_alone_trains_with_made_attacks(tmp_path, capsys,
     assert morph_detection.main([*common, "--output_dir", str(out), *_overrides([f"attacks={mode}"])]) == 0
     printed = capsys.readouterr().out
     assert f"training attacks: attacks={mode}; dev attacks:" in printed and "seed=42" in printed
-    assert "training for at most 2 epochs (num_epochs)" in printed
+    assert "training schedule: learning rate" in printed and "at most 2 epochs (as set)" in printed
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["attacks"] == mode and f"{mode} attacks, one from each dev bona fide" in summary["dev_attacks"]
     assert set(summary["synthetic_separability_auc"]) == set(STATISTICS)

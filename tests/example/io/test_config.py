@@ -8,7 +8,8 @@ import pytest
 from madlab.io.config import (
     ATTACK_MODES,
     DEFAULT_EPOCHS,
-    DEFAULT_EPOCHS_BY_ATTACKS,
+    DEFAULT_LEARNING_RATE,
+    DEFAULTS_BY_ATTACKS,
     Config,
     ConfigError,
     apply_overrides,
@@ -20,7 +21,7 @@ def test_defaults_keep_the_seed_guides_names_and_fit_the_default_backbone() -> N
     c = Config()
     assert (c.use_lora, c.lora_r, c.lora_alpha, c.lora_dropout) == (True, 8, 16.0, 0.1)
     assert c.lora_target_modules == ["query", "value"] and c.backbone == "dinov2-vits14-imgfocus"
-    assert c.learning_rate == 1e-3 and c.freeze_strategy == "backbone_only"
+    assert c.lr == 1e-3 and c.freeze_strategy == "backbone_only"
     seed = apply_overrides(c, ["lora_r=4", "lora_alpha=32", "lora_target_modules=query,key,value"])
     assert (seed.lora_r, seed.lora_alpha, seed.lora_target_modules) == (4, 32.0, ["query", "key", "value"])
 
@@ -172,14 +173,27 @@ def test_shared_resample_p_must_be_a_probability(value: str) -> None:
         apply_overrides(Config(), [f"shared_resample_p={value}"])
 
 
-def test_num_epochs_left_at_none_follows_the_attack_mode_and_says_so() -> None:
-    assert Config().num_epochs is None and DEFAULT_EPOCHS_BY_ATTACKS["synthetic"] > DEFAULT_EPOCHS
+def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so() -> None:
+    assert (Config().num_epochs, Config().learning_rate) == (None, None)
+    assert DEFAULTS_BY_ATTACKS["synthetic"] == {"num_epochs": 12, "learning_rate": 5e-4}
     for mode in ATTACK_MODES:
         config = apply_overrides(Config(), [f"attacks={mode}"])
-        assert config.epochs == DEFAULT_EPOCHS_BY_ATTACKS.get(mode, DEFAULT_EPOCHS)
-        assert config.epochs_note == (f"{config.epochs} epochs (the default for attacks={mode};"
-                                      " set num_epochs to change it)")
-    chosen = apply_overrides(Config(), ["attacks=synthetic", "num_epochs=3"])
-    assert (chosen.epochs, chosen.epochs_note) == (3, "3 epochs (num_epochs)")
-    assert apply_overrides(Config(), ["num_epochs=1"]).epochs_note == "1 epoch (num_epochs)"
-    assert apply_overrides(chosen, ["num_epochs=none"]).epochs == DEFAULT_EPOCHS_BY_ATTACKS["synthetic"]
+        own = DEFAULTS_BY_ATTACKS.get(mode, {})
+        assert config.epochs == own.get("num_epochs", DEFAULT_EPOCHS)
+        assert config.lr == own.get("learning_rate", DEFAULT_LEARNING_RATE)
+        assert config.schedule_note == (f"at most {config.epochs} epochs, learning rate {config.lr:g}"
+                                        f" (the defaults for attacks={mode})")
+    chosen = apply_overrides(Config(), ["attacks=synthetic", "num_epochs=1"])
+    assert (chosen.epochs, chosen.lr) == (1, 5e-4)
+    assert chosen.schedule_note == ("learning rate 0.0005 (the defaults for attacks=synthetic);"
+                                    " at most 1 epoch (as set)")
+    both = apply_overrides(chosen, ["learning_rate=2e-3", "num_epochs=none"])
+    assert (both.epochs, both.lr) == (12, 2e-3)
+    assert apply_overrides(Config(), ["learning_rate=1e-3", "num_epochs=5"]).schedule_note == (
+        "at most 5 epochs, learning rate 0.001 (as set)")
+
+
+def test_eta_min_is_checked_against_the_modes_learning_rate() -> None:
+    apply_overrides(Config(), ["eta_min=7e-4"])  # below the default 1e-3
+    with pytest.raises(ConfigError, match=r"eta_min=0\.0007 must be below learning_rate=0\.0005"):
+        apply_overrides(Config(), ["attacks=synthetic", "eta_min=7e-4"])

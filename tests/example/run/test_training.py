@@ -103,12 +103,13 @@ def test_optimiser_step_holds_weight_decay_and_schedule() -> None:
     np.testing.assert_allclose(lrs, expected, rtol=1e-12)
 
 
-def test_the_schedule_spans_the_attack_modes_default_epochs_when_num_epochs_is_none() -> None:
+def test_the_optimiser_takes_the_attack_modes_schedule_when_left_at_none() -> None:
     params = [torch.nn.Parameter(torch.ones(2))]
     for mode in ("given", "synthetic"):
         config = apply_overrides(Config(), [f"attacks={mode}"])
-        assert training.make_optimiser(params, config)[1].T_max == config.epochs
-    assert apply_overrides(Config(), ["attacks=synthetic"]).epochs != apply_overrides(Config(), []).epochs
+        optimiser, scheduler = training.make_optimiser(params, config)
+        assert (scheduler.T_max, optimiser.param_groups[0]["lr"]) == (config.epochs, config.lr)
+    assert apply_overrides(Config(), ["attacks=synthetic"]).epochs != Config().epochs
 
 
 def _state(tmp_path: Path, generator: torch.Generator) -> Path:
