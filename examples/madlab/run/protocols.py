@@ -30,7 +30,7 @@ __all__ = ["PROTOCOLS", "ProtocolRow", "format_protocol", "format_unseen", "run_
 
 PROTOCOLS = ("leave-one-method-out", "cross-dataset")
 ProtocolRow = dict[str, Any]
-COLUMNS = ["protocol", "attacks", "trained_on", "never_seen", "subset", "seen_in_training", "n_bona_fide",
+COLUMNS = ["protocol", "attacks", "trained_on", "schedule", "never_seen", "subset", "seen_in_training", "n_bona_fide",
            "n_morph", "d_eer", "auc", *APCER_TARGETS, "auc_low", "auc_high", "too_small"]
 
 
@@ -62,7 +62,8 @@ def format_protocol(rows: list[ProtocolRow]) -> str:
         key = (r["protocol"], r["attacks"], r["trained_on"], r["never_seen"])
         if key != current:
             current = key
-            lines += ["", f"protocol {r['protocol']}: attacks={r['attacks']}, trained on {r['trained_on']};"
+            schedule = f" ({r['schedule']})" if r.get("schedule") else ""
+            lines += ["", f"protocol {r['protocol']}: attacks={r['attacks']}, trained on {r['trained_on']}{schedule};"
                           f" never seen in training: {r['never_seen']}", head, "-" * len(head)]
         lines.append(f"{r['subset']:<28}{r['seen_in_training']:>5}{r['n_bona_fide']:>5}{r['n_morph']:>5}"
                      + "".join(_cell(r, k, w) for k, w in (("d_eer", 8), ("auc", 7)))
@@ -174,7 +175,9 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
             never = (f"every image of {test_data} (another data set); methods: "
                      + (", ".join(sorted(b_methods - seen)) or "none unseen by name"))
             trained_on = _trained_on(a_name, seen, mode)
-        base = {"protocol": kind, "attacks": mode, "trained_on": trained_on, "never_seen": never}
+        # Modes differ in their default schedule (Config.epochs, Config.lr), so each run names its own.
+        schedule = f"at most {run_config.epochs} epochs at learning rate {run_config.lr:g}"
+        base = {"protocol": kind, "attacks": mode, "trained_on": trained_on, "schedule": schedule, "never_seen": never}
         rows += _rows(report, base, seen)
     write_json(out / "protocol.json", rows)
     _write_csv(out / "protocol.csv", rows)

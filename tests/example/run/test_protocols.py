@@ -38,6 +38,9 @@ def test_leave_one_method_out_holds_each_method_out_and_says_so(tmp_path, cache,
     runs = {(r["attacks"], r["never_seen"]) for r in rows}
     assert runs == {("given", "blend"), ("given", "splice"), ("synthetic", "blend, splice")}
     assert all(r["trained_on"].startswith("embedded lfw_subset (") for r in rows)  # the embedded set it ran on
+    # TINY sets num_epochs=2; each mode keeps its own default learning rate (Config.lr).
+    assert {(r["attacks"], r["schedule"]) for r in rows} == {("given", "at most 2 epochs at learning rate 0.001"),
+                                                              ("synthetic", "at most 2 epochs at learning rate 0.0005")}
     for r in rows:
         if r["subset"] in ("blend", "splice"):
             assert (r["seen_in_training"] == "NO") == (r["subset"] in r["never_seen"]), r
@@ -50,12 +53,15 @@ def test_leave_one_method_out_holds_each_method_out_and_says_so(tmp_path, cache,
     assert "synthetic attacks, one from each dev bona fide" in synthetic["dev_attacks"]
     printed = capsys.readouterr().out
     assert "never seen in training: blend" in printed and "detector on methods never seen in training" in printed
+    assert "trained on embedded lfw_subset (bona fides + synthetic attacks only) (at most 2 epochs at learning rate" \
+           " 0.0005); never seen in training: blend, splice" in printed
     paths, result, follow = closing(printed)  # it ends with its files, its worst unseen AUC and the next protocol
     check_paths(paths)
     assert (out / "protocol.json").resolve() in paths and out.resolve() in paths
     assert result.startswith("worst AUC on a method never seen in training: ")
     assert next_argv(follow)[:2] == ["protocol", "cross-dataset"]
-    assert (out / "protocol.csv").read_text().splitlines()[0].startswith("protocol,attacks,trained_on,never_seen")
+    header = (out / "protocol.csv").read_text().splitlines()[0]
+    assert header.startswith("protocol,attacks,trained_on,schedule,never_seen")
 
 
 def _data_b(root: Path, n: int = 12) -> Path:
