@@ -175,7 +175,7 @@ def test_shared_resample_p_must_be_a_probability(value: str) -> None:
 
 def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so() -> None:
     assert (Config().num_epochs, Config().learning_rate) == (None, None)
-    assert DEFAULTS_BY_ATTACKS["synthetic"] == {"num_epochs": 12, "learning_rate": 5e-4}
+    assert DEFAULTS_BY_ATTACKS["synthetic"] == {"num_epochs": 20, "learning_rate": 5e-4}
     for mode in ATTACK_MODES:
         config = apply_overrides(Config(), [f"attacks={mode}"])
         own = DEFAULTS_BY_ATTACKS.get(mode, {})
@@ -188,7 +188,7 @@ def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so
     assert chosen.schedule_note == ("learning rate 0.0005 (the defaults for attacks=synthetic);"
                                     " at most 1 epoch (as set)")
     both = apply_overrides(chosen, ["learning_rate=2e-3", "num_epochs=none"])
-    assert (both.epochs, both.lr) == (12, 2e-3)
+    assert (both.epochs, both.lr) == (20, 2e-3)
     assert apply_overrides(Config(), ["learning_rate=1e-3", "num_epochs=5"]).schedule_note == (
         "at most 5 epochs, learning rate 0.001 (as set)")
 
