@@ -62,7 +62,7 @@ def format_protocol(rows: list[ProtocolRow]) -> str:
         key = (r["protocol"], r["attacks"], r["trained_on"], r["never_seen"])
         if key != current:
             current = key
-            schedule = f" ({r['schedule']})" if r.get("schedule") else ""
+            schedule = f", {r['schedule']}" if r.get("schedule") else ""
             lines += ["", f"protocol {r['protocol']}: attacks={r['attacks']}, trained on {r['trained_on']}{schedule};"
                           f" never seen in training: {r['never_seen']}", head, "-" * len(head)]
         lines.append(f"{r['subset']:<28}{r['seen_in_training']:>5}{r['n_bona_fide']:>5}{r['n_morph']:>5}"

@@ -53,8 +53,8 @@ def test_leave_one_method_out_holds_each_method_out_and_says_so(tmp_path, cache,
     assert "synthetic attacks, one from each dev bona fide" in synthetic["dev_attacks"]
     printed = capsys.readouterr().out
     assert "never seen in training: blend" in printed and "detector on methods never seen in training" in printed
-    assert "trained on embedded lfw_subset (bona fides + synthetic attacks only) (at most 2 epochs at learning rate" \
-           " 0.0005); never seen in training: blend, splice" in printed
+    assert "trained on embedded lfw_subset (bona fides + synthetic attacks only), at most 2 epochs at learning rate" \
+           " 0.0005; never seen in training: blend, splice" in printed
     paths, result, follow = closing(printed)  # it ends with its files, its worst unseen AUC and the next protocol
     check_paths(paths)
     assert (out / "protocol.json").resolve() in paths and out.resolve() in paths
