@@ -16,7 +16,6 @@ from .config import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULTS_BY_ATTACKS, 
 __all__ = ["DESCRIPTIONS", "default_text", "help_listing", "markdown_table"]
 
 
-
 def _by_attacks(key: str, fallback: float) -> str:
     """What ``key`` left at None means: its value for each mode of DEFAULTS_BY_ATTACKS, and otherwise."""
     modes = [f"{values[key]:g} for attacks={mode}" for mode, values in DEFAULTS_BY_ATTACKS.items() if key in values]
