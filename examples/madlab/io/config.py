@@ -280,6 +280,11 @@ class Config:
         return value if value is not None else DEFAULTS_BY_ATTACKS.get(self.attacks, {}).get(key, fallback)
 
     @property
+    def schedule(self) -> str:
+        """``epochs`` and ``lr`` in words: ``at most 20 epochs at learning rate 0.0005``."""
+        return f"at most {self.epochs} epoch{'s' * (self.epochs != 1)} at learning rate {self.lr:g}"
+
+    @property
     def schedule_note(self) -> str:
         """``epochs`` and ``lr`` in words, saying where each came from."""
         words = {"num_epochs": f"at most {self.epochs} epoch{'s' * (self.epochs != 1)}",

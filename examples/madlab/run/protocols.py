@@ -175,9 +175,9 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
             never = (f"every image of {test_data} (another data set); methods: "
                      + (", ".join(sorted(b_methods - seen)) or "none unseen by name"))
             trained_on = _trained_on(a_name, seen, mode)
-        # Modes differ in their default schedule (Config.epochs, Config.lr), so each run names its own.
-        schedule = f"at most {run_config.epochs} epochs at learning rate {run_config.lr:g}"
-        base = {"protocol": kind, "attacks": mode, "trained_on": trained_on, "schedule": schedule, "never_seen": never}
+        # Modes differ in their default schedule, so each run names its own.
+        base = {"protocol": kind, "attacks": mode, "trained_on": trained_on, "schedule": run_config.schedule,
+                "never_seen": never}
         rows += _rows(report, base, seen)
     write_json(out / "protocol.json", rows)
     _write_csv(out / "protocol.csv", rows)

@@ -97,6 +97,8 @@ def _resume_key(config: Config, train_set: ImageDataset) -> dict:
     the training items drew their augmentation (:func:`_augmenting_workers`)."""
     ignored = ("output_dir", "num_workers", "num_threads", "image_cache_mb")
     settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
+    # The schedule the run follows, not how it was asked for: None and the mode's value are one run.
+    settings.update(num_epochs=config.epochs, learning_rate=config.lr)
     decoding = {"augmenting_workers": _augmenting_workers(train_set, config.num_workers),
                 "num_workers": config.num_workers, "image_cache_mb": config.image_cache_mb}
     return {"config": settings, "train_paths": [s.path for s in train_set.samples], "decoding": decoding}

@@ -112,6 +112,15 @@ def test_the_optimiser_takes_the_attack_modes_schedule_when_left_at_none() -> No
     assert apply_overrides(Config(), ["attacks=synthetic"]).epochs != Config().epochs
 
 
+def test_a_checkpoint_keys_on_the_schedule_followed_not_on_how_it_was_asked_for() -> None:
+    train_set = ImageDataset(embedded_samples(0, ["blend"], 1, (0.6, 0.2))[:4], 32)
+    by_mode = training._resume_key(apply_overrides(Config(), ["attacks=synthetic"]), train_set)
+    spelled = apply_overrides(Config(), ["attacks=synthetic", "num_epochs=20", "learning_rate=5e-4"])
+    assert training._resume_key(spelled, train_set) == by_mode
+    for other in ("num_epochs=19", "learning_rate=1e-3"):
+        assert training._resume_key(apply_overrides(spelled, [other]), train_set) != by_mode
+
+
 def _state(tmp_path: Path, generator: torch.Generator) -> Path:
     w = torch.zeros(2)
     path = tmp_path / "state.safetensors"
