@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..data.samples import DataError, Sample
-from .morphs import MORPH_METHODS, landmark_morph
+from .morphs import MORPH_METHODS, flow_align, landmark_morph
 from .processing import match_statistics
 
 __all__ = ["ALPHA_RANGE", "SAME_PERSON_P", "Pairing", "generate_morph"]
@@ -97,14 +97,16 @@ class Pairing:
 
 
 def generate_morph(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, landmarks_a: np.ndarray | None = None,
-                   landmarks_b: np.ndarray | None = None,
-                   methods: Sequence[str] = tuple(MORPH_METHODS)) -> tuple[np.ndarray, str]:
+                   landmarks_b: np.ndarray | None = None, methods: Sequence[str] = tuple(MORPH_METHODS),
+                   flow_p: float = 0.0) -> tuple[np.ndarray, str]:
     """A morph of two photos, given ``a``'s colour, contrast and sharpness over the whole image.
 
     Args:
         a, b: ``S x S x 3`` images in [0, 1] (``a`` is the frame a splice is pasted into).
         landmarks_a, landmarks_b: Their ``5 x 2`` ``(x, y)`` landmarks, or None (both needed to warp).
         methods: The given methods to draw from (even odds).
+        flow_p: How often the two warped faces are also aligned along their optical flow
+            (:func:`~.morphs.flow_align`); the method then reads ``flow_<method>``.
 
     Returns:
         The ``S x S x 3`` float32 morph and the method used.
@@ -116,10 +118,14 @@ def generate_morph(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, landm
         raise ValueError(f"contributors must be square H x W x 3 images of one shape, got {a.shape} and {b.shape}")
     method = str(methods[int(rng.integers(len(methods)))])
     alpha = float(rng.uniform(*ALPHA_RANGE))
+    # Drawn only when asked for, so flow_p=0 leaves every other draw, and every run before it, as it was.
+    dense = flow_p > 0.0 and bool(rng.random() < flow_p)
     if landmarks_a is not None and landmarks_b is not None:
-        image, _ = landmark_morph(method, a, np.asarray(landmarks_a), b, np.asarray(landmarks_b), alpha)
+        image, _ = landmark_morph(method, a, np.asarray(landmarks_a), b, np.asarray(landmarks_b), alpha, dense)
     else:  # faces already aligned: combined in place, through a centred mask
-        image = np.clip(MORPH_METHODS[method](a, b, alpha, None), 0.0, 1.0)
+        first, second = flow_align(a, b, alpha) if dense else (a, b)
+        image = np.clip(MORPH_METHODS[method](first, second, alpha, None), 0.0, 1.0)
+    method = f"flow_{method}" if dense else method
     # Matched over the whole image, as the default data's morphs are matched to their
     # contributors and as tools sharpen their whole output.
     return match_statistics(image.astype(np.float32), a), method

@@ -13,7 +13,10 @@ Two methods give two attack species (PAIS) so that per-method reporting runs:
 
 Two ways to bring the faces onto one shape: :func:`morph` takes crops that are already
 aligned (the ``lfw_subset`` smoke test: a centred mask), :func:`landmark_morph` warps two
-aligned frames onto the average of their 5 landmarks (the ORL default).
+aligned frames onto the average of their 5 landmarks (the ORL default) and, with
+``dense=True``, then meets them halfway along the optical flow between them
+(:func:`flow_align`), as tools with dense landmark meshes align jaw, brows and glasses that
+5 points leave apart.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from scipy.spatial import Delaunay
 
 from .masks import ellipse
 
-__all__ = ["METHODS", "MORPH_METHODS", "blend", "inner_face_mask", "landmark_morph", "morph", "morph_method", "splice",
-           "warp_to"]
+__all__ = ["METHODS", "MORPH_METHODS", "blend", "flow_align", "inner_face_mask", "landmark_morph", "morph",
+           "morph_method", "splice", "warp_to"]
 
 def blend(a: np.ndarray, b: np.ndarray, alpha: float = 0.5, face: np.ndarray | None = None) -> np.ndarray:
     """``(1 - alpha) * a + alpha * b`` of two float images in [0, 1] of the same shape (``face`` unused)."""
@@ -144,18 +147,54 @@ def _face_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
     return np.clip(gaussian_filter(hard, sigma=0.12 * span), 0.0, 1.0)
 
 
+def flow_align(a: np.ndarray, b: np.ndarray, alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` moved onto their weighted midpoint along the dense optical flow between them.
+
+    The flow ``f`` (Farneback, on the grey images) says where each pixel of ``a`` lies in ``b``;
+    the output pixel ``x`` reads ``a`` at ``x - alpha * f(x)`` and ``b`` at ``x + (1 - alpha) * f(x)``,
+    so features both faces share (eye corners, glasses, jaw line) meet where a weighted
+    average of their positions puts them.
+
+    Args:
+        a, b: ``H x W`` or ``H x W x C`` float images in [0, 1] of one shape, already roughly aligned.
+        alpha: Weight of ``b`` (0: the result sits on ``a``'s shape; 1: on ``b``'s).
+
+    Returns:
+        The two moved images, float64, of the input shape.
+    """
+    import cv2
+
+    def grey(x: np.ndarray) -> np.ndarray:
+        x = x.mean(axis=2) if x.ndim == 3 else x
+        return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+    h, w = a.shape[:2]
+    # A window of about an eighth of the face follows features without locking onto noise.
+    flow = cv2.calcOpticalFlowFarneback(grey(a), grey(b), None, pyr_scale=0.5, levels=3,
+                                        winsize=max(5, h // 8) | 1, iterations=5, poly_n=5, poly_sigma=1.1, flags=0)
+    xs, ys = (c.astype(np.float32) for c in np.meshgrid(np.arange(w), np.arange(h)))
+
+    def moved(image: np.ndarray, share: float) -> np.ndarray:
+        return cv2.remap(np.asarray(image, np.float32), xs + share * flow[..., 0], ys + share * flow[..., 1],
+                         cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE).astype(np.float64)
+
+    return moved(a, -alpha), moved(b, 1.0 - alpha)
+
+
 def landmark_morph(method: str, a: np.ndarray, la: np.ndarray, b: np.ndarray, lb: np.ndarray,
-                   alpha: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+                   alpha: float = 0.5, dense: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A landmark morph of two aligned grey frames in [0, 1].
 
     Both frames are warped onto the weighted average of their landmarks (:func:`warp_to`),
-    then combined by ``method`` with a soft inner-face ellipse around those landmarks.
+    with ``dense`` also brought together along their optical flow (:func:`flow_align`), then
+    combined by ``method`` with a soft inner-face ellipse around those landmarks.
 
     Args:
         method: A method of :data:`MORPH_METHODS` (``blend``: whole frames averaged; ``splice``:
             the blended face in ``a``'s frame).
-        a, b: ``S x S`` float images; ``la``, ``lb``: their ``5 x 2`` landmarks.
+        a, b: ``S x S`` (or ``S x S x C``) float images; ``la``, ``lb``: their ``5 x 2`` landmarks.
         alpha: Weight of ``b`` (0.5 for attacks).
+        dense: Whether to align what lies between the landmarks too.
 
     Returns:
         The morph and its landmarks (the weighted average shape).
@@ -166,4 +205,6 @@ def landmark_morph(method: str, a: np.ndarray, la: np.ndarray, b: np.ndarray, lb
     combine = morph_method(method)
     shape = (1.0 - alpha) * la + alpha * lb
     wa, wb = warp_to(a, la, shape), warp_to(b, lb, shape)
+    if dense:
+        wa, wb = flow_align(wa, wb, alpha)
     return np.clip(combine(wa, wb, alpha, _face_mask(shape, a.shape[0])), 0.0, 1.0), shape

@@ -156,6 +156,10 @@ class AttackMaker:
         morph_regions: As for :class:`SyntheticTrainSet`.
         mix: The synthetic methods and their shares.
         morph_methods: The methods generated morphs are combined by (of :data:`~.morphs.MORPH_METHODS`).
+        flow_p: How often a generated morph's faces are also aligned along their optical flow.
+
+    Raises:
+        ValueError: If ``flow_p`` is not a probability.
     """
 
     base: ImageDataset
@@ -164,6 +168,11 @@ class AttackMaker:
     morph_regions: tuple[str, ...] = MORPH_REGIONS
     mix: tuple[tuple[str, float], ...] = DEFAULT_MIX
     morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)
+    flow_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.flow_p <= 1.0:
+            raise ValueError(f"flow_p must be a probability in [0, 1], got {self.flow_p!r}")
 
     def points(self, index: int) -> np.ndarray | None:
         return self.landmarks(self.base.samples[index]) if self.landmarks else None
@@ -178,7 +187,7 @@ class AttackMaker:
         if kind == GENERATED_METHOD:
             partner, same_person = self.pairing.partner(index, rng)
             image, method = generate_morph(photo, _photo(self.base.pixels(partner)), rng, self.points(index),
-                                           self.points(partner), self.morph_methods)
+                                           self.points(partner), self.morph_methods, self.flow_p)
             return image, f"{GENERATED_METHOD}:{method}" + (":same_person" if same_person else "")
         attack = synthesise(photo, rng, self.points(index), morph_regions=self.morph_regions, mix=self.mix)
         return _matched(attack, photo, self.match), attack.method
@@ -210,6 +219,8 @@ class SyntheticTrainSet(Dataset):
         morph_methods: The methods generated morphs combine two photos by.
         resample_p: How often an item, of either class, is resampled before the shared
             processing (:func:`~.processing.matched_augment`).
+        flow_p: How often a generated morph's faces are also aligned along their optical flow
+            (:func:`~.generated.generate_morph`).
 
     Shapes:
         ``dataset[i]``: ``(3 x size x size float32, scalar label, i)``, as :class:`~.images.ImageDataset`.
@@ -222,7 +233,8 @@ class SyntheticTrainSet(Dataset):
     def __init__(self, base: ImageDataset, mode: str, landmarks: Landmarks | None = None,
                  match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS,
                  mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
-                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS), resample_p: float = 0.0) -> None:
+                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS), resample_p: float = 0.0,
+                 flow_p: float = 0.0) -> None:
         kinds = made_sources(mode)
         if not 0.0 <= resample_p <= 1.0:
             raise ValueError(f"resample_p must be a probability in [0, 1], got {resample_p!r}")
@@ -232,7 +244,7 @@ class SyntheticTrainSet(Dataset):
                              f" {tuple(m for m in MODE_SOURCES if made_sources(m))}, got {mode!r}")
         self.base = base
         self.maker = AttackMaker(base, landmarks, _check_match(match), check_morph_regions(morph_regions), mix,
-                                 tuple(morph_methods))
+                                 tuple(morph_methods), flow_p)
         bona_fides = _bona_fide_indices(base, "training split")
         if GENERATED_METHOD in kinds:
             self.maker.pairing  # noqa: B018 - a split that cannot be paired fails here, not in a worker
@@ -324,6 +336,7 @@ class FixedAttackSet(Dataset):
         mix: As for :class:`SyntheticTrainSet`.
         kinds: Which of :data:`MADE_METHODS` to make.
         morph_methods: As for :class:`SyntheticTrainSet`.
+        flow_p: As for :class:`SyntheticTrainSet`.
 
     Raises:
         DataError: If ``base`` has no bona fides (or, for ``generated``, fewer than two).
@@ -334,12 +347,12 @@ class FixedAttackSet(Dataset):
     def __init__(self, base: ImageDataset, seed: int, landmarks: Landmarks | None = None,
                  match: str = "face", morph_regions: tuple[str, ...] = MORPH_REGIONS,
                  mix: tuple[tuple[str, float], ...] = DEFAULT_MIX, kinds: tuple[str, ...] = (SYNTHETIC_METHOD,),
-                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> None:
+                 morph_methods: tuple[str, ...] = tuple(MORPH_METHODS), flow_p: float = 0.0) -> None:
         if not kinds or not set(kinds) <= set(MADE_METHODS):
             raise ValueError(f"kinds must be a non-empty subset of {MADE_METHODS}, got {kinds!r}")
         self.base = base
         maker = AttackMaker(base, landmarks, _check_match(match), check_morph_regions(morph_regions), mix,
-                            tuple(morph_methods))
+                            tuple(morph_methods), flow_p)
         self._bona_fides = _bona_fide_indices(base, "dev split")
         made = [kinds[k % len(kinds)] for k in range(len(self._bona_fides))]
         self.attacks = []
@@ -370,7 +383,7 @@ class FixedAttackSet(Dataset):
 
 def dev_attacks(dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | None = None,
                 mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
-                morph_methods: tuple[str, ...] = tuple(MORPH_METHODS)) -> tuple[Dataset, str]:
+                morph_methods: tuple[str, ...] = tuple(MORPH_METHODS), flow_p: float = 0.0) -> tuple[Dataset, str]:
     """The dev set a run selects its checkpoint and threshold on, and a sentence saying where its attacks come from.
 
     Given dev morphs are used where the dev split has them (with any ``mode``); otherwise,
@@ -388,7 +401,7 @@ def dev_attacks(dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | 
     if not kinds:
         raise DataError(f"the dev split has {len(dev.samples)} bona fides and no morphs; attacks={mode} needs"
                         " dev morphs (or use attacks=synthetic, generated or both)")
-    fixed = FixedAttackSet(dev, seed, landmarks, mix=mix, kinds=kinds, morph_methods=morph_methods)
+    fixed = FixedAttackSet(dev, seed, landmarks, mix=mix, kinds=kinds, morph_methods=morph_methods, flow_p=flow_p)
     return fixed, (f"dev attacks: {len(fixed.attacks)} {' and '.join(kinds)} attacks, one from each dev bona fide,"
                    f" made once from seed={seed} (the dev split has no morphs)")
 
@@ -422,15 +435,16 @@ def drop_methods(samples: list[Sample], methods: list[str], report: DataReport) 
 def training_sets(train: ImageDataset, dev: ImageDataset, mode: str, seed: int, landmarks: Landmarks | None = None,
                   mix: tuple[tuple[str, float], ...] = DEFAULT_MIX,
                   morph_methods: tuple[str, ...] = tuple(MORPH_METHODS),
-                  resample_p: float = 0.0) -> tuple[Dataset, Dataset, str]:
+                  resample_p: float = 0.0, flow_p: float = 0.0) -> tuple[Dataset, Dataset, str]:
     """The training and dev sets for ``attacks=mode``, and the sentence saying where the dev attacks come from.
 
     ``mix``: the synthetic methods and their shares (``synthetic_methods``, :func:`~.synthesis.parse_mix`);
     ``morph_methods``: what generated morphs combine two photos by; ``resample_p``: how often a
-    training item of either class is resampled (``shared_resample_p``).
+    training item of either class is resampled (``shared_resample_p``); ``flow_p``: how often a
+    generated morph's faces are also aligned along their optical flow (``generated_flow_p``).
     """
-    dev_set, note = dev_attacks(dev, mode, seed, landmarks, mix, morph_methods)
+    dev_set, note = dev_attacks(dev, mode, seed, landmarks, mix, morph_methods, flow_p)
     if not made_sources(mode):
         return train, dev_set, note
-    return (SyntheticTrainSet(train, mode, landmarks, mix=mix, morph_methods=morph_methods, resample_p=resample_p),
-            dev_set, note)
+    return (SyntheticTrainSet(train, mode, landmarks, mix=mix, morph_methods=morph_methods, resample_p=resample_p,
+                              flow_p=flow_p), dev_set, note)

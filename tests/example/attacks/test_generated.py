@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from madlab.attacks import generated
 from madlab.attacks.generated import SAME_PERSON_P, Pairing, generate_morph
+from madlab.attacks.morphs import flow_align
 from madlab.attacks.processing import match_statistics
 from madlab.data.samples import DataError, Sample
 
@@ -110,3 +111,51 @@ def test_generated_morphs_of_different_shapes_are_refused():
     a, b = _photos(0)
     with pytest.raises(ValueError, match="one shape"):
         generate_morph(a, b[:40], np.random.default_rng(0))
+
+
+def _pattern(size: int, shift: float) -> np.ndarray:
+    """A smooth grey texture of blobs, moved ``shift`` pixels to the right."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    xx = xx - shift
+    return 0.5 + 0.2 * np.sin(xx / 3.1) * np.cos(yy / 4.3) + 0.15 * np.sin((xx + yy) / 5.7)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_flow_align_meets_a_shifted_copy_at_the_weighted_midpoint(alpha: float) -> None:
+    size, shift = 64, 3.0
+    a, b = _pattern(size, 0.0), _pattern(size, shift)
+    first, second = flow_align(a, b, alpha)
+    inner = np.s_[12:-12, 12:-12]  # the flow is least certain near the border
+    midpoint = _pattern(size, alpha * shift)  # the analytic image at the weighted position
+    # Either contributor left in place is 0.028 (alpha 0.3) or 0.046 (0.5) from the midpoint on
+    # average; aligned, both come within 0.002 of it. The bound is a third of the smaller gap.
+    assert np.abs(a - midpoint)[inner].mean() > 0.02
+    for moved in (first, second):
+        assert np.abs(moved - midpoint)[inner].mean() < 0.01
+    assert first.shape == a.shape and first.dtype == np.float64
+
+
+def test_flow_align_of_two_equal_images_moves_nothing() -> None:
+    a = _pattern(48, 0.0)
+    first, second = flow_align(a, a.copy(), 0.5)
+    inner = np.s_[8:-8, 8:-8]  # Farneback's border extrapolation leaves flows of a few hundredths of a pixel
+    np.testing.assert_allclose(first[inner], a[inner], atol=1e-5)
+    np.testing.assert_allclose(second[inner], a[inner], atol=1e-5)
+    assert np.abs(first - a).mean() < 1e-3  # against 0.09 between copies 3 px apart
+
+
+def test_flow_p_zero_leaves_every_morph_as_it_was_and_one_aligns_every_morph(monkeypatch) -> None:
+    monkeypatch.setattr(generated, "ALPHA_RANGE", (0.5, 0.5))
+    a = np.repeat(_pattern(48, 0.0)[..., None], 3, axis=2).astype(np.float32)
+    b = np.repeat(_pattern(48, 2.5)[..., None], 3, axis=2).astype(np.float32)
+    before, method = generate_morph(a, b, np.random.default_rng(5), methods=("blend",))
+    same, same_method = generate_morph(a, b, np.random.default_rng(5), methods=("blend",), flow_p=0.0)
+    np.testing.assert_array_equal(same, before)
+    assert method == same_method == "blend"
+    aligned, aligned_method = generate_morph(a, b, np.random.default_rng(5), methods=("blend",), flow_p=1.0)
+    assert aligned_method == "flow_blend"
+    # The average of the two contributors moved onto their midpoint, then matched to the first.
+    first, second = flow_align(a, b, 0.5)
+    expected = match_statistics(np.clip(0.5 * first + 0.5 * second, 0, 1).astype(np.float32), a)
+    np.testing.assert_allclose(aligned, expected, atol=1e-5)
+    assert np.abs(first - a).mean() > 0.02, "the flow moved the first contributor (1.25 px)"

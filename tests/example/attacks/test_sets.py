@@ -119,6 +119,19 @@ def test_fixed_generated_dev_attacks_are_seeded_two_photo_morphs(embedded):
         FixedAttackSet(dev, 5, kinds=("given",))
 
 
+def test_flow_p_reaches_every_generated_morph_and_is_checked(embedded):
+    dev = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32)
+    plain = FixedAttackSet(dev, 5, kinds=("generated",))
+    flowed = FixedAttackSet(dev, 5, kinds=("generated",), flow_p=1.0)
+    assert all(m.split(":")[1] in ("flow_blend", "flow_splice") for m in flowed.methods())
+    n = len(dev)
+    assert any(not torch.equal(plain.pixels(n + k), flowed.pixels(n + k)) for k in range(n))
+    fixed, _ = dev_attacks(dev, "generated", 5, flow_p=1.0)
+    assert all(m.split(":")[1].startswith("flow_") for m in fixed.methods())
+    with pytest.raises(ValueError, match=r"flow_p must be a probability in \[0, 1\], got 1.5"):
+        FixedAttackSet(dev, 5, kinds=("generated",), flow_p=1.5)
+
+
 def test_fixed_dev_attacks_are_the_same_for_a_seed_and_differ_across_seeds(embedded):
     dev = ImageDataset([s for s in embedded if s.split == "dev" and s.label == 0], 32)
     a, b, c = FixedAttackSet(dev, 42), FixedAttackSet(dev, 42), FixedAttackSet(dev, 43)

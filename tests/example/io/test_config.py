@@ -167,15 +167,17 @@ def test_every_key_refuses_a_value_of_the_wrong_type(key: str) -> None:
     assert str(err.value).startswith(f"{key}=<object object at ")
 
 
+@pytest.mark.parametrize("key", ["shared_resample_p", "generated_flow_p"])
 @pytest.mark.parametrize("value", ["-0.1", "1.5"])
-def test_shared_resample_p_must_be_a_probability(value: str) -> None:
-    with pytest.raises(ConfigError, match=rf"shared_resample_p must be a probability in \[0, 1\], got {value}"):
-        apply_overrides(Config(), [f"shared_resample_p={value}"])
+def test_probabilities_must_be_probabilities(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key} must be a probability in \[0, 1\], got {value}"):
+        apply_overrides(Config(), [f"{key}={value}"])
 
 
 def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so() -> None:
     assert (Config().num_epochs, Config().learning_rate) == (None, None)
     assert DEFAULTS_BY_ATTACKS["synthetic"] == {"num_epochs": 20, "learning_rate": 5e-4}
+    assert DEFAULTS_BY_ATTACKS["generated"] == {"num_epochs": 10}
     for mode in ATTACK_MODES:
         config = apply_overrides(Config(), [f"attacks={mode}"])
         own = DEFAULTS_BY_ATTACKS.get(mode, {})
