@@ -198,10 +198,11 @@ def test_example_readme_commands_run_as_written(workdir: Path, stand_ins: dict[s
     Path("list.txt").write_text("extra.jpg\n" + str(stand_ins["/photos/batch1"] / "s38_5.png") + "\n")
     fake.flat_set(workdir / "B2", [35, 36, 37], ("unwarped_blend", "sharpened_blend"))  # another tool's morphs
     fake.flat_set(workdir / "DEV", [32, 33, 34], ("blend", "splice"))
+    fake.flat_set(workdir / "B3", [35, 36, 37], ("mesh_blend", "sharpened_mesh_clone"))  # the mesh tool's
     ran = run_page("examples/README.md", stand_ins)
     assert ran == ["default", "default", "default", "default", "compare", "compare",
                    "predict", "predict", "predict", "export", "test",
-                   "train", "train", "train", "train", "test", "test", "test", "train",
+                   "train", "train", "train", "train", "test", "test", "test", "test", "train",
                    "protocol", "protocol", "protocol", "protocol",
                    "train", "test", "train", "test", "train", "train", "train", "test", "pretrain", "train",
                    "config", "config"], "examples/README.md lost or gained a command: update this list"

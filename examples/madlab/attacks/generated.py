@@ -13,6 +13,9 @@ makes the real kind from any split whose bona fides have identities and aligned 
   identity has several photos: real blending and real noise averaging, no identity mixing,
   so the detector cannot lean on "two faces" alone.
 
+With ``flow_p`` a share of the morphs also has its two faces aligned along their optical flow
+after the warp (:func:`~.morphs.flow_align`), as dense landmark meshes align them.
+
 The morph then gets its first contributor's colour, contrast and sharpness over the whole
 image (:func:`~.processing.match_statistics`), as morphing tools sharpen their output, so
 blur is no cue. Without identities every photo counts as its own identity (two
