@@ -18,6 +18,10 @@ be trained on bona fides alone:
   other half the other) and blended through a face mask: eyes, nostrils, mouth corners and
   the jaw doubled where a landmark morph of two people doubles them, with both copies
   resampled as a morph's contributors are. Without landmarks it is a :func:`self_morph`.
+* :func:`self_mirror`: the photo and its mirror image, brought onto one shape by the landmarks
+  and then along their optical flow, averaged through a face mask: as in a morph of two
+  people, two different faces (the left and right halves) meet on an average shape, their
+  noise partly cancels, and the result is more regular than the photo, not less.
 * :func:`self_splice`: a copy warped by perturbed landmarks (and half the time rescaled) pasted
   back through a mask over one to three face parts (eyes, nose, mouth) or the inner face,
   with a seam from an almost hard cut to a wide fade: the seam, misplaced features and
@@ -50,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import ellipse
-from .morphs import warp_to
+from .morphs import flow_align, warp_to
 from .processing import blur, check_image, colour_shift, resize, unsharp
 
 __all__ = [
@@ -68,6 +72,7 @@ __all__ = [
     "parse_mix",
     "parts_mask",
     "self_blend",
+    "self_mirror",
     "self_morph",
     "self_splice",
     "self_warp",
@@ -378,6 +383,42 @@ def self_warp(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray
     return Attack(np.clip(out, 0.0, 1.0), mask, "self_warp", beta, region=region)
 
 
+def _mirrored_landmarks(points: np.ndarray, width: int) -> np.ndarray:
+    """Where the landmarks of the mirror image lie: x reflected, left and right eye and mouth corner swapped."""
+    flipped = points[[1, 0, 2, 4, 3]].copy()
+    flipped[:, 0] = (width - 1) - flipped[:, 0]
+    return flipped
+
+
+def self_mirror(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None,
+                regions: tuple[str, ...] = MORPH_REGIONS) -> Attack:
+    """``image`` averaged with its mirror image (the mirror's share ``beta`` in [0.35, 0.5]) inside
+    a mask over one of ``regions``.
+
+    The mirror is warped so its landmarks land on the photo's (:func:`~.morphs.warp_to`; a
+    centred crop without landmarks is mirrored about its middle), then both meet at their
+    ``beta`` midpoint along the optical flow between them (:func:`~.morphs.flow_align`). What
+    a well-aligned morph of two people leaves: a face more symmetric and regular than either
+    contributor, fine texture and noise partly averaged away, and ghosting only where the two
+    halves disagree. A symmetric photo with symmetric landmarks is returned as it is.
+
+    Raises:
+        ValueError: For an image that is not ``H x W x 3``, bad landmarks or an unknown region.
+    """
+    x = check_image(image)
+    points = _check_landmarks(landmarks)
+    mirror = np.ascontiguousarray(x[:, ::-1])
+    if points is not None:
+        mirror = warp_to(mirror, _mirrored_landmarks(points, x.shape[1]), points).astype(np.float32)
+    beta = float(rng.uniform(*WARP_BETA_RANGE))
+    first, second = flow_align(x, mirror, beta)
+    region = str(rng.choice(regions))
+    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
+    morph = ((1.0 - beta) * first + beta * second).astype(np.float32)
+    out = x + mask[..., None] * (morph - x)
+    return Attack(np.clip(out, 0.0, 1.0), mask, "self_mirror", beta, region=region)
+
+
 def self_splice(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> Attack:
     """A copy of ``image`` warped by perturbed landmarks, pasted back (share ``beta`` in [0.5, 1])
     through a mask over some face parts or the inner face, with a seam of random width.
@@ -448,6 +489,7 @@ SYNTHETIC_METHODS: dict[str, Callable[..., Attack]] = {
     "self_blend": lambda image, rng, landmarks, regions: self_blend(image, rng, landmarks),
     "self_morph": self_morph,
     "self_warp": self_warp,
+    "self_mirror": self_mirror,
     "self_splice": lambda image, rng, landmarks, regions: self_splice(image, rng, landmarks),
 }
 # Self-warps alone: chosen on the dev people's given morphs on the default backbone (AUC

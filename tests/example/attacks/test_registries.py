@@ -25,7 +25,7 @@ def test_unknown_methods_are_refused_with_the_registered_ones_named() -> None:
     subset = r"must be a non-empty subset of \['blend', 'splice'\]"
     with pytest.raises(ConfigError, match=r"morph_methods \['warp'\] " + subset):
         check_attack_config(Config(morph_methods=["warp"]))
-    registered = r"\['self_blend', 'self_morph', 'self_splice', 'self_warp'\]"
+    registered = r"\['self_blend', 'self_mirror', 'self_morph', 'self_splice', 'self_warp'\]"
     with pytest.raises(ConfigError, match=r"'self_swap' should be a method of " + registered):
         check_attack_config(Config(synthetic_methods=["self_swap"]))
     for bad in (["self_morph:0"], ["self_morph:-1"], ["self_morph:x"], ["self_morph", "self_morph"], []):

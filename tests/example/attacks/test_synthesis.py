@@ -16,7 +16,7 @@ use_landmarks = st.booleans()
 
 
 @settings(deadline=None, max_examples=40)
-@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph, S.self_warp, S.self_splice]))
+@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph, S.self_warp, S.self_mirror, S.self_splice]))
 def test_attack_differs_from_its_photo_only_inside_its_mask(seed, with_points, make):
     photo = make_photo(seed % 1000)
     points = face_points(*photo.shape[:2]) if with_points else None
@@ -81,6 +81,31 @@ def test_self_warp_blends_two_copies_warped_apart_and_is_the_photo_when_nothing_
     np.testing.assert_allclose(unmoved.image, photo, atol=1e-5)
     # Without landmarks there is nothing to warp by: a self-morph (a zoomed copy) instead.
     assert S.self_warp(photo, np.random.default_rng(seed)).method == "self_morph"
+
+
+@settings(deadline=None, max_examples=20)
+@given(seeds, use_landmarks)
+def test_self_mirror_leaves_a_symmetric_face_as_it_is_and_averages_an_asymmetric_one(seed, with_points):
+    photo = make_photo(seed % 1000, 48, 48)
+    # Points symmetric about the image's middle column, (W - 1) / 2, the axis of the mirror.
+    points = face_points(48, 48) - np.array([0.5, 0.0]) if with_points else None
+    symmetric = ((photo + photo[:, ::-1]) / 2).astype(np.float32)
+    same = S.self_mirror(symmetric, np.random.default_rng(seed), points)
+    assert same.method == "self_mirror" and S.WARP_BETA_RANGE[0] <= same.beta <= S.WARP_BETA_RANGE[1]
+    # The mirror of a symmetric photo is the photo: no warp, no flow (bar Farneback's
+    # border extrapolation, a few hundredths of a pixel), nothing to average.
+    inner = np.s_[8:-8, 8:-8]
+    np.testing.assert_allclose(same.image[inner], symmetric[inner], atol=1e-4)
+    assert np.abs(same.image - symmetric).mean() < 1e-3
+    changed = S.self_mirror(photo, np.random.default_rng(seed), points)
+    # An asymmetric photo is pulled towards its mirror image inside the mask: closer to it than
+    # the photo was, wherever the mask is whole and the two differ.
+    mirror = photo[:, ::-1]
+    inside = (changed.weight > 0.99) & (np.abs(photo - mirror).mean(axis=2) > 0.1)
+    assert inside.any()
+    before = np.abs(photo - mirror).mean(axis=2)[inside].mean()
+    after = np.abs(changed.image - mirror).mean(axis=2)[inside].mean()
+    assert after < 0.8 * before, (before, after)
 
 
 def test_self_morph_regions_grow_from_the_inner_face_to_the_whole_image():
