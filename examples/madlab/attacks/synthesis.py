@@ -21,7 +21,9 @@ be trained on bona fides alone:
 * :func:`self_mirror`: the photo and its mirror image, brought onto one shape by the landmarks
   and then along their optical flow, averaged through a face mask: as in a morph of two
   people, two different faces (the left and right halves) meet on an average shape, their
-  noise partly cancels, and the result is more regular than the photo, not less.
+  noise partly cancels, and the result is more regular than the photo, not less. It also
+  makes the face symmetric, which a detector learns instead (examples/README.md, B3), so it
+  is not in the default mix.
 * :func:`self_splice`: a copy warped by perturbed landmarks (and half the time rescaled) pasted
   back through a mask over one to three face parts (eyes, nose, mouth) or the inner face,
   with a seam from an almost hard cut to a wide fade: the seam, misplaced features and
