@@ -107,14 +107,19 @@ def check_attack_config(config: Config) -> tuple[tuple[str, float], ...]:
     """Check the config keys the attack registries answer; return the synthetic mix.
 
     ``morph_methods`` must be a non-empty subset of the given methods (:data:`~.morphs.MORPH_METHODS`),
-    ``synthetic_methods`` a mix of :data:`~.synthesis.SYNTHETIC_METHODS` (:func:`~.synthesis.parse_mix`).
+    ``synthetic_methods`` a mix of :data:`~.synthesis.SYNTHETIC_METHODS` (:func:`~.synthesis.parse_mix`),
+    and ``generated_flow_p`` is refused above 0 by a mode that generates no morphs (it would do nothing).
 
     Raises:
-        ConfigError: Naming the bad value and the methods there are.
+        ConfigError: Naming the bad value and the methods (or modes) there are.
     """
     unknown = [m for m in config.morph_methods if m not in MORPH_METHODS]
     if unknown or not config.morph_methods:
         raise ConfigError(f"morph_methods {config.morph_methods} must be a non-empty subset of {list(MORPH_METHODS)}")
+    if config.generated_flow_p > 0 and GENERATED_METHOD not in made_sources(config.attacks):
+        generating = [m for m in MODE_SOURCES if GENERATED_METHOD in MODE_SOURCES[m]]
+        raise ConfigError(f"generated_flow_p={config.generated_flow_p} aligns generated morphs, but"
+                          f" attacks={config.attacks} generates none; use it with attacks in {generating}")
     try:
         return parse_mix(config.synthetic_methods)
     except ValueError as err:

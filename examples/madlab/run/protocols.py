@@ -19,7 +19,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from ..attacks.sets import made_sources, uses_given
+from ..attacks.sets import check_attack_config, made_sources, uses_given
 from ..evaluation.report import APCER_TARGETS, figure_text, interval_text, write_json
 from ..io.config import Config, apply_overrides
 from ..io.errors import MadlabError
@@ -154,6 +154,8 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
             plans += [(mode, [m]) for m in methods]
         else:
             plans.append((mode, []))
+    for mode in attack_modes:  # a key one mode refuses stops the protocol before any run has trained
+        check_attack_config(apply_overrides(config, [*overrides, f"attacks={mode}"]))
     for mode, held_out in plans:
         name = f"{mode}" + (f"-without-{'-'.join(held_out)}" if held_out else "")
         sub = out / name

@@ -21,6 +21,16 @@ def test_the_config_defaults_are_the_registries() -> None:
     assert check_attack_config(config) == DEFAULT_MIX
 
 
+def test_generated_flow_p_is_refused_by_modes_that_generate_no_morphs() -> None:
+    for mode in ("given", "synthetic", "both"):
+        with pytest.raises(ConfigError, match=rf"generated_flow_p=0.5 aligns generated morphs, but attacks={mode}"
+                                              r" generates none; use it with attacks in \['generated', "):
+            check_attack_config(Config(attacks=mode, generated_flow_p=0.5))
+    for mode in ("generated", "synthetic+generated", "given+generated"):
+        assert check_attack_config(Config(attacks=mode, generated_flow_p=0.5)) == DEFAULT_MIX
+    assert check_attack_config(Config(attacks="given", generated_flow_p=0.0)) == DEFAULT_MIX
+
+
 def test_unknown_methods_are_refused_with_the_registered_ones_named() -> None:
     subset = r"must be a non-empty subset of \['blend', 'splice'\]"
     with pytest.raises(ConfigError, match=r"morph_methods \['warp'\] " + subset):

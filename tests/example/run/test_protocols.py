@@ -106,6 +106,16 @@ def test_bad_attack_modes_are_refused(tmp_path, capsys):
     assert rc == 2 and f"must list modes from {ATTACK_MODES}" in capsys.readouterr().err
 
 
+def test_a_key_one_mode_refuses_stops_the_protocol_before_any_run_trains(tmp_path, cache, capsys):
+    # generated first: without the check up front it would train before `given` refused the key.
+    rc = morph_detection.main(["protocol", "cross-dataset", "--attacks", "generated,given", "--test_data",
+                               str(tmp_path / "B"), "--output_dir", str(tmp_path), "--cache_dir", str(cache),
+                               "--no_progress", *_overrides([*TINY, "generated_flow_p=0.5"])])
+    assert rc == 2
+    assert "generated_flow_p=0.5 aligns generated morphs, but attacks=given generates none" in capsys.readouterr().err
+    assert not (tmp_path / "protocol" / "cross-dataset" / "generated").exists()
+
+
 def test_tables_group_runs_and_list_only_unseen_methods():
     base = {"protocol": "leave-one-method-out", "attacks": "given", "trained_on": "A (splice)", "never_seen": "blend",
             "n_bona_fide": 4, "n_morph": 2, "d_eer": 0.25, "auc": 0.75, "bpcer@apcer=1%": 1.0,
