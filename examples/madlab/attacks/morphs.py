@@ -172,7 +172,7 @@ def flow_align(a: np.ndarray, b: np.ndarray, alpha: float = 0.5) -> tuple[np.nda
     # A window of about an eighth of the face follows features without locking onto noise.
     flow = cv2.calcOpticalFlowFarneback(grey(a), grey(b), None, pyr_scale=0.5, levels=3,
                                         winsize=max(5, h // 8) | 1, iterations=5, poly_n=5, poly_sigma=1.1, flags=0)
-    xs, ys = (c.astype(np.float32) for c in np.meshgrid(np.arange(w), np.arange(h)))
+    xs, ys = (c.reshape(h, w).astype(np.float32) for c in _pixel_centres(h, w))
 
     def moved(image: np.ndarray, share: float) -> np.ndarray:
         return cv2.remap(np.asarray(image, np.float32), xs + share * flow[..., 0], ys + share * flow[..., 1],

@@ -72,7 +72,8 @@ DESCRIPTIONS: dict[str, str] = {
     "morph_methods": "landmark morph methods made for the embedded data, and by attacks=generated",
     "synthetic_methods": "synthetic attacks (attacks=synthetic|both): names, or name:weight for a mix",
     "shared_resample_p": "made attacks: how often an item of either class is resampled before the shared processing",
-    "generated_flow_p": "attacks=generated: how often a morph's two faces are also aligned along their optical flow",
+    "generated_flow_p": "modes with generated morphs: how often a morph's two faces are also aligned along their"
+                        " optical flow (0 = landmarks alone)",
     "morphs_per_face": "embedded data: morphs made per bona fide image",
     "attacks": "training attacks: given (the data's morphs), synthetic (one photo altered), generated (two"
                " photos morphed), or both (given+synthetic), synthetic+generated, given+generated",

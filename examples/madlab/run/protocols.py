@@ -137,6 +137,8 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
         raise MadlabError(f"protocol {kind!r} is not one of {PROTOCOLS}")
     if kind == "cross-dataset" and not test_data:
         raise MadlabError("the cross-dataset protocol needs --test_data (the data set B to test on, all of it)")
+    for mode in attack_modes:  # a key one mode refuses stops the protocol before any data is loaded or run trained
+        check_attack_config(apply_overrides(config, [*overrides, f"attacks={mode}"]))
     quiet = app.Env(cache_dir=env.cache_dir, progress=False, say=lambda _: None)
     methods = _training_methods(config, quiet)
     rows: list[ProtocolRow] = []
@@ -154,8 +156,6 @@ def run_protocol(kind: str, config: Config, overrides: list[str], env: app.Env, 
             plans += [(mode, [m]) for m in methods]
         else:
             plans.append((mode, []))
-    for mode in attack_modes:  # a key one mode refuses stops the protocol before any run has trained
-        check_attack_config(apply_overrides(config, [*overrides, f"attacks={mode}"]))
     for mode, held_out in plans:
         name = f"{mode}" + (f"-without-{'-'.join(held_out)}" if held_out else "")
         sub = out / name
