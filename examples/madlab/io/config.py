@@ -147,7 +147,7 @@ class Config:
     morph_methods: list[str] = field(default_factory=lambda: ["blend", "splice"])
     # The synthetic methods (attacks=synthetic|both) and their mix: names of
     # attacks.synthesis.SYNTHETIC_METHODS, alone (even shares) or as name:weight.
-    synthetic_methods: list[str] = field(default_factory=lambda: ["self_warp"])
+    synthetic_methods: list[str] = field(default_factory=lambda: ["self_texture"])
     # How often a training item of either class is resampled (a small rotation, scaling and
     # shift) before the shared processing, when attacks are made from bona fides: morphs are
     # resampled, so resampling alone must not mark them.

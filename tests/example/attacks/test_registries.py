@@ -35,7 +35,7 @@ def test_unknown_methods_are_refused_with_the_registered_ones_named() -> None:
     subset = r"must be a non-empty subset of \['blend', 'splice'\]"
     with pytest.raises(ConfigError, match=r"morph_methods \['warp'\] " + subset):
         check_attack_config(Config(morph_methods=["warp"]))
-    registered = r"\['self_blend', 'self_mirror', 'self_morph', 'self_splice', 'self_warp'\]"
+    registered = r"\['self_blend', 'self_mirror', 'self_morph', 'self_splice', 'self_texture', 'self_warp'\]"
     with pytest.raises(ConfigError, match=r"'self_swap' should be a method of " + registered):
         check_attack_config(Config(synthetic_methods=["self_swap"]))
     for bad in (["self_morph:0"], ["self_morph:-1"], ["self_morph:x"], ["self_morph", "self_morph"], []):
@@ -67,14 +67,14 @@ def test_an_even_mix_draws_as_the_even_choice_did() -> None:
         np.testing.assert_array_equal(made.image, expected.image)
 
 
-def test_the_default_mix_is_self_warps_alone() -> None:
+def test_the_default_mix_is_self_textures_alone() -> None:
     photo = np.random.default_rng(1).random((40, 40, 3)).astype(np.float32)
     points = np.array([[13.0, 16.0], [27.0, 16.0], [20.0, 23.0], [15.0, 29.0], [25.0, 29.0]])
     for seed in range(5):
         made = synthesise(photo, np.random.default_rng(seed), points, frequency_p=0.0)
         rng = np.random.default_rng(seed)
         rng.random()  # the draw that picks the method
-        np.testing.assert_array_equal(made.image, synthesis.self_warp(photo, rng, points).image)
+        np.testing.assert_array_equal(made.image, synthesis.self_texture(photo, rng, points).image)
 
 
 def test_a_new_synthetic_method_is_one_function_and_one_entry(monkeypatch) -> None:

@@ -16,7 +16,8 @@ use_landmarks = st.booleans()
 
 
 @settings(deadline=None, max_examples=40)
-@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph, S.self_warp, S.self_mirror, S.self_splice]))
+@given(seeds, use_landmarks, st.sampled_from([S.self_blend, S.self_morph, S.self_warp, S.self_mirror, S.self_splice,
+                                          S.self_texture]))
 def test_attack_differs_from_its_photo_only_inside_its_mask(seed, with_points, make):
     photo = make_photo(seed % 1000)
     points = face_points(*photo.shape[:2]) if with_points else None
@@ -134,6 +135,45 @@ def test_self_blend_ratio_is_one_of_the_published_set(seed):
     attack = S.self_blend(make_photo(3), np.random.default_rng(seed))
     assert attack.beta in S.BLEND_RATIOS
     np.testing.assert_allclose(attack.weight.max(), attack.beta)
+
+
+@settings(deadline=None, max_examples=20)
+@given(seeds, use_landmarks)
+def test_self_texture_averages_the_fine_detail_with_unrelated_detail_and_keeps_the_shading(seed, with_points):
+    rng = np.random.default_rng(seed)
+    height = width = 64
+    yy, xx = np.mgrid[0:height, 0:width] / 63.0
+    shading = np.stack([0.3 + 0.4 * yy, 0.3 + 0.3 * xx, 0.5 + 0.2 * yy * xx], axis=2)
+    # White noise is the one texture with no correlation between pixels: any detail moved by 3
+    # or more pixels is independent of the detail in place.
+    photo = np.clip(shading + 0.08 * rng.standard_normal((height, width, 3)), 0, 1).astype(np.float32)
+    points = face_points(height, width) if with_points else None
+    attack = S.self_texture(photo, np.random.default_rng(seed), points)
+    assert attack.method == "self_texture" and S.WARP_BETA_RANGE[0] <= attack.beta <= S.WARP_BETA_RANGE[1]
+    whole = attack.weight > 0.99
+    assert whole.sum() > 100
+
+    def fine(x):  # the detail at the finest scale: the image minus its 3 x 3 mean
+        padded = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        mean = sum(padded[dy:dy + height, dx:dx + width] for dy in range(3) for dx in range(3)) / 9
+        return x - mean
+
+    # Two independent textures mixed (1 - beta) : beta keep (1 - beta)^2 + beta^2 of the energy,
+    # 0.5-0.58; what the detail band leaves of the noise above the blur's width is kept as is.
+    kept = (fine(attack.image)[whole] ** 2).mean() / (fine(photo)[whole] ** 2).mean()
+    assert 0.45 < kept < 0.85, kept
+    # The shading is the photo's: a 9 x 9 mean moves by a fraction of what single pixels move.
+    def coarse(x):
+        padded = np.pad(x, ((4, 4), (4, 4), (0, 0)), mode="edge")
+        return sum(padded[dy:dy + height, dx:dx + width] for dy in range(9) for dx in range(9)) / 81
+
+    inner = np.s_[8:-8, 8:-8]
+    pixel_change = np.abs(attack.image - photo)[inner].mean()
+    assert pixel_change > 0.01
+    assert np.abs(coarse(attack.image) - coarse(photo))[inner].mean() < 0.25 * pixel_change
+    # A photo without texture has nothing to exchange: it comes back as it was.
+    flat = np.full((height, width, 3), 0.4, np.float32)
+    np.testing.assert_allclose(S.self_texture(flat, np.random.default_rng(seed), points).image, flat, atol=1e-6)
 
 
 def test_synthesis_is_deterministic_under_a_seed():
