@@ -161,7 +161,7 @@ def test_self_texture_averages_the_fine_detail_with_unrelated_detail_and_keeps_t
     # Two independent textures mixed (1 - beta) : beta keep (1 - beta)^2 + beta^2 of the energy,
     # 0.5-0.58; what the detail band leaves of the noise above the blur's width is kept as is.
     kept = (fine(attack.image)[whole] ** 2).mean() / (fine(photo)[whole] ** 2).mean()
-    assert 0.45 < kept < 0.85, kept
+    assert 0.4 < kept < 0.75, kept  # 0.49-0.60 over 300 seeds; 1 if nothing were exchanged
     # The shading is the photo's: a 9 x 9 mean moves by a fraction of what single pixels move.
     def coarse(x):
         padded = np.pad(x, ((4, 4), (4, 4), (0, 0)), mode="edge")
