@@ -203,7 +203,7 @@ def test_example_readme_commands_run_as_written(workdir: Path, stand_ins: dict[s
     assert ran == ["default", "default", "default", "default", "compare", "compare",
                    "predict", "predict", "predict", "export", "test",
                    "train", "train", "train", "train", "test", "test", "test", "test", "train",
-                   "protocol", "protocol", "protocol", "protocol",
+                   "protocol", "protocol", "protocol", "protocol", "protocol",
                    "train", "test", "train", "test", "train", "train", "train", "test", "pretrain", "train",
                    "config", "config"], "examples/README.md lost or gained a command: update this list"
     assert sorted(p.name for p in Path("crops").iterdir()) == ["s38_5.png", "s39_5.png", "s40_5.png"]
