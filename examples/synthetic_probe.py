@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                              f" {','.join(MORPH_REGIONS)}; 'face' alone is the synthesis before 2026-12-04)")
     parser.add_argument("--synthetic-methods", default=",".join(Config().synthetic_methods),
                         help="comma-separated synthetic methods, each alone or as name:weight (the"
-                             " synthetic_methods key; default: self_warp alone)")
+                             f" synthetic_methods key; default: {','.join(Config().synthetic_methods)})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
