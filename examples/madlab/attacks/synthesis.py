@@ -74,6 +74,7 @@ __all__ = [
     "SYNTHETIC_METHODS",
     "TEXTURE_SHIFT_RANGE",
     "TEXTURE_SIGMA_RANGE",
+    "TWO_SOURCE_SHARE_RANGE",
     "WARP_RANGE",
     "ZOOM_RANGE",
     "Attack",
@@ -93,7 +94,9 @@ __all__ = [
 BETA_RANGE = (0.125, 0.5)  # self-morph weight of the zoomed copy (SelfMAD's set spans the same interval)
 ZOOM_RANGE = (1.0, 1.1)
 WARP_RANGE = (0.03, 0.10)  # self-warp: how far each landmark moves, as a share of the eye distance
-WARP_BETA_RANGE = (0.35, 0.5)  # self-warp: the second copy's share (landmark morphs are about half and half)
+# Self-warp, self-mirror and self-texture: the second source's share of the mix (landmark
+# morphs of two people are about half and half).
+TWO_SOURCE_SHARE_RANGE = (0.35, 0.5)
 # Self-texture: the Gaussian width (pixels) below which detail counts as texture, and how far
 # (pixels) the foreign detail is taken from: beyond the few pixels over which a face's fine
 # texture is correlated, so the two averaged textures are nearly independent.
@@ -331,6 +334,16 @@ def _alter_quality(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 # --------------------------------------------------------------------------- attacks
 
 
+def _paste_in_region(x: np.ndarray, morph: np.ndarray, rng: np.random.Generator, points: np.ndarray | None,
+                     regions: tuple[str, ...], method: str, beta: float) -> Attack:
+    """``morph`` pasted into ``x`` through a full-strength mask over one of ``regions`` (even odds;
+    see :func:`face_mask`): the last step of the attacks that mix two sources of one photo."""
+    region = str(rng.choice(regions))
+    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
+    out = x + mask[..., None] * (morph - x)
+    return Attack(np.clip(out, 0.0, 1.0), mask, method, beta, region=region)
+
+
 def self_blend(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> Attack:
     """An altered, slightly moved copy of ``image`` blended back through a blurred face mask.
 
@@ -391,12 +404,9 @@ def self_warp(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray
         return self_morph(image, rng, None, regions)
     offset = _landmark_offset(points, rng) / 2.0
     first, second = warp_to(x, points, points + offset), warp_to(x, points, points - offset)
-    beta = float(rng.uniform(*WARP_BETA_RANGE))
-    region = str(rng.choice(regions))
-    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
+    beta = float(rng.uniform(*TWO_SOURCE_SHARE_RANGE))
     morph = ((1.0 - beta) * first + beta * second).astype(np.float32)
-    out = x + mask[..., None] * (morph - x)
-    return Attack(np.clip(out, 0.0, 1.0), mask, "self_warp", beta, region=region)
+    return _paste_in_region(x, morph, rng, points, regions, "self_warp", beta)
 
 
 def _mirrored_landmarks(points: np.ndarray, width: int) -> np.ndarray:
@@ -426,13 +436,10 @@ def self_mirror(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarr
     mirror = np.ascontiguousarray(x[:, ::-1])
     if points is not None:
         mirror = warp_to(mirror, _mirrored_landmarks(points, x.shape[1]), points).astype(np.float32)
-    beta = float(rng.uniform(*WARP_BETA_RANGE))
+    beta = float(rng.uniform(*TWO_SOURCE_SHARE_RANGE))
     first, second = flow_align(x, mirror, beta)
-    region = str(rng.choice(regions))
-    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
     morph = ((1.0 - beta) * first + beta * second).astype(np.float32)
-    out = x + mask[..., None] * (morph - x)
-    return Attack(np.clip(out, 0.0, 1.0), mask, "self_mirror", beta, region=region)
+    return _paste_in_region(x, morph, rng, points, regions, "self_mirror", beta)
 
 
 def self_splice(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndarray | None = None) -> Attack:
@@ -497,12 +504,9 @@ def self_texture(image: np.ndarray, rng: np.random.Generator, landmarks: np.ndar
     foreign = np.roll(detail, shift, axis=(0, 1))
     if rng.random() < 0.5:
         foreign = foreign[:, ::-1]
-    beta = float(rng.uniform(*WARP_BETA_RANGE))
-    region = str(rng.choice(regions))
-    mask = face_mask(x.shape[0], x.shape[1], rng, points, region)
+    beta = float(rng.uniform(*TWO_SOURCE_SHARE_RANGE))
     morph = (base + (1.0 - beta) * detail + beta * foreign).astype(np.float32)
-    out = x + mask[..., None] * (morph - x)
-    return Attack(np.clip(out, 0.0, 1.0), mask, "self_texture", beta, region=region)
+    return _paste_in_region(x, morph, rng, points, regions, "self_texture", beta)
 
 
 def _pattern(height: int, width: int, rng: np.random.Generator) -> np.ndarray:

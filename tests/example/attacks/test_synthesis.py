@@ -71,7 +71,7 @@ def test_self_warp_blends_two_copies_warped_apart_and_is_the_photo_when_nothing_
     photo = make_photo(seed % 1000, 48, 48)
     points = face_points(48, 48)
     attack = S.self_warp(photo, np.random.default_rng(seed), points)
-    assert attack.method == "self_warp" and S.WARP_BETA_RANGE[0] <= attack.beta <= S.WARP_BETA_RANGE[1]
+    assert attack.method == "self_warp" and S.TWO_SOURCE_SHARE_RANGE[0] <= attack.beta <= S.TWO_SOURCE_SHARE_RANGE[1]
     assert np.abs(attack.image - photo).max() > 0.01, "moved landmarks change the face"
     still = S.WARP_RANGE
     try:
@@ -92,7 +92,7 @@ def test_self_mirror_leaves_a_symmetric_face_as_it_is_and_averages_an_asymmetric
     points = face_points(48, 48) - np.array([0.5, 0.0]) if with_points else None
     symmetric = ((photo + photo[:, ::-1]) / 2).astype(np.float32)
     same = S.self_mirror(symmetric, np.random.default_rng(seed), points)
-    assert same.method == "self_mirror" and S.WARP_BETA_RANGE[0] <= same.beta <= S.WARP_BETA_RANGE[1]
+    assert same.method == "self_mirror" and S.TWO_SOURCE_SHARE_RANGE[0] <= same.beta <= S.TWO_SOURCE_SHARE_RANGE[1]
     # The mirror of a symmetric photo is the photo: no warp, no flow (bar Farneback's
     # border extrapolation, a few hundredths of a pixel), nothing to average.
     inner = np.s_[8:-8, 8:-8]
@@ -149,7 +149,7 @@ def test_self_texture_averages_the_fine_detail_with_unrelated_detail_and_keeps_t
     photo = np.clip(shading + 0.08 * rng.standard_normal((height, width, 3)), 0, 1).astype(np.float32)
     points = face_points(height, width) if with_points else None
     attack = S.self_texture(photo, np.random.default_rng(seed), points)
-    assert attack.method == "self_texture" and S.WARP_BETA_RANGE[0] <= attack.beta <= S.WARP_BETA_RANGE[1]
+    assert attack.method == "self_texture" and S.TWO_SOURCE_SHARE_RANGE[0] <= attack.beta <= S.TWO_SOURCE_SHARE_RANGE[1]
     whole = attack.weight > 0.99
     assert whole.sum() > 100
 
