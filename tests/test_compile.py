@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from compile_support import assert_inductor_matches_eager
 from models import HF4StyleViT, TimmStyleViT, hf_vit
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -83,19 +84,7 @@ def test_dropout_training_compiles_without_breaks():
 
 def test_inductor_training_and_inference_match_eager():
     """The default backend (inductor; Triton on CUDA, C++ on CPU) compiles the same code path."""
-    eager = adapted(TimmStyleViT).train()
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randn(2, 3, 32, 32)
-    output(eager(x)).square().mean().backward()
-    output(compiled(x)).square().mean().backward()
-    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
-    eager.eval()
-    compiled_model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    assert_inductor_matches_eager(adapted(TimmStyleViT).train(), torch.randn(2, 3, 32, 32))
 
 
 def test_switching_between_train_and_eval_compiles_each_mode_once():

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from compile_support import assert_inductor_matches_eager
 from models import HF4StyleViT, TimmStyleViT
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -81,19 +82,7 @@ def test_dora_dropout_train_and_eval_compile_once_each():
 
 @pytest.mark.slow
 def test_dora_inductor_matches_eager():
-    eager = adapted(TimmStyleViT).train()
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randn(2, 3, 32, 32)
-    eager(x).square().mean().backward()
-    compiled(x).square().mean().backward()
-    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
-    eager.eval()
-    compiled_model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    assert_inductor_matches_eager(adapted(TimmStyleViT).train(), torch.randn(2, 3, 32, 32))
 
 
 def test_compiled_dora_saves_nothing_of_size_out_by_in():

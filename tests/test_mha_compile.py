@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+from compile_support import assert_inductor_matches_eager
 from mha_models import OpenClipStyleViT, TorchvisionStyleViT
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -78,19 +79,7 @@ def test_switching_between_train_and_eval_compiles_each_mode_once():
 
 @pytest.mark.slow
 def test_inductor_training_and_inference_match_eager():
-    eager = adapted(TorchvisionStyleViT).train()
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randn(2, 3, 32, 32)
-    eager(x).square().mean().backward()
-    compiled(x).square().mean().backward()
-    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-        if a.grad is not None:
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
-    eager.eval()
-    compiled_model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    assert_inductor_matches_eager(adapted(TorchvisionStyleViT).train(), torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.slow
