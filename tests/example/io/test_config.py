@@ -177,7 +177,7 @@ def test_probabilities_must_be_probabilities(key: str, value: str) -> None:
 def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so() -> None:
     assert (Config().num_epochs, Config().learning_rate) == (None, None)
     assert DEFAULTS_BY_ATTACKS["synthetic"] == {"num_epochs": 20, "learning_rate": 5e-4}
-    assert DEFAULTS_BY_ATTACKS["generated"] == {"num_epochs": 10}
+    assert DEFAULTS_BY_ATTACKS["generated"] == {"num_epochs": 15}
     for mode in ATTACK_MODES:
         config = apply_overrides(Config(), [f"attacks={mode}"])
         own = DEFAULTS_BY_ATTACKS.get(mode, {})
