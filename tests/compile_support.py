@@ -1,11 +1,11 @@
-"""The check the inductor tests share: one training step and one inference, compiled against eager."""
+"""What the compile tests share: a model output's tensor, and the inductor-against-eager check."""
 
 import copy
 
 import torch
 
 
-def _tensor(result):
+def output(result):
     """The tensor of a model's output (HF models return an object holding it)."""
     return result if isinstance(result, torch.Tensor) else result.last_hidden_state
 
@@ -16,12 +16,12 @@ def assert_inductor_matches_eager(eager: torch.nn.Module, x: torch.Tensor) -> No
     1e-5: inductor reorders reductions) and the same eval-mode output (rtol 1e-4, atol 1e-5)."""
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
-    _tensor(eager(x)).square().mean().backward()
-    _tensor(compiled(x)).square().mean().backward()
+    output(eager(x)).square().mean().backward()
+    output(compiled(x)).square().mean().backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=name)
     eager.eval()
     compiled_model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(_tensor(compiled(x)), _tensor(eager(x)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(output(compiled(x)), output(eager(x)), rtol=1e-4, atol=1e-5)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
-from compile_support import assert_inductor_matches_eager
+from compile_support import assert_inductor_matches_eager, output
 from models import HF4StyleViT, TimmStyleViT, hf_vit
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
@@ -19,10 +19,6 @@ FAMILIES = {
     "hf4": (HF4StyleViT, lambda: torch.randn(2, 5, 32)),
     "hf5": (hf_vit, lambda: torch.randn(2, 3, 32, 32)),
 }
-
-
-def output(result):
-    return result if isinstance(result, torch.Tensor) else result.last_hidden_state
 
 
 def adapted(build, dropout=0.0):
