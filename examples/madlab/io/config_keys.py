@@ -16,10 +16,15 @@ from .config import DEFAULT_EPOCHS, DEFAULT_LEARNING_RATE, DEFAULTS_BY_ATTACKS, 
 __all__ = ["DESCRIPTIONS", "default_text", "help_listing", "markdown_table"]
 
 
-def _by_attacks(key: str, fallback: float) -> str:
+def _by_attacks(key: str, fallback: float | bool) -> str:
     """What ``key`` left at None means: its value for each mode of DEFAULTS_BY_ATTACKS, and otherwise."""
-    modes = [f"{values[key]:g} for attacks={mode}" for mode, values in DEFAULTS_BY_ATTACKS.items() if key in values]
-    return ", ".join([*modes, f"{fallback:g} otherwise"])
+
+    def word(value: float | bool) -> str:
+        return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
+
+    modes = [f"{word(values[key])} for attacks={mode}" for mode, values in DEFAULTS_BY_ATTACKS.items()
+             if key in values]
+    return ", ".join([*modes, f"{word(fallback)} otherwise"])
 
 
 DESCRIPTIONS: dict[str, str] = {
@@ -53,6 +58,8 @@ DESCRIPTIONS: dict[str, str] = {
     "class_weights": "[bona fide, morph] loss weights; None = inverse class frequency of the training split",
     "dropout_p": "dropout on the pooled feature before the head",
     "use_cls_aug": "random flips and small shifts of the training images",
+    "test_time_flip": "score each image and its mirror image and average the two logits (dev, test, predict,"
+                      " export); none = " + _by_attacks("test_time_flip", False),
     "seed": "seed of the split, the morphs, the initialisation and the batch order",
     # Resources
     "num_workers": "DataLoader processes that decode images (0 = in the main process)",

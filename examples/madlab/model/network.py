@@ -26,15 +26,19 @@ class MorphDetector(nn.Module):
         backbone: The vision encoder (no masking), as :func:`~madlab.model.families.load_backbone` gives it.
         spec: What the backbone is and how to feed it.
         dropout_p: Dropout on the representation before the head.
+        flip_average: In eval mode, return the mean of the logits of each image and of its
+            mirror image (config ``test_time_flip``); training mode always scores one view.
 
     Shapes:
         ``forward``: ``B x 3 x S x S`` normalised images -> ``B`` logits.
     """
 
-    def __init__(self, backbone: nn.Module, spec: BackboneSpec, dropout_p: float = 0.1) -> None:
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec, dropout_p: float = 0.1, *,
+                 flip_average: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.spec = spec
+        self.flip_average = flip_average
         self.dropout = nn.Dropout(dropout_p)
         self.head = nn.Linear(spec.hidden_size, 1)
         nn.init.zeros_(self.head.bias)
@@ -45,8 +49,19 @@ class MorphDetector(nn.Module):
         return self.spec.image_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.flip_average and not self.training:
+            # One batch of 2B images, so the two views cost one backbone call; no layer of a ViT
+            # mixes the images of a batch, so each logit is the one it would get alone.
+            both = self._logits(torch.cat([pixel_values, pixel_values.flip(-1)]))
+            return both.view(2, -1).mean(0)
+        return self._logits(pixel_values)
+
+    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feature = encode(self.backbone, self.spec, pixel_values)
         return self.head(self.dropout(feature)).squeeze(-1).float()  # (B,), also for B == 1; fp32 under autocast
+
+    def extra_repr(self) -> str:
+        return f"flip_average={self.flip_average}"
 
 
 # The detector's own head, matched exactly: a glob without wildcards would also match a

@@ -264,7 +264,7 @@ def _build(source: str, config: Config) -> MorphDetector:
     if size is None and config.backbone in NAMED:
         size = NAMED[config.backbone].image_size
     backbone, spec = load_backbone(source, config.backbone_weights, size)
-    return MorphDetector(backbone, spec, config.dropout_p)
+    return MorphDetector(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
 
 
 def _datasets(samples: list[Sample], spec: BackboneSpec, config: Config, augment: bool = False) -> ImageDataset:
@@ -341,6 +341,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
                                                  config.shared_resample_p, config.generated_flow_p)
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
     env.say(f"training schedule: {config.schedule_note}")
+    if config.flip_scores:
+        env.say("scores: the mean logit of each image and its mirror image (test_time_flip), for the dev epochs,"
+                " the thresholds and every later command")
     separable = None
     if made_sources(config.attacks):
         env.say(f"attacks made from bona fides ({', '.join(made_sources(config.attacks))}): masks and warps from "
@@ -482,7 +485,7 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     add_auc_differences(report, scores, shortcut_test, labels, resamples)
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "exported": detector.exported,
-                       "training": detector.metadata.get("training")}
+                       "test_time_flip": detector.model.flip_average, "training": detector.metadata.get("training")}
     report["smoke_test"] = config.data is None
     report["data"] = data_reports[0]  # counts, skipped files, dropped leaks and warnings, as printed
     if current().main:  # every rank has every score (gathered); one writes them

@@ -87,6 +87,8 @@ class Detector:
         # Files from before face_crop and ORL saw whole images of the lfw_subset default.
         stored.setdefault("face_crop", "none")
         stored.setdefault("embedded_data", "lfw_subset")
+        # Files from before test_time_flip fixed their thresholds on one view of each image.
+        stored.setdefault("test_time_flip", False)
         config = _check_overrides(Config.from_dict(stored), list(overrides))
         torch.set_num_threads(threads(config))
         device = current().device
@@ -225,7 +227,7 @@ def _rebuild(stored: dict[str, Any], config: Config, model_path: Path, moved: st
         if differ:
             raise BackboneError(f"the backbone at {found.source} is set up differently from the one {model_path} was"
                                 f" trained on ({', '.join(differ)} differ)")
-    model = MorphDetector(backbone, spec, config.dropout_p)
+    model = MorphDetector(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
     if backbone_fingerprint(model.backbone) != stored["fingerprint"]:
         raise BackboneError(f"the backbone at {found.source} differs from the one {model_path} was trained on"
                             " (weights fingerprint mismatch)")
@@ -236,7 +238,8 @@ def _load_export(meta: dict[str, Any], path: Path, config: Config) -> MorphDetec
     """An exported detector: the stored architecture, filled with the file's merged weights."""
     spec = BackboneSpec.from_dict(meta["backbone"]["spec"])
     torch.manual_seed(config.seed)
-    model = MorphDetector(build_backbone(meta["backbone"]["architecture"]), spec, config.dropout_p)
+    model = MorphDetector(build_backbone(meta["backbone"]["architecture"]), spec, config.dropout_p,
+                          flip_average=config.flip_scores)
     try:
         state = safetensors_load(path.read_bytes())
         model.load_state_dict(state, strict=True)

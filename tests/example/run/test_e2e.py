@@ -34,9 +34,13 @@ def _overrides(items: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
     out = tmp_path_factory.mktemp("run")
-    cache = tmp_path_factory.mktemp("cache")
     rc = morph_detection.main(["train", "--output_dir", str(out), "--cache_dir", str(cache), "--no_progress",
                                *_overrides(TINY)])
     assert rc == 0
@@ -84,6 +88,7 @@ def test_threshold_and_checkpoint_come_from_dev_not_test(trained: Path) -> None:
     meta = read_lora_metadata(trained / "morph_detector.safetensors")
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["threshold"] == meta["threshold"], "the threshold is the one fixed at training time"
+    assert metrics["model"]["test_time_flip"] is False, "attacks=given scores one view"
     config = Config.from_dict(meta["config"])
     assert config.lora_r == 8 and config.use_lora and config.num_epochs == 3
     with (trained / "train_log.csv").open() as handle:
@@ -102,6 +107,76 @@ def test_threshold_and_checkpoint_come_from_dev_not_test(trained: Path) -> None:
     dev = ImageDataset([s for s in samples if s.split == "dev"], model.image_size)
     _, dev_loss = predict(model, dev, 64, class_weights(train_labels, None), progress=False)
     assert dev_loss == pytest.approx(float(best["dev_loss"]), abs=1e-5)
+
+
+def test_test_time_flip_chooses_the_epoch_and_threshold_on_both_views(trained: Path, cache: Path,
+                                                                      tmp_path: Path) -> None:
+    rc = morph_detection.main(["train", "--output_dir", str(tmp_path), "--cache_dir", str(cache), "--no_progress",
+                               *_overrides([*TINY, "test_time_flip=true"])])
+    assert rc == 0
+    meta = read_lora_metadata(tmp_path / "morph_detector.safetensors")
+    config = Config.from_dict(meta["config"])
+    assert config.test_time_flip is True and config.flip_scores
+    with (tmp_path / "train_log.csv").open() as handle:
+        best = min(csv.DictReader(handle), key=lambda r: float(r["dev_loss"]))
+    samples = embedded_samples(config.seed, config.morph_methods, config.morphs_per_face,
+                               (config.train_val_pct, config.dev_pct))
+    from madlab.model.checkpoint import load_weights
+
+    model = MorphDetector(*load_backbone(meta["backbone"]["path"]), config.dropout_p, flip_average=True)
+    load_weights(model, tmp_path / "morph_detector.safetensors", use_lora=True)
+    weights = class_weights(np.array([s.label for s in samples if s.split == "train"]), None)
+    dev = ImageDataset([s for s in samples if s.split == "dev"], model.image_size)
+    both_views, loss = predict(model, dev, 64, weights, progress=False)
+    assert loss == pytest.approx(float(best["dev_loss"]), abs=1e-5)
+    model.flip_average = False
+    one_view, _ = predict(model, dev, 64, weights, progress=False)
+    # The dev_eer threshold is one of the dev scores it was fixed on: here both views' (the tiny
+    # model's two views differ by up to about 0.008, too little to move its dev loss visibly).
+    tau = meta["threshold"]["value"]
+    assert np.abs(both_views - tau).min() <= 1e-6
+    assert np.abs(one_view - tau).min() > 1e-4
+    rc = morph_detection.main(["test", "--model_path", str(tmp_path / "morph_detector.safetensors"), "--no_progress",
+                               "--output_dir", str(tmp_path / "test")])
+    assert rc == 0
+    assert json.loads((tmp_path / "test" / "metrics.json").read_text())["model"]["test_time_flip"] is True
+
+
+def _with_config(source: Path, target: Path, **changes: object) -> Path:
+    """A copy of the model file ``source`` whose stored config has ``changes`` (``None``: key removed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), "pt") as handle:
+        header = dict(handle.metadata())
+    meta = json.loads(header["user"])
+    for key, value in changes.items():
+        if value is None:
+            meta["config"].pop(key)
+        else:
+            meta["config"][key] = value
+    save_file(load_file(str(source)), str(target), metadata={**header, "user": json.dumps(meta)})
+    return target
+
+
+def test_a_model_file_scores_as_its_config_says_and_older_files_with_one_view(trained: Path,
+                                                                              tmp_path: Path) -> None:
+    from madlab.io.config import ConfigError
+    from madlab.run.detector import Detector
+
+    source = trained / "morph_detector.safetensors"
+    one = Detector.load(source)
+    assert one.config.test_time_flip is None and not one.model.flip_average  # attacks=given: one view
+    # A generated-mode file follows its mode's default (both views) ...
+    flipped = Detector.load(_with_config(source, tmp_path / "generated.safetensors", attacks="generated"))
+    assert flipped.model.flip_average
+    x = torch.randn(3, 3, one.image_size, one.image_size, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(flipped.score(x), (one.score(x) + one.score(x.flip(-1))) / 2, rtol=0, atol=1e-5)
+    # ... but a file from before the key fixed its threshold on one view, and keeps it.
+    older = _with_config(source, tmp_path / "older.safetensors", attacks="generated", test_time_flip=None)
+    assert not Detector.load(older).model.flip_average
+    with pytest.raises(ConfigError, match="--override test_time_flip=false does not match the model file"):
+        Detector.load(tmp_path / "generated.safetensors", overrides=["test_time_flip=false"])
 
 
 def test_test_rebuilds_from_the_file_alone_and_reproduces(trained: Path, tmp_path: Path) -> None:

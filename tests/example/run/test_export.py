@@ -26,10 +26,10 @@ from lora_vit import disable_lora
 CONFIG = ["lora_target_modules=q,k,v,o", "num_threads=1"]
 
 
-def detector_on(folder_or_source: str, weights: str | None, tmp_path: Path) -> Detector:
+def detector_on(folder_or_source: str, weights: str | None, tmp_path: Path, extra: tuple[str, ...] = ()) -> Detector:
     backbone, spec = load_backbone(folder_or_source, weights)
-    config = apply_overrides(Config(), CONFIG)
-    model = MorphDetector(backbone, spec, config.dropout_p)
+    config = apply_overrides(Config(), [*CONFIG, *extra])
+    model = MorphDetector(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
     apply_strategy(model, config)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -69,6 +69,15 @@ def test_export_of_every_hf_family(family: str, tmp_path: Path) -> None:
     save_backbone(family, folder)
     detector = detector_on(str(folder), None, tmp_path)
     check_export(detector, tmp_path, folder, str(folder))
+
+
+def test_an_export_scores_both_views_as_its_model_did(tmp_path: Path) -> None:
+    folder = tmp_path / "vit"
+    save_backbone("vit", folder)
+    detector = detector_on(str(folder), None, tmp_path, ("attacks=generated",))
+    assert detector.model.flip_average
+    check_export(detector, tmp_path, folder, str(folder))  # the export's scores are the model's, to 1e-4
+    assert Detector.load(tmp_path / "export.safetensors").model.flip_average
 
 
 def test_export_of_a_timm_backbone(tmp_path: Path) -> None:
