@@ -294,9 +294,9 @@ class Config:
         the attack mode's default when it is None.
 
         Training already flips images at random (``use_cls_aug``), so the mirror image is a second
-        view of the same face. Averaging the two raised the dev folder's AUC of ``generated`` on
-        every seed tried (examples/README.md, "Test-time flip"); the other modes were not measured,
-        so they keep scoring one view.
+        view of the same face. Averaging the two raised the dev folder's mean AUC of ``generated``
+        over five seeds (higher on four, level on one; examples/README.md, "Test-time flip"); the
+        other modes were not measured, so they keep scoring one view.
         """
         return bool(self._by_attacks("test_time_flip", False))
 
