@@ -296,7 +296,7 @@ class Config:
         Training already flips images at random (``use_cls_aug``), so the mirror image is a second
         view of the same face. Averaging the two raised the dev folder's mean AUC of ``generated``
         over five seeds (higher on four, level on one; examples/README.md, "Test-time flip"); the
-        other modes were not measured, so they keep scoring one view.
+        other modes were not trained with it, so they keep scoring one view.
         """
         return bool(self._by_attacks("test_time_flip", False))
 
