@@ -44,6 +44,11 @@ class MorphDetector(nn.Module):
         nn.init.zeros_(self.head.bias)
         nn.init.normal_(self.head.weight, std=0.01)
 
+    @classmethod
+    def from_config(cls, backbone: nn.Module, spec: BackboneSpec, config: Config) -> MorphDetector:
+        """The detector ``config`` describes: its head dropout and whether it scores both views."""
+        return cls(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
+
     @property
     def image_size(self) -> int:
         return self.spec.image_size

@@ -264,7 +264,7 @@ def _build(source: str, config: Config) -> MorphDetector:
     if size is None and config.backbone in NAMED:
         size = NAMED[config.backbone].image_size
     backbone, spec = load_backbone(source, config.backbone_weights, size)
-    return MorphDetector(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
+    return MorphDetector.from_config(backbone, spec, config)
 
 
 def _datasets(samples: list[Sample], spec: BackboneSpec, config: Config, augment: bool = False) -> ImageDataset:

@@ -227,7 +227,7 @@ def _rebuild(stored: dict[str, Any], config: Config, model_path: Path, moved: st
         if differ:
             raise BackboneError(f"the backbone at {found.source} is set up differently from the one {model_path} was"
                                 f" trained on ({', '.join(differ)} differ)")
-    model = MorphDetector(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
+    model = MorphDetector.from_config(backbone, spec, config)
     if backbone_fingerprint(model.backbone) != stored["fingerprint"]:
         raise BackboneError(f"the backbone at {found.source} differs from the one {model_path} was trained on"
                             " (weights fingerprint mismatch)")
@@ -238,8 +238,7 @@ def _load_export(meta: dict[str, Any], path: Path, config: Config) -> MorphDetec
     """An exported detector: the stored architecture, filled with the file's merged weights."""
     spec = BackboneSpec.from_dict(meta["backbone"]["spec"])
     torch.manual_seed(config.seed)
-    model = MorphDetector(build_backbone(meta["backbone"]["architecture"]), spec, config.dropout_p,
-                          flip_average=config.flip_scores)
+    model = MorphDetector.from_config(build_backbone(meta["backbone"]["architecture"]), spec, config)
     try:
         state = safetensors_load(path.read_bytes())
         model.load_state_dict(state, strict=True)

@@ -111,6 +111,7 @@ def test_threshold_and_checkpoint_come_from_dev_not_test(trained: Path) -> None:
 
 def test_test_time_flip_chooses_the_epoch_and_threshold_on_both_views(trained: Path, cache: Path,
                                                                       tmp_path: Path) -> None:
+    # ``trained`` first, so that ``cache`` already holds the pretrained backbone and this run reuses it.
     rc = morph_detection.main(["train", "--output_dir", str(tmp_path), "--cache_dir", str(cache), "--no_progress",
                                *_overrides([*TINY, "test_time_flip=true"])])
     assert rc == 0

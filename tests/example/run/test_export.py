@@ -29,7 +29,7 @@ CONFIG = ["lora_target_modules=q,k,v,o", "num_threads=1"]
 def detector_on(folder_or_source: str, weights: str | None, tmp_path: Path, extra: tuple[str, ...] = ()) -> Detector:
     backbone, spec = load_backbone(folder_or_source, weights)
     config = apply_overrides(Config(), [*CONFIG, *extra])
-    model = MorphDetector(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
+    model = MorphDetector.from_config(backbone, spec, config)
     apply_strategy(model, config)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
