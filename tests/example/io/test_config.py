@@ -176,7 +176,7 @@ def test_probabilities_must_be_probabilities(key: str, value: str) -> None:
 
 def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so() -> None:
     assert (Config().num_epochs, Config().learning_rate) == (None, None)
-    assert DEFAULTS_BY_ATTACKS["synthetic"] == {"num_epochs": 20, "learning_rate": 5e-4}
+    assert DEFAULTS_BY_ATTACKS["synthetic"] == {"num_epochs": 20, "learning_rate": 5e-4, "test_time_flip": True}
     assert DEFAULTS_BY_ATTACKS["generated"] == {"num_epochs": 15, "test_time_flip": True}
     for mode in ATTACK_MODES:
         config = apply_overrides(Config(), [f"attacks={mode}"])
@@ -195,11 +195,11 @@ def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so
         "at most 5 epochs, learning rate 0.001 (as set)")
 
 
-def test_test_time_flip_left_at_none_is_on_for_generated_only_and_a_set_value_wins() -> None:
+def test_test_time_flip_left_at_none_is_on_for_made_attacks_alone_and_a_set_value_wins() -> None:
     assert Config().test_time_flip is None
     for mode in ATTACK_MODES:
         config = apply_overrides(Config(), [f"attacks={mode}"])
-        assert config.flip_scores is (mode == "generated"), mode
+        assert config.flip_scores is (mode in ("synthetic", "generated")), mode
         for value in (True, False):
             assert apply_overrides(config, [f"test_time_flip={value}"]).flip_scores is value
     with pytest.raises(ConfigError, match="test_time_flip"):
