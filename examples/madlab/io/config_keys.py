@@ -22,9 +22,12 @@ def _by_attacks(key: str, fallback: float | bool) -> str:
     def word(value: float | bool) -> str:
         return ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
 
-    modes = [f"{word(values[key])} for attacks={mode}" for mode, values in DEFAULTS_BY_ATTACKS.items()
-             if key in values]
-    return ", ".join([*modes, f"{word(fallback)} otherwise"])
+    modes_by_value: dict[str, list[str]] = {}  # modes sharing a value are named together, in table order
+    for mode, values in DEFAULTS_BY_ATTACKS.items():
+        if key in values:
+            modes_by_value.setdefault(word(values[key]), []).append(mode)
+    said = [f"{value} for attacks={' or '.join(modes)}" for value, modes in modes_by_value.items()]
+    return ", ".join([*said, f"{word(fallback)} otherwise"])
 
 
 DESCRIPTIONS: dict[str, str] = {

@@ -195,7 +195,7 @@ def test_epochs_and_learning_rate_left_at_none_follow_the_attack_mode_and_say_so
         "at most 5 epochs, learning rate 0.001 (as set)")
 
 
-def test_test_time_flip_left_at_none_is_on_for_made_attacks_alone_and_a_set_value_wins() -> None:
+def test_test_time_flip_left_at_none_is_on_for_synthetic_and_generated_and_a_set_value_wins() -> None:
     assert Config().test_time_flip is None
     for mode in ATTACK_MODES:
         config = apply_overrides(Config(), [f"attacks={mode}"])

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from madlab.io.config import EVAL_KEYS, Config, parse_override
+from madlab.io.config import ATTACK_MODES, EVAL_KEYS, Config, apply_overrides, parse_override
 from madlab.io.config_keys import DESCRIPTIONS, default_text, help_listing, markdown_table
 
 from example.cli import cli
@@ -33,6 +33,25 @@ def test_the_default_shown_is_the_default_override_takes_back(key: str) -> None:
         assert default == []
     else:
         assert parse_override(f"{key}={shown}") == (key, default)
+
+
+@pytest.mark.parametrize(("key", "resolved"), [("num_epochs", "epochs"), ("learning_rate", "lr"),
+                                                ("test_time_flip", "flip_scores")])
+def test_what_none_means_is_said_for_every_attack_mode_as_the_config_resolves_it(key: str, resolved: str) -> None:
+    # Read the "none = V for attacks=A or B, W otherwise" clause back, mode by mode.
+    clause = DESCRIPTIONS[key].split("none = ", 1)[1]
+    said, otherwise = {}, None
+    for part in clause.split(", "):
+        value, _, modes = part.partition(" for attacks=")
+        if modes:
+            said.update(dict.fromkeys(modes.split(" or "), value))
+        else:
+            otherwise = value.removesuffix(" otherwise")
+    assert set(said) < set(ATTACK_MODES) and otherwise is not None
+    for mode in ATTACK_MODES:
+        value = getattr(apply_overrides(Config(), [f"attacks={mode}"]), resolved)
+        word = ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
+        assert said.get(mode, otherwise) == word, (key, mode)
 
 
 def test_readme_table_is_the_generated_one() -> None:
