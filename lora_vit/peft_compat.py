@@ -12,7 +12,8 @@ dropped input to its ``(m / norm - 1) W`` correction (an extra full matmul); bot
 expectation. Everything PEFT can express that lora-vit cannot (trained biases, Conv/Embedding
 LoRA, other PEFT methods, ...) is a :class:`LoRAError`, never a silent difference.
 ``nn.MultiheadAttention`` adapters move where both libraries compute the same function (one
-pair over the whole in-projection, no ``out_proj`` update). This module does not import ``peft``.
+pair over the whole in-projection, and an ``out_proj`` adapter of the same rank and alpha, read
+the way PEFT 0.22.0 reads a folder's ``peft_version``). This module does not import ``peft``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from torch import Tensor, nn
 from .errors import LoRAError
 from .io import write_atomically
 from .kinds import kind_of_peft
-from .layer import LoRALinear
 from .loading import load_adapters
 from .lowrank import AdapterView
 from .mha import LoRAMultiheadAttention, check_packed_kind
@@ -86,15 +86,13 @@ def _most_common(values: list[Any]) -> Any:
 
 
 # PEFT's (experimental) MultiheadAttention LoRA adapts the whole packed in-projection with one
-# pair (keys ``<mha>.lora_A/B``) and always out_proj too, with the same rank (keys
-# ``<mha>.base_layer.out_proj.lora_A/B``). Its forward (peft 0.21.2) adds the out_proj update to
-# the weight twice (once itself, once through the inner lora.Linear's merge), so only adapters
-# whose out_proj update is zero compute the same function in both libraries: those move both
-# ways, everything else is refused.
-_PEFT_OUT_PROJ_TWICE = (
-    "PEFT's MultiheadAttention LoRA (peft 0.21.2) applies the out_proj update twice in its forward,"
-    " so a non-zero out_proj adapter cannot give the same outputs in both libraries"
-)
+# pair (keys ``<mha>.lora_A/B``) and always out_proj too, with the same rank, alpha and dropout
+# (keys ``<mha>.base_layer.out_proj.lora_A/B``). Before peft 0.22.0 its forward added the
+# out_proj update twice; 0.22.0 adds it once and, loading a folder that an earlier release
+# wrote, doubles that lora_B so the adapter keeps the outputs it was trained with. Both
+# directions follow that rule, keyed by the folder's ``peft_version``.
+_OUT_PROJ_APPLIED_ONCE_SINCE = "0.22.0"
+_ONCE_SINCE_RELEASE = tuple(int(part) for part in _OUT_PROJ_APPLIED_ONCE_SINCE.split("."))
 _BASE_OUT_PROJ = ".base_layer.out_proj"
 
 
@@ -124,8 +122,26 @@ def _check_mha_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -
                 f" {layer.describe()}. Adapt the attention module by name (e.g. '*.self_attention') to"
                 " export, or keep save_lora"
             )
-        if isinstance(mha.out_proj, LoRALinear) and layer.name in mha.out_proj.adapter_names:
-            raise LoRAError(f"{name + '.out_proj'!r} has an adapter: {_PEFT_OUT_PROJ_TWICE}; keep save_lora")
+        inner = layers.get(name + ".out_proj")
+        if inner is not None:
+            ours, theirs = layer.spec.peft_fields(), inner.spec.peft_fields()
+            differ = {key: (value, theirs.get(key)) for key, value in ours.items() if value != theirs.get(key)}
+            if differ:
+                raise LoRAError(
+                    f"PEFT's MultiheadAttention LoRA gives the in-projection and out_proj of {name!r} one"
+                    f" adapter setting, but they differ: {differ} (in-projection, out_proj); inject them"
+                    " with one r and alpha to export, or keep save_lora"
+                )
+
+
+def _inner_out_projs(model: nn.Module, layers: Mapping[str, AdapterView]) -> set[str]:
+    """The adapted ``out_proj`` layers that PEFT keeps inside an exported MultiheadAttention's adapter."""
+    return {name for name in layers if _mha_parent(model, name) in layers}
+
+
+def _peft_module_name(name: str, inner: set[str]) -> str:
+    """Where PEFT keeps the factors of layer ``name`` (an inner out_proj under ``base_layer``)."""
+    return name.removesuffix(".out_proj") + _BASE_OUT_PROJ if name in inner else name
 
 
 def _check_exportable(model: nn.Module, layers: Mapping[str, AdapterView]) -> None:
@@ -202,7 +218,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
     and computes the same outputs (to float rounding). Module names are the model's own, so
     pass the model PEFT will wrap (e.g. the ``ViTForImageClassification``, not its ``.vit``).
     Whole modules made trainable by ``inject_lora(..., trainable=...)`` become
-    ``modules_to_save``. Each file is written atomically.
+    ``modules_to_save``. Each file is written atomically. A model with ``nn.MultiheadAttention``
+    adapters gets ``"peft_version": "0.22.0"``: PEFT before that release added an ``out_proj``
+    update twice, so such a folder needs peft 0.22.0 or later.
 
     Args:
         model: A model adapted by :func:`inject_lora` (or loaded with :func:`load_lora`).
@@ -215,7 +233,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
 
     Raises:
         LoRAError: If the model has no adapters, an adapter covers fused q/k/v slices (PEFT
-            has no such form), or layers mix ``use_rslora`` or ``use_dora`` settings.
+            has no such form), layers mix ``use_rslora`` or ``use_dora`` settings, or an
+            ``nn.MultiheadAttention``'s ``out_proj`` adapter is alone or set apart (rank,
+            alpha, dropout) from its in-projection's.
 
     Example:
         >>> import tempfile, torch
@@ -233,21 +253,26 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike[str], *, ad
             " (base_model.model.<module>.lora_A.weight); export the model that holds it"
         )
     _check_exportable(model, layers)
+    inner = _inner_out_projs(model, layers)
     state = lora_state_dict(model, adapter=adapter_name)
     tensors = {
-        _peft_key(name, peft_name): state.pop(f"{name}.{ours}")
+        _peft_key(_peft_module_name(name, inner), peft_name): state.pop(f"{name}.{ours}")
         for name, layer in layers.items()
         for ours, peft_name in AdapterSpec.peft_tensor_names(layer.kind)
     }
     tensors.update({_PREFIX + key: value for key, value in state.items()})
     for name, layer in layers.items():
-        if isinstance(layer.layer, LoRAMultiheadAttention):  # PEFT's layer needs out_proj factors: a zero update
+        if isinstance(layer.layer, LoRAMultiheadAttention) and name + ".out_proj" not in inner:
+            # PEFT's layer always has out_proj factors: a zero update where ours has none.
             a, embed = layer.stacked_a(), layer.layer.embed_dim
             tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_A")] = a.new_zeros(a.shape[0], embed)
             tensors[_peft_key(name + _BASE_OUT_PROJ, "lora_B")] = a.new_zeros(embed, a.shape[0])
     # Clones: safetensors refuses tensors that share storage (tied weights).
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    config = _config(model, layers, adapter_name)
+    config = _config(model, {n: layer for n, layer in layers.items() if n not in inner}, adapter_name)
+    if any(isinstance(layer.layer, LoRAMultiheadAttention) for layer in layers.values()):
+        # Its out_proj pair is read as this release reads it (an older version would double it).
+        config["peft_version"] = _OUT_PROJ_APPLIED_ONCE_SINCE
     folder = Path(directory)
     write_atomically(folder / PEFT_WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
     write_atomically(folder / PEFT_CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -381,15 +406,63 @@ def _mha_configs(
     name: str, base: nn.MultiheadAttention, pair: Mapping[str, Tensor], lora: Mapping[str, Mapping[str, Tensor]],
     r: int, alpha: Any, config: Mapping[str, Any], where: str,
 ) -> dict[str, dict[str, Any]]:
-    """PEFT's MultiheadAttention LoRA as lora-vit's: one unsliced in-projection pair (out_proj must be zero)."""
+    """PEFT's MultiheadAttention LoRA as lora-vit's: one unsliced in-projection pair, and an
+    ``out_proj`` adapter where PEFT's out_proj update is not zero."""
     out_pair = lora.get(name + _BASE_OUT_PROJ)
     if out_pair is None:
         raise LoRAError(f"{where}: nn.MultiheadAttention {name!r} has no out_proj adapter, which PEFT always saves")
-    if out_pair["lora_A"].shape[0] != r or bool(out_pair["lora_B"].ne(0).any()):
-        raise LoRAError(f"{where}: {name!r} has a non-zero out_proj adapter: {_PEFT_OUT_PROJ_TWICE}")
+    if out_pair["lora_A"].shape[0] != r:
+        raise LoRAError(
+            f"{where}: {name!r} has an out_proj adapter of rank {out_pair['lora_A'].shape[0]} and an in-projection"
+            f" of rank {r}; PEFT gives both one rank, so the folder is inconsistent"
+        )
     embed = base.embed_dim
     fields = {"kind": "multihead_attention", "num_heads": base.num_heads}
-    return {name: AdapterSpec.peft_record(embed, 3 * embed, r, alpha, config, **fields)}
+    configs = {name: AdapterSpec.peft_record(embed, 3 * embed, r, alpha, config, **fields)}
+    if bool(out_pair["lora_B"].ne(0).any()):
+        configs[name + ".out_proj"] = AdapterSpec.peft_record(embed, embed, r, alpha, config)
+    return configs
+
+
+def _release(version: str) -> tuple[tuple[int, ...], bool] | None:
+    """``(release numbers, a dev build?)`` of a recorded ``peft_version`` ("0.22.0", "0.21.1.dev0@abc1234")."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)*)(.*)", version.partition("@")[0].strip())
+    if match is None:
+        return None
+    numbers = tuple(int(part) for part in match[1].split("."))
+    return numbers + (0,) * (3 - len(numbers)), "dev" in match[2]
+
+
+def _out_proj_applied_twice(config: Mapping[str, Any], where: str) -> bool:
+    """Whether the PEFT that wrote ``config`` added a MultiheadAttention's out_proj update twice.
+
+    PEFT 0.22.0's own rule, so both libraries read a folder alike: a folder without
+    ``peft_version`` (written before 0.18.0), a release before 0.22.0, or a dev build before
+    0.21.1 (main carried the fix as 0.21.x dev builds).
+    """
+    version = config.get("peft_version")
+    if version is None:
+        return True
+    parsed = _release(str(version))
+    if parsed is None:
+        raise LoRAError(f"{where}: peft_version {version!r} is not a version number such as '0.22.0'")
+    numbers, dev = parsed
+    return numbers < (0, 21, 1) or (not dev and numbers < _ONCE_SINCE_RELEASE)
+
+
+def _given_tensors(
+    lora: Mapping[str, Mapping[str, Tensor]], configs: Mapping[str, Any], config: Mapping[str, Any], where: str
+) -> dict[str, Tensor]:
+    """The folder's factors under lora-vit's layer names: an out_proj update PEFT once applied twice, doubled."""
+    given: dict[str, Tensor] = {}
+    for name, pair in lora.items():
+        ours = name.removesuffix(_BASE_OUT_PROJ) + ".out_proj" if name.endswith(_BASE_OUT_PROJ) else name
+        if ours not in configs:
+            continue  # a MultiheadAttention's zero out_proj pair: nothing to adapt
+        given.update({f"{ours}.{factor}": value for factor, value in pair.items()})
+        if ours != name and _out_proj_applied_twice(config, where):
+            given[f"{ours}.lora_B"] = 2 * pair["lora_B"]
+    return given
 
 
 def _layer_configs(
@@ -492,10 +565,7 @@ def load_peft_adapter(
     # Translate the folder into lora-vit's own terms, then the pipeline load_lora uses.
     trainable = _modules_to_save(unwrap_model(model), config, other, where)
     configs = _layer_configs(model, lora, config, where)
-    given = {  # a MultiheadAttention's (zero) out_proj factors have no counterpart
-        f"{name}.{factor}": value
-        for name, pair in lora.items() if not name.endswith(_BASE_OUT_PROJ) for factor, value in pair.items()
-    }
+    given = _given_tensors(lora, configs, config, where)
     given.update(other)
     name = check_adapter_name(_folder_adapter(folder) if adapter is None else adapter)
     if adapter is None and name in adapter_names(model):

@@ -1,6 +1,7 @@
 """LoRA inside nn.MultiheadAttention: same function as PyTorch's module, adapters against dense references."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -349,40 +350,103 @@ def test_peft_round_trip_of_whole_in_projection_adapters(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), peft_model.eval()(x), rtol=1e-5, atol=1e-5)
 
+
+
+def _peft_with_out_proj(base, folder):
+    """A PEFT MultiheadAttention adapter with non-zero in-projection and out_proj updates, saved to ``folder``."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["self_attention"]))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name and "out_proj" in name:
+            if "lora_B" in name:
                 param.normal_(0, 0.1)
-    peft_model.save_pretrained(tmp_path / "with_out_proj")
-    with pytest.raises(LoRAError, match="twice"):
-        load_peft_adapter(copy.deepcopy(base), tmp_path / "with_out_proj")
+    peft_model.save_pretrained(folder)
+    return peft_model.eval()
 
 
-def test_peft_applies_a_multihead_attention_out_proj_update_twice():
-    """Why non-zero out_proj adapters are refused: PEFT's forward adds the update twice (peft 0.21.2)."""
+def _set_peft_version(folder, version):
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if version is None:
+        del config["peft_version"]
+    else:
+        config["peft_version"] = version
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.filterwarnings("ignore:Adapter 'default' was saved with PEFT < 0.22.0")
+def test_peft_multihead_attention_out_proj_loads_with_peft_s_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    from lora_vit import load_peft_adapter
+
+    if _release(peft.__version__) < (0, 22, 0):
+        pytest.skip(f"peft {peft.__version__} adds the out_proj update twice; 0.22.0 and later add it once")
+    base = TorchvisionStyleViT().eval()
+    peft_model = _peft_with_out_proj(base, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    loaded = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+    attn = loaded.encoder.layers.encoder_layer_0.self_attention
+    assert isinstance(attn.out_proj, LoRALinear) and attn.out_proj.lora_A.shape == (2, attn.embed_dim)
+    with torch.no_grad():
+        expected = peft_model(x)
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+        # The same folder as an earlier PEFT wrote it: that PEFT added the update twice, so both
+        # PEFT 0.22 and lora-vit double its lora_B, and the outputs move away from `expected` alike.
+        for version in ("0.21.2", None, "0.21.0.dev0"):
+            _set_peft_version(tmp_path, version)
+            older = load_peft_adapter(copy.deepcopy(base), tmp_path).eval()
+            assert not torch.allclose(older(x), expected, rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(older(x), _peft_outputs(base, tmp_path, x), rtol=1e-5, atol=1e-5)
+        for version in ("0.22.0", "0.21.1.dev0@abc1234", "1.0"):
+            _set_peft_version(tmp_path, version)
+            torch.testing.assert_close(load_peft_adapter(copy.deepcopy(base), tmp_path).eval()(x), expected,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_peft_multihead_attention_folder_with_an_unreadable_version_is_refused_unchanged(tmp_path):
+    pytest.importorskip("peft")
+    from lora_vit import load_peft_adapter
+
+    base = TorchvisionStyleViT().eval()
+    _peft_with_out_proj(base, tmp_path)
+    _set_peft_version(tmp_path, "main")
+    model = copy.deepcopy(base)
+    with pytest.raises(LoRAError, match="peft_version 'main' is not a version number"):
+        load_peft_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def _release(version):
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
+def test_peft_applies_a_multihead_attention_out_proj_update_once_since_0_22():
+    """The reference for the tests above: PEFT's forward against a dense W + (alpha / r) B A on out_proj."""
     peft = pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
+    if _release(peft.__version__) < (0, 22, 0):
+        pytest.skip(f"peft {peft.__version__} adds the out_proj update twice; 0.22.0 and later add it once")
     base = TorchvisionStyleViT().eval()
     peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["self_attention"]))
-    ours = inject_lora(copy.deepcopy(base), ["o"], r=2, alpha=4, dropout=0.0).eval()
+    dense = copy.deepcopy(base)
     with torch.no_grad():
-        for (name, param) in peft_model.named_parameters():
+        for name, param in peft_model.named_parameters():
             if "out_proj.lora_" in name:
                 param.normal_(0, 0.1)
-                layer = name.split(".self_attention")[0].removeprefix("base_model.model.")
-                mine = ours.get_submodule(layer).self_attention.out_proj
-                getattr(mine, "lora_A" if "lora_A" in name else "lora_B").copy_(param * (2 if "lora_B" in name else 1))
+        for name, module in dense.named_modules():
+            if isinstance(module, nn.MultiheadAttention):
+                inner = peft_model.base_model.model.get_submodule(name).base_layer.out_proj
+                delta = inner.lora_B["default"].weight @ inner.lora_A["default"].weight
+                module.out_proj.weight += (4 / 2) * delta
         x = torch.randn(2, 3, 32, 32)
-        if peft.__version__ != "0.21.2":
-            pytest.skip(f"checked against peft 0.21.2, found {peft.__version__}: recheck the refusal's reason")
-        torch.testing.assert_close(peft_model.eval()(x), ours(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(peft_model.eval()(x), dense(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("targets", "message"), [
     (["q", "v"], "whole in-projection"),
     (["o"], "out_proj alone"),
-    (["all-linear"], "twice"),
 ])
 def test_peft_export_refuses_what_peft_multihead_attention_cannot_hold(targets, message, tmp_path):
     pytest.importorskip("peft")
@@ -391,6 +455,34 @@ def test_peft_export_refuses_what_peft_multihead_attention_cannot_hold(targets, 
     model = inject_lora(TorchvisionStyleViT(), targets, r=2)
     with pytest.raises(LoRAError, match=message):
         save_peft_adapter(model, tmp_path / "ours")
+
+
+def test_peft_export_of_an_out_proj_adapter_gives_peft_s_outputs(tmp_path):
+    peft = pytest.importorskip("peft")
+    from lora_vit import load_peft_adapter, save_peft_adapter
+
+    base = TorchvisionStyleViT().eval()
+    ours = randomize(inject_lora(copy.deepcopy(base), ["all-linear"], r=2, alpha=4, dropout=0.0)).eval()
+    folder = save_peft_adapter(ours, tmp_path / "ours")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_version"] == "0.22.0"
+    assert not any(name.endswith("out_proj") for name in config["target_modules"])  # inside the attention's
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(x)
+        back = load_peft_adapter(copy.deepcopy(base), folder).eval()
+        torch.testing.assert_close(back(x), expected, rtol=0, atol=0)
+        if _release(peft.__version__) >= (0, 22, 0):
+            torch.testing.assert_close(_peft_outputs(base, folder, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_export_refuses_an_out_proj_adapter_set_apart_from_its_in_projection(tmp_path):
+    from lora_vit import save_peft_adapter
+
+    model = inject_lora(TorchvisionStyleViT(), ["*.self_attention", "o"], r={"*.self_attention": 2, "o": 3})
+    with pytest.raises(LoRAError, match=r"one adapter setting.*'r': \(2, 3\)"):
+        save_peft_adapter(model, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
 
 
 def test_transformer_encoder_layer_calls_the_adapted_attention_instead_of_its_fast_path():
