@@ -120,6 +120,9 @@ class Config:
     # Score each image and its mirror image and average the two logits, wherever the model scores
     # (dev epochs, thresholds, test, predict, export). None = by attack mode (DEFAULTS_BY_ATTACKS).
     test_time_flip: bool | None = None
+    # Also score each view rolled this many pixels (at the model's input size) along both
+    # diagonals and average all the logits; 0 = off. None = by attack mode (DEFAULTS_BY_ATTACKS).
+    test_time_shift: int | None = None
     seed: int = 42
     # DataLoader workers that decode images (and fill the cache once); 0 = in the main process.
     num_workers: int = 2
@@ -235,6 +238,9 @@ class Config:
                 raise ConfigError(f"{key} must be a path (or None), got an empty string")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1 (or None for all cores), got {self.num_threads!r}")
+        if self.test_time_shift is not None and self.test_time_shift < 0:
+            raise ConfigError(f"test_time_shift must be >= 0 pixels (0 = off, or None for the attack mode's"
+                              f" default), got {self.test_time_shift!r}")
         if self.image_size is not None and self.image_size < 1:
             raise ConfigError(f"image_size must be >= 1 (or None for the backbone's own), got {self.image_size!r}")
         for key in ("lora_dropout", "dropout_p", "mae_mask_ratio"):
@@ -300,6 +306,16 @@ class Config:
         trained with it, so they keep scoring one view.
         """
         return bool(self._by_attacks("test_time_flip", False))
+
+    @property
+    def shift_scores(self) -> int:
+        """The pixels of the four diagonal rolls scored beside each view: ``test_time_shift``, or
+        the attack mode's default when it is None (0: no rolls).
+
+        Training already rolls images by up to 1/16 of their size (``use_cls_aug``), so a small
+        roll is one more view of the same face, seen through another patch grid.
+        """
+        return int(self._by_attacks("test_time_shift", 0))
 
     def _by_attacks(self, key: str, fallback: float | bool) -> float | bool:
         value = getattr(self, key)

@@ -63,6 +63,8 @@ DESCRIPTIONS: dict[str, str] = {
     "use_cls_aug": "random flips and small shifts of the training images",
     "test_time_flip": "score each image and its mirror image and average the two logits (dev, test, predict,"
                       " export); none = " + _by_attacks("test_time_flip", False),
+    "test_time_shift": "also score each view rolled this many pixels along both diagonals and average all"
+                       " the logits (0 = off); none = " + _by_attacks("test_time_shift", 0),
     "seed": "seed of the split, the morphs, the initialisation and the batch order",
     # Resources
     "num_workers": "DataLoader processes that decode images (0 = in the main process)",

@@ -28,17 +28,24 @@ class MorphDetector(nn.Module):
         dropout_p: Dropout on the representation before the head.
         flip_average: In eval mode, return the mean of the logits of each image and of its
             mirror image (config ``test_time_flip``); training mode always scores one view.
+        shift: In eval mode, also score each of those views rolled ``shift`` pixels along both
+            diagonals (four more positions) and return the mean of all the logits (config
+            ``test_time_shift``; 0 = no rolls).
 
     Shapes:
         ``forward``: ``B x 3 x S x S`` normalised images -> ``B`` logits.
     """
 
     def __init__(self, backbone: nn.Module, spec: BackboneSpec, dropout_p: float = 0.1, *,
-                 flip_average: bool = False) -> None:
+                 flip_average: bool = False, shift: int = 0) -> None:
         super().__init__()
+        if not 0 <= shift < spec.image_size // 2:
+            raise ConfigError(f"test_time_shift={shift} must be in [0, {spec.image_size // 2}) pixels for"
+                              f" {spec.image_size} px inputs")
         self.backbone = backbone
         self.spec = spec
         self.flip_average = flip_average
+        self.shift = shift
         self.dropout = nn.Dropout(dropout_p)
         self.head = nn.Linear(spec.hidden_size, 1)
         nn.init.zeros_(self.head.bias)
@@ -46,27 +53,36 @@ class MorphDetector(nn.Module):
 
     @classmethod
     def from_config(cls, backbone: nn.Module, spec: BackboneSpec, config: Config) -> MorphDetector:
-        """The detector ``config`` describes: its head dropout and whether it scores both views."""
-        return cls(backbone, spec, config.dropout_p, flip_average=config.flip_scores)
+        """The detector ``config`` describes: its head dropout and the views it scores."""
+        return cls(backbone, spec, config.dropout_p, flip_average=config.flip_scores, shift=config.shift_scores)
 
     @property
     def image_size(self) -> int:
         return self.spec.image_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.flip_average and not self.training:
-            # One batch of 2B images, so the two views cost one backbone call; no layer of a ViT
-            # mixes the images of a batch, so each logit is the one it would get alone.
-            both = self._logits(torch.cat([pixel_values, pixel_values.flip(-1)]))
-            return both.view(2, -1).mean(0)
-        return self._logits(pixel_values)
+        views = self.views(pixel_values)
+        if len(views) == 1:
+            return self._logits(pixel_values)
+        # One batch of V x B images, so the views cost one backbone call; no layer of a ViT
+        # mixes the images of a batch, so each logit is the one it would get alone.
+        return self._logits(torch.cat(views)).view(len(views), -1).mean(0)
+
+    def views(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The ``B x 3 x S x S`` batches scored in this mode: the images alone while training."""
+        if self.training:
+            return [pixel_values]
+        views = [pixel_values, pixel_values.flip(-1)] if self.flip_average else [pixel_values]
+        s = self.shift
+        rolls = [(s, s), (-s, -s), (s, -s), (-s, s)] if s else []
+        return views + [view.roll(r, dims=(-2, -1)) for r in rolls for view in views]
 
     def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feature = encode(self.backbone, self.spec, pixel_values)
         return self.head(self.dropout(feature)).squeeze(-1).float()  # (B,), also for B == 1; fp32 under autocast
 
     def extra_repr(self) -> str:
-        return f"flip_average={self.flip_average}"
+        return f"flip_average={self.flip_average}, shift={self.shift}"
 
 
 # The detector's own head, matched exactly: a glob without wildcards would also match a

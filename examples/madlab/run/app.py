@@ -309,6 +309,14 @@ def holds_smoke_run(out: Path) -> bool:
         return False
 
 
+def _views_note(config: Config) -> str:
+    """The views each score averages, in words, as the training log reports them."""
+    note = "each image and its mirror image (test_time_flip)" if config.flip_scores else "each image"
+    if config.shift_scores:
+        note += f", each also rolled {config.shift_scores} px along both diagonals (test_time_shift)"
+    return note
+
+
 def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Pretrain if needed, fine-tune, fix the threshold on dev, save the model file.
 
@@ -341,9 +349,9 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
                                                  config.shared_resample_p, config.generated_flow_p)
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
     env.say(f"training schedule: {config.schedule_note}")
-    if config.flip_scores:
-        env.say("scores: the mean logit of each image and its mirror image (test_time_flip), for the dev epochs,"
-                " the thresholds and every later command")
+    if config.flip_scores or config.shift_scores:
+        env.say(f"scores: the mean logit of {_views_note(config)}, for the dev epochs, the thresholds and"
+                " every later command")
     separable = None
     if made_sources(config.attacks):
         env.say(f"attacks made from bona fides ({', '.join(made_sources(config.attacks))}): masks and warps from "
@@ -485,7 +493,8 @@ def run_test(model_path: str | os.PathLike[str], overrides: list[str], env: Env,
     add_auc_differences(report, scores, shortcut_test, labels, resamples)
     report["shortcut_verdict"] = shortcut_verdict(report)
     report["model"] = {"path": str(model_path), "strategy": config.strategy, "exported": detector.exported,
-                       "test_time_flip": detector.model.flip_average, "training": detector.metadata.get("training")}
+                       "test_time_flip": detector.model.flip_average, "test_time_shift": detector.model.shift,
+                       "training": detector.metadata.get("training")}
     report["smoke_test"] = config.data is None
     report["data"] = data_reports[0]  # counts, skipped files, dropped leaks and warnings, as printed
     if current().main:  # every rank has every score (gathered); one writes them

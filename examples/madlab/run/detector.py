@@ -89,6 +89,7 @@ class Detector:
         stored.setdefault("embedded_data", "lfw_subset")
         # Files from before test_time_flip fixed their thresholds on one view of each image.
         stored.setdefault("test_time_flip", False)
+        stored.setdefault("test_time_shift", 0)  # and from before test_time_shift, on those views alone
         config = _check_overrides(Config.from_dict(stored), list(overrides))
         torch.set_num_threads(threads(config))
         device = current().device

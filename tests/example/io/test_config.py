@@ -206,6 +206,17 @@ def test_test_time_flip_left_at_none_is_on_for_synthetic_and_generated_and_a_set
         apply_overrides(Config(), ["test_time_flip=sometimes"])
 
 
+def test_test_time_shift_follows_the_attack_mode_a_set_value_wins_and_negative_is_refused() -> None:
+    assert Config().test_time_shift is None
+    for mode in ATTACK_MODES:
+        config = apply_overrides(Config(), [f"attacks={mode}"])
+        assert config.shift_scores == DEFAULTS_BY_ATTACKS.get(mode, {}).get("test_time_shift", 0), mode
+        for value in (0, 3):
+            assert apply_overrides(config, [f"test_time_shift={value}"]).shift_scores == value
+    with pytest.raises(ConfigError, match=r"test_time_shift must be >= 0 pixels.*got -2"):
+        apply_overrides(Config(), ["test_time_shift=-2"])
+
+
 def test_eta_min_is_checked_against_the_modes_learning_rate() -> None:
     apply_overrides(Config(), ["eta_min=7e-4"])  # below the default 1e-3
     with pytest.raises(ConfigError, match=r"eta_min=0\.0007 must be below learning_rate=0\.0005"):

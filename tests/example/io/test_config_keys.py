@@ -36,7 +36,8 @@ def test_the_default_shown_is_the_default_override_takes_back(key: str) -> None:
 
 
 @pytest.mark.parametrize(("key", "resolved"), [("num_epochs", "epochs"), ("learning_rate", "lr"),
-                                                ("test_time_flip", "flip_scores")])
+                                                ("test_time_flip", "flip_scores"),
+                                                ("test_time_shift", "shift_scores")])
 def test_what_none_means_is_said_for_every_attack_mode_as_the_config_resolves_it(key: str, resolved: str) -> None:
     # Read the "none = V for attacks=A or B, W otherwise" clause back, mode by mode.
     clause = DESCRIPTIONS[key].split("none = ", 1)[1]

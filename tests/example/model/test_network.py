@@ -1,4 +1,4 @@
-"""``MorphDetector``'s test-time flip: the mean of the logits of an image and of its mirror image."""
+"""``MorphDetector``'s test-time views: the mean of the logits of an image, its mirror image and their rolls."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from madlab.io.config import ConfigError
 from madlab.model.backbone import load_backbone
 from madlab.model.network import MorphDetector
 
@@ -61,3 +62,47 @@ def test_training_mode_scores_one_view(vit: Path) -> None:
     x = images(4)
     torch.testing.assert_close(both(x), one(x), rtol=0, atol=1e-6)
     assert "flip_average=True" in repr(both) and "flip_average=False" in repr(one)
+
+
+def shifted(folder: Path, shift: int, flip: bool) -> MorphDetector:
+    one, _ = detectors(folder)
+    model = MorphDetector(*load_backbone(folder), 0.0, flip_average=flip, shift=shift)
+    model.load_state_dict(one.state_dict())
+    return model.eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("flip", [False, True])
+def test_shifted_views_average_every_roll_of_every_view_scored_alone(vit: Path, flip: bool) -> None:
+    one, _ = detectors(vit)
+    model = shifted(vit, 2, flip)
+    x = images(3)
+    # The reference rolls each image on its own, pixel by pixel through index arithmetic.
+    rows, cols = torch.arange(16), torch.arange(16)
+
+    def rolled(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        return image[..., (rows - dy) % 16, :][..., (cols - dx) % 16]
+
+    reference = []
+    for i in range(len(x)):
+        bases = [x[i:i + 1], x[i:i + 1].flip(-1)] if flip else [x[i:i + 1]]
+        logits = [one(rolled(b, dy, dx)) for b in bases for dy, dx in [(0, 0), (2, 2), (-2, -2), (2, -2), (-2, 2)]]
+        reference.append(torch.cat(logits).mean())
+    torch.testing.assert_close(model(x), torch.stack(reference), rtol=0, atol=1e-5)
+    assert len(model.views(x)) == (10 if flip else 5)
+    assert (model(x) - (shifted(vit, 0, flip)(x))).abs().max() > 1e-4, "rolled views move the scores"
+    assert "shift=2" in repr(model)
+
+
+def test_training_mode_scores_one_view_whatever_the_shift(vit: Path) -> None:
+    one, _ = detectors(vit)
+    model = shifted(vit, 3, True).train()
+    one.train()
+    x = images(2)
+    torch.testing.assert_close(model(x), one(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [-1, 8, 20])
+def test_a_shift_outside_half_the_input_is_refused_naming_the_range(vit: Path, shift: int) -> None:
+    with pytest.raises(ConfigError, match=rf"test_time_shift={shift} must be in \[0, 8\) pixels for 16 px"):
+        MorphDetector(*load_backbone(vit), 0.0, shift=shift)

@@ -174,10 +174,18 @@ def test_a_model_file_scores_as_its_config_says_and_older_files_with_one_view(tr
     x = torch.randn(3, 3, one.image_size, one.image_size, generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(flipped.score(x), (one.score(x) + one.score(x.flip(-1))) / 2, rtol=0, atol=1e-5)
     # ... but a file from before the key fixed its threshold on one view, and keeps it.
-    older = _with_config(source, tmp_path / "older.safetensors", attacks="generated", test_time_flip=None)
+    older = _with_config(source, tmp_path / "older.safetensors", attacks="generated", test_time_flip=None,
+                         test_time_shift=None)
     assert not Detector.load(older).model.flip_average
     with pytest.raises(ConfigError, match="--override test_time_flip=false does not match the model file"):
         Detector.load(tmp_path / "generated.safetensors", overrides=["test_time_flip=false"])
+    # A file that rolls its views scores their mean; one from before test_time_shift scores without rolls.
+    rolled = Detector.load(_with_config(source, tmp_path / "rolled.safetensors", test_time_shift=1))
+    rolls = [x.roll(r, dims=(-2, -1)) for r in [(0, 0), (1, 1), (-1, -1), (1, -1), (-1, 1)]]
+    np.testing.assert_allclose(rolled.score(x), np.mean([one.score(v) for v in rolls], axis=0), rtol=0, atol=1e-5)
+    assert Detector.load(older).model.shift == 0
+    with pytest.raises(ConfigError, match="--override test_time_shift=0 does not match the model file"):
+        Detector.load(tmp_path / "rolled.safetensors", overrides=["test_time_shift=0"])
 
 
 def test_test_rebuilds_from_the_file_alone_and_reproduces(trained: Path, tmp_path: Path) -> None:
