@@ -8,10 +8,17 @@ import pytest
 import torch
 from hypothesis import settings
 from torch._dynamo.utils import counters
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from vision_support import define_missing_torchvision_ops
 
 # Before anything imports torchvision (transformers and timm do when it is installed).
 define_missing_torchvision_ops()
+
+# Inductor's graph cache (torch 2.13) does not key on the CPU vector width (docs/compile.md):
+# a graph cached by a run under another ATEN_CPU_CAPABILITY would write past its buffers.
+# Each capability keeps its own folder; subprocesses the tests start inherit it.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+    os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(), f"cpu-{torch.backends.cpu.get_cpu_capability()}")
 
 settings.register_profile("default", deadline=None, max_examples=40, derandomize=True)
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True, print_blob=True)

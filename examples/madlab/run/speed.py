@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = [
     "available_cores",
     "compiled",
     "cpu_has_amx_bf16",
+    "inductor_options",
     "resolve_compile",
     "resolve_precision",
     "threads",
@@ -102,4 +104,25 @@ def compiled(model: nn.Module, on: bool) -> nn.Module:
     The compiled module shares the parameters of ``model``, so saving, loading and
     checkpoint selection keep working on ``model`` itself.
     """
-    return torch.compile(model) if on else model
+    return torch.compile(model, options=inductor_options()) if on else model
+
+
+# ATen's CPU capability -> the vector width (bits) Inductor generates C++ for; 1 = scalar code.
+_X86_VECTOR_BITS = {"AVX512": 512, "AVX2": 256, "DEFAULT": 1}
+
+
+def inductor_options() -> dict[str, int]:
+    """Compile options that name the CPU vector width, so that Inductor's graph cache keys on it.
+
+    torch 2.13's FX graph cache leaves the width out of its key: a graph cached by a process
+    that generated AVX-512 loops (16 floats a step) is served to one that compiles its kernels
+    for AVX2 (8 floats a vector), whose loads and stores then run past their buffers (NaN
+    outputs, or glibc aborting on a corrupt heap). That happens when ``ATEN_CPU_CAPABILITY``
+    differs between runs or a cache folder is shared by machines of both kinds. Naming the
+    width Inductor would pick anyway puts it into the key; the generated code is unchanged.
+    Only on x86, whose capabilities map to widths one to one (elsewhere: no options).
+    """
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return {}
+    bits = _X86_VECTOR_BITS.get(torch.backends.cpu.get_cpu_capability())
+    return {} if bits is None else {"cpp.simdlen": bits}

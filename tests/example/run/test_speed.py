@@ -3,6 +3,10 @@ compile, and log lines that suit a terminal or a job log."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import morph_detection
@@ -15,7 +19,7 @@ from madlab.io.config import Config, ConfigError, apply_overrides
 from madlab.model.families import load_backbone
 from madlab.model.network import MorphDetector
 from madlab.run import speed
-from madlab.run.speed import autocast, available_cores, resolve_compile, resolve_precision, threads
+from madlab.run.speed import autocast, available_cores, inductor_options, resolve_compile, resolve_precision, threads
 from madlab.run.training import predict
 from PIL import Image
 
@@ -153,3 +157,50 @@ def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     eager = [list(map(float, line.split(",")[1:4])) for line in logs["false"][1:]]
     fused = [list(map(float, line.split(",")[1:4])) for line in logs["true"][1:]]
     np.testing.assert_allclose(fused, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_options_name_the_cpu_vector_width(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for capability, bits in [("AVX512", 512), ("AVX2", 256), ("DEFAULT", 1)]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert inductor_options() == {"cpp.simdlen": bits}, capability
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX10")
+    assert inductor_options() == {}, "an unknown capability leaves inductor's choice alone"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert inductor_options() == {}, "on ARM, DEFAULT does not mean scalar code"
+
+
+_COMPILED_VS_EAGER = """
+import torch
+from torch import nn
+import lora_vit
+from madlab.run.speed import compiled
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 32), nn.LayerNorm(32))
+lora_vit.inject_lora(model, ["0", "3"], r=8, alpha=16, dropout=0.0)
+x = torch.randn(16, 17, 32)
+print((compiled(model, True)(x) - model(x)).abs().max().item())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector capabilities")
+def test_compiled_model_survives_a_cache_shared_across_cpu_capabilities(tmp_path: Path) -> None:
+    """A graph cached by a run at this CPU's capability, then served to a run under AVX2.
+
+    Without the width in the cache key (torch 2.13), on an AVX-512 CPU the second run read and
+    wrote 16 floats where its vectors held 8: NaN, or glibc aborting. On an AVX2 CPU both runs
+    are AVX2 and the test passes either way.
+    """
+    examples = Path(__file__).resolve().parents[3] / "examples"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": str(examples)}
+    for capability in (None, "avx2"):
+        run_env = dict(env)
+        run_env.pop("ATEN_CPU_CAPABILITY", None)
+        if capability:
+            run_env["ATEN_CPU_CAPABILITY"] = capability
+        done = subprocess.run([sys.executable, "-c", _COMPILED_VS_EAGER], capture_output=True, text=True,
+                              env=run_env, timeout=300)
+        assert done.returncode == 0, (capability, done.stderr[-2000:])
+        assert float(done.stdout.split()[-1]) < 1e-5, (capability, done.stdout)
