@@ -92,7 +92,6 @@ def _most_common(values: list[Any]) -> Any:
 # wrote, doubles that lora_B so the adapter keeps the outputs it was trained with. Both
 # directions follow that rule, keyed by the folder's ``peft_version``.
 _OUT_PROJ_APPLIED_ONCE_SINCE = "0.22.0"
-_ONCE_SINCE_RELEASE = tuple(int(part) for part in _OUT_PROJ_APPLIED_ONCE_SINCE.split("."))
 _BASE_OUT_PROJ = ".base_layer.out_proj"
 
 
@@ -447,7 +446,8 @@ def _out_proj_applied_twice(config: Mapping[str, Any], where: str) -> bool:
     if parsed is None:
         raise LoRAError(f"{where}: peft_version {version!r} is not a version number such as '0.22.0'")
     numbers, dev = parsed
-    return numbers < (0, 21, 1) or (not dev and numbers < _ONCE_SINCE_RELEASE)
+    once_since, _ = _release(_OUT_PROJ_APPLIED_ONCE_SINCE)  # type: ignore[misc]  # a literal version
+    return numbers < (0, 21, 1) or (not dev and numbers < once_since)
 
 
 def _given_tensors(
