@@ -24,6 +24,9 @@ EMBEDDED_SETS = ("orl", "lfw_subset")
 # Where training attacks come from (attacks/sets.py, MODE_SOURCES): the data's morphs, attacks
 # made from one photo (synthetic) or from two (generated), or a combination.
 ATTACK_MODES = ("given", "synthetic", "generated", "both", "synthetic+generated", "given+generated")
+# Where a synthetic attack gets its photo's colour, contrast and sharpness: inside its face mask,
+# or over the whole image (the default; attacks/sets.py, DEFAULT_MATCH, says why).
+MATCH_REGIONS = ("face", "whole")
 # num_epochs and learning_rate left at None follow the attack mode. Attacks made from one photo
 # carry a weaker signal than morphs of two: with 5 epochs at lr 1e-3 `synthetic` was at chance on
 # one seed in three, 12 epochs at 1e-3 collapsed to a constant score on another, and over five
@@ -155,6 +158,9 @@ class Config:
     # The synthetic methods (attacks=synthetic|both) and their mix: names of
     # attacks.synthesis.SYNTHETIC_METHODS, alone (even shares) or as name:weight.
     synthetic_methods: list[str] = field(default_factory=lambda: ["self_texture"])
+    # Where synthetic attacks are matched to their photo's statistics (MATCH_REGIONS): "whole",
+    # as tools sharpen a morph (attacks.sets.DEFAULT_MATCH), or "face", inside each attack's mask.
+    synthetic_match: str = "whole"
     # How often a training item of either class is resampled (a small rotation, scaling and
     # shift) before the shared processing, when attacks are made from bona fides: morphs are
     # resampled, so resampling alone must not mark them.
@@ -203,6 +209,7 @@ class Config:
             "face_crop": FACE_CROPS,
             "embedded_data": EMBEDDED_SETS,
             "attacks": ATTACK_MODES,
+            "synthetic_match": MATCH_REGIONS,
         }
         _check_types(self)
         for key, allowed in choices.items():

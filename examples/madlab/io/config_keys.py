@@ -83,6 +83,8 @@ DESCRIPTIONS: dict[str, str] = {
     "dev_pct": "share in the dev split (threshold and epoch choice); the rest is the test split",
     "morph_methods": "landmark morph methods made for the embedded data, and by attacks=generated",
     "synthetic_methods": "synthetic attacks (attacks=synthetic|both): names, or name:weight for a mix",
+    "synthetic_match": "where synthetic attacks get their photo's colour, contrast and sharpness: whole (the image,"
+                       " as tools sharpen a morph) or face (inside each attack's mask)",
     "shared_resample_p": "made attacks: how often an item of either class is resampled before the shared processing",
     "generated_flow_p": "modes with generated morphs: how often a morph's two faces are also aligned along their"
                         " optical flow (0 = landmarks alone)",

@@ -346,7 +346,8 @@ def run_train(config: Config, env: Env, resume: bool = False, overwrite: bool = 
     landmarks = CropPolicy.from_config(config).landmarks(size)
     train_set, dev_set, dev_note = training_sets(train_set, dev_set, config.attacks, config.seed, landmarks,
                                                  check_attack_config(config), tuple(config.morph_methods),
-                                                 config.shared_resample_p, config.generated_flow_p)
+                                                 config.shared_resample_p, config.generated_flow_p,
+                                                 config.synthetic_match)
     env.say(f"training attacks: attacks={config.attacks}; {dev_note}")
     env.say(f"training schedule: {config.schedule_note}")
     if config.flip_scores or config.shift_scores:

@@ -376,11 +376,17 @@ def _wrap(model: nn.Module, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
 
 
+# Config keys added since checkpoints were first written, and the value every run had before:
+# a checkpoint from then continues when the key is set back to it.
+_BEFORE_KEYS = {"synthetic_match": "face"}
+
+
 def _check_run(state_path: Path, stored: dict, run_key: dict) -> None:
     """Refuse a checkpoint that this run cannot continue as the checkpointed run would have.
 
     Raises:
-        CheckpointError: Naming the settings that differ, or where the augmentation was drawn.
+        CheckpointError: Naming the settings that differ (and, for a key the checkpoint predates,
+            the override that resumes it), or where the augmentation was drawn.
     """
     # A checkpoint from before the decoding was recorded drew the augmentation where it is drawn now.
     before, now = stored.get("decoding", run_key["decoding"]), run_key["decoding"]
@@ -391,13 +397,17 @@ def _check_run(state_path: Path, stored: dict, run_key: dict) -> None:
             f" image_cache_mb={before['image_cache_mb']}); with these settings {_drawn_in(now['augmenting_workers'])}"
             " would draw it, so the resumed run would not continue as it began. Resume with the run's num_workers"
             " and image_cache_mb (or --overwrite to start afresh)")
-    stored = {k: v for k, v in stored.items() if k != "decoding"}
+    predates = {k: v for k, v in _BEFORE_KEYS.items() if k not in stored["config"]}
+    stored = {k: v for k, v in stored.items() if k != "decoding"} | {"config": predates | stored["config"]}
     run_key = {k: v for k, v in run_key.items() if k != "decoding"}
     if stored != run_key:
         differ = sorted(k for k in run_key["config"] if stored["config"].get(k) != run_key["config"][k])
         what = f"settings {differ}" if differ else "training images"
+        older = [k for k in differ if k in predates]
+        hint = (f"; it was written before {', '.join(older)} existed, so resume it with "
+                + " ".join(f"--override {k}={predates[k]}" for k in older)) if older else ""
         raise CheckpointError(f"the checkpoint {state_path} belongs to a run with other {what}; it cannot be resumed"
-                              " with these (use --overwrite to start afresh)")
+                              f" with these (use --overwrite to start afresh{hint})")
 
 
 def _restore(state_path: Path, model: nn.Module, names: list[str], optimiser: torch.optim.Optimizer,

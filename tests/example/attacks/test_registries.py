@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from madlab.attacks import morphs, synthesis
-from madlab.attacks.sets import check_attack_config
+from madlab.attacks.sets import DEFAULT_MATCH, check_attack_config
 from madlab.attacks.synthesis import DEFAULT_MIX, Attack, parse_mix, synthesise
 from madlab.io.config import Config, ConfigError
 
@@ -19,6 +19,7 @@ def test_the_config_defaults_are_the_registries() -> None:
     assert config.morph_methods == list(morphs.METHODS) == list(morphs.MORPH_METHODS)
     assert parse_mix(config.synthetic_methods) == DEFAULT_MIX
     assert check_attack_config(config) == DEFAULT_MIX
+    assert config.synthetic_match == DEFAULT_MATCH
 
 
 def test_generated_flow_p_is_refused_by_modes_that_generate_no_morphs() -> None:

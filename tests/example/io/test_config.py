@@ -122,6 +122,7 @@ def test_round_trip_through_dict() -> None:
     ("lora_alpha=0", "lora_alpha must be positive, got 0.0"),
     ("output_dir=", "output_dir must name a folder, got an empty string"),
     ("lr_scheduler=step", "lr_scheduler='step' is not one of ('cosine', 'none')"),
+    ("synthetic_match=mask", "synthetic_match='mask' is not one of ('face', 'whole')"),
 ])
 def test_out_of_range_values_are_config_errors(item: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:

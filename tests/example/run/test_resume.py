@@ -11,7 +11,8 @@ import morph_detection
 import pytest
 from madlab.run.resume import STATE_FILE
 from madlab.run.training import STOP_AFTER_ENV
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 TINY = ["backbone=mae-vit-tiny",
         "pretrain_epochs=2", "num_epochs=4", "morphs_per_face=1", "batch_size=32", "learning_rate=3e-3",
@@ -140,3 +141,21 @@ def test_resume_without_a_checkpoint_or_with_other_settings_is_refused(runs, tmp
     assert "other settings ['learning_rate']" in capsys.readouterr().err
     assert train(resumed, cache, "--resume", "--overwrite") == 2
     assert "pick one" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_synthetic_match_resumes_with_the_matching_it_had(runs, tmp_path: Path,
+                                                                                   capsys) -> None:
+    _, resumed, cache = runs
+    old = tmp_path / "old"
+    shutil.copytree(resumed, old)
+    state = old / STATE_FILE
+    with safe_open(str(state), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["madlab_train_state"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    del meta["run"]["config"]["synthetic_match"]  # as written before the key existed
+    save_file(tensors, str(state), metadata={"madlab_train_state": json.dumps(meta)})
+    assert train(old, cache, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "other settings ['synthetic_match']" in err and "--override synthetic_match=face" in err
+    assert train(old, cache, "--resume", overrides=[*TINY, "synthetic_match=face"]) == 0
+    assert log_rows(old) == log_rows(resumed)
