@@ -49,6 +49,7 @@ __all__ = [
     "dev_attacks",
     "drop_methods",
     "made_sources",
+    "matched_attack",
     "required_morphs",
     "training_sets",
     "uses_given",
@@ -148,7 +149,7 @@ def check_morph_regions(regions: tuple[str, ...]) -> tuple[str, ...]:
     return regions
 
 
-def _matched(attack: Attack, photo: np.ndarray, match: str) -> np.ndarray:
+def matched_attack(attack: Attack, photo: np.ndarray, match: str = DEFAULT_MATCH) -> np.ndarray:
     """``attack`` given ``photo``'s statistics inside its mask (``face``) or over the whole image."""
     return match_statistics(attack.image, photo, attack.weight if match == "face" else None)
 
@@ -199,7 +200,7 @@ class AttackMaker:
                                            self.points(partner), self.morph_methods, self.flow_p)
             return image, f"{GENERATED_METHOD}:{method}" + (":same_person" if same_person else "")
         attack = synthesise(photo, rng, self.points(index), morph_regions=self.morph_regions, mix=self.mix)
-        return _matched(attack, photo, self.match), attack.method
+        return matched_attack(attack, photo, self.match), attack.method
 
 
 def _bona_fide_indices(base: ImageDataset, what: str) -> list[int]:
