@@ -33,7 +33,8 @@ MATCH_REGIONS = ("face", "whole")
 # seeds the dev folder of examples/README.md ("Bona fides alone on the real backbone") preferred
 # 5e-4 to 1e-3 at 12 epochs, then 20 epochs to 12 at 5e-4. `generated` had its best dev epoch at
 # the last of 5 on three seeds of three, and the dev folder preferred 10 epochs on all three,
-# then 15 to 10 on all five seeds (by 0.009-0.027 a seed). test_time_flip: see Config.flip_scores.
+# then 15 to 10 on all five seeds (by 0.009-0.027 a seed); at 15 epochs it preferred lr 1e-3 to
+# 5e-4 and to 2e-3 on three seeds of three. test_time_flip: see Config.flip_scores.
 DEFAULT_EPOCHS = 5
 DEFAULT_LEARNING_RATE = 1e-3
 DEFAULTS_BY_ATTACKS: dict[str, dict[str, float | bool]] = {
